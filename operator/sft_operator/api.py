@@ -1,0 +1,259 @@
+"""The SFTJob API (sft.dev/v1alpha1): the trainer's TrainingSpec plus the Kubernetes side.
+
+These models are the single source of truth for the CRD schema (``sft_operator.crd``),
+``sftctl validate`` and the renderer.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, field_validator
+from sft_trainer.config import TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules
+
+from . import API_VERSION, KIND
+
+# RFC 1123 subdomain (object names); the renderer derives child names from it.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# SFTJob names: the Service is named after the job and needs an RFC 1035 label (starts with a letter).
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Long enough for real names, short enough that "<name>-config", "<name>-<index>" pod hostnames and
+# the Job's label values (63) always fit.
+MAX_NAME_LENGTH = 48
+# A resource.Quantity, e.g. 500m, 4, 16Gi, 1e3.
+QUANTITY = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
+LabelKey = Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)]
+
+
+def _nonzero_quantity(value: str | None) -> str | None:
+    if value is not None and re.fullmatch(r"[+]?0*\.?0*[a-zA-Z]*", value):
+        raise ValueError("must be greater than zero")
+    return value
+
+
+class Resources(ApiModel):
+    """Compute for the trainer pods: nodes × GPUs per node."""
+
+    nodes: int = Field(default=1, ge=1, le=256, description="Pods (one per node); >1 runs multi-node torchrun.")
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=16, description="GPUs requested per pod; 0 runs on CPU (one process per pod)."
+    )
+    gpu_resource_name: Annotated[str, Field(max_length=253, pattern=QUALIFIED_NAME)] = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPU."
+    )
+    cpu: Annotated[Quantity | None, AfterValidator(_nonzero_quantity)] = Field(
+        default=None, description="CPU request and limit per pod, e.g. `8`."
+    )
+    memory: Annotated[Quantity | None, AfterValidator(_nonzero_quantity)] = Field(
+        default=None, description="Memory request and limit per pod, e.g. `64Gi`."
+    )
+    shared_memory: Annotated[Quantity | None, AfterValidator(_nonzero_quantity)] = Field(
+        default="8Gi", description="Size of the in-memory /dev/shm volume (data loader workers, NCCL)."
+    )
+
+
+class Toleration(ApiModel):
+    key: Annotated[str, Field(max_length=317)] | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, Field(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0, le=10**9)
+
+
+class Scheduling(ApiModel):
+    queue_name: Annotated[str, Field(max_length=63, pattern=DNS_LABEL)] | None = Field(
+        default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job."
+    )
+    priority_class_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None, description="PriorityClass of the trainer pods."
+    )
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] | None = Field(
+        default=None, description="Node labels the trainer pods require."
+    )
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = Field(
+        default=None, description="Tolerations of the trainer pods."
+    )
+
+
+class RunPolicy(ApiModel):
+    """Editable after creation (the rest of the spec is immutable)."""
+
+    suspend: bool = Field(default=False, description="Suspend the job (pods are removed) or resume it.")
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Retries after retriable failures (disruptions never count)."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, le=10**8, description="Fail the job after this many seconds of running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, le=10**8, description="Delete the SFTJob this many seconds after it finished."
+    )
+
+
+IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "hyperparameters", "output", "resources")
+OPTIONAL_IMMUTABLE_SPEC_FIELDS = (
+    "freezeLayers",
+    "freezeEmbeddings",
+    "peft",
+    "evaluation",
+    "checkpointing",
+    "image",
+    "scheduling",
+    "serviceAccountName",
+)
+
+
+def _immutability_rules() -> list[dict[str, str]]:
+    rules = [cel(f"self.{f} == oldSelf.{f}", f"{f} is immutable", f".{f}") for f in IMMUTABLE_SPEC_FIELDS]
+    for f in OPTIONAL_IMMUTABLE_SPEC_FIELDS:
+        rules.append(
+            cel(
+                f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+                f"{f} is immutable",
+                f".{f}",
+            )
+        )
+    return rules
+
+
+class SFTJobSpec(TrainingSpec):
+    """An SFTJob's desired state: what to train (immutable) and how to run it."""
+
+    model_config = TrainingSpec.model_config | {
+        "json_schema_extra": cel_rules(*TRAINING_SPEC_CEL),
+    }
+
+    resources: Resources = Field(default_factory=Resources)
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None, description="Trainer image override; the operator's default otherwise."
+    )
+    service_account_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None, description="ServiceAccount of the trainer pods (default: the namespace's default)."
+    )
+    scheduling: Scheduling | None = None
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * max(1, self.resources.gpus_per_node)
+
+    @property
+    def effective_batch_size(self) -> int:
+        hp = self.hyperparameters
+        return hp.per_device_batch_size * hp.gradient_accumulation_steps * self.world_size
+
+    def training_part(self) -> TrainingSpec:
+        return TrainingSpec.model_validate(self.model_dump(include=set(TrainingSpec.model_fields)))
+
+
+# The API server evaluates transition rules only on update: they make the spec immutable.
+SPEC_TRANSITION_CEL = _immutability_rules()
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata `sftctl validate` checks; the API server checks the rest."""
+
+    model_config = ApiModel.model_config | {"extra": "allow"}
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_1035_LABEL)] = Field(
+        description="An RFC 1035 label of at most 48 characters, so every child name fits its limit."
+    )
+    namespace: Annotated[str, Field(max_length=63, pattern=DNS_LABEL)] | None = None
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+
+class ConditionStatus(str, Enum):
+    true = "True"
+    false = "False"
+    unknown = "Unknown"
+
+
+class Condition(ApiModel):
+    type: Annotated[str, Field(max_length=316)]
+    status: ConditionStatus
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    queued = "Queued"
+    running = "Running"
+    restarting = "Restarting"
+    suspended = "Suspended"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class Progress(ApiModel):
+    percent: int = Field(default=0, ge=0, le=100)
+    step: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=0, ge=0)
+    epoch: float = Field(default=0.0, ge=0)
+    eta_seconds: int | None = Field(default=None, ge=0)
+
+
+class Metrics(ApiModel):
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    general_loss_before: float | None = Field(default=None, description="Loss on held-out general data before.")
+    general_loss_after: float | None = Field(default=None, description="Loss on held-out general data after.")
+
+
+class OutputStatus(ApiModel):
+    model: Annotated[str, Field(max_length=1024)] | None = None
+    best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
+
+
+class SFTJobStatus(ApiModel):
+    observed_generation: int | None = Field(default=None, ge=0)
+    phase: Phase | None = Field(default=None, description="A summary for people; automation reads conditions.")
+    conditions: Annotated[list[Condition], Field(max_length=16)] | None = None
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    restarts: int | None = Field(default=None, ge=0)
+    effective_batch_size: int | None = Field(
+        default=None, ge=1, description="perDeviceBatchSize × gradientAccumulationSteps × world size."
+    )
+    job_name: Annotated[str, Field(max_length=253)] | None = None
+    progress: Progress | None = None
+    metrics: Metrics | None = None
+    output: OutputStatus | None = None
+
+
+class SFTJob(ApiModel):
+    api_version: Literal["sft.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["SFTJob"]
+    metadata: ObjectMeta
+    spec: SFTJobSpec
+    status: SFTJobStatus | None = None
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _api_version(cls, v: Any) -> Any:
+        if v != API_VERSION:
+            raise ValueError(f"must be {API_VERSION}")
+        return v
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, v: Any) -> Any:
+        if v != KIND:
+            raise ValueError(f"must be {KIND}")
+        return v
+

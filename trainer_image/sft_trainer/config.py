@@ -1,0 +1,404 @@
+"""The training part of an SFTJob: what the trainer accepts.
+
+The trainer owns this schema; the operator's ``SFTJobSpec`` embeds it and the CRD's OpenAPI schema
+is generated from it, so the API server, ``sftctl validate`` and the trainer reject the same input.
+Imports nothing heavier than pydantic (the operator imports this module).
+
+Cross-field rules live twice, side by side: as a pydantic validator (offline, trainer) and as a
+CEL rule in ``x-kubernetes-validations`` (API server). Keep each pair in step.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+PVC_SOURCE = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$")
+PVC_SOURCE_CEL = "!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$')"
+
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+DEFAULT_PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL rule for the CRD's x-kubernetes-validations."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+def check_source(value: str) -> str:
+    if value.startswith("pvc://") and not PVC_SOURCE.match(value):
+        raise ValueError("a pvc:// source must be pvc://<claim-name>/<path>")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+ShortText = Annotated[str, Field(min_length=1, max_length=512)]
+Source = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1024,
+        description="A hub id (`org/name`), `pvc://claim/path` (mounted from a PersistentVolumeClaim), or a local path.",
+        json_schema_extra=cel_rules(cel(PVC_SOURCE_CEL, "a pvc:// source must be pvc://<claim-name>/<path>")),
+    ),
+    AfterValidator(check_source),
+]
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the SFTJob's namespace. Secret values are never written inline."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, description="Secret name.")]
+    key: Annotated[str, Field(min_length=1, max_length=253, description="Key within the Secret.")]
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    source: Source = Field(description="Hub id (e.g. `meta-llama/Llama-2-7b-hf`), `pvc://claim/path`, or a local path.")
+    revision: Annotated[str, Field(max_length=256)] | None = Field(
+        default=None, description="Hub revision (branch, tag or commit). Pin it for reproducible runs."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a hub token, exposed to the trainer as HF_TOKEN."
+    )
+
+
+class DataSource(ApiModel):
+    """Where rows come from: a JSONL/JSON/Parquet/CSV file or folder, or a hub dataset id."""
+
+    source: Source = Field(description="`pvc://claim/path`, a local file or folder, or a hub dataset id.")
+    split: Annotated[str, Field(max_length=64)] = Field(default="train", description="Hub split to read.")
+
+
+class GeneralData(DataSource):
+    """General-domain data mixed into training against catastrophic forgetting."""
+
+    mix_ratio: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="Fraction of training rows drawn from general data (about 0.2)."
+    )
+    held_out_rows: int = Field(
+        default=200,
+        ge=0,
+        le=100_000,
+        description="General rows held out to measure forgetting: their loss before vs. after training.",
+    )
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    instruction = "instruction"
+    prompt_completion = "prompt-completion"
+    messages = "messages"
+    text = "text"
+
+
+class Overlong(str, Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class DatasetSpec(ApiModel):
+    """Training data, validation data and general data."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "!(has(self.validation) && has(self.validationSplit) && self.validationSplit > 0.0)",
+                "set either validation or validationSplit, not both",
+                ".validationSplit",
+            )
+        )
+    )
+
+    train: DataSource = Field(description="Training rows.")
+    validation: DataSource | None = Field(default=None, description="Validation rows (or use validationSplit).")
+    validation_split: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=0.5,
+        description="Fraction of the training rows held out for validation when `validation` is not set. "
+        "Default 0.1; 0 disables validation.",
+    )
+    general: GeneralData | None = Field(default=None, description="General data mixed in against forgetting.")
+    format: DataFormat = Field(
+        default=DataFormat.auto,
+        description="Row format: instruction (instruction/input/output), prompt-completion, messages (chat), "
+        "text; auto detects it from the first row.",
+    )
+    prompt_template: Annotated[str, Field(max_length=4096)] = Field(
+        default=DEFAULT_PROMPT_TEMPLATE,
+        description="Prompt for instruction rows; `{instruction}` is replaced. The response follows it.",
+    )
+    prompt_template_with_input: Annotated[str, Field(max_length=4096)] = Field(
+        default=DEFAULT_PROMPT_TEMPLATE_WITH_INPUT,
+        description="Prompt for instruction rows that have a non-empty `input`; `{instruction}` and `{input}` are replaced.",
+    )
+    max_seq_length: int = Field(default=2048, ge=16, le=262_144, description="Longest tokenized row, in tokens.")
+    overlong: Overlong = Field(
+        default=Overlong.truncate,
+        description="What to do with rows longer than maxSeqLength: truncate or drop. Both are counted and reported.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack rows into full sequences with per-row attention isolation (position ids reset).",
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_instruction(cls, v: str) -> str:
+        if "{instruction}" not in v:
+            raise ValueError("promptTemplate must contain {instruction}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DatasetSpec:
+        if self.validation is not None and (self.validation_split or 0) > 0:
+            raise ValueError("validationSplit: set either validation or validationSplit, not both")
+        return self
+
+    @property
+    def effective_validation_split(self) -> float:
+        if self.validation is not None:
+            return 0.0
+        return 0.1 if self.validation_split is None else self.validation_split
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation is not None or self.effective_validation_split > 0
+
+
+class LrScheduler(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    constant_with_warmup = "constant-with-warmup"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Hyperparameters(ApiModel):
+    """Optimisation settings. Defaults follow the fine-tuning guide (7B-class, 1k-10k rows)."""
+
+    learning_rate: float = Field(
+        default=2e-5, gt=0.0, le=1.0, description="Peak learning rate; 1e-5..2e-5 for 7B-class full fine-tuning."
+    )
+    num_epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training data (3-5 typical).")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    per_device_batch_size: int = Field(default=4, ge=1, le=4096, description="Rows per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        default=4, ge=1, le=4096, description="Micro-batches per optimizer step."
+    )
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    lr_scheduler: LrScheduler = Field(default=LrScheduler.cosine, description="Decay after warmup.")
+    weight_decay: float = Field(default=0.01, ge=0.0, lt=1.0, description="AdamW weight decay (0.01-0.1).")
+    max_grad_norm: float = Field(
+        default=1.0, ge=0.0, le=1000.0, description="Gradient clipping norm; 0 disables clipping."
+    )
+    precision: Precision = Field(
+        default=Precision.auto,
+        description="auto picks bf16 where the hardware has it, else fp32. fp16 always keeps fp32 master weights.",
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order and initialisation.")
+    dropout: float | None = Field(
+        default=None, ge=0.0, lt=1.0, description="Override the model's dropout probabilities (against over-fitting)."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass to save memory."
+    )
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapters through peft."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="Adapter rank r.")
+    alpha: float = Field(default=32.0, gt=0.0, le=100_000.0, description="Scaling alpha.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on adapter inputs.")
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Module names to adapt, or `all-linear`.",
+    )
+    merge: bool = Field(default=False, description="Merge the adapters into the base weights when saving.")
+
+
+class EvalStrategy(str, Enum):
+    epoch = "epoch"
+    steps = "steps"
+    no = "no"
+
+
+class EarlyStopping(ApiModel):
+    patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, le=100.0, description="Smallest eval-loss drop that counts.")
+
+
+class EvaluationSpec(ApiModel):
+    """Validation during training. The best checkpoint by eval loss is kept and reported."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("self.strategy != 'steps' || has(self.steps)", "steps is required when strategy is steps", ".steps"),
+            cel(
+                "self.strategy != 'no' || !has(self.earlyStopping)",
+                "earlyStopping needs an evaluation strategy other than no",
+                ".earlyStopping",
+            ),
+        )
+    )
+
+    strategy: EvalStrategy = Field(default=EvalStrategy.epoch, description="When to evaluate.")
+    steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Evaluate every N steps (strategy steps).")
+    early_stopping: EarlyStopping | None = Field(default=None, description="Stop when eval loss stops improving.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluationSpec:
+        if self.strategy == EvalStrategy.steps and self.steps is None:
+            raise ValueError("steps: required when strategy is steps")
+        if self.strategy == EvalStrategy.no and self.early_stopping is not None:
+            raise ValueError("earlyStopping: needs an evaluation strategy other than no")
+        return self
+
+
+class CheckpointStrategy(str, Enum):
+    epoch = "epoch"
+    steps = "steps"
+
+
+class CheckpointingSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("self.strategy != 'steps' || has(self.steps)", "steps is required when strategy is steps", ".steps")
+        )
+    )
+
+    strategy: CheckpointStrategy = Field(default=CheckpointStrategy.epoch, description="When to save.")
+    steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Save every N steps (strategy steps).")
+    keep: int = Field(default=2, ge=1, le=100, description="Checkpoints kept (plus the best one).")
+    resume: bool = Field(default=True, description="Resume from the newest complete checkpoint after a restart.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CheckpointingSpec:
+        if self.strategy == CheckpointStrategy.steps and self.steps is None:
+            raise ValueError("steps: required when strategy is steps")
+        return self
+
+
+class OutputSpec(ApiModel):
+    destination: Source = Field(
+        description="Where the model, checkpoints, metrics.json and loss.png go: `pvc://claim/path` or a local path."
+    )
+
+
+TRAINING_FIELDS = (
+    "model",
+    "dataset",
+    "hyperparameters",
+    "freeze_layers",
+    "freeze_embeddings",
+    "peft",
+    "evaluation",
+    "checkpointing",
+    "output",
+)
+
+
+class TrainingSpec(ApiModel):
+    """Everything the trainer needs: immutable once an SFTJob is created."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    freeze_layers: int = Field(
+        default=0, ge=0, le=1000, description="Freeze the first N transformer layers (against forgetting)."
+    )
+    freeze_embeddings: bool = Field(default=False, description="Also freeze the token embeddings.")
+    peft: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation(self) -> TrainingSpec:
+        if self.evaluation.early_stopping is not None and not self.dataset.has_validation:
+            raise ValueError("evaluation.earlyStopping: needs validation data (dataset.validation or validationSplit > 0)")
+        if self.evaluation.strategy != EvalStrategy.no and not self.dataset.has_validation:
+            raise ValueError("evaluation.strategy: needs validation data; set it to no or add validation data")
+        return self
+
+
+# Mirrors of TrainingSpec's cross-object validators, placed on the enclosing spec in the CRD.
+TRAINING_SPEC_CEL = [
+    cel(
+        "!has(self.evaluation) || !has(self.evaluation.earlyStopping) || has(self.dataset.validation) || "
+        "!has(self.dataset.validationSplit) || self.dataset.validationSplit > 0.0",
+        "evaluation.earlyStopping needs validation data (dataset.validation or validationSplit > 0)",
+        ".evaluation.earlyStopping",
+    ),
+    cel(
+        "(has(self.evaluation) && self.evaluation.strategy == 'no') || has(self.dataset.validation) || "
+        "!has(self.dataset.validationSplit) || self.dataset.validationSplit > 0.0",
+        "evaluation.strategy needs validation data; set it to no or add validation data",
+        ".evaluation.strategy",
+    ),
+]
+
+
+class ProgressReport(ApiModel):
+    """What the trainer pushes to the operator's progress endpoint (size-bounded)."""
+
+    step: int = Field(ge=0, le=10**9)
+    total_steps: int = Field(ge=0, le=10**9)
+    epoch: float = Field(ge=0.0, le=1e6)
+    train_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    best_eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    learning_rate: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=10.0)
+    tokens_per_second: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e12)
+    eta_seconds: int | None = Field(default=None, ge=0, le=10**8)
+    effective_batch_size: int | None = Field(default=None, ge=1, le=10**8)
+    general_loss_before: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    general_loss_after: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    output_model: Annotated[str, Field(max_length=1024)] | None = None
+    best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
+    message: Annotated[str, Field(max_length=1024)] | None = None
+
+    @property
+    def percent(self) -> int:
+        if self.total_steps <= 0:
+            return 0
+        return min(100, int(100 * self.step / self.total_steps))
+
+
+def load_training_spec(data: dict[str, Any]) -> TrainingSpec:
+    """Validate a training config (camelCase JSON as written to the trainer's ConfigMap)."""
+    return TrainingSpec.model_validate(data)
