@@ -1,0 +1,326 @@
+"""Pure builders: an SFTJob in, the children the operator creates out (plain dicts).
+
+No I/O here; the handlers fetch, build, create-if-absent and patch status (dask-kubernetes style).
+Child names are deterministic, so a handler that runs twice after a crash finds, not duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sft_trainer.exit_codes import NON_RETRIABLE
+
+from . import API_VERSION, KIND
+from .api import SFTJob
+
+TRAINER_CONTAINER = "trainer"
+CONFIG_DIR = "/etc/sft"
+CONFIG_PATH = f"{CONFIG_DIR}/config.json"
+CA_KEY = "ca.crt"
+TOKEN_DIR = "/var/run/secrets/sft.dev/progress"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
+PVC_ROOT = "/mnt/pvc"
+RENDEZVOUS_PORT = 29500
+TRAINER_UID = 1000
+
+LABEL_JOB = "sft.dev/job-name"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+COMMON_LABELS = {"app.kubernetes.io/name": "sft-trainer", "app.kubernetes.io/managed-by": "sft-operator"}
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Operator-wide settings the children depend on."""
+
+    default_image: str = "ghcr.io/sft-operator/trainer:0.1.0"
+    progress_base_url: str | None = None  # e.g. https://sft-operator.sft-system.svc:8443
+    progress_ca_pem: str | None = None  # CA the trainer trusts for the progress endpoint
+    token_audience: str = "sft.dev/progress"
+    token_expiration_seconds: int = 3600
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def service_name(job_name: str) -> str:
+    return job_name
+
+
+def trainer_job_name(job_name: str) -> str:
+    return job_name
+
+
+def child_names(job_name: str) -> dict[str, str]:
+    return {
+        "ConfigMap": config_map_name(job_name),
+        "Service": service_name(job_name),
+        "Job": trainer_job_name(job_name),
+    }
+
+
+def pvc_claim(source: str) -> str | None:
+    """`pvc://claim/path` -> `claim`; anything else -> None."""
+    if not source.startswith("pvc://"):
+        return None
+    return source[len("pvc://") :].split("/", 1)[0]
+
+
+def pvc_claims(job: SFTJob) -> dict[str, bool]:
+    """Claims the spec reads or writes -> whether the trainer writes to it."""
+    spec = job.spec
+    reads = [spec.model.source, spec.dataset.train.source]
+    if spec.dataset.validation:
+        reads.append(spec.dataset.validation.source)
+    if spec.dataset.general:
+        reads.append(spec.dataset.general.source)
+    claims = {c: False for c in map(pvc_claim, reads) if c}
+    out_claim = pvc_claim(spec.output.destination)
+    if out_claim:
+        claims[out_claim] = True
+    return dict(sorted(claims.items()))
+
+
+def _labels(job: SFTJob) -> dict[str, str]:
+    return {**COMMON_LABELS, LABEL_JOB: job.metadata.name}
+
+
+def _metadata(job: SFTJob, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {**_labels(job), **(extra_labels or {})}}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    uid = (job.metadata.model_extra or {}).get("uid")
+    if uid:  # known once the SFTJob exists; `sftctl render` works offline without it
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": job.metadata.name,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def trainer_config_json(job: SFTJob) -> str:
+    training = job.spec.training_part()
+    return json.dumps(training.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2, sort_keys=True)
+
+
+def build_config_map(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
+    data = {"config.json": trainer_config_json(job)}
+    if options.progress_ca_pem:
+        data[CA_KEY] = options.progress_ca_pem
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.metadata.name)),
+        "data": data,
+    }
+
+
+def build_service(job: SFTJob) -> dict[str, Any]:
+    """Headless Service: stable DNS for the rank-0 pod (<job>-0.<service>) in multi-node runs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(job.metadata.name)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: job.metadata.name},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def launch_args(job: SFTJob) -> list[str]:
+    res = job.spec.resources
+    name = job.metadata.name
+    args = [f"--nnodes={res.nodes}", f"--nproc-per-node={max(1, res.gpus_per_node)}"]
+    if res.nodes > 1:
+        args += [
+            "--node-rank=$(JOB_COMPLETION_INDEX)",
+            f"--master-addr={trainer_job_name(name)}-0.{service_name(name)}",
+            f"--master-port={RENDEZVOUS_PORT}",
+        ]
+    return args + ["--config", CONFIG_PATH]
+
+
+def _env(job: SFTJob, options: RenderOptions) -> list[dict[str, Any]]:
+    name, namespace = job.metadata.name, job.metadata.namespace
+    env: list[dict[str, Any]] = [
+        {"name": "SFT_CONFIG", "value": CONFIG_PATH},
+        {"name": "SFT_JOB_NAME", "value": name},
+        {"name": "SFT_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "SFT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "SFT_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "SFT_PROGRESS_TOKEN_FILE", "value": TOKEN_PATH},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if options.progress_base_url:
+        ns = namespace or "$(SFT_JOB_NAMESPACE)"
+        url = f"{options.progress_base_url.rstrip('/')}/v1/namespaces/{ns}/sftjobs/{name}/progress"
+        env.append({"name": "SFT_PROGRESS_URL", "value": url})
+    if options.progress_ca_pem:
+        env.append({"name": "SFT_PROGRESS_CA_FILE", "value": f"{CONFIG_DIR}/{CA_KEY}"})
+    ref = job.spec.model.token_secret_ref
+    if ref:  # referenced, never inlined
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def _resources(job: SFTJob) -> dict[str, Any]:
+    res = job.spec.resources
+    amounts: dict[str, str] = {}
+    if res.gpus_per_node:
+        amounts[res.gpu_resource_name] = str(res.gpus_per_node)
+    if res.cpu:
+        amounts["cpu"] = res.cpu
+    if res.memory:
+        amounts["memory"] = res.memory
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _volumes(job: SFTJob, options: RenderOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(job.metadata.name)}},
+        {
+            "name": "progress-token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": options.token_audience,
+                            "expirationSeconds": options.token_expiration_seconds,
+                            "path": "token",
+                        }
+                    }
+                ]
+            },
+        },
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "progress-token", "mountPath": TOKEN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    shm = job.spec.resources.shared_memory
+    if shm:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    for index, (claim, writable) in enumerate(pvc_claims(job).items()):
+        vol = f"pvc-{index}"
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
+    return volumes, mounts
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod Security Standards "restricted"."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Data and config errors fail the job at once; node disruptions never count against backoffLimit."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": sorted(int(code) for code in NON_RETRIABLE),
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
+    spec = job.spec
+    name = job.metadata.name
+    nodes = spec.resources.nodes
+    queue = spec.scheduling.queue_name if spec.scheduling else None
+    job_labels = {LABEL_KUEUE_QUEUE: queue} if queue else {}
+    volumes, mounts = _volumes(job, options)
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or options.default_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "sft_trainer.launch"],
+        "args": launch_args(job),
+        "env": _env(job, options),
+        "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
+        "resources": _resources(job),
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(name),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.scheduling:
+        sched = spec.scheduling
+        if sched.priority_class_name:
+            pod_spec["priorityClassName"] = sched.priority_class_name
+        if sched.node_selector:
+            pod_spec["nodeSelector"] = dict(sorted(sched.node_selector.items()))
+        if sched.tolerations:
+            pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "suspend": spec.run_policy.suspend,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": _labels(job)}, "spec": pod_spec},
+    }
+    if spec.run_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, trainer_job_name(name), job_labels),
+        "spec": job_spec,
+    }
+
+
+def render_children(sftjob: SFTJob | dict[str, Any], options: RenderOptions | None = None) -> list[dict[str, Any]]:
+    """The ConfigMap, headless Service and Indexed Job for one SFTJob, in creation order."""
+    job = sftjob if isinstance(sftjob, SFTJob) else SFTJob.model_validate(sftjob)
+    options = options or RenderOptions()
+    return [build_config_map(job, options), build_service(job), build_job(job, options)]

@@ -1,0 +1,100 @@
+"""Operator settings: one frozen object, read from flags or SFT_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .render import RenderOptions
+
+DEFAULT_TRAINER_IMAGE = RenderOptions.default_image
+DEFAULT_TOKEN_AUDIENCE = RenderOptions.token_audience
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    metrics_port: int = 8080
+    health_port: int = 8081
+    progress_port: int = 8443
+    progress_url: str | None = None  # what trainer pods call, e.g. https://sft-operator.sft-system.svc:8443
+    progress_tls_cert: str | None = None
+    progress_tls_key: str | None = None
+    progress_ca_file: str | None = None  # CA bundle handed to trainer pods (ConfigMap key ca.crt)
+    progress_allow_plaintext: bool = False  # local development only
+    token_audience: str = DEFAULT_TOKEN_AUDIENCE
+    image_pull_grace_seconds: int = 300
+    progress_min_interval_seconds: float = 2.0  # per-job coalescing window for status writes
+
+    def render_options(self) -> RenderOptions:
+        ca = None
+        if self.progress_ca_file:
+            with open(self.progress_ca_file) as handle:
+                ca = handle.read()
+        return RenderOptions(
+            default_image=self.trainer_image,
+            progress_base_url=self.progress_url,
+            progress_ca_pem=ca,
+            token_audience=self.token_audience,
+        )
+
+
+def _env_bool(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        default=[n for n in env("SFT_WATCH_NAMESPACES", "").split(",") if n],
+        help="namespace to watch; repeat for several (env SFT_WATCH_NAMESPACES, comma-separated; default: all)",
+    )
+    parser.add_argument("--trainer-image", default=env("SFT_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+                        help="default trainer image (env SFT_TRAINER_IMAGE)")
+    parser.add_argument("--metrics-port", type=int, default=int(env("SFT_METRICS_PORT", "8080")),
+                        help="Prometheus /metrics port (env SFT_METRICS_PORT)")
+    parser.add_argument("--health-port", type=int, default=int(env("SFT_HEALTH_PORT", "8081")),
+                        help="liveness /healthz port (env SFT_HEALTH_PORT)")
+    parser.add_argument("--progress-port", type=int, default=int(env("SFT_PROGRESS_PORT", "8443")),
+                        help="progress endpoint port (env SFT_PROGRESS_PORT)")
+    parser.add_argument("--progress-url", default=env("SFT_PROGRESS_URL"),
+                        help="progress endpoint URL as trainer pods reach it (env SFT_PROGRESS_URL)")
+    parser.add_argument("--progress-tls-cert", default=env("SFT_PROGRESS_TLS_CERT"),
+                        help="TLS certificate file for the progress endpoint (env SFT_PROGRESS_TLS_CERT)")
+    parser.add_argument("--progress-tls-key", default=env("SFT_PROGRESS_TLS_KEY"),
+                        help="TLS key file for the progress endpoint (env SFT_PROGRESS_TLS_KEY)")
+    parser.add_argument("--progress-ca-file", default=env("SFT_PROGRESS_CA_FILE"),
+                        help="CA bundle trainer pods use to verify the endpoint (env SFT_PROGRESS_CA_FILE)")
+    parser.add_argument("--progress-allow-plaintext", action="store_true",
+                        default=_env_bool(env("SFT_PROGRESS_ALLOW_PLAINTEXT")),
+                        help="serve progress over plain HTTP; local development only (env SFT_PROGRESS_ALLOW_PLAINTEXT)")
+    parser.add_argument("--token-audience", default=env("SFT_TOKEN_AUDIENCE", DEFAULT_TOKEN_AUDIENCE),
+                        help="audience of trainer pods' projected tokens (env SFT_TOKEN_AUDIENCE)")
+    parser.add_argument("--image-pull-grace-seconds", type=int,
+                        default=int(env("SFT_IMAGE_PULL_GRACE_SECONDS", "300")),
+                        help="how long an image pull may fail before the job fails (env SFT_IMAGE_PULL_GRACE_SECONDS)")
+
+
+def from_args(args: argparse.Namespace) -> OperatorSettings:
+    if (args.progress_tls_cert is None) != (args.progress_tls_key is None):
+        raise SystemExit("--progress-tls-cert and --progress-tls-key go together")
+    return OperatorSettings(
+        namespaces=tuple(dict.fromkeys(args.namespaces)),
+        trainer_image=args.trainer_image,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        progress_port=args.progress_port,
+        progress_url=args.progress_url,
+        progress_tls_cert=args.progress_tls_cert,
+        progress_tls_key=args.progress_tls_key,
+        progress_ca_file=args.progress_ca_file,
+        progress_allow_plaintext=args.progress_allow_plaintext,
+        token_audience=args.token_audience,
+        image_pull_grace_seconds=args.image_pull_grace_seconds,
+    )
