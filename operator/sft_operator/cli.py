@@ -67,6 +67,18 @@ def _single_document(path: str) -> dict[str, Any]:
     return documents[0]
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """Multi-line strings (the trainer config) as literal blocks, so rendered YAML reads like a file."""
+
+
+_ReadableDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     document = _single_document(args.file)
     if args.namespace:
@@ -76,7 +88,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         progress_base_url=args.progress_url,
     )
     children = render_children(document, options)
-    sys.stdout.write(yaml.safe_dump_all(children, sort_keys=False, width=120))
+    sys.stdout.write(yaml.dump_all(children, Dumper=_ReadableDumper, sort_keys=False, width=120))
     return 0
 
 

@@ -1,0 +1,67 @@
+"""sftctl as a user runs it."""
+
+import subprocess
+import sys
+
+import yaml
+
+from .helpers import EXAMPLES, INVALID, ROOT, broken_field
+
+
+def sftctl(*args):
+    return subprocess.run([sys.executable, "-m", "sft_operator.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_validate_examples_exits_zero():
+    out = sftctl("validate", *map(str, EXAMPLES))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": valid") == len(EXAMPLES)
+
+
+def test_validate_invalid_corpus_exits_one_with_a_line_per_problem_naming_the_field():
+    out = sftctl("validate", *map(str, INVALID))
+    assert out.returncode == 1
+    for path in INVALID:
+        lines = [line for line in out.stderr.splitlines() if line.startswith(str(path))]
+        assert any(broken_field(path) in line for line in lines), (path.name, lines)
+
+
+def test_validate_reports_unreadable_files(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("spec: [unclosed")
+    out = sftctl("validate", str(bad), str(tmp_path / "missing.yaml"))
+    assert out.returncode == 1
+    assert "broken.yaml: cannot read" in out.stderr and "missing.yaml: cannot read" in out.stderr
+
+
+def test_validate_prints_advice_as_warnings():
+    out = sftctl("validate", str(ROOT / "examples" / "minimal.yaml"))
+    assert out.returncode == 0 and "warning: spec.dataset.general" in out.stdout
+
+
+def test_render_prints_three_children():
+    out = sftctl("render", str(ROOT / "examples" / "multi-node-lora.yaml"))
+    assert out.returncode == 0, out.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(out.stdout)]
+    assert kinds == ["ConfigMap", "Service", "Job"]
+
+
+def test_render_refuses_an_invalid_manifest():
+    out = sftctl("render", str(INVALID[0]))
+    assert out.returncode == 1 and broken_field(INVALID[0]) in out.stderr
+
+
+def test_explain_documents_a_field_and_rejects_unknown_ones():
+    out = sftctl("explain", "spec.hyperparameters.learningRate")
+    assert out.returncode == 0
+    assert "<number>" in out.stdout and "DEFAULT: 2e-05" in out.stdout and "1e-5..2e-5" in out.stdout
+    out = sftctl("explain", "spec.hyperparameters")
+    assert "warmupRatio" in out.stdout and "lrScheduler" in out.stdout
+    out = sftctl("explain", "spec.learningrate")
+    assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+def test_help_lists_every_command():
+    out = sftctl("--help")
+    for command in ("validate", "render", "crd", "explain", "run", "example-assets", "status", "watch", "operator"):
+        assert command in out.stdout
