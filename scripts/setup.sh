@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything the project needs on this machine: the Python package with the trainer and
+# dev extras (torch, transformers, peft, accelerate, trl, pytest, ...) into the current Python,
+# and the pinned control-plane binaries (built once into ~/.cache/sft-operator, then reused).
+#
+#   bash scripts/setup.sh            # Python packages + control-plane binaries
+#   SKIP_K8S=1 bash scripts/setup.sh # Python packages only (enough for `sftctl run`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+log() { echo "[setup $(date +%H:%M:%S)] $*" >&2; }
+
+# pip is a no-op when everything is already satisfied, so rerunning is cheap.
+stamp=${SFT_CACHE:-$HOME/.cache/sft-operator}/pip-$(sha256sum pyproject.toml | cut -c1-16)
+if [[ -f $stamp ]] && "$PYTHON" -c "import sft_operator, sft_trainer, torch, transformers, kopf" 2>/dev/null; then
+  log "python packages: cached ($stamp)"
+else
+  log "python packages: installing (first run downloads torch, a few GiB)"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".[trainer,dev]"
+  mkdir -p "$(dirname "$stamp")" && touch "$stamp"
+fi
+
+if [[ -z ${SKIP_K8S:-} ]]; then
+  log "control-plane binaries: building or reusing (a cold build takes ~20-30 min on 2 cores)"
+  bash scripts/k8s-bin.sh >/dev/null
+fi
+log "ready"
