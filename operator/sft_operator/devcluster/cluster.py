@@ -126,7 +126,9 @@ def kubeconfig_dict(server: str, ca_crt: Path, crt: Path, key: Path, user: str) 
     }
 
 
-def component_commands(bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int]) -> dict[str, list[str]]:
+def component_commands(
+    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], process_node_gpus: int = 0
+) -> dict[str, list[str]]:
     """The command line of every component (pure: no I/O)."""
     b = lambda name: str(bin_dir / name)  # noqa: E731
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
@@ -183,7 +185,7 @@ def component_commands(bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str
         "process-node": [
             sys.executable, "-m", "sft_operator.devcluster.process_node",
             f"--kubeconfig={kcfg('admin')}", f"--state-dir={state_dir}", f"--node-name={PROCESS_NODE_NAME}",
-            f"--apiserver-port={ports['apiserver']}",
+            f"--apiserver-port={ports['apiserver']}", f"--gpus={process_node_gpus}",
         ],
     }
 
@@ -209,6 +211,16 @@ def kwok_node(name: str) -> dict:
         "status": {"capacity": dict(GPU_NODE_RESOURCES), "allocatable": dict(GPU_NODE_RESOURCES)},
     }
 
+
+# Default StorageClass whose claims kwok's volume stages provision and bind.
+STORAGE_CLASS = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {"name": "kwok-volume", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+    "provisioner": "kwok.x-k8s.io/volume",
+    "reclaimPolicy": "Delete",
+    "volumeBindingMode": "Immediate",
+}
 
 PLACEHOLDER_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -343,6 +355,7 @@ def up(
     kubeconfig_out: Path | None = None,
     crds_dir: Path | None = None,
     timeout: float = 120.0,
+    process_node_gpus: int = 0,
 ) -> ClusterInfo:
     """Start the control plane; return where it is. Stops what it started on failure."""
     from kubernetes import client, config
@@ -351,6 +364,7 @@ def up(
     if running_components(state_dir):
         info = ClusterInfo.load(state_dir)
         if info and set(running_components(state_dir)) == set(COMPONENTS):
+            _copy_kubeconfig(Path(info.kubeconfig), kubeconfig_out)
             return info
         down(state_dir)  # half-running: start clean
 
@@ -374,7 +388,7 @@ def up(
 
     info = ClusterInfo(str(state_dir), str(kubeconfig), server, str(bin_dir), ports, gpu_nodes=gpu_nodes)
     info.save()
-    cmds = component_commands(bin_dir, state_dir, pki, ports)
+    cmds = component_commands(bin_dir, state_dir, pki, ports, process_node_gpus)
     deadline = time.monotonic() + timeout
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -395,6 +409,7 @@ def up(
         ext = client.ApiextensionsV1Api(api)
         for i in range(gpu_nodes):
             core.create_node(kwok_node(f"kwok-gpu-{i}"))
+        client.StorageV1Api(api).create_storage_class(STORAGE_CLASS)
         crds = load_crds(crds_dir or REPO_ROOT / "crds")
         for crd in crds:
             ext.create_custom_resource_definition(crd)
@@ -422,12 +437,17 @@ def up(
         down(state_dir)
         raise
 
-    if kubeconfig_out:
-        Path(kubeconfig_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(kubeconfig_out).write_text(kubeconfig.read_text())
+    _copy_kubeconfig(kubeconfig, kubeconfig_out)
     info.startup_seconds = round(time.monotonic() - started, 1)
     info.save()
     return info
+
+
+def _copy_kubeconfig(kubeconfig: Path, out: Path | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(kubeconfig.read_text())
+        Path(out).chmod(0o600)
 
 
 def _port_free(port: int) -> bool:
@@ -529,6 +549,8 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--kubeconfig-out", type=Path, default=None, help="also write the admin kubeconfig here")
     parser.add_argument("--crds", type=Path, default=None, help="directory of CRD manifests (default: the repo's crds/)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    parser.add_argument("--process-node-gpus", type=int, default=0,
+                        help="nvidia.com/gpu advertised by the process node sft-local-0 (the host's GPUs)")
     parser.set_defaults(func=run_cli)
 
 
@@ -536,7 +558,7 @@ def run_cli(args) -> int:
     try:
         if args.action == "up":
             info = up(args.dir, gpu_nodes=args.gpu_nodes, kubeconfig_out=args.kubeconfig_out,
-                      crds_dir=args.crds, timeout=args.timeout)
+                      crds_dir=args.crds, timeout=args.timeout, process_node_gpus=args.process_node_gpus)
             print(f"dev cluster up in {info.startup_seconds}s: {info.server}")
             print(f"export KUBECONFIG={args.kubeconfig_out or info.kubeconfig}")
             return 0
