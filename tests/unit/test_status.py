@@ -1,0 +1,289 @@
+"""Status derivation: realistic Job and pod dicts in, the phase, reason and conditions a user reads out."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from sft_operator import status as st
+from sft_operator.status import Cause
+
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+T0 = "2026-11-28T11:50:00Z"
+T1 = "2026-11-28T11:55:00Z"
+
+
+def sftjob(status: dict[str, Any] | None = None, suspend: bool = False, generation: int = 1) -> dict[str, Any]:
+    doc = {
+        "apiVersion": "sft.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": "demo", "namespace": "team-a", "generation": generation, "uid": "u-1"},
+        "spec": {"runPolicy": {"suspend": suspend, "backoffLimit": 3}},
+    }
+    if status is not None:
+        doc["status"] = status
+    return doc
+
+
+def job(conditions: list[dict[str, Any]] | None = None, suspend: bool = False, labels: dict[str, str] | None = None,
+        **status: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "demo", "namespace": "team-a", "labels": {"sft.dev/job-name": "demo", **(labels or {})}},
+        "spec": {"suspend": suspend, "completions": 1, "parallelism": 1},
+        "status": {"conditions": conditions or [], **status},
+    }
+
+
+def jcond(kind: str, reason: str = "", message: str = "", when: str = T1) -> dict[str, Any]:
+    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": when}
+
+
+def pod(name: str = "demo-0-abcde", phase: str = "Running", state: dict[str, Any] | None = None,
+        conditions: list[dict[str, Any]] | None = None, deleting: bool = False, **status: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "creationTimestamp": T0,
+                            "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"}}
+    if deleting:
+        meta["deletionTimestamp"] = T1
+    container = {"name": "trainer", "image": "ghcr.io/sft-operator/trainer:0.1.0", "ready": phase == "Running",
+                 "restartCount": 0, "state": state if state is not None else {"running": {"startedAt": T0}}}
+    return {
+        "metadata": meta,
+        "status": {
+            "phase": phase,
+            "conditions": conditions if conditions is not None else [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": T0}
+            ],
+            "containerStatuses": [container],
+            **status,
+        },
+    }
+
+
+def terminated(code: int, reason: str = "Error", message: str = "") -> dict[str, Any]:
+    return {"terminated": {"exitCode": code, "reason": reason, "message": message, "startedAt": T0, "finishedAt": T1}}
+
+
+def waiting(reason: str, message: str = "") -> dict[str, Any]:
+    return {"waiting": {"reason": reason, "message": message}}
+
+
+UNSCHEDULABLE_MSG = "0/3 nodes are available: 2 Insufficient nvidia.com/gpu, 1 node(s) had untolerated taint."
+PENDING_UNSCHEDULED = pod(
+    phase="Pending", state=waiting("ContainerCreating"),
+    conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE_MSG,
+                 "lastTransitionTime": T0}],
+)
+PENDING_UNSCHEDULED["status"]["containerStatuses"] = []
+
+
+CASES: list[tuple[str, dict, dict | None, list, str, str, str]] = [
+    # id, sftjob, job, pods, phase, reason, message fragment
+    ("no job yet", sftjob(), None, [], "Pending", "Creating", "creating"),
+    ("job created, pod not yet scheduled", sftjob(), job(active=1), [], "Pending", "PodsStarting", "waiting"),
+    ("running", sftjob(), job(active=1), [pod()], "Running", "PodsRunning", "1 trainer pod"),
+    ("succeeded", sftjob(), job([jcond("SuccessCriteriaMet"), jcond("Complete")], succeeded=1,
+                                 completionTime=T1), [pod(phase="Succeeded", state=terminated(0, "Completed"))],
+     "Succeeded", "Completed", "finished"),
+    ("oom killed, backoff exhausted", sftjob(), job([jcond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=1),
+     [pod(phase="Failed", state=terminated(137, "OOMKilled"))], "Failed", "OOMKilled", "out of memory"),
+    ("data error via podFailurePolicy", sftjob(),
+     job([jcond("FailureTarget", "PodFailurePolicy", "Container trainer for pod team-a/demo-0-abcde failed with exit code 65 matching FailJob rule at index 0"),
+          jcond("Failed", "PodFailurePolicy", "Container trainer ... exit code 65")], failed=1),
+     [pod(phase="Failed", state=terminated(65, "Error", "DataError: train.jsonl row 17: missing field 'response'"))],
+     "Failed", "DataError", "row 17"),
+    ("nan loss via podFailurePolicy", sftjob(), job([jcond("Failed", "PodFailurePolicy", "exit code 66")], failed=1),
+     [pod(phase="Failed", state=terminated(66, "Error", "loss is NaN at step 120"))], "Failed", "NaNLoss", "NaN at step 120"),
+    ("invalid config", sftjob(), job([jcond("Failed", "PodFailurePolicy", "exit code 64")], failed=1),
+     [pod(phase="Failed", state=terminated(64, "Error", "hyperparameters.learningRate: must be > 0"))], "Failed", "InvalidConfig", "learningRate"),
+    ("model load error", sftjob(), job([jcond("Failed", "PodFailurePolicy", "exit code 67")], failed=1),
+     [pod(phase="Failed", state=terminated(67, "Error", "no such model"))], "Failed", "ModelLoadError", "no such model"),
+    ("deadline exceeded", sftjob(), job([jcond("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")], failed=1),
+     [], "Failed", "DeadlineExceeded", "activeDeadlineSeconds"),
+    ("backoff exceeded with a plain crash", sftjob(), job([jcond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")], failed=4),
+     [pod(phase="Failed", state=terminated(1, "Error", "Traceback: boom"))], "Failed", "BackoffLimitExceeded", "exited with code 1: Traceback"),
+    ("unschedulable stays pending", sftjob(), job(active=1), [PENDING_UNSCHEDULED], "Pending", "Unschedulable", "Insufficient nvidia.com/gpu"),
+    ("image pull within grace", sftjob(), job(active=1),
+     [pod(phase="Pending", state=waiting("ErrImagePull", "manifest unknown"),
+          conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-28T11:59:00Z"}])],
+     "Pending", "ErrImagePull", "manifest unknown"),
+    ("image pull past grace fails", sftjob(), job(active=1),
+     [pod(phase="Pending", state=waiting("ImagePullBackOff", "Back-off pulling image"),
+          conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-28T11:50:00Z"}])],
+     "Failed", "ImagePullFailed", "Back-off pulling image"),
+    ("suspended by the user", sftjob(suspend=True), job([jcond("Suspended", "JobSuspended")], suspend=True),
+     [], "Suspended", "Suspended", "runPolicy.suspend"),
+    ("queued by kueue", sftjob(), job(suspend=True, labels={"kueue.x-k8s.io/queue-name": "gpu-queue"}),
+     [], "Queued", "Queued", "queue gpu-queue"),
+    ("evicted pod replaced: restarting", sftjob(), job(active=1),
+     [pod(name="demo-0-old", phase="Failed", state=terminated(137, "Error"),
+          conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                       "message": "Eviction API: evicting"}]),
+      pod(name="demo-0-new", phase="Pending", state=waiting("ContainerCreating"))],
+     "Restarting", "Restarting", "restart 1"),
+    ("evicted pod replaced and running", sftjob(), job(active=1),
+     [pod(name="demo-0-old", phase="Failed", state=terminated(137, "Error"),
+          conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]),
+      pod(name="demo-0-new")], "Running", "PodsRunning", "1 trainer pod"),
+    ("pod deleted mid-run: counted failure, replacement pending", sftjob(), job(active=1, failed=1),
+     [pod(name="demo-0-new", phase="Pending", state=waiting("ContainerCreating"))], "Restarting", "Restarting", "restart 1"),
+]
+
+
+@pytest.mark.parametrize("doc,job_,pods,phase,reason,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_phase_reason_message(doc, job_, pods, phase, reason, fragment):
+    status = st.derive_status(doc, job_, pods, NOW, image_pull_grace_seconds=300)
+    assert status["phase"] == phase
+    summary = {"Succeeded": "Succeeded", "Failed": "Failed", "Suspended": "Suspended", "Queued": "Queued",
+               "Running": "Running", "Restarting": "Restarting"}.get(phase, "Running")
+    cond = st.condition(status, summary)
+    assert cond["reason"] == reason
+    assert fragment in cond["message"]
+    if phase in ("Pending", "Running", "Restarting", "Queued", "Suspended"):
+        assert st.condition(status, "Failed")["status"] == "False"
+        assert st.condition(status, "Succeeded")["status"] == "False"
+        assert "completionTime" not in status
+
+
+def test_every_condition_type_is_present_once_with_generation_and_time():
+    status = st.derive_status(sftjob(generation=4), job(active=1), [pod()], NOW)
+    assert [c["type"] for c in status["conditions"]] == list(st.CONDITION_TYPES)
+    for cond in status["conditions"]:
+        assert cond["status"] in ("True", "False")
+        assert cond["observedGeneration"] == 4
+        assert cond["lastTransitionTime"] == "2026-11-28T12:00:00Z"
+    assert status["observedGeneration"] == 4
+    assert st.condition(status, "Created")["status"] == "True"
+    assert st.condition(status, "Running")["status"] == "True"
+
+
+def test_last_transition_time_kept_while_status_unchanged():
+    first = st.derive_status(sftjob(), job(active=1), [pod()], NOW)
+    later = NOW + timedelta(minutes=5)
+    second = st.derive_status(sftjob(status=first), job(active=1), [pod()], later)
+    assert second == first  # nothing changed: same times, so no write
+    assert st.status_patch(first, second) is None
+    done = job([jcond("Complete")], succeeded=1, completionTime="2026-11-28T12:05:00Z")
+    third = st.derive_status(sftjob(status=second), done, [pod(phase="Succeeded", state=terminated(0, "Completed"))], later)
+    assert st.condition(third, "Running")["status"] == "False"
+    assert st.condition(third, "Running")["lastTransitionTime"] == "2026-11-28T12:05:00Z"
+    assert st.condition(third, "Created")["lastTransitionTime"] == "2026-11-28T12:00:00Z"
+    assert st.condition(third, "Succeeded")["lastTransitionTime"] == "2026-11-28T12:05:00Z"
+
+
+def test_times_and_fields():
+    done = job([jcond("Complete")], succeeded=1, completionTime="2026-11-28T11:58:00Z", startTime=T0)
+    status = st.derive_status(sftjob(), done, [pod(phase="Succeeded", state=terminated(0, "Completed"))], NOW,
+                              effective_batch_size=16)
+    assert status["startTime"] == T0  # the trainer container's start
+    assert status["completionTime"] == "2026-11-28T11:58:00Z"
+    assert status["effectiveBatchSize"] == 16
+    assert status["jobName"] == "demo"
+    assert st.duration_seconds(status) == 480
+
+
+def test_failure_completion_time_is_the_job_failure_time():
+    failed = job([jcond("Failed", "DeadlineExceeded", "deadline", when="2026-11-28T11:57:00Z")], failed=1)
+    status = st.derive_status(sftjob(), failed, [], NOW)
+    assert status["completionTime"] == "2026-11-28T11:57:00Z"
+
+
+def test_creation_error_is_reported_with_the_api_message():
+    error = Cause("QuotaExceeded", 'jobs.batch "demo" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=8')
+    status = st.derive_status(sftjob(), None, [], NOW, creation_error=error)
+    created = st.condition(status, "Created")
+    assert (created["status"], created["reason"]) == ("False", "QuotaExceeded")
+    assert "exceeded quota" in created["message"]
+    assert status["phase"] == "Pending"
+    assert st.condition(status, "Running")["reason"] == "QuotaExceeded"
+
+
+def test_terminal_phase_sticks_after_the_job_is_gone():
+    failed = st.derive_status(sftjob(), job(active=1), [pod(phase="Pending", state=waiting("ImagePullBackOff"),
+                              conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": T0}])],
+                              NOW, image_pull_grace_seconds=60)
+    assert (failed["phase"], st.condition(failed, "Failed")["reason"]) == ("Failed", "ImagePullFailed")
+    again = st.derive_status(sftjob(status=failed), None, [], NOW + timedelta(minutes=1))
+    assert again == failed
+    bumped = st.derive_status(sftjob(status=failed, generation=2), None, [], NOW)
+    assert bumped["observedGeneration"] == 2 and bumped["phase"] == "Failed"
+
+
+@pytest.mark.parametrize(
+    "job_,pods,previous,expected",
+    [
+        (job(active=1), [pod()], 0, 0),
+        (job(active=1, failed=2), [pod()], 0, 2),
+        (job(active=1, failed=1), [pod()], 3, 3),  # never goes down
+        (job(active=1), [pod("a", "Failed", terminated(143), [{"type": "DisruptionTarget", "status": "True"}]), pod("b")], 0, 1),
+        (job([jcond("Failed", "BackoffLimitExceeded")], failed=4), [], 0, 3),  # the last failure is not a restart
+        (job([jcond("Failed", "PodFailurePolicy")], failed=1), [], 0, 0),
+        (job([jcond("Failed", "DeadlineExceeded")], failed=2), [], 1, 1),
+        (None, [], 2, 2),
+    ],
+)
+def test_count_restarts(job_, pods, previous, expected):
+    assert st.count_restarts(job_, pods, previous) == expected
+
+
+def test_restarts_are_carried_into_status():
+    status = st.derive_status(sftjob(status={"restarts": 2}), job(active=1), [pod()], NOW)
+    assert status["restarts"] == 2
+
+
+def test_status_patch_ignores_progress_fields_and_writes_only_changes():
+    current = {"phase": "Running", "restarts": 0, "progress": {"percent": 40}, "metrics": {"trainLoss": 1.2}}
+    desired = {"phase": "Running", "restarts": 0}
+    assert st.status_patch(current, desired) is None
+    patch = st.status_patch(current, {"phase": "Succeeded", "restarts": 0, "completionTime": T1})
+    assert patch == {"phase": "Succeeded", "completionTime": T1}
+    assert "progress" not in patch and "metrics" not in patch
+
+
+def test_pod_failure_reads_termination_message_and_codes():
+    assert st.pod_failure(pod(phase="Failed", state=terminated(65, "Error", "row 3: bad json"))).reason == "DataError"
+    assert st.pod_failure(pod(phase="Failed", state=terminated(137, "OOMKilled"))).reason == "OOMKilled"
+    assert st.pod_failure(pod(phase="Succeeded", state=terminated(0, "Completed"))) is None
+    other = st.pod_failure(pod(phase="Failed", state=terminated(2, "Error", "oops")))
+    assert (other.reason, "code 2: oops" in other.message) == ("Error", True)
+    evicted = pod(phase="Failed", state={}, reason="Evicted", message="The node was low on resource: memory.")
+    evicted["status"]["containerStatuses"] = []
+    assert st.pod_failure(evicted).reason == "Evicted"
+
+
+def test_long_messages_are_clipped():
+    text = "x" * 10000
+    cause = st.pod_failure(pod(phase="Failed", state=terminated(65, "Error", text)))
+    assert len(cause.message) <= st.MAX_MESSAGE
+
+
+def test_image_pull_problem_measures_time_since_scheduling():
+    p = pod(phase="Pending", state=waiting("ErrImagePull", "not found"),
+            conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-28T11:59:30Z"}])
+    problem = st.image_pull_problem([p], NOW)
+    assert (problem.reason, problem.seconds) == ("ErrImagePull", 30)
+    deleting = copy.deepcopy(p)
+    deleting["metadata"]["deletionTimestamp"] = T1
+    assert st.image_pull_problem([deleting], NOW) is None
+
+
+def test_multi_node_is_running_only_when_every_active_pod_runs():
+    pods = [pod("demo-0-a"), pod("demo-1-b", phase="Pending", state=waiting("ContainerCreating"))]
+    assert st.derive_status(sftjob(), job(active=2), pods, NOW)["phase"] == "Pending"
+    pods[1] = pod("demo-1-b")
+    assert st.derive_status(sftjob(), job(active=2), pods, NOW)["phase"] == "Running"
+
+
+def test_start_time_is_kept_once_set():
+    status = st.derive_status(sftjob(status={"startTime": "2026-11-28T10:00:00Z"}), job(active=1), [pod()], NOW)
+    assert status["startTime"] == "2026-11-28T10:00:00Z"
+    assert st.derive_status(sftjob(), job(active=1), [], NOW).get("startTime") is None
+
+
+def test_time_round_trip():
+    assert st.format_time(st.parse_time("2026-11-28T11:50:00.123456Z")) == "2026-11-28T11:50:00Z"
+    assert st.parse_time(None) is None
