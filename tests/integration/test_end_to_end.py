@@ -1,0 +1,226 @@
+"""End to end on the real control plane: the operator runs, the real trainer fine-tunes the tiny
+model on the process-backed node, progress flows trainer -> progress endpoint -> status, the
+per-job metrics show on /metrics while it trains and disappear when it is done.
+
+Nothing is mocked: kube-apiserver, the Job controller and the scheduler place the trainer pod
+on ``sft-local-0``, which runs the pod's command (``python -m sft_trainer.launch ...``) as a
+local process with its projected token; ``pvc://`` sources are PVCs bound by the kwok volume
+stages, whose content lives in ``<state-dir>/pvc/<claim>`` on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from sft_operator import GROUP, PLURAL, VERSION
+
+from .conftest import PROCESS_NODE_PLACEMENT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """The trainer engineer's offline tiny model + data (`python -m sft_trainer.tiny DIR`)."""
+    out = tmp_path_factory.mktemp("tiny") / "tiny"
+    result = subprocess.run([sys.executable, "-m", "sft_trainer.tiny", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"sft_trainer.tiny failed:\n{result.stdout}\n{result.stderr}"
+    assert (out / "model" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
+    return out
+
+
+class Operator:
+    """`python -m sft_operator.main` as a subprocess against the test cluster, watching one namespace."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_file: Path) -> None:
+        self.progress_port, self.metrics_port, self.health_port = _free_port(), _free_port(), _free_port()
+        self.log_file = log_file
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        for key in [k for k in env if k.startswith("SFT_")]:
+            env.pop(key)  # settings come from the flags below only
+        self.cmd = [
+            sys.executable, "-m", "sft_operator.main",
+            "--namespace", namespace,
+            "--progress-allow-plaintext",
+            "--progress-url", f"http://127.0.0.1:{self.progress_port}",
+            "--progress-port", str(self.progress_port),
+            "--metrics-port", str(self.metrics_port),
+            "--health-port", str(self.health_port),
+        ]
+        self._log = open(log_file, "w")
+        self.proc = subprocess.Popen(self.cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_file.read_text(errors="replace")[-8000:]
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.scrape()
+                with socket.create_connection(("127.0.0.1", self.progress_port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.25)
+        raise AssertionError(f"the operator did not serve /metrics and progress within {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def operator(control_plane, namespace, tmp_path):
+    op = Operator(control_plane.kubeconfig, namespace, tmp_path / "operator.log")
+    try:
+        op.wait_ready()
+        yield op
+    finally:
+        op.stop()
+
+
+def job_series(text: str, namespace: str, name: str) -> dict[str, float]:
+    """Per-job samples `sft_job_*{namespace=..., sftjob=...}` in a scrape."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(sft_job_[a-z_]+)\{([^}]*)\} (\S+)$", line)
+        if m and f'namespace="{namespace}"' in m.group(2) and f'sftjob="{name}"' in m.group(2):
+            out[m.group(1)] = float(m.group(3))
+    return out
+
+
+def pvc(name: str) -> dict:
+    return {"metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+
+
+def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_assets):
+    core = client.CoreV1Api(control_plane.api)
+    custom = client.CustomObjectsApi(control_plane.api)
+    suffix = uuid.uuid4().hex[:6]
+    assets_claim, output_claim = f"tiny-{suffix}", f"models-{suffix}"
+    # The process node maps a claim to <state-dir>/pvc/<claim> (not namespaced): unique claim names.
+    shutil.copytree(tiny_assets, control_plane.state_dir / "pvc" / assets_claim)
+    for claim in (assets_claim, output_claim):
+        core.create_namespaced_persistent_volume_claim(namespace, pvc(claim))
+
+    name = "tiny-e2e"
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SFTJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": f"pvc://{assets_claim}/model"},
+            "dataset": {
+                "train": {"source": f"pvc://{assets_claim}/data/train.jsonl"},
+                "validationSplit": 0.1,
+                "maxSeqLength": 128,
+            },
+            "hyperparameters": {
+                "learningRate": 1e-3,
+                "maxSteps": MAX_STEPS,
+                "perDeviceBatchSize": 8,
+                "gradientAccumulationSteps": 1,
+                "precision": "fp32",
+            },
+            "evaluation": {"strategy": "steps", "steps": 20},
+            "checkpointing": {"strategy": "steps", "steps": 20, "keep": 1},
+            "output": {"destination": f"pvc://{output_claim}/model"},
+            "resources": {"gpusPerNode": 0},
+            "scheduling": PROCESS_NODE_PLACEMENT,
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+
+    steps_seen: set[int] = set()
+    losses_seen: set[float] = set()
+    metrics_while_running: dict[str, float] = {}
+    deadline = time.monotonic() + 600
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+        phase = status.get("phase")
+        if phase in ("Succeeded", "Failed"):
+            break
+        step = (status.get("progress") or {}).get("step")
+        loss = (status.get("metrics") or {}).get("trainLoss")
+        if step is not None and loss is not None and (status.get("progress") or {}).get("totalSteps"):
+            steps_seen.add(step)
+            losses_seen.add(loss)
+            if not metrics_while_running:
+                metrics_while_running = job_series(operator.scrape(), namespace, name)
+        assert operator.proc.poll() is None, f"the operator died:\n{operator.log()}"
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"the SFTJob did not finish within 600 s; status {status}\noperator log:\n{operator.log()}")
+
+    pod_logs = "\n".join(
+        f"--- {p.metadata.name}\n{control_plane.pod_log(namespace, p.metadata.name)[-6000:]}"
+        for p in core.list_namespaced_pod(namespace, label_selector=f"sft.dev/job-name={name}").items
+    )
+    context = f"status: {status}\noperator log:\n{operator.log()}\ntrainer pods:\n{pod_logs}"
+    assert status.get("phase") == "Succeeded", context
+    succeeded = {c["type"]: c for c in status.get("conditions") or []}.get("Succeeded")
+    assert succeeded and succeeded["status"] == "True", context
+
+    # Progress and the loss moved while it trained (at least two different steps observed).
+    assert len(steps_seen) >= 2, f"steps observed while running: {sorted(steps_seen)}\n{context}"
+    assert len(losses_seen) >= 2 or len(steps_seen) >= 2
+    assert status["progress"]["totalSteps"] == MAX_STEPS, context
+    assert status["progress"]["step"] == MAX_STEPS and status["progress"]["percent"] == 100, context
+    assert status["metrics"]["trainLoss"] > 0, context
+
+    # The per-job series were on /metrics while it ran...
+    assert {"sft_job_train_loss", "sft_job_progress_ratio"} <= set(metrics_while_running), metrics_while_running
+    assert 0 <= metrics_while_running["sft_job_progress_ratio"] <= 1
+
+    # ...the output is recorded and on the claim...
+    output = status.get("output") or {}
+    assert output.get("model"), context
+    model_dir = control_plane.state_dir / "pvc" / output_claim / "model"
+    assert (model_dir / "config.json").exists(), f"{sorted(p.name for p in model_dir.glob('*'))}\n{context}"
+    assert list(model_dir.glob("*.safetensors")), sorted(p.name for p in model_dir.glob("*"))
+
+    # ...and the per-job series are gone once the job finished (bounded cardinality).
+    control_plane.wait_for(lambda: not job_series(operator.scrape(), namespace, name), 30,
+                           "per-job series to be removed from /metrics")
+    scrape = operator.scrape()
+    assert re.search(rf'sft_jobs_finished_total\{{[^}}]*namespace="{namespace}"[^}}]*result="Succeeded"', scrape), \
+        "sft_jobs_finished_total counts the success"

@@ -1,0 +1,264 @@
+"""Progress endpoint security against the real API server (KEP-2779 style).
+
+The progress server runs in this process over TLS (a self-signed cert made here) and talks
+to the test control plane: TokenReview with our audience, then pod -> Job -> SFTJob
+ownership. Tokens are real projected service-account tokens from TokenRequest, bound to
+the Job controller's pods. A token of the job's own pod is accepted and status moves;
+every other caller is rejected and status stays exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from kubernetes import client, config
+
+from sft_operator import GROUP, PLURAL, VERSION, metrics, progress
+from sft_operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.cluster
+
+AUDIENCE = "sft.dev/progress"
+# A node selector no node has: the Job's pods exist (objects to bind tokens to) but never run.
+NOWHERE = {"sft.dev/test-nowhere": "true"}
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sft-operator-progress")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ProgressServer:
+    """The real progress server (TokenReview verifier, status sink) in a thread with its own loop."""
+
+    def __init__(self, kubeconfig: Path, tmp: Path) -> None:
+        self.cert, key = _self_signed(tmp)
+        self.port = _free_port()
+        self.settings = OperatorSettings(
+            progress_port=self.port,
+            progress_tls_cert=str(self.cert),
+            progress_tls_key=str(key),
+            token_audience=AUDIENCE,
+            progress_min_interval_seconds=0.0,
+        )
+        self.api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(
+            progress.start_progress_server(self.settings, api_client=self.api, host="127.0.0.1"), self.loop
+        ).result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(progress.stop_progress_server(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.api.close()
+
+    def url(self, namespace: str, name: str) -> str:
+        return f"https://127.0.0.1:{self.port}/v1/namespaces/{namespace}/sftjobs/{name}/progress"
+
+    def post(self, namespace: str, name: str, *, token: str | None, body: bytes | dict) -> requests.Response:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        return requests.post(self.url(namespace, name), data=data, headers=headers, verify=str(self.cert), timeout=30)
+
+
+@pytest.fixture
+def server(control_plane, tmp_path):
+    srv = ProgressServer(control_plane.kubeconfig, tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def sftjob(name: str) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SFTJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "pvc://models/tiny"},
+            "dataset": {"train": {"source": "pvc://data/train.jsonl"}},
+            "output": {"destination": f"pvc://models/{name}"},
+            "resources": {"gpusPerNode": 0},
+        },
+    }
+
+
+def owned_job(name: str, owner: dict) -> dict:
+    """A Job the SFTJob controls, shaped like the renderer's: pods labelled sft.dev/job-name."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "labels": {"sft.dev/job-name": owner["metadata"]["name"]},
+            "ownerReferences": [{
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "SFTJob",
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"sft.dev/job-name": owner["metadata"]["name"]}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": NOWHERE,
+                    "automountServiceAccountToken": False,
+                    "containers": [{"name": "trainer", "image": "trainer:test", "command": ["true"]}],
+                },
+            },
+        },
+    }
+
+
+class Cluster:
+    def __init__(self, control_plane, namespace: str) -> None:
+        self.cp = control_plane
+        self.ns = namespace
+        self.core = client.CoreV1Api(control_plane.api)
+        self.batch = client.BatchV1Api(control_plane.api)
+        self.custom = client.CustomObjectsApi(control_plane.api)
+
+    def create_sftjob_with_pod(self, name: str) -> tuple[dict, client.V1Pod]:
+        owner = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, sftjob(name))
+        self.batch.create_namespaced_job(self.ns, owned_job(name, owner))
+        pod = self.cp.wait_for(
+            lambda: next(iter(self.core.list_namespaced_pod(self.ns, label_selector=f"job-name={name}").items), None),
+            60, f"the Job controller to create a pod of {name}")
+        return owner, pod
+
+    def token(self, *, audiences: list[str], pod: client.V1Pod | None = None, sa: str = "default") -> str:
+        bound = None
+        if pod is not None:
+            bound = client.V1BoundObjectReference(kind="Pod", api_version="v1", name=pod.metadata.name,
+                                                  uid=pod.metadata.uid)
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=audiences, expiration_seconds=600, bound_object_ref=bound)
+        )
+        return self.core.create_namespaced_service_account_token(sa, self.ns, request).status.token
+
+    def status(self, name: str) -> dict:
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+        return obj.get("status") or {}
+
+
+def progress_report(step: int, loss: float) -> dict:
+    return {"step": step, "totalSteps": 100, "epoch": step / 50, "trainLoss": loss, "learningRate": 2e-5,
+            "tokensPerSecond": 1500.0, "etaSeconds": 60}
+
+
+def test_progress_security(control_plane, namespace, server):
+    k = Cluster(control_plane, namespace)
+    _, pod_a = k.create_sftjob_with_pod("job-a")
+    _, pod_b = k.create_sftjob_with_pod("job-b")
+    own_token = k.token(audiences=[AUDIENCE], pod=pod_a)
+
+    # The job's own pod: accepted, and status.progress / status.metrics follow.
+    response = server.post(namespace, "job-a", token=own_token, body=progress_report(7, 1.75))
+    assert response.status_code == 202, response.text
+    status = control_plane.wait_for(
+        lambda: (s := k.status("job-a")).get("progress", {}).get("step") == 7 and s, 30, "status.progress of job-a")
+    assert status["progress"] == {"percent": 7, "step": 7, "totalSteps": 100, "epoch": 0.14, "etaSeconds": 60}
+    assert status["metrics"] == {"trainLoss": 1.75, "learningRate": 2e-5, "tokensPerSecond": 1500.0}
+    assert _gauge("sft_job_train_loss", namespace, "job-a") == 1.75
+
+    # A second report from the same pod (served from the verification cache) moves it again.
+    assert server.post(namespace, "job-a", token=own_token, body=progress_report(9, 1.5)).status_code == 202
+    control_plane.wait_for(lambda: k.status("job-a").get("progress", {}).get("step") == 9, 30, "step 9")
+    before_a, before_b = k.status("job-a"), k.status("job-b")
+
+    foreign_pod_token = k.token(audiences=[AUDIENCE], pod=pod_b)
+    wrong_audience_token = k.token(audiences=["https://kubernetes.default.svc.cluster.local"], pod=pod_a)
+    unbound_token = k.token(audiences=[AUDIENCE])  # our audience, but bound to no pod
+    oversized = json.dumps({**progress_report(50, 0.1), "message": "x" * 1000}).encode() + b" " * (20 * 1024)
+    evil = progress_report(99, 0.01)
+
+    rejected = {
+        "wrong audience": (server.post(namespace, "job-a", token=wrong_audience_token, body=evil), (401, 403)),
+        "pod of another SFTJob": (server.post(namespace, "job-a", token=foreign_pod_token, body=evil), (403,)),
+        "token bound to no pod": (server.post(namespace, "job-a", token=unbound_token, body=evil), (403,)),
+        "no token": (server.post(namespace, "job-a", token=None, body=evil), (401,)),
+        "garbage token": (server.post(namespace, "job-a", token="not.a.token", body=evil), (401,)),
+        "malformed JSON": (server.post(namespace, "job-a", token=own_token, body=b'{"step": 99,'), (400,)),
+        "invalid report": (server.post(namespace, "job-a", token=own_token,
+                                       body={**evil, "trainLoss": -1.0}), (422,)),
+        "oversized payload": (server.post(namespace, "job-a", token=own_token, body=oversized), (413,)),
+        "own token, other job": (server.post(namespace, "job-b", token=own_token, body=evil), (403,)),
+        "unknown SFTJob": (server.post(namespace, "no-such-job", token=own_token, body=evil), (404,)),
+    }
+    for what, (response, expected) in rejected.items():
+        assert response.status_code in expected, f"{what}: {response.status_code} {response.text}"
+    assert rejected["wrong audience"][0].status_code == 403, "a token for another audience is refused as such"
+
+    time.sleep(1.0)  # longer than the coalescing window (0 s here): a write would have landed
+    assert k.status("job-a") == before_a
+    assert k.status("job-b") == before_b
+    assert "progress" not in before_b
+    assert _gauge("sft_job_train_loss", namespace, "job-a") == 1.5
+    assert _gauge("sft_job_train_loss", namespace, "job-b") is None
+
+    # Control: the other job's pod is accepted for its own job, so the refusals above were specific.
+    response = server.post(namespace, "job-b", token=foreign_pod_token, body=progress_report(1, 2.0))
+    assert response.status_code == 202, response.text
+    control_plane.wait_for(lambda: k.status("job-b").get("progress", {}).get("step") == 1, 30, "job-b's own progress")
+    assert k.status("job-a") == before_a
+    metrics.remove_job(namespace, "job-a")
+    metrics.remove_job(namespace, "job-b")
+
+
+def _gauge(name: str, namespace: str, job: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value(name, {"namespace": namespace, "sftjob": job})
