@@ -223,7 +223,10 @@ class VerificationCache:
         self._inflight[flight_key] = future
         try:
             caller = await verifier(token, namespace, name)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
             raise

@@ -481,3 +481,196 @@ def test_unverified_audience_peek_handles_garbage():
     assert progress.token_audiences(jwt({"aud": "api"})) == ["api"]
     assert progress.token_audiences("not-a-jwt") == []
     assert progress.token_audiences("a.!!!.c") == []
+
+
+# ---- the Kubernetes verifier's decision logic, with fake API objects ---------------------------
+
+
+class _FakeApis:
+    """Just enough of the kubernetes client APIs for KubernetesVerifier, as real model objects."""
+
+    def __init__(self) -> None:
+        from kubernetes import client
+
+        self.c = client
+        self.review_status = client.V1TokenReviewStatus(
+            authenticated=True,
+            audiences=["sft.dev/progress"],
+            user=client.V1UserInfo(
+                username=f"system:serviceaccount:{NS}:default",
+                extra={progress.POD_NAME_EXTRA: ["llama-0-abcde"], progress.POD_UID_EXTRA: ["pod-uid"]},
+            ),
+        )
+        self.sftjobs = {JOB: {"metadata": {"name": JOB, "uid": "sftjob-uid"}}}
+        self.pod = client.V1Pod(
+            metadata=client.V1ObjectMeta(
+                name="llama-0-abcde", namespace=NS, uid="pod-uid", labels={"sft.dev/job-name": JOB},
+                owner_references=[client.V1OwnerReference(api_version="batch/v1", kind="Job", name=JOB,
+                                                          uid="job-uid", controller=True)],
+            ),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="trainer")], service_account_name="default"),
+        )
+        self.job = client.V1Job(
+            metadata=client.V1ObjectMeta(
+                name=JOB, namespace=NS, uid="job-uid",
+                owner_references=[client.V1OwnerReference(api_version="sft.dev/v1alpha1", kind="SFTJob", name=JOB,
+                                                          uid="sftjob-uid", controller=True)],
+            )
+        )
+        self.reviews: list = []
+
+    def _not_found(self):
+        from kubernetes.client.exceptions import ApiException
+
+        return ApiException(status=404, reason="Not Found")
+
+    def create_token_review(self, body):
+        self.reviews.append(body)
+        return self.c.V1TokenReview(spec=body.spec, status=self.review_status)
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        if namespace != NS or name not in self.sftjobs:
+            raise self._not_found()
+        return self.sftjobs[name]
+
+    def read_namespaced_pod(self, name, namespace):
+        if (name, namespace) != (self.pod.metadata.name, NS):
+            raise self._not_found()
+        return self.pod
+
+    def read_namespaced_job(self, name, namespace):
+        if (name, namespace) != (self.job.metadata.name, NS):
+            raise self._not_found()
+        return self.job
+
+
+def _verifier(apis: _FakeApis) -> progress.KubernetesVerifier:
+    verifier = progress.KubernetesVerifier(None, "sft.dev/progress")
+    verifier._auth = verifier._core = verifier._batch = verifier._custom = apis
+    return verifier
+
+
+def _jwt(aud: list[str]) -> str:
+    enc = base64.urlsafe_b64encode(json.dumps({"aud": aud, "exp": 4102444800}).encode()).rstrip(b"=").decode()
+    return f"e30.{enc}.sig"
+
+
+def test_kubernetes_verifier_accepts_the_jobs_own_pod():
+    apis = _FakeApis()
+    caller = _verifier(apis).verify(_jwt(["sft.dev/progress"]), NS, JOB)
+    assert (caller.namespace, caller.job, caller.pod_name, caller.pod_uid) == (NS, JOB, "llama-0-abcde", "pod-uid")
+    assert caller.expires_at == 4102444800
+    assert apis.reviews[0].spec.audiences == ["sft.dev/progress"]  # the review is bound to our audience
+
+
+def _mutations():
+    def unauthenticated(a):
+        a.review_status.authenticated = False
+        a.review_status.error = "token expired"
+
+    def other_audience_returned(a):
+        a.review_status.audiences = ["https://kubernetes.default.svc"]
+
+    def user_not_sa(a):
+        a.review_status.user.username = "alice"
+
+    def sa_of_other_namespace(a):
+        a.review_status.user.username = "system:serviceaccount:team-b:default"
+
+    def not_pod_bound(a):
+        a.review_status.user.extra = {}
+
+    def pod_uid_mismatch(a):
+        a.pod.metadata.uid = "recreated-pod"
+
+    def pod_gone(a):
+        a.pod.metadata.name = "someone-else"
+
+    def label_of_other_job(a):
+        a.pod.metadata.labels = {"sft.dev/job-name": "other"}
+
+    def other_service_account(a):
+        a.pod.spec.service_account_name = "builder"
+
+    def pod_not_owned_by_job(a):
+        a.pod.metadata.owner_references = None
+
+    def job_uid_mismatch(a):
+        a.job.metadata.uid = "another-job"
+
+    def job_owned_by_other_sftjob(a):
+        a.job.metadata.owner_references[0].name = "other"
+
+    def job_owner_uid_mismatch(a):  # an SFTJob deleted and recreated with the same name
+        a.job.metadata.owner_references[0].uid = "old-sftjob-uid"
+
+    def job_not_controlled(a):
+        a.job.metadata.owner_references[0].controller = False
+
+    def sftjob_missing(a):
+        a.sftjobs.clear()
+
+    return [
+        (unauthenticated, 401), (other_audience_returned, 403), (user_not_sa, 403), (sa_of_other_namespace, 403),
+        (not_pod_bound, 403), (pod_uid_mismatch, 403), (pod_gone, 403), (label_of_other_job, 403),
+        (other_service_account, 403), (pod_not_owned_by_job, 403), (job_uid_mismatch, 403),
+        (job_owned_by_other_sftjob, 403), (job_owner_uid_mismatch, 403), (job_not_controlled, 403),
+        (sftjob_missing, 404),
+    ]
+
+
+@pytest.mark.parametrize(("mutate", "status"), _mutations(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_kubernetes_verifier_rejects(mutate, status):
+    apis = _FakeApis()
+    mutate(apis)
+    with pytest.raises(Rejected) as exc:
+        _verifier(apis).verify(_jwt(["sft.dev/progress"]), NS, JOB)
+    assert exc.value.status == status
+
+
+def test_kubernetes_verifier_names_a_wrong_audience():
+    apis = _FakeApis()
+    apis.review_status.authenticated = False
+    with pytest.raises(Rejected) as exc:
+        _verifier(apis).verify(_jwt(["https://kubernetes.default.svc"]), NS, JOB)
+    assert (exc.value.status, exc.value.reason) == (403, "WrongAudience")
+
+
+def test_kubernetes_verifier_reports_api_trouble_as_unavailable():
+    from kubernetes.client.exceptions import ApiException
+
+    apis = _FakeApis()
+
+    def forbidden(*args):
+        raise ApiException(status=403, reason="Forbidden")  # the operator's own RBAC is missing
+
+    apis.read_namespaced_pod = forbidden
+    with pytest.raises(Rejected) as exc:
+        _verifier(apis).verify(_jwt(["sft.dev/progress"]), NS, JOB)
+    assert exc.value.status == 503
+
+
+def test_status_sink_patches_status_and_skips_gauges_of_finished_jobs():
+    from sft_operator import metrics
+
+    calls = []
+
+    class FakeCustom:
+        phase = "Running"
+
+        def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, body):
+            calls.append((group, version, namespace, plural, name, body))
+            return {"status": {"phase": self.phase}}
+
+    sink = progress.KubernetesStatusSink(None)
+    sink._custom = FakeCustom()
+    r = ProgressReport.model_validate(report(10))
+    asyncio.run(sink(NS, "sink-job", r))
+    assert calls[0][:5] == ("sft.dev", "v1alpha1", NS, "sftjobs", "sink-job")
+    assert calls[0][5] == status_patch(r)
+    sample = {"namespace": NS, "sftjob": "sink-job"}
+    assert metrics.REGISTRY.get_sample_value("sft_job_train_loss", sample) == 1.9
+    metrics.remove_job(NS, "sink-job")
+    sink._custom.phase = "Succeeded"
+    asyncio.run(sink(NS, "sink-job", r))
+    assert metrics.REGISTRY.get_sample_value("sft_job_train_loss", sample) is None
