@@ -30,6 +30,8 @@ OWNED_FIELDS = (
     "jobName",
 )
 PROGRESS_FIELDS = ("progress", "metrics", "output")  # written by the progress endpoint
+# Also reported by the trainer through the progress endpoint: we fill it in, never overwrite it.
+SET_ONCE_FIELDS = ("effectiveBatchSize",)
 
 PENDING, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending",
@@ -473,11 +475,14 @@ def derive_status(
 def status_patch(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any] | None:
     """The merge patch that takes the operator's part of ``current`` to ``desired``; None if equal.
 
-    Fields outside OWNED_FIELDS (progress, metrics, output) are never in the patch.
+    Fields outside OWNED_FIELDS (progress, metrics, output) are never in the patch, and
+    SET_ONCE_FIELDS only when absent.
     """
     have = owned(current)
     patch: dict[str, Any] = {}
     for key in OWNED_FIELDS:
+        if key in SET_ONCE_FIELDS and have.get(key) is not None:
+            continue
         if have.get(key) != desired.get(key):
             patch[key] = desired.get(key)  # None deletes the field (merge patch)
     return patch or None

@@ -287,3 +287,8 @@ def test_start_time_is_kept_once_set():
 def test_time_round_trip():
     assert st.format_time(st.parse_time("2026-11-28T11:50:00.123456Z")) == "2026-11-28T11:50:00Z"
     assert st.parse_time(None) is None
+
+
+def test_effective_batch_size_is_filled_in_but_never_overwritten():
+    assert st.status_patch({"phase": "Running"}, {"phase": "Running", "effectiveBatchSize": 16}) == {"effectiveBatchSize": 16}
+    assert st.status_patch({"phase": "Running", "effectiveBatchSize": 32}, {"phase": "Running", "effectiveBatchSize": 16}) is None
