@@ -141,6 +141,7 @@ async def _report_transition(
         else:
             emit(sftjob, "Warning", "Failed", f"{reason}: {cond.get('message', '')}")
         metrics.record_finished(namespace, "succeeded" if phase == SUCCEEDED else "failed", reason, duration_seconds(after))
+        metrics.remove_job(namespace, name)  # per-job series live only while the job runs
         if phase == FAILED and reason == IMAGE_PULL_FAILED and job is not None:
             await _stop_job(memo, job, reason)
 
