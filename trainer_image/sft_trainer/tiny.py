@@ -41,9 +41,10 @@ NOUNS = "cat dog bird child farmer teacher river city train ship tree house road
 VERBS = "sees finds likes follows paints builds carries watches opens reads".split()
 ADJS = "old young small large quiet busy green red happy tired".split()
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% else %}\n{% endif %}"
-    "<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{% if messages %}\n{% endif %}<|assistant|>\n{% endif %}"
+    # Newlines as {{ '\n' }}: transformers renders templates with trim_blocks, which eats a newline after a tag.
+    "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}<|assistant|>{{ '\\n' }}{% endif %}"
 )
 
 

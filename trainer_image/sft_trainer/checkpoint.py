@@ -1,0 +1,108 @@
+"""Atomic checkpoints: written to a hidden temporary folder, completed with a marker file, then renamed.
+
+A folder named ``step-NNNNNNNN`` with a ``COMPLETE`` marker is always whole; anything else (a pod killed
+mid-write) is ignored and cleaned up. Resume picks the newest complete one.
+
+Layout of one checkpoint::
+
+    step-00000120/
+      trainable.safetensors   trainable parameters only (full weights, or LoRA adapters)
+      optimizer.pt            optimizer, scheduler, loss scaler and RNG states
+      trainer_state.json      step, epoch, position in the epoch, best eval loss, guard history
+      COMPLETE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+NAME = re.compile(r"^step-(\d{8})$")
+
+
+def name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(root: Path, step: int, tensors: dict[str, torch.Tensor], states: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+    """Write one checkpoint atomically; returns its final path (an existing one is kept as is)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name(step)
+    if (final / MARKER).exists():
+        return final
+    tmp = root / f".tmp-{name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "trainable.safetensors")
+    torch.save(states, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    with open(tmp / MARKER, "w") as fh:
+        fh.write(f"{step}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if NAME.match(p.name) and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def latest(root: Path) -> Path | None:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def clean_partial(root: Path) -> None:
+    """Remove half-written checkpoints left by a killed process."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-") or (NAME.match(p.name) and not (p / MARKER).exists()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rotate(root: Path, keep: int, protect: Path | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints, plus ``protect`` (the best one)."""
+    found = complete(root)
+    for p in found[: max(0, len(found) - keep)]:
+        if protect is None or p.resolve() != protect.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    tensors = load_file(path / "trainable.safetensors")
+    states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    return tensors, states, trainer_state

@@ -1,0 +1,97 @@
+"""What a run leaves in ``output.destination`` (rank 0 writes it)::
+
+    model/              the fine-tuned model and tokenizer (best weights when validation ran;
+                        LoRA: the adapter, or the merged model with peft.merge)
+    checkpoints/        atomic training checkpoints (checkpoint.py)
+    metrics.json        final metrics: losses, best checkpoint, forgetting, throughput, data statistics
+    trainer_log.jsonl   one JSON object per optimizer step and per evaluation
+    loss.png            train and eval loss curves
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+METRICS = "metrics.json"
+LOG = "trainer_log.jsonl"
+PLOT = "loss.png"
+
+
+class TrainerLog:
+    """Append-only JSON lines; on resume, lines after the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False, state_dict: dict | None = None) -> Path:
+    """Save model and tokenizer into ``out`` via a temporary folder, so a reader never sees half a model."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if state_dict is not None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    """Train loss per step and eval loss per evaluation, on one chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["evalLoss"]) for r in records if "evalLoss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss (response tokens)", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
