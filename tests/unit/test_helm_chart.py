@@ -312,12 +312,12 @@ def test_rbac_is_least_privilege(values):
     assert not [g for g in granted if g[3] == "pods" and g[4] not in ("get", "list", "watch")]
     cluster = {g[2:] for g in granted if g[0] == "ClusterRole"}
     if values is None:
-        assert ("sft.dev", "sftjobs", "watch") in cluster and ("", "namespaces", "watch") in cluster
+        assert ("sft.dev", "sftjobs", "watch") in cluster and ("batch", "jobs", "create") in cluster
         assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     else:
         # Namespaced mode: only what is cluster-scoped stays in the ClusterRole.
         assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")} | {
-            ("authentication.k8s.io", "tokenreviews", "create")}
+            ("authentication.k8s.io", "tokenreviews", "create"), ("", "namespaces", "list"), ("", "namespaces", "watch")}
         for ns in values["watchNamespaces"]:
             role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == ns)
             assert {(g, r) for rule in _rules(role) for g in rule["apiGroups"] for r in rule["resources"]} >= {
