@@ -177,9 +177,8 @@ def component_commands(
         ],
         "kwok": [
             b("kwok"), f"--kubeconfig={kcfg('admin')}", f"--config={KWOK_STAGES}",
-            "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION[0]}={KWOK_NODE_ANNOTATION[1]}",
-            "--node-lease-duration-seconds=40", "--cidr=10.128.0.1/16",
+            "--node-lease-duration-seconds=40", "--cidr=10.128.0.0/16",
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [

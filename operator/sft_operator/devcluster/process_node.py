@@ -311,7 +311,8 @@ class PodRunner:
             term = self.pod_dir / f"termination-{c['name']}"
             term.write_text("")
             own.append((str(term), c.get("terminationMessagePath") or "/dev/termination-log", False))
-            mounts[c["name"]] = own
+            # Parents before children, so a mount at /a/b isn't hidden by a later one at /a.
+            mounts[c["name"]] = sorted(own, key=lambda m: len(Path(m[1]).parts))
         return mounts, envs
 
     def start(self, container: dict, mounts: list[tuple[str, str, bool]], env: dict[str, str], log_file) -> subprocess.Popen:
