@@ -1,0 +1,82 @@
+"""Shared fixtures for the trainer tier: one set of tiny assets per session, spec builders, subprocess runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "trainer_image") not in sys.path:  # works without an editable install too
+    sys.path.insert(0, str(ROOT / "trainer_image"))
+# One thread: tiny matrices gain nothing from more, and the test machine's cores are shared.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    from sft_trainer import tiny as tiny_assets
+
+    return tiny_assets.generate(tmp_path_factory.mktemp("tiny") / "assets")
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_spec(tiny, tmp_path):
+    """A small, fast TrainingSpec dict on the tiny assets; keyword dicts are merged in."""
+
+    def build(**extra: Any) -> dict[str, Any]:
+        base = {
+            "model": {"source": str(tiny / "model")},
+            "dataset": {"train": {"source": str(tiny / "data" / "train.jsonl")}, "validationSplit": 0.1, "maxSeqLength": 128},
+            "hyperparameters": {"learningRate": 3e-3, "numEpochs": 1, "perDeviceBatchSize": 8, "gradientAccumulationSteps": 1,
+                                "warmupRatio": 0.05},
+            "output": {"destination": str(tmp_path / "out")},
+        }
+        return deep_merge(base, extra)
+
+    return build
+
+
+def write_config(spec: dict, path: Path) -> Path:
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "operator"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=env or trainer_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line]
