@@ -9,6 +9,7 @@ skipped. `namespace` gives each test a fresh namespace and deletes it afterwards
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -78,7 +79,8 @@ class ControlPlane:
 def control_plane(tmp_path_factory) -> ControlPlane:
     state_dir = tmp_path_factory.mktemp("control-plane")
     try:
-        info = devcluster.up(state_dir, gpu_nodes=2)
+        # stop_with_pid: no leftover processes even if the session is killed (e.g. by `timeout`).
+        info = devcluster.up(state_dir, gpu_nodes=2, stop_with_pid=os.getpid())
     except devcluster.DevClusterError as exc:
         pytest.fail(f"the test control plane could not start: {exc}", pytrace=False)
     api = config.new_client_from_config(config_file=info.kubeconfig)

@@ -302,6 +302,40 @@ def _start(name: str, cmd: list[str], state_dir: Path, extra_env: dict[str, str]
     return proc
 
 
+def _pythonpath() -> str:
+    """PYTHONPATH that finds this package from a plain checkout too."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+
+
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks); "" if gone."""
+    fields = _read_proc(pid, "stat").decode(errors="replace").rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
+    """A detached process that runs ``down`` once ``owner_pid`` is gone."""
+    code = (
+        "import sys; from pathlib import Path; from sft_operator.devcluster.cluster import watchdog; "
+        f"watchdog({owner_pid}, {_start_time(owner_pid)!r}, Path({str(state_dir)!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
+    env["PYTHONPATH"] = _pythonpath()
+    with open(state_dir / "components" / "watchdog.log", "ab") as log:
+        subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, env=env, cwd=state_dir, start_new_session=True)
+
+
+def watchdog(owner_pid: int, owner_start: str, state_dir: Path) -> None:
+    # The start time guards against the owner's pid being reused by another process.
+    while _alive(owner_pid) and _start_time(owner_pid) == owner_start:
+        time.sleep(1.0)
+    if running_components(state_dir):
+        print(f"owner {owner_pid} exited; stopping the cluster in {state_dir}", flush=True)
+        down(state_dir)
+
+
 def _log_tail(state_dir: Path, name: str, lines: int = 25) -> str:
     path = state_dir / "components" / f"{name}.log"
     if not path.exists():
@@ -355,8 +389,13 @@ def up(
     crds_dir: Path | None = None,
     timeout: float = 120.0,
     process_node_gpus: int = 0,
+    stop_with_pid: int | None = None,
 ) -> ClusterInfo:
-    """Start the control plane; return where it is. Stops what it started on failure."""
+    """Start the control plane; return where it is. Stops what it started on failure.
+
+    ``stop_with_pid``: also stop the cluster when that process exits, even if it is
+    killed before it can call ``down`` (a test session hitting a timeout).
+    """
     from kubernetes import client, config
 
     state_dir = (state_dir or default_state_dir()).resolve()
@@ -395,11 +434,11 @@ def up(
         procs["kube-apiserver"] = _start("kube-apiserver", cmds["kube-apiserver"], state_dir)
         _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", pki), deadline, procs, state_dir)
 
-        package_root = str(Path(__file__).resolve().parents[2])
-        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        if stop_with_pid:
+            _start_watchdog(state_dir, stop_with_pid)
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             procs[name] = _start(name, cmds[name], state_dir)
-        procs["process-node"] = _start("process-node", cmds["process-node"], state_dir, {"PYTHONPATH": pythonpath})
+        procs["process-node"] = _start("process-node", cmds["process-node"], state_dir, {"PYTHONPATH": _pythonpath()})
         info.pids = {name: p.pid for name, p in procs.items()}
         info.save()
 
@@ -411,7 +450,11 @@ def up(
         client.StorageV1Api(api).create_storage_class(STORAGE_CLASS)
         crds = load_crds(crds_dir or REPO_ROOT / "crds")
         for crd in crds:
-            ext.create_custom_resource_definition(crd)
+            try:
+                ext.create_custom_resource_definition(crd)
+            except client.ApiException as exc:
+                detail = json.loads(exc.body).get("message", exc.body) if exc.body else exc.reason
+                raise DevClusterError(f"the API server rejected CRD {crd['metadata']['name']}: {detail}") from None
 
         def crds_established() -> bool:
             for crd in crds:
@@ -460,24 +503,33 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def down(state_dir: Path | None = None, timeout: float = 15.0) -> list[int]:
-    """Stop every process of the cluster in ``state_dir``; return the pids that were stopped."""
+def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
+    """Stop every process of the cluster in ``state_dir``; return the pids that were stopped.
+
+    One component at a time, consumers first and etcd last: an API server whose etcd is
+    already gone takes far longer to shut down. Each component's whole session goes
+    (the process node's pods included); SIGKILL after ``timeout`` seconds.
+    """
     state_dir = (state_dir or default_state_dir()).resolve()
     leaders = running_components(state_dir)
-    # Ask the process-node agent first, so it can stop its pods cleanly.
-    if "process-node" in leaders:
-        _signal_all([leaders["process-node"]], signal.SIGTERM)
-        _wait_gone(_session_members({leaders["process-node"]}), 5.0)
-    members = _session_members(set(leaders.values()))
-    _signal_all(members, signal.SIGTERM)
-    left = _wait_gone(members, timeout)
+    stopped: list[int] = []
+    for name in COMPONENTS:
+        if name not in leaders:
+            continue
+        members = _session_members({leaders[name]})
+        _signal_all(members, signal.SIGTERM)
+        left = _wait_gone(members, timeout)
+        _signal_all(left, signal.SIGKILL)
+        _wait_gone(left, 5.0)
+        stopped += members
+    left = _session_members(set(leaders.values()))  # anything forked meanwhile
     _signal_all(left, signal.SIGKILL)
     left = _wait_gone(left, 5.0)
     for name in COMPONENTS:
         _pidfile(state_dir, name).unlink(missing_ok=True)
     if left:
         raise DevClusterError(f"processes survived SIGKILL: {left}")
-    return sorted(set(members) | set(leaders.values()))
+    return sorted(set(stopped))
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
