@@ -51,32 +51,3 @@ def make_spec(tiny, tmp_path):
         return deep_merge(base, extra)
 
     return build
-
-
-def write_config(spec: dict, path: Path) -> Path:
-    path.write_text(json.dumps(spec))
-    return path
-
-
-def trainer_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "operator"), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
-def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], env=env or trainer_env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line]
