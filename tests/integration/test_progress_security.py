@@ -127,6 +127,7 @@ def sftjob(name: str) -> dict:
         "spec": {
             "model": {"source": "pvc://models/tiny"},
             "dataset": {"train": {"source": "pvc://data/train.jsonl"}},
+            "hyperparameters": {"maxSteps": 100},
             "output": {"destination": f"pvc://models/{name}"},
             "resources": {"gpusPerNode": 0},
         },

@@ -636,6 +636,14 @@ def test_kubernetes_verifier_names_a_wrong_audience():
     assert (exc.value.status, exc.value.reason) == (403, "WrongAudience")
 
 
+def test_kubernetes_verifier_treats_garbage_as_unauthenticated():
+    apis = _FakeApis()
+    apis.review_status.authenticated = False
+    with pytest.raises(Rejected) as exc:
+        _verifier(apis).verify("not.a.token", NS, JOB)
+    assert exc.value.status == 401
+
+
 def test_kubernetes_verifier_reports_api_trouble_as_unavailable():
     from kubernetes.client.exceptions import ApiException
 
