@@ -239,6 +239,11 @@ def image_pull_problem(pods: list[dict[str, Any]], now: datetime) -> PullProblem
     return worst
 
 
+def _newer(pod: dict[str, Any], others: list[dict[str, Any]]) -> bool:
+    """Whether ``pod`` ended after all of ``others``."""
+    return all(_finished_at(pod) > _finished_at(o) for o in others)
+
+
 def _int(value: Any) -> int:
     return int(value) if isinstance(value, int) else 0
 
@@ -340,6 +345,19 @@ def observe(
     running = [p for p in active if (p.get("status") or {}).get("phase") == "Running"]
     if running and len(running) == len(active):
         return Observation(RUNNING, "PodsRunning", f"{len(running)} trainer pod(s) running", restarts, running_pods=len(running))
+    if not active and pods:  # every pod ended; the Job controller has not decided yet
+        finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+        ended = failed_pods(pods)
+        if finished and not any(not is_disrupted(p) and _newer(p, finished) for p in ended):
+            return Observation(RUNNING, "PodsCompleted", "the trainer pods finished; the Job is completing", restarts)
+        if previous.get("phase") in (RUNNING, RESTARTING) and ended:
+            cause = pod_failure(ended[-1])
+            text = cause.message if cause else "a trainer pod failed"
+            return Observation(previous["phase"], "PodFailed", f"{text}; the Job is deciding whether to retry", restarts)
+    terminating = [p for p in pods if not is_active(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    if terminating:  # deleted, evicted or preempted while running; the Job controller replaces it
+        name = terminating[0].get("metadata", {}).get("name", "?")
+        return Observation(RESTARTING, "PodTerminating", f"pod {name} is being deleted; the Job replaces it", restarts)
     if restarts:
         failures = [c for c in map(pod_failure, failed_pods(pods)) if c is not None]
         last = f": {failures[-1].message}" if failures else ""

@@ -189,6 +189,21 @@ class Cluster:
         self.batch.patch_namespaced_job(name, self.ns, {"spec": {"template": {"metadata": {"annotations": pod_annotations}}}})
         self.patch_spec(name, {"runPolicy": {"suspend": False}})
 
+    def kubelet_terminates(self, pod: str) -> None:
+        """What a kubelet does with a deleted running pod: kill the container (SIGTERM, exit 143) and
+        report the pod Failed. kwok's delete stage only deletes; the Job's tracking finalizer then
+        keeps the pod, still "Running", until something reports it terminal."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            self.core.patch_namespaced_pod_status(pod, self.ns, {"status": {"phase": "Failed", "containerStatuses": [{
+                "name": "trainer", "image": "ghcr.io/sft-operator/trainer:0.1.0", "imageID": "", "ready": False,
+                "restartCount": 0, "started": False,
+                "state": {"terminated": {"exitCode": 143, "reason": "Error", "startedAt": now, "finishedAt": now}},
+            }]}})
+        except ApiException as exc:
+            if exc.status != 404:  # gone already: nothing to report
+                raise
+
     def events(self, name: str) -> list[client.CoreV1Event]:
         return [e for e in self.core.list_namespaced_event(self.ns).items
                 if e.involved_object.kind == "SFTJob" and e.involved_object.name == name]
@@ -253,7 +268,7 @@ def test_apply_creates_children_runs_and_succeeds(control_plane, operator, k8s):
     lines = operator.metrics().splitlines()
     assert f'sft_jobs_created_total{{namespace="{k8s.ns}"}} 1.0' in lines
     (finished,) = [line for line in lines if line.startswith("sft_jobs_finished_total{")]
-    assert 'result="succeeded"' in finished and 'reason="Completed"' in finished and finished.endswith(" 1.0")
+    assert 'result="Succeeded"' in finished and 'reason="Completed"' in finished and finished.endswith(" 1.0")
 
 
 # ---- failures, each with its own reason ------------------------------------------------------
@@ -325,6 +340,7 @@ def test_pod_deleted_mid_run_is_a_restart_and_the_job_goes_on(control_plane, ope
     k8s.wait_phase("bumpy", "Running", timeout=30)
     (pod,) = k8s.pods("bumpy")
     k8s.core.delete_namespaced_pod(pod.metadata.name, k8s.ns)
+    k8s.kubelet_terminates(pod.metadata.name)
     restarted = k8s.cp.wait_for(lambda: (s := k8s.status("bumpy")).get("restarts") == 1 and s, 30, "restart counted")
     assert restarted["phase"] in ("Restarting", "Running")
     status = k8s.wait_phase("bumpy", "Succeeded", "Failed", timeout=60)

@@ -129,6 +129,8 @@ CASES: list[tuple[str, dict, dict | None, list, str, str, str]] = [
      [pod(name="demo-0-old", phase="Failed", state=terminated(137, "Error"),
           conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]),
       pod(name="demo-0-new")], "Running", "PodsRunning", "1 trainer pod"),
+    ("pod deleted mid-run, still terminating", sftjob(), job(active=0, terminating=1), [pod(deleting=True)],
+     "Restarting", "PodTerminating", "being deleted"),
     ("pod deleted mid-run: counted failure, replacement pending", sftjob(), job(active=1, failed=1),
      [pod(name="demo-0-new", phase="Pending", state=waiting("ContainerCreating"))], "Restarting", "Restarting", "restart 1"),
 ]
@@ -292,3 +294,19 @@ def test_time_round_trip():
 def test_effective_batch_size_is_filled_in_but_never_overwritten():
     assert st.status_patch({"phase": "Running"}, {"phase": "Running", "effectiveBatchSize": 16}) == {"effectiveBatchSize": 16}
     assert st.status_patch({"phase": "Running", "effectiveBatchSize": 32}, {"phase": "Running", "effectiveBatchSize": 16}) is None
+
+
+def test_pods_finished_before_the_job_completes_stay_running():
+    previous = st.derive_status(sftjob(), job(active=1), [pod()], NOW)
+    done = [pod(phase="Succeeded", state=terminated(0, "Completed"))]
+    status = st.derive_status(sftjob(status=previous), job(active=0), done, NOW)
+    assert (status["phase"], st.condition(status, "Running")["reason"]) == ("Running", "PodsCompleted")
+
+
+def test_a_failed_pod_before_the_job_decides_keeps_the_phase():
+    previous = st.derive_status(sftjob(), job(active=1), [pod()], NOW)
+    failed = [pod(phase="Failed", state=terminated(1, "Error", "boom"))]
+    status = st.derive_status(sftjob(status=previous), job(active=0), failed, NOW)
+    assert status["phase"] == "Running"
+    assert st.condition(status, "Running")["reason"] == "PodFailed"
+    assert "code 1: boom" in st.condition(status, "Running")["message"]

@@ -7,6 +7,7 @@ the derive-compare-patch step serial, so an older view never overwrites a newer 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import datetime, timezone
 from typing import Any
@@ -64,6 +65,13 @@ def _job_of(state: ClusterState, key: Key, sftjob: dict[str, Any]) -> dict[str, 
     return job if any(r.get("uid") == uid and r.get("controller") for r in refs) else None
 
 
+def _message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or str(exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
 def _ref(sftjob: dict[str, Any]) -> dict[str, Any]:
     meta = sftjob["metadata"]
     return {
@@ -106,7 +114,10 @@ async def sync_status(memo: Any, key: Key) -> dict[str, Any] | None:
             except ApiException as exc:
                 if exc.status == 404:  # deleted meanwhile
                     return None
-                raise
+                metrics.record_reconcile_error()
+                log.warning("SFTJob %s/%s: status patch rejected (%s): %s; retrying on the next change or resync",
+                            namespace, name, exc.status, _message(exc))
+                return None
             state.written[key] = (sftjob["metadata"].get("uid"), desired)
             await _report_transition(memo, sftjob, job, owned(current), desired)
             metrics.set_phase_counts(state.phase_counts())
@@ -140,7 +151,7 @@ async def _report_transition(
             emit(sftjob, "Normal", "Succeeded", f"training finished: {cond.get('message', '')}".strip())
         else:
             emit(sftjob, "Warning", "Failed", f"{reason}: {cond.get('message', '')}")
-        metrics.record_finished(namespace, "succeeded" if phase == SUCCEEDED else "failed", reason, duration_seconds(after))
+        metrics.record_finished(namespace, phase, reason, duration_seconds(after))
         metrics.remove_job(namespace, name)  # per-job series live only while the job runs
         if phase == FAILED and reason == IMAGE_PULL_FAILED and job is not None:
             await _stop_job(memo, job, reason)
