@@ -26,6 +26,7 @@ MARKER=$BIN/.complete
 WANT="k8s=$K8S_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION kubeconform=$KUBECONFORM_VERSION"
 
 log() { echo "[k8s-bin $(date +%H:%M:%S)] $*" >&2; }
+trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 if [[ -f $MARKER && "$(cat "$MARKER")" == "$WANT" ]]; then
   echo "$BIN"
@@ -44,14 +45,23 @@ export GOCACHE=${GOCACHE_OVERRIDE:-$CACHE/gocache}
 export GOBIN=$BIN
 GO_BUILD_FLAGS=(-trimpath -tags selinux,notest)
 
+# Path of the go.mod of module $1 at version $2, downloaded through the Go module proxy.
+gomod_of() {
+  local out
+  if ! out=$(cd "$ROOT/src" && go mod download -json "$1@$2" 2>&1); then
+    log "cannot download $1@$2 through the Go module proxy: $(echo "$out" | sed -n 's/.*"Error": "\(.*\)".*/\1/p')"
+    return 1
+  fi
+  echo "$out" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p'
+}
+
 # Writes a wrapper module in $1 that requires module $2@$3 and replaces every
 # requirement of that module pinned at v0.0.0 (Kubernetes' staging repos) with $4.
 # The list is read from the module's own go.mod, never typed out here.
 make_wrapper() {
   local dir=$1 mod=$2 ver=$3 staging_ver=${4:-}
   local gomod
-  gomod=$(cd "$ROOT/src" && go mod download -json "$mod@$ver" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
-  [[ -f $gomod ]] || { log "cannot download $mod@$ver through the Go proxy"; return 1; }
+  gomod=$(gomod_of "$mod" "$ver")
   mkdir -p "$dir"
   {
     echo "module sft.dev/k8s-bin-wrapper"
@@ -69,7 +79,6 @@ make_wrapper() {
   echo "$gomod"
 }
 
-# go.mod of k8s.io/kubernetes, printed by make_wrapper.
 build_kubernetes() {
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   local staging="v0.${K8S_VERSION#v1.}"
@@ -77,7 +86,7 @@ build_kubernetes() {
   local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   if all_present "${cmds[@]}"; then return 0; fi
   log "building ${cmds[*]} $K8S_VERSION (staging modules at $staging)"
-  K8S_GOMOD=$(make_wrapper "$dir" k8s.io/kubernetes "$K8S_VERSION" "$staging")
+  make_wrapper "$dir" k8s.io/kubernetes "$K8S_VERSION" "$staging" >/dev/null
   log "wrapper go.mod replaces $(grep -c '=>' "$dir/go.mod") k8s.io staging modules"
   local pkgs=() c
   for c in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
@@ -94,7 +103,7 @@ build_kubernetes() {
 build_etcd() {
   [[ -x $BIN/etcd ]] && return 0
   local gomod
-  gomod=$(cd "$ROOT/src" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
+  gomod=$(gomod_of k8s.io/kubernetes "$K8S_VERSION")
   local ver
   ver=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$gomod")
   [[ -n $ver ]] || { log "k8s.io/kubernetes@$K8S_VERSION does not pin go.etcd.io/etcd/server/v3"; return 1; }

@@ -75,8 +75,27 @@ class ControlPlane:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
+_binaries: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Build (or find) the binaries before any test starts, so that a cold build (about
+    15 minutes) doesn't count against the first test's timeout."""
+    if _binaries or not any(item.get_closest_marker("cluster") for item in items):
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"control plane binaries: scripts/k8s-bin.sh (log {devcluster.cluster.cache_dir() / 'k8s-bin.log'})")
+    try:
+        _binaries["dir"] = str(devcluster.ensure_binaries())
+    except devcluster.DevClusterError as exc:
+        _binaries["error"] = str(exc)
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory) -> ControlPlane:
+    if "error" in _binaries:
+        pytest.fail(f"the control plane binaries could not be built: {_binaries['error']}", pytrace=False)
     state_dir = tmp_path_factory.mktemp("control-plane")
     try:
         # stop_with_pid: no leftover processes even if the session is killed (e.g. by `timeout`).

@@ -88,7 +88,8 @@ class ClusterInfo:
 
 
 def ensure_binaries() -> Path:
-    """Return the directory holding the control-plane binaries, building them if needed.
+    """Return the directory holding the control-plane binaries, building them if needed
+    (minutes on a cold cache; the build log goes to ``<cache>/k8s-bin.log``).
 
     ``SFT_K8S_BIN`` points at a ready directory and skips the build script.
     """
@@ -97,10 +98,13 @@ def ensure_binaries() -> Path:
         return Path(override)
     if not BUILD_SCRIPT.exists():
         raise DevClusterError(f"{BUILD_SCRIPT} not found; set SFT_K8S_BIN to a directory with the binaries")
-    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
+    log_path = cache_dir() / "k8s-bin.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=log, text=True)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
-        raise DevClusterError(f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{tail}")
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise DevClusterError(f"{BUILD_SCRIPT} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
@@ -178,7 +182,7 @@ def component_commands(
         "kwok": [
             b("kwok"), f"--kubeconfig={kcfg('admin')}", f"--config={KWOK_STAGES}",
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION[0]}={KWOK_NODE_ANNOTATION[1]}",
-            "--node-lease-duration-seconds=40", "--cidr=10.128.0.0/16",
+            "--node-lease-duration-seconds=40", "--cidr=10.128.0.0/16", "--node-ip=127.0.0.1",
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [
