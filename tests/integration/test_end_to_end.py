@@ -32,7 +32,8 @@ from .conftest import PROCESS_NODE_PLACEMENT
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_STEPS = 40
+# Long enough (~15 s of CPU training) for the trainer's 5 s progress posts to land at least twice.
+MAX_STEPS = 300
 
 
 def _free_port() -> int:
@@ -160,9 +161,9 @@ def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_a
                 "gradientAccumulationSteps": 1,
                 "precision": "fp32",
             },
-            "evaluation": {"strategy": "steps", "steps": 20},
-            "checkpointing": {"strategy": "steps", "steps": 20, "keep": 1},
-            "output": {"destination": f"pvc://{output_claim}/model"},
+            "evaluation": {"strategy": "steps", "steps": 100},
+            "checkpointing": {"strategy": "steps", "steps": 100, "keep": 1},
+            "output": {"destination": f"pvc://{output_claim}/run"},
             "resources": {"gpusPerNode": 0},
             "scheduling": PROCESS_NODE_PLACEMENT,
         },
@@ -213,8 +214,8 @@ def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_a
 
     # ...the output is recorded and on the claim...
     output = status.get("output") or {}
-    assert output.get("model"), context
-    model_dir = control_plane.state_dir / "pvc" / output_claim / "model"
+    assert output.get("model") == f"pvc://{output_claim}/run/model", context
+    model_dir = control_plane.state_dir / "pvc" / output_claim / "run" / "model"
     assert (model_dir / "config.json").exists(), f"{sorted(p.name for p in model_dir.glob('*'))}\n{context}"
     assert list(model_dir.glob("*.safetensors")), sorted(p.name for p in model_dir.glob("*"))
 
