@@ -1,0 +1,363 @@
+"""The Helm chart on the real control plane: install, upgrade, uninstall, and RBAC proven both ways.
+
+- `helm install` into a namespace that enforces Pod Security "restricted" creates every object of
+  the release, and the Deployment's pod, created by the ReplicaSet controller, is admitted. The
+  pod lands on a kwok node, which runs no container: the operator itself is tested below.
+- Enough privilege: the operator (`python -m sft_operator.main`, as the image runs it) runs with a
+  kubeconfig holding a TokenRequest token of the chart's ServiceAccount, and takes an SFTJob
+  through its whole life: children created, suspend/resume (Job patch), a trainer progress report
+  over the chart's TLS certificate (TokenReview, pod/Job reads, status patch), Succeeded, Events,
+  and deletion by ttlSecondsAfterFinished. Its log must show no Forbidden.
+- Not too much: `kubectl auth can-i --as=system:serviceaccount:<ns>:<sa>` denies Secrets, pods/exec,
+  creating pods and RBAC.
+
+The subprocess gets the environment the chart gives the pod (SFT_WATCH_NAMESPACES included), so
+in the cluster-wide mode it really watches all namespaces, as the deployed operator would.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from sft_operator import GROUP, PLURAL, VERSION
+from sft_operator.render import LABEL_JOB
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "sft-operator"
+AUDIENCE = "sft.dev/progress"
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Release:
+    """One `helm install` of the chart, driven with the control plane's admin kubeconfig."""
+
+    def __init__(self, control_plane, namespace: str, values: dict[str, Any]) -> None:
+        self.cp, self.namespace, self.values = control_plane, namespace, values
+        self.name = f"sft-{uuid.uuid4().hex[:6]}"
+        self.fullname = f"{self.name}-sft-operator"
+        self.core = client.CoreV1Api(control_plane.api)
+
+    def helm(self, *args: str, values: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [str(self.cp.bin_dir / "helm"), *args, "--kubeconfig", str(self.cp.kubeconfig), "-n", self.namespace]
+        if values is not None:
+            cmd += ["-f", "-"]
+        proc = subprocess.run(cmd, input=json.dumps(values) if values is not None else None,
+                              capture_output=True, text=True, timeout=180)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def install(self) -> subprocess.CompletedProcess:
+        return self.helm("install", self.name, str(CHART), "--wait", "--timeout", "90s", values=self.values)
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [d for d in yaml.safe_load_all(self.helm("get", "manifest", self.name).stdout) if d]
+
+    def uninstall(self) -> None:
+        self.helm("uninstall", self.name, "--wait", "--timeout", "60s", check=False)
+
+    def tls(self) -> dict[str, bytes]:
+        secret = self.core.read_namespaced_secret(f"{self.fullname}-tls", self.namespace)
+        return {k: base64.b64decode(v) for k, v in secret.data.items()}
+
+    def can_i(self, *args: str) -> bool:
+        sa = f"system:serviceaccount:{self.namespace}:{self.fullname}"
+        proc = self.cp.kubectl("auth", "can-i", f"--as={sa}", *args, check=False)
+        assert proc.stdout.strip() in ("yes", "no"), proc.stdout + proc.stderr
+        return proc.stdout.strip() == "yes"
+
+    def kubeconfig_for_service_account(self, path: Path) -> Path:
+        """A kubeconfig authenticating with a TokenRequest token of the chart's ServiceAccount."""
+        request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+        token = self.core.create_namespaced_service_account_token(self.fullname, self.namespace, request).status.token
+        admin = yaml.safe_load(self.cp.kubeconfig.read_text())
+        cluster = admin["clusters"][0]
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+            "users": [{"name": self.fullname, "user": {"token": token}}],
+            "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": self.fullname}}],
+            "current-context": "operator",
+        }))
+        return path
+
+
+def make_namespace(control_plane, prefix: str, labels: dict[str, str]) -> str:
+    core = client.CoreV1Api(control_plane.api)
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"sft.dev/test": "true", **labels}}})
+    control_plane.wait_for(lambda: core.read_namespaced_service_account("default", name), 30, f"SA default in {name}")
+    return name
+
+
+def delete_namespace(control_plane, name: str) -> None:
+    try:
+        client.CoreV1Api(control_plane.api).delete_namespace(name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+@pytest.fixture
+def restricted_namespace(control_plane, namespace) -> str:
+    client.CoreV1Api(control_plane.api).patch_namespace(namespace, {"metadata": {"labels": RESTRICTED}})
+    return namespace
+
+
+def _exists(control_plane, doc: dict[str, Any]) -> bool:
+    kind, meta = doc["kind"], doc["metadata"]
+    args = ["get", f"{kind}.{doc['apiVersion'].split('/')[0]}" if "/" in doc["apiVersion"] else kind, meta["name"]]
+    if meta.get("namespace"):
+        args += ["-n", meta["namespace"]]
+    return control_plane.kubectl(*args, "-o", "name", check=False).returncode == 0
+
+
+# ---- install / upgrade / uninstall -----------------------------------------------------------
+
+
+def test_install_in_a_restricted_namespace_upgrade_and_uninstall(control_plane, restricted_namespace):
+    ns = restricted_namespace
+    core, apps = client.CoreV1Api(control_plane.api), client.AppsV1Api(control_plane.api)
+    # The namespace really enforces "restricted": a root, privileged pod is refused.
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad"},
+           "spec": {"containers": [{"name": "c", "image": "busybox", "securityContext": {"privileged": True}}]}}
+    with pytest.raises(ApiException) as refused:
+        core.create_namespaced_pod(ns, bad, dry_run="All")
+    assert "violates PodSecurity" in refused.value.body
+
+    release = Release(control_plane, ns, {})
+    try:
+        release.install()
+        docs = release.manifest()
+        assert {d["kind"] for d in docs} == {"ServiceAccount", "Secret", "ClusterRole", "ClusterRoleBinding",
+                                            "Service", "Deployment"}
+        missing = [f"{d['kind']}/{d['metadata']['name']}" for d in docs if not _exists(control_plane, d)]
+        assert not missing, f"not created: {missing}"
+        # The CRD comes from crds/ (already present here: helm leaves it alone).
+        assert control_plane.kubectl("get", "crd", f"{PLURAL}.{GROUP}", check=False).returncode == 0
+
+        # The pod is admitted: the ReplicaSet controller created it under "restricted" and it runs.
+        selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=operator"
+        (pod,) = core.list_namespaced_pod(ns, label_selector=selector).items
+        assert pod.metadata.owner_references[0].kind == "ReplicaSet"
+        deployment = apps.read_namespaced_deployment(release.fullname, ns)
+        assert deployment.status.available_replicas == 1
+        assert pod.spec.security_context.run_as_non_root is True
+        assert pod.spec.containers[0].security_context.read_only_root_filesystem is True
+
+        # Upgrade keeps the generated CA and serving certificate (trainer pods trust that CA).
+        before = release.tls()
+        release.helm("upgrade", release.name, str(CHART), "--reuse-values", "--wait", "--timeout", "90s",
+                     values={"trainer": {"image": "registry.example/trainer:0.2.0"}})
+        assert release.tls() == before
+        env = {e.name: e.value for e in
+               apps.read_namespaced_deployment(release.fullname, ns).spec.template.spec.containers[0].env}
+        assert env["SFT_TRAINER_IMAGE"] == "registry.example/trainer:0.2.0"
+    finally:
+        release.uninstall()
+
+    leftovers = [f"{d['kind']}/{d['metadata']['name']}" for d in docs if _exists(control_plane, d)]
+    assert not leftovers, f"left after uninstall: {leftovers}"
+    # CRDs from crds/ are never deleted by Helm: SFTJobs survive an uninstall.
+    assert control_plane.kubectl("get", "crd", f"{PLURAL}.{GROUP}", check=False).returncode == 0
+
+
+# ---- RBAC: enough and not too much ----------------------------------------------------------------
+
+
+class Operator:
+    """The operator as a subprocess, authenticated as the chart's ServiceAccount, serving TLS."""
+
+    def __init__(self, release: Release, tmp: Path) -> None:
+        self.release, self.tmp = release, tmp
+        self.ports = {"metrics": free_port(), "health": free_port(), "progress": free_port()}
+        self.log_path = tmp / "operator.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Run with the environment the chart gives the pod; only ports and file paths are local."""
+        apps = client.AppsV1Api(self.release.cp.api)
+        deployment = apps.read_namespaced_deployment(self.release.fullname, self.release.namespace)
+        chart_env = {e.name: e.value or "" for e in deployment.spec.template.spec.containers[0].env}
+        for key, data in self.release.tls().items():
+            (self.tmp / key).write_bytes(data)
+        kubeconfig = self.release.kubeconfig_for_service_account(self.tmp / "operator.kubeconfig")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_") and k != "KUBERNETES_SERVICE_HOST"}
+        env.update(chart_env)
+        env.update({
+            "KUBECONFIG": str(kubeconfig),
+            "SFT_METRICS_PORT": str(self.ports["metrics"]), "SFT_HEALTH_PORT": str(self.ports["health"]),
+            "SFT_PROGRESS_PORT": str(self.ports["progress"]),
+            "SFT_PROGRESS_TLS_CERT": str(self.tmp / "tls.crt"), "SFT_PROGRESS_TLS_KEY": str(self.tmp / "tls.key"),
+            "SFT_PROGRESS_CA_FILE": str(self.tmp / "ca.crt"),
+        })
+        args = [sys.executable, "-m", "sft_operator.main", "--log-format", "plain"]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"operator exited:\n{self.log()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.ports["health"]), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"operator not listening after 40s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def post_progress(self, namespace: str, name: str, token: str, report: dict[str, Any]) -> int:
+        """POST as a trainer pod does: HTTPS verified against the chart's CA, for the Service's DNS name."""
+        context = ssl.create_default_context(cafile=str(self.tmp / "ca.crt"))
+        host = f"{self.release.fullname}.{self.release.namespace}.svc"
+        raw = socket.create_connection(("127.0.0.1", self.ports["progress"]), timeout=10)
+        conn = http.client.HTTPSConnection(host, self.ports["progress"], context=context, timeout=10)
+        conn.sock = context.wrap_socket(raw, server_hostname=host)
+        try:
+            conn.request("POST", f"/v1/namespaces/{namespace}/sftjobs/{name}/progress", body=json.dumps(report),
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+
+def sftjob(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "SFTJob", "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "Qwen/Qwen2.5-0.5B"},
+            "dataset": {"train": {"source": "/data/train.jsonl"}},
+            "output": {"destination": "/tmp/out"},
+            "resources": {"gpusPerNode": 8},  # lands on a kwok GPU node
+            "runPolicy": {"suspend": True, "backoffLimit": 0, "ttlSecondsAfterFinished": 3},
+        },
+    }
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restricted_namespace, tmp_path, mode):
+    ns = restricted_namespace
+    work = make_namespace(control_plane, "sft-work", RESTRICTED)  # trainer pods are "restricted" too
+    core, batch = client.CoreV1Api(control_plane.api), client.BatchV1Api(control_plane.api)
+    custom = client.CustomObjectsApi(control_plane.api)
+    release = Release(control_plane, ns, {"watchNamespaces": [work]} if mode == "namespaced" else {})
+    operator = Operator(release, tmp_path)
+    try:
+        release.install()
+
+        # -- not too much
+        for verb in (["get", "secrets", "-A"], ["list", "secrets", "-n", work], ["get", "secrets", "-n", ns],
+                     ["create", "pods", "-n", work], ["create", "pods", "--subresource=exec", "-n", work],
+                     ["create", "roles.rbac.authorization.k8s.io", "-n", work],
+                     ["create", "rolebindings.rbac.authorization.k8s.io", "-n", work],
+                     ["create", "clusterroles.rbac.authorization.k8s.io"],
+                     ["bind", "clusterroles.rbac.authorization.k8s.io"],
+                     ["delete", "jobs.batch", "-n", work], ["delete", "pods", "-n", work]):
+            assert not release.can_i(*verb), f"the operator's ServiceAccount can {' '.join(verb)}"
+        # ...and can-i answers yes where the chart grants (the checks above can fail).
+        assert release.can_i("patch", f"{PLURAL}.{GROUP}", "-n", work)
+        assert release.can_i("create", "tokenreviews.authentication.k8s.io")
+        if mode == "namespaced":
+            assert not release.can_i("list", f"{PLURAL}.{GROUP}", "-n", "default")
+            assert not release.can_i("create", "jobs.batch", "-n", "default")
+
+        # -- enough: a whole SFTJob life, as the chart's ServiceAccount
+        operator.start()
+        name = "rbac-proof"
+        custom.create_namespaced_custom_object(GROUP, VERSION, work, PLURAL, sftjob(name))
+        control_plane.wait_for(lambda: batch.read_namespaced_job(name, work), 30, "the trainer Job")
+        assert core.read_namespaced_config_map(f"{name}-config", work).data["ca.crt"] == release.tls()["ca.crt"].decode()
+        # Keep the kwok pod Running long enough to report progress (Kueue may edit a suspended Job's template).
+        batch.patch_namespaced_job(name, work, {"spec": {"template": {"metadata": {
+            "annotations": {"sft.dev/kwok-delay": "15s"}}}}})
+        custom.patch_namespaced_custom_object(GROUP, VERSION, work, PLURAL, name,
+                                              {"spec": {"runPolicy": {"suspend": False}}})
+
+        def running_pod():
+            pods = core.list_namespaced_pod(work, label_selector=f"{LABEL_JOB}={name}").items
+            return next((p for p in pods if p.status.phase == "Running"), None)
+
+        pod = control_plane.wait_for(running_pod, 40, "a Running trainer pod (the operator resumed the Job)")
+        bound = client.V1BoundObjectReference(kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid)
+        token = core.create_namespaced_service_account_token(
+            pod.spec.service_account_name or "default", work,
+            client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+                audiences=[AUDIENCE], expiration_seconds=600, bound_object_ref=bound))).status.token
+        report = {"step": 30, "totalSteps": 100, "epoch": 0.3, "trainLoss": 1.5, "learningRate": 2e-5,
+                  "tokensPerSecond": 1000.0}
+        code = operator.post_progress(work, name, token, report)
+        assert code == 202, f"progress report answered {code}:\n{operator.log()[-3000:]}"
+
+        seen: dict[str, Any] = {}
+
+        def observe():
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, work, PLURAL, name)
+            status = obj.get("status") or {}
+            if status.get("progress", {}).get("step") == 30:
+                seen["progress"] = status["progress"]
+            if any(c["type"] == "Succeeded" and c["status"] == "True" for c in status.get("conditions", [])):
+                seen["succeeded"] = status
+            return "succeeded" in seen
+
+        control_plane.wait_for(observe, 60, "SFTJob Succeeded")
+        assert seen.get("progress", {}).get("percent") == 30 or seen["succeeded"]["progress"]["step"] == 30
+        assert seen["succeeded"]["phase"] == "Succeeded"
+
+        events = {e.reason for e in core.list_namespaced_event(work).items
+                  if e.involved_object.kind == "SFTJob" and e.involved_object.name == name}
+        assert "Succeeded" in events, f"the operator posted no Succeeded event: {events}"
+
+        def deleted():
+            try:
+                custom.get_namespaced_custom_object(GROUP, VERSION, work, PLURAL, name)
+                return False
+            except ApiException as exc:
+                return exc.status == 404
+
+        control_plane.wait_for(deleted, 30, "deletion by ttlSecondsAfterFinished")
+
+        # RBAC denials read `User "system:serviceaccount:<ns>:<sa>" cannot <verb> resource ...`.
+        log = operator.log()
+        denied = [line for line in log.splitlines()
+                  if f"system:serviceaccount:{ns}:{release.fullname}\" cannot" in line or "Not enough permissions" in line]
+        assert not denied, "the operator was denied:\n" + "\n".join(denied[:10])
+    finally:
+        operator.stop()
+        print(f"--- operator log ({mode}) ---\n{operator.log()[-6000:]}")
+        release.uninstall()
+        delete_namespace(control_plane, work)
