@@ -202,6 +202,7 @@ def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_a
     assert succeeded and succeeded["status"] == "True", context
 
     # Progress and the loss moved while it trained (at least two different steps observed).
+    print(f"steps observed while running: {sorted(steps_seen)}; per-job series: {metrics_while_running}")
     assert len(steps_seen) >= 2, f"steps observed while running: {sorted(steps_seen)}\n{context}"
     assert len(losses_seen) >= 2 or len(steps_seen) >= 2
     assert status["progress"]["totalSteps"] == MAX_STEPS, context
