@@ -229,7 +229,7 @@ def test_progress_security(control_plane, namespace, server):
     evil = progress_report(99, 0.01)
 
     rejected = {
-        "wrong audience": (server.post(namespace, "job-a", token=wrong_audience_token, body=evil), (401, 403)),
+        "wrong audience": (server.post(namespace, "job-a", token=wrong_audience_token, body=evil), (403,)),
         "pod of another SFTJob": (server.post(namespace, "job-a", token=foreign_pod_token, body=evil), (403,)),
         "token bound to no pod": (server.post(namespace, "job-a", token=unbound_token, body=evil), (403,)),
         "no token": (server.post(namespace, "job-a", token=None, body=evil), (401,)),
@@ -243,7 +243,6 @@ def test_progress_security(control_plane, namespace, server):
     }
     for what, (response, expected) in rejected.items():
         assert response.status_code in expected, f"{what}: {response.status_code} {response.text}"
-    assert rejected["wrong audience"][0].status_code == 403, "a token for another audience is refused as such"
 
     time.sleep(1.0)  # longer than the coalescing window (0 s here): a write would have landed
     assert k.status("job-a") == before_a
