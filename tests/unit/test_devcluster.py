@@ -14,6 +14,7 @@ from sft_operator.devcluster.process_node import (
     field_ref,
     mount_script,
     resource_field_ref,
+    stage_root,
 )
 
 POD = {
@@ -49,10 +50,17 @@ def test_signals_read_as_128_plus_signal():
     assert (exit_code_of(-9), exit_code_of(-15), exit_code_of(65)) == (137, 143, 65)
 
 
-def test_mount_script_quotes_paths_and_remounts_read_only():
-    script = mount_script([("/src dir", "/etc/sft", True), ("/v", "/data", False)], "/work dir")
-    assert "mnt '/src dir' /etc/sft ro" in script and "mnt /v /data rw" in script
+def test_mount_script_stages_sources_then_mounts_targets():
+    script = mount_script([("/src dir", "/etc/sft", True), ("/v", "/data", False)], "/work dir", Path("/run/s"))
+    assert "stage '/src dir' /run/s/0" in script and "stage /v /run/s/1" in script
+    assert script.index("stage /v") < script.index("mnt /run/s/0 /etc/sft ro") < script.index("mnt /run/s/1 /data rw")
     assert script.rstrip().endswith('exec "$@"') and "cd '/work dir'" in script
+
+
+def test_staging_avoids_directories_the_pod_mounts_over(tmp_path):
+    assert stage_root(["/tmp", "/etc/sft"], "u", tmp_path / "pod") == Path("/run/sft-process-node/u")
+    assert stage_root(["/run"], "u", Path("/tmp/pod")) == Path("/tmp/pod/stage")
+    assert stage_root(["/run", "/tmp"], "u", Path("/tmp/pod")) == Path("/.sft-stage-u")
 
 
 def test_component_commands_wire_tokens_rbac_and_kwok(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -412,10 +413,12 @@ def up(
 
     bin_dir = ensure_binaries()
     started = time.monotonic()
+    # A fresh cluster each time: stale nodes, pods and their logs only confuse. PVC
+    # folders (pvc/<claim>) stay: they hold the developer's datasets and models.
+    for stale in ("etcd", "pods", "logs"):
+        shutil.rmtree(state_dir / stale, ignore_errors=True)
     for sub in ("pids", "components", "logs", "pvc"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
-    # A fresh cluster each time: stale nodes and pods from an old run only confuse.
-    subprocess.run(["rm", "-rf", str(state_dir / "etcd"), str(state_dir / "pods")], check=True)
     pki = ensure_pki(state_dir / "pki")
 
     previous = ClusterInfo.load(state_dir)
@@ -612,6 +615,11 @@ def add_subparser(subparsers) -> None:
 def run_cli(args) -> int:
     try:
         if args.action == "up":
+            if status(args.dir)["running"]:
+                info = up(args.dir, kubeconfig_out=args.kubeconfig_out)
+                print(f"dev cluster already running: {info.server}")
+                print(f"export KUBECONFIG={args.kubeconfig_out or info.kubeconfig}")
+                return 0
             info = up(args.dir, gpu_nodes=args.gpu_nodes, kubeconfig_out=args.kubeconfig_out,
                       crds_dir=args.crds, timeout=args.timeout, process_node_gpus=args.process_node_gpus)
             print(f"dev cluster up in {info.startup_seconds}s: {info.server}")

@@ -137,21 +137,59 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def mount_script(mounts: list[tuple[str, str, bool]], workdir: str) -> str:
-    """A POSIX sh script that bind-mounts (source, target, read_only) triples, enters the
-    working directory and execs its arguments. Runs inside ``unshare --mount``."""
+def stage_root(targets: list[str], uid: str, pod_dir: Path) -> Path:
+    """A directory for staging the mount sources that none of the pod's mount targets
+    covers (a pod that mounts an emptyDir at /tmp must still see sources under /tmp)."""
+
+    def covered(path: Path) -> bool:
+        return any(path == Path(t) or Path(t) in path.parents for t in targets)
+
+    for candidate in (Path("/run/sft-process-node") / uid, pod_dir / "stage", Path("/") / f".sft-stage-{uid}"):
+        if not covered(candidate):
+            return candidate
+    raise PodSetupError("CreateContainerConfigError", "the pod's mounts cover every staging directory")
+
+
+def mount_script(mounts: list[tuple[str, str, bool]], workdir: str, stage: Path) -> str:
+    """A POSIX sh script, run inside ``unshare --mount``, that bind-mounts the
+    (source, target, read_only) triples, enters the working directory and execs its
+    arguments. Every source is first bound under ``stage`` so that a target mounted
+    earlier (say /tmp) can't hide a later source."""
     lines = [
         "set -eu",
+        "stage() {",
+        '  if [ -d "$1" ]; then mkdir -p "$2"; else : > "$2"; fi',
+        '  mount --bind "$1" "$2"',
+        "}",
         "mnt() {",
         '  if [ -d "$1" ]; then mkdir -p "$2"; else mkdir -p "$(dirname "$2")"; [ -e "$2" ] || : > "$2"; fi',
         '  mount --bind "$1" "$2"',
         '  if [ "$3" = ro ]; then mount -o remount,bind,ro "$2"; fi',
         "}",
+        f"mkdir -p {shlex.quote(str(stage))}",
     ]
-    for source, target, read_only in mounts:
-        lines.append(f"mnt {shlex.quote(source)} {shlex.quote(target)} {'ro' if read_only else 'rw'}")
+    for i, (source, _, _) in enumerate(mounts):
+        lines.append(f"stage {shlex.quote(source)} {shlex.quote(str(stage / str(i)))}")
+    for i, (_, target, read_only) in enumerate(mounts):
+        lines.append(f"mnt {shlex.quote(str(stage / str(i)))} {shlex.quote(target)} {'ro' if read_only else 'rw'}")
     lines += [f"mkdir -p {shlex.quote(workdir)}", f"cd {shlex.quote(workdir)}", 'exec "$@"']
     return "\n".join(lines) + "\n"
+
+
+def remove_stage(stage: Path) -> None:
+    """Remove the empty mount points left on the host. Never recursive: should a mount
+    still be live, this must not delete through it."""
+    if not stage.is_dir():
+        return
+    for entry in stage.iterdir():
+        try:
+            entry.rmdir() if entry.is_dir() else (entry.stat().st_size == 0 and entry.unlink())
+        except OSError:
+            pass
+    try:
+        stage.rmdir()
+    except OSError:
+        pass
 
 
 def container_status(container: dict, state: ContainerState) -> dict:
@@ -243,6 +281,7 @@ class PodRunner:
     kill_requested: threading.Event = field(default_factory=threading.Event)
     grace_seconds: float = 30.0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    stages: list[Path] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -321,9 +360,12 @@ class PodRunner:
         if not command:
             raise PodSetupError("ContainerCannotRun", "the process node needs an explicit command (it has no image entrypoint)")
         script = self.pod_dir / f"start-{container['name']}.sh"
-        script.write_text(mount_script(mounts, container.get("workingDir") or str(self.pod_dir / "work")))
-        log_file.write(f"[{now()}] sft-local-0: starting container {container['name']}: {shlex.join(command + args)}\n".encode())
-        log_file.flush()
+        uid = self.pod["metadata"]["uid"]
+        stage = stage_root([t for _, t, _ in mounts], f"{uid}-{container['name']}", self.pod_dir)
+        self.stages.append(stage)
+        # Like a container without WORKDIR, the process starts in "/".
+        script.write_text(mount_script(mounts, container.get("workingDir") or "/", stage))
+        log.info("pod %s: starting container %s: %s", self.name, container["name"], shlex.join(command + args))
         # Private mount namespace: binds are visible to this pod only; its own process
         # group so that a deletion signals the whole tree.
         return subprocess.Popen(
@@ -368,6 +410,8 @@ class PodRunner:
                     s.finished_at = now()
             self.finish(states, init_states, "Failed", message=str(exc))
         finally:
+            for stage in self.stages:
+                remove_stage(stage)
             self.agent.runner_done(self)
 
     def setup_with_retries(self, states, init_states):
