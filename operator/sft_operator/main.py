@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sft-operator {__version__}")
     add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more (Kopf's verbose mode)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every handler run (Kopf's verbose mode)")
     parser.add_argument("--debug", action="store_true", help="log everything, including Kopf internals")
     parser.add_argument(
         "--log-format", choices=["plain", "full", "json"], default="full", help="log line format (default: full)"
@@ -128,6 +128,11 @@ def run_from_cli(argv: list[str]) -> int:
             args.log_format
         ],
     )
+    if not (args.verbose or args.debug):
+        # Our own loggers (sft_operator.*) report every phase change; Kopf's per-event
+        # "Handler ... succeeded" lines and the probe's access log would drown them.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     scope = ", ".join(settings.namespaces) if settings.namespaces else "all namespaces"
     log.info("sft-operator %s watching %s", __version__, scope)
     try:

@@ -457,11 +457,11 @@ def test_crash_safety_fifty_jobs_with_the_operator_killed_while_creating(operato
     creator.start()
     kills = 0
     try:
-        for pause in (1.5, 1.2, 1.8, 1.0):  # mid-creation, whatever the operator is doing
+        for pause in (0.7, 0.4, 0.9, 0.5):  # once it is up and busy creating, whatever it is doing
             time.sleep(pause)
             operator.kill()
             kills += 1
-            operator.start(wait=False)
+            operator.start()
     finally:
         creator.join(60)
     assert len(created) == 50 and kills == 4
