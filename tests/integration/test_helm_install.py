@@ -269,6 +269,17 @@ def sftjob(name: str) -> dict[str, Any]:
     }
 
 
+FIELD_MANAGER = "platform-gitops"
+
+
+def apply_server_side(control_plane, namespace: str, manifest: dict[str, Any], tmp: Path) -> None:
+    path = tmp / "sftjob.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    proc = control_plane.kubectl("apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-n", namespace,
+                                 "-f", str(path), check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restricted_namespace, tmp_path, mode):
     ns = restricted_namespace
@@ -299,14 +310,16 @@ def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restr
         # -- enough: a whole SFTJob life, as the chart's ServiceAccount
         operator.start()
         name = "rbac-proof"
-        custom.create_namespaced_custom_object(GROUP, VERSION, work, PLURAL, sftjob(name))
+        # Applied the GitOps way (examples/server-side-apply.md): server-side, with our field manager.
+        manifest = sftjob(name)
+        apply_server_side(control_plane, work, manifest, tmp_path)
         control_plane.wait_for(lambda: batch.read_namespaced_job(name, work), 30, "the trainer Job")
         assert core.read_namespaced_config_map(f"{name}-config", work).data["ca.crt"] == release.tls()["ca.crt"].decode()
         # Keep the kwok pod Running long enough to report progress (Kueue may edit a suspended Job's template).
         batch.patch_namespaced_job(name, work, {"spec": {"template": {"metadata": {
             "annotations": {"sft.dev/kwok-delay": "15s"}}}}})
-        custom.patch_namespaced_custom_object(GROUP, VERSION, work, PLURAL, name,
-                                              {"spec": {"runPolicy": {"suspend": False}}})
+        manifest["spec"]["runPolicy"]["suspend"] = False
+        apply_server_side(control_plane, work, manifest, tmp_path)
 
         def running_pod():
             pods = core.list_namespaced_pod(work, label_selector=f"{LABEL_JOB}={name}").items
@@ -332,15 +345,23 @@ def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restr
                 seen["progress"] = status["progress"]
             if any(c["type"] == "Succeeded" and c["status"] == "True" for c in status.get("conditions", [])):
                 seen["succeeded"] = status
+                seen["managedFields"] = obj["metadata"]["managedFields"]
             return "succeeded" in seen
 
         control_plane.wait_for(observe, 60, "SFTJob Succeeded")
         assert seen.get("progress", {}).get("percent") == 30 or seen["succeeded"]["progress"]["step"] == 30
         assert seen["succeeded"]["phase"] == "Succeeded"
 
-        events = {e.reason for e in core.list_namespaced_event(work).items
-                  if e.involved_object.kind == "SFTJob" and e.involved_object.name == name}
-        assert "Succeeded" in events, f"the operator posted no Succeeded event: {events}"
+        # The operator never writes the spec: only our field manager owns spec fields (docs/helm.md).
+        spec_owners = {m["manager"] for m in seen["managedFields"] if "f:spec" in m.get("fieldsV1", {})}
+        assert spec_owners == {FIELD_MANAGER}, seen["managedFields"]
+
+        def event_reasons() -> set[str]:
+            return {e.reason for e in core.list_namespaced_event(work).items
+                    if e.involved_object.kind == "SFTJob" and e.involved_object.name == name}
+
+        control_plane.wait_for(lambda: {"Created", "Succeeded"} <= event_reasons(), 15,
+                               "the operator's Created and Succeeded events")
 
         def deleted():
             try:
