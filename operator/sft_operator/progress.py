@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import ssl
 import time
@@ -536,6 +537,31 @@ def ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+CERT_RELOAD_SECONDS = 60.0
+
+
+def _mtimes(*paths: str) -> tuple[float, ...]:
+    return tuple(os.stat(p).st_mtime for p in paths)
+
+
+async def reload_certificates(
+    context: ssl.SSLContext, cert_file: str, key_file: str, logger: logging.Logger, interval: float = CERT_RELOAD_SECONDS
+) -> None:
+    """Pick up a renewed cert/key (cert-manager rotates the mounted Secret) without a restart:
+    new handshakes use the new chain, open connections keep theirs."""
+    seen = _mtimes(cert_file, key_file)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            current = _mtimes(cert_file, key_file)
+            if current != seen:
+                context.load_cert_chain(cert_file, key_file)
+                seen = current
+                logger.info("progress endpoint: reloaded TLS certificate %s", cert_file)
+        except (OSError, ssl.SSLError) as exc:  # mid-rotation (cert and key not yet both new): next time
+            logger.warning("progress endpoint: TLS certificate not reloaded yet: %s", exc)
+
+
 def _default_api_client() -> Any:
     from kubernetes import client, config
 
@@ -547,6 +573,7 @@ def _default_api_client() -> Any:
 
 
 _runners: list[web.AppRunner] = []
+_background: list[asyncio.Task[None]] = []
 
 
 async def start_progress_server(
@@ -587,11 +614,20 @@ async def start_progress_server(
     site = web.TCPSite(runner, host=host, port=settings.progress_port, ssl_context=context)
     await site.start()
     _runners.append(runner)
+    if context is not None:
+        _background.append(asyncio.get_running_loop().create_task(
+            reload_certificates(context, settings.progress_tls_cert, settings.progress_tls_key, logger),
+            name="progress TLS reload",
+        ))
     logger.info("progress endpoint listening on port %d (%s)", settings.progress_port,
                 "TLS" if context else "plaintext, development only")
 
 
 async def stop_progress_server() -> None:
     """Stop every server `start_progress_server` started in this process (operator cleanup)."""
+    while _background:
+        task = _background.pop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     while _runners:
         await _runners.pop().cleanup()

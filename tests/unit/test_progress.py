@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import aiohttp.web
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from sft_operator import progress
@@ -452,6 +453,41 @@ def test_serves_tls_with_the_configured_cert(tmp_path):
             assert sink.steps == [3]
         finally:
             await progress.stop_progress_server()
+
+    asyncio.run(main())
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
+    import os
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    cert, key = _self_signed(first)
+    new_cert, new_key = _self_signed(second)
+    port = _free_port()
+
+    async def main():
+        context = progress.ssl_context(str(cert), str(key))
+        runner = aiohttp.web.AppRunner(build_app(FakeVerifier(), FakeSink()))
+        await runner.setup()
+        await aiohttp.web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+        reload = asyncio.create_task(progress.reload_certificates(context, str(cert), str(key),
+                                                                  progress.log, interval=0.05))
+        try:
+            served = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
+            assert served.strip() == cert.read_text().strip()
+            shutil.copy(new_cert, cert)
+            shutil.copy(new_key, key)
+            later = os.stat(cert).st_mtime + 5
+            os.utime(cert, (later, later))
+            os.utime(key, (later, later))
+            await asyncio.sleep(0.3)
+            served = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
+            assert served.strip() == new_cert.read_text().strip()
+        finally:
+            reload.cancel()
+            await runner.cleanup()
 
     asyncio.run(main())
 
