@@ -16,6 +16,7 @@ they point at the Secret, Service port and metrics the chart really has.
 from __future__ import annotations
 
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -103,8 +104,13 @@ def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
 
 def _swagger() -> dict:
     version = k8s_version()
-    proc = subprocess.run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{version}"],
-                          capture_output=True, text=True, cwd=bin_dir())
+    env = {**os.environ, "GOFLAGS": "", "GOTOOLCHAIN": "local"}
+    try:
+        proc = subprocess.run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{version}"],
+                              capture_output=True, text=True, cwd=bin_dir(), env=env)
+    except FileNotFoundError:
+        pytest.fail("go is needed to locate k8s.io/kubernetes in the module cache (scripts/k8s-bin.sh needs it too)",
+                    pytrace=False)
     if proc.returncode != 0:
         pytest.fail(f"k8s.io/kubernetes@{version} is not in the Go module cache (k8s-bin.sh puts it there): "
                     f"{proc.stderr or proc.stdout}", pytrace=False)
