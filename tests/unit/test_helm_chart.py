@@ -410,3 +410,27 @@ def test_alerts_reference_exported_metrics():
     assert used, "no metric in the alert expressions"
     unknown = used - _exported_metric_names()
     assert not unknown, f"alerts query metrics the operator does not export: {sorted(unknown)}"
+
+
+def test_every_value_is_documented():
+    """Each key in values.yaml has a `# --` comment, itself or on the block it belongs to
+    (e.g. `resources`), so `values.yaml` reads as the chart's reference."""
+    undocumented, blocks = [], []  # blocks: (indent, documented) of the enclosing keys
+    comments: list[str] = []  # the comment lines right above the current line
+    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comments.append(stripped)
+            continue
+        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
+        if match:
+            indent = len(match.group(1))
+            while blocks and blocks[-1][0] >= indent:
+                blocks.pop()
+            documented = any(c.startswith("# --") for c in comments)
+            is_parent = stripped.endswith(":")
+            if not (documented or is_parent or any(doc for _, doc in blocks)):
+                undocumented.append(f"{number}: {stripped}")
+            blocks.append((indent, documented))
+        comments = []
+    assert not undocumented, "values without a `# --` comment:\n" + "\n".join(undocumented)
