@@ -287,12 +287,12 @@ def test_reports_within_the_interval_are_coalesced_into_one_write():
             assert (await client.post(URL, json=report(step, **extra), headers=auth())).status == 202
         await settle()
         assert sink.steps == [1]  # held back by the rate limit
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.2)
         assert sink.steps == [1, 5]  # one write with the latest step...
         assert sink.writes[1][2].eval_loss == 1.25  # ...keeping the eval loss reported in between
-        assert sink.writes[1][3] - sink.writes[0][3] >= 0.4 * 0.99
+        assert sink.writes[1][3] - sink.writes[0][3] >= 1.0 * 0.99
 
-    scenario(test, interval=0.4)
+    scenario(test, interval=1.0)
 
 
 def test_writes_are_rate_limited_per_job_not_globally():
@@ -329,7 +329,7 @@ def test_a_final_report_is_written_promptly():
 def test_a_failed_write_is_retried_with_the_latest_report():
     async def test(client, verifier, sink):
         assert (await client.post(URL, json=report(1), headers=auth())).status == 202
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         assert sink.steps == [1]
 
     scenario(test, interval=0.1, sink=FakeSink(fail_times=2))
@@ -341,10 +341,10 @@ def test_idle_jobs_are_forgotten():
         coalescer = client.server.app[progress.APP_COALESCER]
         await settle()
         assert coalescer.active_jobs == 1
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.5)
         assert coalescer.active_jobs == 0
 
-    scenario(test, interval=0.1)
+    scenario(test, interval=0.5)
 
 
 # ---- the status patch --------------------------------------------------------------------------
