@@ -434,3 +434,27 @@ def test_every_value_is_documented():
             blocks.append((indent, documented))
         comments = []
     assert not undocumented, "values without a `# --` comment:\n" + "\n".join(undocumented)
+
+
+def test_schema_closes_every_object_with_known_keys():
+    """`additionalProperties: false` wherever the schema lists properties, so no level accepts a typo."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    open_objects = []
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if "properties" in node and node.get("additionalProperties") is not False:
+            open_objects.append(path or "/")
+        for name, sub in node.get("properties", {}).items():
+            walk(sub, f"{path}/{name}")
+        for key in ("items", "additionalProperties"):
+            walk(node.get(key), f"{path}/{key}")
+        for key in ("anyOf", "oneOf", "allOf"):
+            for i, sub in enumerate(node.get(key, [])):
+                walk(sub, f"{path}/{key}/{i}")
+
+    walk(schema, "")
+    assert not open_objects, f"objects that accept unknown keys: {open_objects}"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"]) - {"global"}, "values.yaml and the schema list different keys"
