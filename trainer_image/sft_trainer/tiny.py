@@ -124,6 +124,9 @@ def generate(out: Path, *, train_rows: int = 800, general_rows: int = 600, long_
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     out = out.expanduser()
     tmp = out.with_name(out.name + ".tmp")
