@@ -98,8 +98,11 @@ class RunPolicy(ApiModel):
     )
 
 
-IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "hyperparameters", "output", "resources")
+IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "output")  # required: always present
+# Not required (defaults apply in pydantic): a rule must not fail when they are absent.
 OPTIONAL_IMMUTABLE_SPEC_FIELDS = (
+    "hyperparameters",
+    "resources",
     "freezeLayers",
     "freezeEmbeddings",
     "peft",

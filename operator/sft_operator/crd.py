@@ -112,8 +112,8 @@ def openapi_schema() -> dict[str, Any]:
     schema["x-kubernetes-validations"] = [
         {
             "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035_LABEL}')",
+            # No fieldPath: the API server only accepts paths inside the schema, and metadata isn't.
             "message": f"metadata.name must be an RFC 1035 label of at most {MAX_NAME_LENGTH} characters",
-            "fieldPath": ".metadata.name",
         }
     ]
     spec = props["spec"]
