@@ -280,6 +280,17 @@ def trainer_start_time(pods: list[dict[str, Any]]) -> str | None:
     return format_time(min(times)) if times else None
 
 
+def pod_creation_cause(message: str) -> Cause:
+    """The Job controller's FailedCreate event message as a reason: quota, admission, other."""
+    if "exceeded quota" in message:
+        reason = "QuotaExceeded"
+    elif "forbidden" in message:
+        reason = "Forbidden"
+    else:
+        reason = "FailedCreate"
+    return Cause(reason, _clip(f"the Job cannot create its pods: {message}"))
+
+
 # ---- the observation --------------------------------------------------------------------------
 
 
@@ -303,6 +314,7 @@ def observe(
     *,
     image_pull_grace_seconds: float,
     creation_error: Cause | None = None,
+    pod_creation_error: Cause | None = None,
 ) -> Observation:
     """Phase, reason and message from the Job and its pods (not terminal-latched; see derive_status)."""
     previous = sftjob.get("status") or {}
@@ -328,6 +340,9 @@ def observe(
 
     active = [p for p in pods if is_active(p)]
     waiting_phase = RESTARTING if restarts else PENDING
+    if not active and pod_creation_error is not None and not job_condition(job, "Complete"):
+        # The Job exists but cannot create its pods (a GPU ResourceQuota, admission): say why.
+        return Observation(waiting_phase, pod_creation_error.reason, pod_creation_error.message, restarts)
     pull = image_pull_problem(active, now)
     if pull is not None:
         if pull.seconds >= image_pull_grace_seconds:
@@ -445,6 +460,7 @@ def derive_status(
     image_pull_grace_seconds: float = 300,
     effective_batch_size: int | None = None,
     creation_error: Cause | None = None,
+    pod_creation_error: Cause | None = None,
 ) -> dict[str, Any]:
     """The operator-owned status fields for an SFTJob, given its Job and that Job's pods."""
     meta = sftjob.get("metadata") or {}
@@ -460,7 +476,13 @@ def derive_status(
         return latched
 
     obs = observe(
-        sftjob, job, pods, now, image_pull_grace_seconds=image_pull_grace_seconds, creation_error=creation_error
+        sftjob,
+        job,
+        pods,
+        now,
+        image_pull_grace_seconds=image_pull_grace_seconds,
+        creation_error=creation_error,
+        pod_creation_error=pod_creation_error,
     )
     status: dict[str, Any] = {
         "phase": obs.phase,

@@ -437,6 +437,23 @@ def test_quota_rejection_shows_in_status_then_recovers(operator, k8s):
     assert cond(status, "Created")["status"] == "True"
 
 
+def test_gpu_quota_that_blocks_the_pods_shows_in_status(operator, k8s):
+    k8s.core.create_namespaced_resource_quota(
+        k8s.ns, {"metadata": {"name": "gpus"}, "spec": {"hard": {"requests.nvidia.com/gpu": "4"}}}
+    )
+    k8s.cp.wait_for(lambda: k8s.core.read_namespaced_resource_quota("gpus", k8s.ns).status.hard, 15, "quota active")
+    k8s.create(manifest("greedy"))  # 8 GPUs: the Job is created, its pod is not
+
+    def blocked():
+        status = k8s.status("greedy")
+        return status.get("conditions") and cond(status, "Running")["reason"] == "QuotaExceeded" and status
+
+    status = k8s.cp.wait_for(blocked, 30, "QuotaExceeded from the Job's FailedCreate event")
+    assert status["phase"] == "Pending"
+    assert "requests.nvidia.com/gpu" in cond(status, "Running")["message"]
+    assert cond(status, "Created")["status"] == "True"
+
+
 # ---- crash safety ------------------------------------------------------------------------------
 
 

@@ -310,3 +310,17 @@ def test_a_failed_pod_before_the_job_decides_keeps_the_phase():
     assert status["phase"] == "Running"
     assert st.condition(status, "Running")["reason"] == "PodFailed"
     assert "code 1: boom" in st.condition(status, "Running")["message"]
+
+
+def test_pods_the_job_cannot_create_are_reported_with_the_quota_message():
+    message = 'Error creating: pods "demo-0-x" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=8, used: requests.nvidia.com/gpu=0, limited: requests.nvidia.com/gpu=4'
+    cause = st.pod_creation_cause(message)
+    assert cause.reason == "QuotaExceeded"
+    status = st.derive_status(sftjob(), job(), [], NOW, pod_creation_error=cause)
+    assert status["phase"] == "Pending"
+    running = st.condition(status, "Running")
+    assert running["reason"] == "QuotaExceeded" and "limited: requests.nvidia.com/gpu=4" in running["message"]
+    # Once pods exist, the old error no longer speaks for them.
+    assert st.derive_status(sftjob(), job(active=1), [pod()], NOW, pod_creation_error=cause)["phase"] == "Running"
+    assert st.pod_creation_cause("Error creating: pods is forbidden: PodSecurity").reason == "Forbidden"
+    assert st.pod_creation_cause("Error creating: Internal error").reason == "FailedCreate"

@@ -83,6 +83,15 @@ class Kube:
         args = (namespace,) if namespace else ()
         return _json(fn(*args, label_selector=selector, _preload_content=False)).get("items", [])
 
+    def failed_create_message(self, namespace: str, job_name: str, job_uid: str) -> str | None:
+        """The newest FailedCreate event of the Job (e.g. a pod rejected by a ResourceQuota)."""
+        selector = f"involvedObject.kind=Job,involvedObject.name={job_name},involvedObject.uid={job_uid},reason=FailedCreate"
+        items = _json(self.core.list_namespaced_event(namespace, field_selector=selector, _preload_content=False))["items"]
+        if not items:
+            return None
+        newest = max(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        return newest.get("message")
+
     # ---- SFTJobs ----
 
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:

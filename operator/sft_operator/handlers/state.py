@@ -48,6 +48,8 @@ class ClusterState:
     # The operator-owned status we last wrote, by key: (SFTJob uid, status). Newer than the watch.
     written: dict[Key, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     creation_errors: dict[Key, Cause] = field(default_factory=dict)
+    pod_creation_errors: dict[Key, Cause] = field(default_factory=dict)  # the Job's FailedCreate events
+    pod_checks: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
     effective_batch: dict[tuple[str, int], int] = field(default_factory=dict)  # (uid, generation) -> size
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
@@ -90,11 +92,12 @@ class ClusterState:
         return dict(Counter(self.current_status(k).get("phase") or "Pending" for k in self.sftjobs))
 
     def forget(self, key: Key) -> None:
-        for table in (self.sftjobs, self.written, self.creation_errors, self.locks):
+        for table in (self.sftjobs, self.written, self.creation_errors, self.pod_creation_errors, self.locks):
             table.pop(key, None)
-        timer = self.timers.pop(key, None)
-        if timer:
-            timer.cancel()
+        for timers in (self.timers, self.pod_checks):
+            timer = timers.pop(key, None)
+            if timer:
+                timer.cancel()
         task = self.ttl_tasks.pop(key, None)
         if task:
             task.cancel()

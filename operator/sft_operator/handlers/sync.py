@@ -21,6 +21,8 @@ from ..reconcile import ANNOTATION_STOPPED_REASON, ANNOTATION_SUSPENDED_BY, SUSP
 from ..status import (
     FAILED,
     IMAGE_PULL_FAILED,
+    PENDING,
+    RESTARTING,
     IMAGE_PULL_REASONS,
     RESTARTING_C,
     RUNNING,
@@ -32,12 +34,15 @@ from ..status import (
     job_condition,
     owned,
     parse_time,
+    pod_creation_cause,
     status_patch,
 )
 from .state import ClusterState, Key
 
 log = logging.getLogger("sft_operator.status")
 IMAGE_PULL_RECHECK_SECONDS = 5.0  # while a pull fails, look again so the grace period is honoured
+POD_CREATION_CHECK_SECONDS = 5.0  # a Job without pods this long: read its FailedCreate events
+POD_CREATION_RECHECK_SECONDS = 30.0  # then again at this pace while it still has none
 
 
 def _now() -> datetime:
@@ -105,6 +110,7 @@ async def sync_status(memo: Any, key: Key) -> dict[str, Any] | None:
             image_pull_grace_seconds=memo.settings.image_pull_grace_seconds,
             effective_batch_size=effective_batch_size(state, sftjob),
             creation_error=state.creation_errors.get(key),
+            pod_creation_error=state.pod_creation_errors.get(key) if job and not pods else None,
         )
         patch = status_patch(current, desired)
         if patch is not None:
@@ -121,7 +127,9 @@ async def sync_status(memo: Any, key: Key) -> dict[str, Any] | None:
             state.written[key] = (sftjob["metadata"].get("uid"), desired)
             await _report_transition(memo, sftjob, job, owned(current), desired)
             metrics.set_phase_counts(state.phase_counts())
-        _schedule_followups(memo, key, sftjob, desired)
+        if pods:
+            state.pod_creation_errors.pop(key, None)
+        _schedule_followups(memo, key, sftjob, desired, job, bool(pods))
         return desired
 
 
@@ -172,11 +180,26 @@ async def _stop_job(memo: Any, job: dict[str, Any], reason: str) -> None:
         log.warning("could not stop Job %s/%s: %s", meta["namespace"], meta["name"], exc.reason)
 
 
-def _schedule_followups(memo: Any, key: Key, sftjob: dict[str, Any], desired: dict[str, Any]) -> None:
-    """Time-driven changes: the end of an image-pull grace period, ttlSecondsAfterFinished."""
+def _schedule_followups(
+    memo: Any, key: Key, sftjob: dict[str, Any], desired: dict[str, Any], job: dict[str, Any] | None, has_pods: bool
+) -> None:
+    """Time-driven changes: the end of an image-pull grace period, ttlSecondsAfterFinished, and a
+    look at the Job's FailedCreate events while it has no pods."""
     state: ClusterState = memo.state
     phase = desired.get("phase")
     running = condition(desired, "Running") or {}
+    waiting_for_pods = (
+        job is not None and not has_pods and phase in (PENDING, RESTARTING) and not (job.get("spec") or {}).get("suspend")
+    )
+    if waiting_for_pods and key not in state.pod_checks:
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            state.pod_checks.pop(key, None)
+            state.spawn(_check_pod_creation(memo, key, job))
+
+        delay = POD_CREATION_RECHECK_SECONDS if key in state.pod_creation_errors else POD_CREATION_CHECK_SECONDS
+        state.pod_checks[key] = loop.call_later(delay, check)
     if phase not in TERMINAL_PHASES and running.get("reason") in IMAGE_PULL_REASONS and key not in state.timers:
         loop = asyncio.get_running_loop()
 
@@ -190,6 +213,19 @@ def _schedule_followups(memo: Any, key: Key, sftjob: dict[str, Any], desired: di
         finished = parse_time(desired.get("completionTime")) or _now()
         delay = max(0.0, finished.timestamp() + ttl - _now().timestamp())
         state.ttl_tasks[key] = state.spawn(_delete_after(memo, key, sftjob["metadata"]["uid"], delay))
+
+
+async def _check_pod_creation(memo: Any, key: Key, job: dict[str, Any]) -> None:
+    meta = job["metadata"]
+    try:
+        message = await asyncio.to_thread(memo.kube.failed_create_message, meta["namespace"], meta["name"], meta["uid"])
+    except ApiException as exc:  # e.g. no RBAC to list events: status just says less
+        log.debug("cannot list events of Job %s/%s: %s", meta["namespace"], meta["name"], exc.reason)
+        return
+    if message and memo.state.pod_creation_errors.get(key) != (cause := pod_creation_cause(message)):
+        memo.state.pod_creation_errors[key] = cause
+        log.warning("SFTJob %s/%s: %s", *key, cause.message)
+    await sync_status(memo, key)
 
 
 async def _delete_after(memo: Any, key: Key, uid: str, delay: float) -> None:
