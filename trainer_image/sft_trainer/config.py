@@ -149,11 +149,25 @@ class DatasetSpec(ApiModel):
         description="Row format: instruction (instruction/input/output), prompt-completion, messages (chat), "
         "text; auto detects it from the first row.",
     )
-    prompt_template: Annotated[str, Field(max_length=4096)] = Field(
+    prompt_template: Annotated[
+        str,
+        Field(
+            max_length=4096,
+            json_schema_extra=cel_rules(cel("self.contains('{instruction}')", "must contain {instruction}")),
+        ),
+    ] = Field(
         default=DEFAULT_PROMPT_TEMPLATE,
         description="Prompt for instruction rows; `{instruction}` is replaced. The response follows it.",
     )
-    prompt_template_with_input: Annotated[str, Field(max_length=4096)] = Field(
+    prompt_template_with_input: Annotated[
+        str,
+        Field(
+            max_length=4096,
+            json_schema_extra=cel_rules(
+                cel("self.contains('{instruction}') && self.contains('{input}')", "must contain {instruction} and {input}")
+            ),
+        ),
+    ] = Field(
         default=DEFAULT_PROMPT_TEMPLATE_WITH_INPUT,
         description="Prompt for instruction rows that have a non-empty `input`; `{instruction}` and `{input}` are replaced.",
     )
@@ -171,7 +185,14 @@ class DatasetSpec(ApiModel):
     @classmethod
     def _template_has_instruction(cls, v: str) -> str:
         if "{instruction}" not in v:
-            raise ValueError("promptTemplate must contain {instruction}")
+            raise ValueError("must contain {instruction}")
+        return v
+
+    @field_validator("prompt_template_with_input")
+    @classmethod
+    def _template_has_instruction_and_input(cls, v: str) -> str:
+        if "{instruction}" not in v or "{input}" not in v:
+            raise ValueError("must contain {instruction} and {input}")
         return v
 
     @model_validator(mode="after")
