@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Trainer throughput benchmark: our trainer against the classic recipe and TRL's SFTTrainer.
+
+Every contender trains the same tiny Llama-style model (``sft_trainer.tiny``) on the same generated
+long-tailed instruction data (most rows short, a few near 500 tokens) with the same hyperparameters
+(learning rate, epochs, batch, accumulation, warmup, scheduler, weight decay, clipping, seed, fp32, no
+gradient checkpointing), each in its own subprocess so that peak RSS is measured fairly:
+
+  classic   transformers Trainer, every row padded to 512, pad = eos, labels = input_ids
+  trl       TRL SFTTrainer, its defaults otherwise (prompt/completion rows: completion-only loss,
+            dynamic padding, random batches, no packing, no padding-free)
+  ours      sft_trainer defaults (length-grouped dynamic padding, response-only logits)
+  packed    sft_trainer with dataset.packing (padding-free rows, position ids reset)
+
+Reported: trained (non-padding) tokens per second — the same token count (the dataset's real tokens x
+epochs) divided by each contender's training time — and its ratio to classic and to TRL, peak RSS, and
+the response-token eval loss of each trained model on the same held-out rows (computed by the parent).
+
+    python bench/trainer_throughput.py                # all four, ~3-5 min on 2 CPU cores
+    python bench/trainer_throughput.py --rows 800     # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "operator")]
+CONTENDERS = ("classic", "trl", "ours", "packed")
+SEQ = 512
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/sft-bench", help="assets, runs and results (default /tmp/sft-bench)")
+    p.add_argument("--rows", type=int, default=1800, help="training rows from the long-tailed set (default 1800)")
+    p.add_argument("--eval-rows", type=int, default=200, help="held-out rows for the eval loss (default 200)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per contender (default 1)")
+    p.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)  # the child's role
+    return p.parse_args(argv)
+
+
+HP = dict(warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, seed=42, scheduler="cosine")
+
+
+def prompt_of(row: dict) -> str:
+    from sft_trainer.config import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE_WITH_INPUT
+
+    if row.get("input"):
+        return DEFAULT_PROMPT_TEMPLATE_WITH_INPUT.replace("{instruction}", row["instruction"]).replace("{input}", row["input"])
+    return DEFAULT_PROMPT_TEMPLATE.replace("{instruction}", row["instruction"])
+
+
+def split_rows(args, assets: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (assets / "data" / "long_tail.jsonl").read_text().splitlines()]
+    return rows[: args.rows], rows[len(rows) - args.eval_rows :]
+
+
+# ---------------------------------------------------------------- contenders (run in a child process)
+
+
+def hf_args(args, out: Path, **extra):
+    common = dict(
+        output_dir=str(out), learning_rate=args.lr, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accumulation, warmup_steps=HP["warmup_ratio"], weight_decay=HP["weight_decay"],
+        max_grad_norm=HP["max_grad_norm"], seed=HP["seed"], lr_scheduler_type=HP["scheduler"], use_cpu=True, bf16=False,
+        save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    common.update(extra)
+    return common
+
+
+def run_classic(args, assets: Path, out: Path) -> float:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    tok.pad_token = tok.eos_token  # the classic recipe
+    train, _ = split_rows(args, assets)
+    texts = [prompt_of(r) + r["output"] + tok.eos_token for r in train]
+    enc = tok(texts, padding="max_length", max_length=SEQ, truncation=True)
+    ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                            "labels": [list(x) for x in enc["input_ids"]]})  # labels = input_ids, padding included
+    torch.manual_seed(HP["seed"])
+    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    trainer = Trainer(model=model, args=TrainingArguments(**hf_args(args, out)), train_dataset=ds,
+                      data_collator=default_data_collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    trainer.save_model(str(out / "model"))
+    tok.save_pretrained(out / "model")
+    return seconds
+
+
+def run_trl(args, assets: Path, out: Path) -> float:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    train, _ = split_rows(args, assets)
+    ds = Dataset.from_list([{"prompt": prompt_of(r), "completion": r["output"]} for r in train])
+    torch.manual_seed(HP["seed"])
+    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    cfg = SFTConfig(**hf_args(args, out, max_length=SEQ))
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    trainer.save_model(str(out / "model"))
+    tok.save_pretrained(out / "model")
+    return seconds
+
+
+def run_ours(args, assets: Path, out: Path, packing: bool) -> float:
+    from sft_trainer import train
+    from sft_trainer.config import TrainingSpec
+
+    train_rows, _ = split_rows(args, assets)
+    data_file = out / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    spec = TrainingSpec.model_validate({
+        "model": {"source": str(assets / "model")},
+        "dataset": {"train": {"source": str(data_file)}, "validationSplit": 0, "maxSeqLength": SEQ, "packing": packing},
+        "hyperparameters": {"learningRate": args.lr, "numEpochs": args.epochs, "perDeviceBatchSize": args.batch,
+                            "gradientAccumulationSteps": args.accumulation, "warmupRatio": HP["warmup_ratio"],
+                            "weightDecay": HP["weight_decay"], "maxGradNorm": HP["max_grad_norm"], "seed": HP["seed"],
+                            "lrScheduler": HP["scheduler"], "precision": "fp32"},
+        "evaluation": {"strategy": "no"},
+        "output": {"destination": str(out)},
+    })
+    metrics = train.run(spec, stdout=None)
+    return metrics["trainSeconds"]
+
+
+def child(args) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    assets = Path(args.workdir) / "tiny"
+    out = Path(args.workdir) / args.contender
+    out.mkdir(parents=True, exist_ok=True)
+    if args.contender == "classic":
+        seconds = run_classic(args, assets, out)
+    elif args.contender == "trl":
+        seconds = run_trl(args, assets, out)
+    else:
+        seconds = run_ours(args, assets, out, packing=args.contender == "packed")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    (out / "result.json").write_text(json.dumps({"trainSeconds": seconds, "peakRssMb": peak_mb}))
+
+
+# ---------------------------------------------------------------- the parent: run, evaluate, print
+
+
+def real_tokens_and_eval_set(args, assets: Path):
+    from transformers import AutoTokenizer
+
+    from sft_trainer import data
+    from sft_trainer.config import DatasetSpec
+
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    spec = DatasetSpec.model_validate({"train": {"source": "x.jsonl"}, "maxSeqLength": SEQ})
+    train, held = split_rows(args, assets)
+    stats = data.LengthStats()
+    rows = lambda rs: [data.RawRow("long_tail.jsonl", i, r) for i, r in enumerate(rs, 1)]  # noqa: E731
+    train_ex = data.tokenize_rows(rows(train), data.DataFormat.instruction, spec, tok, "task", stats)
+    held_ex = data.tokenize_rows(rows(held), data.DataFormat.instruction, spec, tok, "task", data.LengthStats())
+    return sum(len(e) for e in train_ex) * args.epochs, held_ex, stats
+
+
+def eval_loss(model_dir: Path, held) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sft_trainer import collate
+    from sft_trainer.train import Amp, Dist, evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Pad with a token id inside every contender's vocabulary; padding is masked out of the loss anyway.
+    return evaluate(model, held, Dist(), Amp("fp32", None), lambda ex: collate.pad_batch(ex, 0), 16)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.contender:
+        child(args)
+        return 0
+    from sft_trainer import tiny
+
+    work = Path(args.workdir)
+    assets = tiny.ensure(work / "tiny")
+    tokens, held, stats = real_tokens_and_eval_set(args, assets)
+    print(f"data: {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
+          f"{tokens:,} real tokens over {args.epochs} epoch(s); padded to {SEQ}: {args.rows * SEQ * args.epochs:,}")
+    results = {}
+    for name in args.only:
+        run_dir = work / name
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        cmd = [sys.executable, __file__, "--contender", name, *sys.argv[1:]]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+            continue
+        r = json.loads((run_dir / "result.json").read_text())
+        r["tokensPerSecond"] = tokens / r["trainSeconds"]
+        r["evalLoss"] = eval_loss(run_dir / "model", held)
+        results[name] = r
+        print(f"{name}: {r['trainSeconds']:.1f} s training ({time.time() - t0:.0f} s with setup), "
+              f"{r['tokensPerSecond']:,.0f} tok/s, peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}")
+    print()
+    header = f"{'contender':<9} {'train s':>8} {'tok/s':>9} {'vs classic':>10} {'vs TRL':>7} {'peak RSS MiB':>12} {'eval loss':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        vs_a = r["tokensPerSecond"] / results["classic"]["tokensPerSecond"] if "classic" in results else float("nan")
+        vs_b = r["tokensPerSecond"] / results["trl"]["tokensPerSecond"] if "trl" in results else float("nan")
+        print(f"{name:<9} {r['trainSeconds']:>8.1f} {r['tokensPerSecond']:>9,.0f} {vs_a:>9.2f}x {vs_b:>6.2f}x "
+              f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}")
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
