@@ -34,6 +34,10 @@ def test_response_loss_falls_and_outputs_are_written(make_spec, tmp_path):
     assert mean(losses[-20:]) < 0.7 * mean(losses[:10])
     evals = [r["evalLoss"] for r in read_log(out) if "evalLoss" in r]
     assert len(evals) == 2 and evals[-1] < losses[0]
+    lrs = [r["learningRate"] for r in read_log(out) if "loss" in r]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(3e-3) and 0 < peak <= 10  # warmup: 5% of 180 steps, then cosine decay
+    assert lrs[0] < lrs[peak] and lrs[-1] < 0.01 * lrs[peak]
     assert (out / "loss.png").stat().st_size > 1000
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["steps"] == metrics["steps"] == 2 * 90  # 720 rows / batch 8, two epochs
@@ -48,7 +52,9 @@ def test_response_loss_falls_and_outputs_are_written(make_spec, tmp_path):
 
 
 def test_frozen_layers_and_embeddings_do_not_change(make_spec, tiny, tmp_path):
-    run(make_spec(freezeLayers=2, freezeEmbeddings=True, hyperparameters={"maxSteps": 10}))
+    # With gradient checkpointing and a dropout override on, which must not touch frozen weights either.
+    run(make_spec(freezeLayers=2, freezeEmbeddings=True,
+                  hyperparameters={"maxSteps": 10, "gradientCheckpointing": True, "dropout": 0.1}))
     before = load_file(tiny / "model" / "model.safetensors")
     after = load_file(tmp_path / "out" / "model" / "model.safetensors")
     for name, w in before.items():

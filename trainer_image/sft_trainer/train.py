@@ -342,9 +342,8 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(ckpt_dir)
     barrier(d)
-    reporter = ProgressReporter.from_env(stdout=stdout if d.main else None, listener=listener if d.main else None)
-    if not d.main:
-        reporter = ProgressReporter(None, stdout=None)
+    # Only rank 0 reports; the others get a sink that does nothing.
+    reporter = ProgressReporter.from_env(stdout=stdout, listener=listener) if d.main else ProgressReporter(None, stdout=None)
     trainer_log = outputs.TrainerLog(out_dir / outputs.LOG, enabled=d.main)
     stop = StopFlag()
     stop.install()
