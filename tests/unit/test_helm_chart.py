@@ -458,3 +458,20 @@ def test_schema_closes_every_object_with_known_keys():
     assert not open_objects, f"objects that accept unknown keys: {open_objects}"
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) == set(schema["properties"]) - {"global"}, "values.yaml and the schema list different keys"
+
+
+def test_existing_secret_and_service_account_are_used_as_given():
+    docs = objects({"tls": {"existingSecret": "corp-tls"}, "serviceAccount": {"create": False, "name": "ops-sa"}})
+    assert not [d for d in docs if d["kind"] in ("Secret", "ServiceAccount", "Certificate")]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ops-sa"
+    assert {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v} == {"corp-tls"}
+    assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "ops-sa"
+    proc = helm("template", RELEASE, str(CHART), values={"serviceAccount": {"create": False}}, check=False)
+    assert proc.returncode != 0 and "serviceAccount.name is required" in proc.stderr
+
+
+def test_image_digest_pins_the_operator_image():
+    digest = "sha256:" + "a" * 64
+    container = one(objects({"image": {"digest": digest}}), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"ghcr.io/sft-operator/operator@{digest}"
