@@ -178,12 +178,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return show_status(args.name, args.namespace, watch=True, kubeconfig=args.kubeconfig)
 
 
-def cmd_operator_run(args: argparse.Namespace) -> int:
-    from .main import run_from_cli
-
-    return run_from_cli(args.operator_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftctl",
@@ -236,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("operator", help="run the operator (see `sftctl operator run --help`)")
     op_sub = p.add_subparsers(dest="operator_command", required=True, metavar="COMMAND")
-    run = op_sub.add_parser("run", help="run the Kopf operator", add_help=False)
-    run.add_argument("operator_args", nargs=argparse.REMAINDER)
-    run.set_defaults(func=cmd_operator_run)
+    op_sub.add_parser("run", help="run the Kopf operator (flags: `sftctl operator run --help`)")
 
     try:
         from .devcluster import add_subparser
@@ -250,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["operator", "run"]:
+        # Everything after `operator run` (including --help) belongs to the operator's own parser.
+        from .main import run_from_cli
+
+        return run_from_cli(argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

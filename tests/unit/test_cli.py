@@ -65,3 +65,9 @@ def test_help_lists_every_command():
     out = sftctl("--help")
     for command in ("validate", "render", "crd", "explain", "run", "example-assets", "status", "watch", "operator"):
         assert command in out.stdout
+
+
+def test_operator_run_help_shows_the_operator_flags():
+    out = sftctl("operator", "run", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--trainer-image" in out.stdout and "--progress-url" in out.stdout
