@@ -79,7 +79,7 @@ def test_kwok_gpu_nodes_and_process_node_are_ready(control_plane, api):
     local = nodes[PROCESS_NODE]
     assert ready(local)
     assert local.metadata.labels["sft.dev/process-node"] == "true"
-    assert [(t.key, t.value, t.effect) for t in local.spec.taints] == [("sft.dev/process-node", "true", "NoSchedule")]
+    assert ("sft.dev/process-node", "true", "NoSchedule") in [(t.key, t.value, t.effect) for t in local.spec.taints]
     listed = control_plane.kubectl("get", "nodes", "-o", "name").stdout.split()
     assert {"node/kwok-gpu-0", "node/kwok-gpu-1", f"node/{PROCESS_NODE}"} <= set(listed)
 
@@ -123,7 +123,8 @@ def test_process_pod_succeeds_with_env_volumes_and_pvc(control_plane, api, names
         'test "$(cat /etc/sft/config.json)" = \'{"lr": 2e-5}\'; '
         'if touch /etc/sft/new 2>/dev/null; then echo config mount is writable; exit 9; fi; '
         'echo "$POD_NAMESPACE $POD_NAME $HF_TOKEN $CFG_lr" > /mnt/pvc/models/out.txt; '
-        'echo scratch > /scratch/s; pwd > /mnt/pvc/models/pwd.txt'
+        'echo scratch > /scratch/s; pwd > /mnt/pvc/models/pwd.txt; '
+        'test -z "$(ls -A /tmp)"'
     )
     core.create_namespaced_pod(namespace, pod(
         "succeeds", ["sh", "-c", script, "sh", "$(BASE)"], PROCESS_NODE_PLACEMENT,
@@ -131,6 +132,7 @@ def test_process_pod_succeeds_with_env_volumes_and_pvc(control_plane, api, names
             {"name": "config", "configMap": {"name": "cfg"}},
             {"name": "models", "persistentVolumeClaim": {"claimName": "models"}},
             {"name": "scratch", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
         ],
         container={
             "workingDir": "/scratch",
@@ -146,6 +148,8 @@ def test_process_pod_succeeds_with_env_volumes_and_pvc(control_plane, api, names
                 {"name": "config", "mountPath": "/etc/sft", "readOnly": True},
                 {"name": "models", "mountPath": "/mnt/pvc/models"},
                 {"name": "scratch", "mountPath": "/scratch"},
+                # Over the state dir's parent (pytest's temp dir): other sources must stay visible.
+                {"name": "tmp", "mountPath": "/tmp"},
             ],
         },
     ))

@@ -384,6 +384,13 @@ def _node_ready(node) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in (node.status.conditions or []))
 
 
+def _node_schedulable(node) -> bool:
+    """Ready, and the node lifecycle controller has lifted its not-ready taint (it adds
+    one to a node first seen before its Ready condition)."""
+    return _node_ready(node) and not any(
+        t.key.startswith("node.kubernetes.io/") for t in (node.spec.taints or []))
+
+
 # ---------------------------------------------------------------- up / down / status
 
 
@@ -473,10 +480,10 @@ def up(
         def nodes_ready() -> bool:
             nodes = {n.metadata.name: n for n in core.list_node().items}
             want = [f"kwok-gpu-{i}" for i in range(gpu_nodes)] + [PROCESS_NODE_NAME]
-            return all(name in nodes and _node_ready(nodes[name]) for name in want)
+            return all(name in nodes and _node_schedulable(nodes[name]) for name in want)
 
         _wait("CRDs Established", crds_established, deadline, procs, state_dir)
-        _wait("nodes Ready", nodes_ready, deadline, procs, state_dir)
+        _wait("nodes Ready and untainted", nodes_ready, deadline, procs, state_dir)
         _wait("the default ServiceAccount (controller-manager up)",
               lambda: core.read_namespaced_service_account("default", "default"), deadline, procs, state_dir)
         _wait("kube-scheduler /healthz",

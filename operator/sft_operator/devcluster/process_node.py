@@ -559,7 +559,9 @@ class Agent:
 
         self.node_started = now()
         try:
-            self.core.create_node(self.node_manifest())
+            # Status in the create (as the kubelet does), so the node is never seen
+            # without a Ready condition and tainted not-ready for it.
+            self.core.create_node({**self.node_manifest(), "status": self.node_status()})
         except ApiException as exc:
             if exc.status != 409:
                 raise
