@@ -302,6 +302,20 @@ def test_kwok_hold_keeps_a_job_pod_running(control_plane, api, namespace):
         control_plane.wait_for(lambda: job_condition(batch, namespace, "held"), 3, "the Job to finish")
 
 
+def test_kwok_delay_keeps_a_job_pod_running_for_a_while(control_plane, api, namespace):
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    batch.create_namespaced_job(namespace, job("slow", {**KWOK_PLACEMENT, "containers": [
+        {"name": "train", "image": "trainer:dev"}]}, annotations={"sft.dev/kwok-delay": "10s"}))
+
+    def running():
+        pods = core.list_namespaced_pod(namespace, label_selector="job-name=slow").items
+        return pods and pods[0].status.phase == "Running"
+
+    control_plane.wait_for(running, 60, "the pod to run")
+    assert job_condition(batch, namespace, "slow") is None
+    assert control_plane.wait_for(lambda: job_condition(batch, namespace, "slow"), 60, "the Job to finish") == "Complete"
+
+
 # ---------------------------------------------------------------------- namespaces
 
 
