@@ -85,7 +85,9 @@ def test_kwok_stages_include_the_failure_stages_tests_rely_on():
             "sft-pod-exit-code", "sft-pod-oomkill", "pvc-provision"} <= names
 
 
-def test_load_crds_falls_back_to_a_placeholder(tmp_path):
-    assert cluster.load_crds(tmp_path) == [cluster.PLACEHOLDER_CRD]
+def test_load_crds_falls_back_to_the_generated_crd(tmp_path):
+    from sft_operator.crd import crd_manifest
+
+    assert cluster.load_crds(tmp_path) == [crd_manifest()]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cluster.PLACEHOLDER_CRD | {"metadata": {"name": "x.sft.dev"}}))
     assert [c["metadata"]["name"] for c in cluster.load_crds(tmp_path)] == ["x.sft.dev"]

@@ -226,6 +226,7 @@ STORAGE_CLASS = {
     "volumeBindingMode": "Immediate",
 }
 
+# Only used if neither crds/ nor the CRD generator is available (a partial checkout).
 PLACEHOLDER_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
     "kind": "CustomResourceDefinition",
@@ -243,11 +244,18 @@ PLACEHOLDER_CRD = {
 
 
 def load_crds(crds_dir: Path) -> list[dict]:
-    """Every CRD document under ``crds_dir``; a placeholder SFTJob CRD if there is none."""
+    """Every CRD document under ``crds_dir``. Without any (an installed package has no
+    crds/ folder), the SFTJob CRD from its generator; a placeholder as a last resort."""
     docs = []
     for path in sorted(crds_dir.glob("*.yaml")) if crds_dir.is_dir() else []:
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "CustomResourceDefinition"]
-    return docs or [PLACEHOLDER_CRD]
+    if docs:
+        return docs
+    try:
+        from sft_operator.crd import crd_manifest
+    except ImportError:
+        return [PLACEHOLDER_CRD]
+    return [crd_manifest()]
 
 
 # ---------------------------------------------------------------- processes
