@@ -95,7 +95,8 @@ def test_api_server_reports_its_release_version(control_plane):
 
 def test_process_pod_really_runs_and_fails_with_its_exit_code(control_plane, api, namespace):
     core = client.CoreV1Api(api)
-    script = "echo hi > /work/x; cat /work/x; echo 'disk full' > /dev/termination-log; exit 3"
+    # The background sleep must not outlive the container (kubelet semantics).
+    script = "sleep 300 & echo hi > /work/x; cat /work/x; echo 'disk full' > /dev/termination-log; exit 3"
     core.create_namespaced_pod(namespace, pod(
         "fails", ["sh", "-c", script], PROCESS_NODE_PLACEMENT,
         volumes=[{"name": "work", "emptyDir": {}}],
@@ -108,6 +109,16 @@ def test_process_pod_really_runs_and_fails_with_its_exit_code(control_plane, api
     assert (state.exit_code, state.reason, state.message) == (3, "Error", "disk full")
     assert p.status.pod_ip == "127.0.0.1"
     assert "hi" in control_plane.pod_log(namespace, "fails")
+    pgid = int(state.container_id.rpartition("/")[2])
+    control_plane.wait_for(lambda: not _process_group_alive(pgid), 10, "the container's background process to go")
+
+
+def _process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_process_pod_succeeds_with_env_volumes_and_pvc(control_plane, api, namespace):

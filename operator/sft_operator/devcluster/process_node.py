@@ -455,6 +455,8 @@ class PodRunner:
                 rc = proc.poll()
                 if rc is None:
                     continue
+                # Like a container's cgroup: what the main process left running goes too.
+                self.signal([proc], signal.SIGKILL)
                 code = exit_code_of(rc)
                 st = states[name]
                 st.kind, st.exit_code, st.finished_at = "terminated", code, now()
