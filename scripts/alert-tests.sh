@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Unit-test the Helm chart's Prometheus alerts with promtool:
 #   renders templates/prometheusrule.yaml, then `promtool check rules` and `promtool test rules`
-#   with tests/alerts/*.test.yaml (series in, expected alerts out).
+#   with tests/alerts/*.test.yaml (series in, expected alerts out); also parses every query of
+#   the Grafana dashboard (as recording rules, Grafana's variables filled in).
 #
 #   bash scripts/alert-tests.sh
 #
@@ -29,6 +30,19 @@ trap 'rm -rf "$work"' EXIT
     --set prometheus.rules.enabled=true --show-only templates/prometheusrule.yaml |
   "$PYTHON" -c 'import sys, yaml; rule = yaml.safe_load(sys.stdin); yaml.safe_dump({"groups": rule["spec"]["groups"]}, sys.stdout, sort_keys=False)' \
   >"$work/rules.yaml"
+# The dashboard's queries, with Grafana's variables filled in, must parse as PromQL too.
+"$PYTHON" - helm/sft-operator/dashboards/sft-operator.json >"$work/dashboard-queries.yaml" <<'PY'
+import json, sys, yaml
+grafana = {"$__rate_interval": "5m", "$__range": "6h", "$namespace": ".*", "$sftjob": ".*"}
+rules = []
+for panel in json.load(open(sys.argv[1]))["panels"]:
+    for target in panel.get("targets", []):
+        expr = target["expr"]
+        for var, value in grafana.items():
+            expr = expr.replace(var, value)
+        rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId'].lower()}", "expr": expr})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sys.stdout, sort_keys=False)
+PY
 cp tests/alerts/*.test.yaml "$work/"
-"$PROMTOOL_DIR/promtool" check rules "$work/rules.yaml"
+"$PROMTOOL_DIR/promtool" check rules "$work/rules.yaml" "$work/dashboard-queries.yaml"
 "$PROMTOOL_DIR/promtool" test rules "$work"/*.test.yaml
