@@ -102,3 +102,22 @@ def test_lora_adapters_save_and_optionally_merge(make_spec, tmp_path, merge):
         AutoModelForCausalLM.from_pretrained(model_dir)
     else:
         assert (model_dir / "adapter_config.json").exists()
+
+
+def test_sftctl_run_shows_progress_and_a_summary(make_spec, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from sft_trainer import local
+
+    spec = make_spec(hyperparameters={"maxSteps": 6}, resources={"gpusPerNode": 1})  # cluster fields are ignored
+    manifest = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": "tiny-local"}, "spec": spec}
+    buf = io.StringIO()
+    code = local.run(manifest, output=str(tmp_path / "elsewhere"), console=Console(file=buf, width=160))
+    text = buf.getvalue()
+    assert code == 0, text
+    assert "tiny-local" in text and "fine-tuning summary" in text and "6 / 6" in text
+    assert (tmp_path / "elsewhere" / "model").is_dir() and not (tmp_path / "out").exists()
+    bad = {**manifest, "spec": {**spec, "hyperparameters": {"learningRate": 0}}}
+    assert local.run(bad, console=Console(file=io.StringIO())) == 64
