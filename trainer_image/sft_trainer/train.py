@@ -381,8 +381,10 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
     if spec.peft is not None:
         model = add_lora(model, spec)
     if hp.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device)
     check_no_fp16_training(model, amp)
     if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and model.num_parameters() < 20_000_000:
