@@ -322,7 +322,7 @@ def test_rbac_is_least_privilege(values):
         assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     else:
         # Namespaced mode: only what is cluster-scoped stays in the ClusterRole.
-        assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")} | {
+        assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
             ("authentication.k8s.io", "tokenreviews", "create"), ("", "namespaces", "list"), ("", "namespaces", "watch")}
         for ns in values["watchNamespaces"]:
             role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == ns)
@@ -475,3 +475,66 @@ def test_image_digest_pins_the_operator_image():
     digest = "sha256:" + "a" * 64
     container = one(objects({"image": {"digest": digest}}), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == f"ghcr.io/sft-operator/operator@{digest}"
+
+
+# ---------------------------------------------------------------- RBAC == what the code calls
+
+# kubernetes-client method stem -> (API group, resource)
+CLIENT_RESOURCES = {
+    "config_map": ("", "configmaps"), "service": ("", "services"), "pod": ("", "pods"), "event": ("", "events"),
+    "job": ("batch", "jobs"), "token_review": ("authentication.k8s.io", "tokenreviews"),
+    "custom_object": ("sft.dev", "sftjobs"), "custom_object_status": ("sft.dev", "sftjobs/status"),
+}
+CLIENT_VERBS = {"read": "get", "get": "get", "create": "create", "patch": "patch", "delete": "delete",
+                "list": "list", "replace": "update"}
+# Calls and references (`fn = self.core.create_namespaced_config_map`) alike.
+CLIENT_CALL = re.compile(r"\.(read|get|create|patch|delete|list|replace)_(?:namespaced_)?([a-z_]+?)(?:_for_all_namespaces)?\b")
+# What Kopf itself does (kopf docs, "Deployment" / RBAC): list+watch every watched resource and
+# patch the handled one (finalizers, annotations); post core/v1 Events; scan CRDs at start-up;
+# in namespaced mode also list+watch namespaces.
+KOPF_EVENT_HANDLER = re.compile(r'@kopf\.on\.(event|create|update|resume|delete)\(\s*(GROUP|"[^"]*")\s*,\s*(?:VERSION|"[^"]*")\s*,\s*(PLURAL|"[^"]*")')
+
+
+def _needed_permissions(namespaced: bool) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) the operator's own code and Kopf use; CLI-only modules excluded."""
+    from sft_operator import GROUP, PLURAL
+
+    sources = [p for p in (ROOT / "operator" / "sft_operator").rglob("*.py")
+               if "devcluster" not in p.parts and p.name not in ("cli.py", "status_view.py")]
+    needed = set()
+    for path in sources:
+        text = path.read_text()
+        for verb, stem in CLIENT_CALL.findall(text):
+            if stem in CLIENT_RESOURCES:
+                needed.add((*CLIENT_RESOURCES[stem], CLIENT_VERBS[verb]))
+        for kind, group, plural in KOPF_EVENT_HANDLER.findall(text):
+            group = GROUP if group == "GROUP" else group.strip('"')
+            plural = PLURAL if plural == "PLURAL" else plural.strip('"')
+            needed |= {(group, plural, "list"), (group, plural, "watch")}
+            if kind != "event":  # change handlers store their progress on the object
+                needed.add((group, plural, "patch"))
+        if "kopf.event(" in text:
+            needed.add(("", "events", "create"))
+    needed |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    if namespaced:
+        needed |= {("", "namespaces", "list"), ("", "namespaces", "watch")}
+    return needed
+
+
+@pytest.mark.parametrize("values", [None, EVERYTHING], ids=["cluster-wide", "namespaced"])
+def test_rbac_grants_exactly_what_the_operator_calls(values):
+    needed = _needed_permissions(namespaced=values is not None)
+    assert ("", "events", "list") in needed and ("sft.dev", "sftjobs", "delete") in needed  # the scan works
+    docs = objects(values)
+    per_namespace = {}
+    for doc in docs:
+        if doc["kind"] in ("ClusterRole", "Role"):
+            scope = doc["metadata"].get("namespace", "*")
+            per_namespace.setdefault(scope, set()).update(
+                (g, r, v) for rule in _rules(doc) for g in rule["apiGroups"] for r in rule["resources"]
+                for v in rule["verbs"])
+    cluster = per_namespace.pop("*")
+    for scope in (values or {}).get("watchNamespaces", [None]):
+        granted = cluster | per_namespace.get(scope, set())
+        assert not needed - granted, f"missing in {scope or 'the ClusterRole'}: {sorted(needed - granted)}"
+        assert not granted - needed, f"granted but never used ({scope or 'cluster'}): {sorted(granted - needed)}"
