@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from sft_operator.crd import CRD_FILE, crd_yaml
 
 from .helpers import ROOT
@@ -148,7 +147,7 @@ def schema_dir(tmp_path_factory) -> Path:
     definitions["io.k8s.apimachinery.pkg.api.resource.Quantity"] = {
         "oneOf": [{"type": "string"}, {"type": "number"}]}
     out = tmp_path_factory.mktemp("kubeconform-schemas")
-    for name, definition in definitions.items():
+    for definition in definitions.values():
         for gvk in definition.get("x-kubernetes-group-version-kind", []):
             if gvk["kind"].endswith("List") or gvk["version"] == "__internal":
                 continue
