@@ -34,6 +34,7 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from sft_operator.crd import CRD_FILE, crd_yaml
 
 from .helpers import ROOT
