@@ -150,7 +150,10 @@ def test_install_in_a_restricted_namespace_upgrade_and_uninstall(control_plane, 
 
     release = Release(control_plane, ns, {})
     try:
-        release.install()
+        installed = release.install()
+        # NOTES.txt tells the user the next steps with the real names.
+        assert f"rollout status deployment/{release.fullname}" in installed.stdout, installed.stdout
+        assert f"https://{release.fullname}.{ns}.svc:8443" in installed.stdout
         docs = release.manifest()
         assert {d["kind"] for d in docs} == {"ServiceAccount", "Secret", "ClusterRole", "ClusterRoleBinding",
                                             "Service", "Deployment"}
