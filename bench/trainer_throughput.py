@@ -101,12 +101,12 @@ def run_classic(args, assets: Path, out: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
     trainer = Trainer(model=model, args=TrainingArguments(**hf_args(args, out)), train_dataset=ds,
                       data_collator=default_data_collator)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     trainer.save_model(str(out / "model"))
     tok.save_pretrained(out / "model")
-    return seconds
+    return seconds, cpu
 
 
 def run_trl(args, assets: Path, out: Path) -> float:
@@ -122,12 +122,12 @@ def run_trl(args, assets: Path, out: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
     cfg = SFTConfig(**hf_args(args, out, max_length=SEQ))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     trainer.save_model(str(out / "model"))
     tok.save_pretrained(out / "model")
-    return seconds
+    return seconds, cpu
 
 
 def run_ours(args, assets: Path, out: Path, packing: bool) -> float:
@@ -148,7 +148,7 @@ def run_ours(args, assets: Path, out: Path, packing: bool) -> float:
         "output": {"destination": str(out)},
     })
     metrics = train.run(spec, stdout=None)
-    return metrics["trainSeconds"]
+    return metrics["trainSeconds"], metrics["trainCpuSeconds"]
 
 
 def child(args) -> None:
@@ -164,13 +164,13 @@ def child(args) -> None:
     out = Path(args.workdir) / args.contender
     out.mkdir(parents=True, exist_ok=True)
     if args.contender == "classic":
-        seconds = run_classic(args, assets, out)
+        seconds, cpu = run_classic(args, assets, out)
     elif args.contender == "trl":
-        seconds = run_trl(args, assets, out)
+        seconds, cpu = run_trl(args, assets, out)
     else:
-        seconds = run_ours(args, assets, out, packing=args.contender == "packed")
+        seconds, cpu = run_ours(args, assets, out, packing=args.contender == "packed")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    (out / "result.json").write_text(json.dumps({"trainSeconds": seconds, "peakRssMb": peak_mb}))
+    (out / "result.json").write_text(json.dumps({"trainSeconds": seconds, "trainCpuSeconds": cpu, "peakRssMb": peak_mb}))
 
 
 # ---------------------------------------------------------------- the parent: run, evaluate, print
@@ -209,8 +209,11 @@ def main(argv=None) -> int:
     if args.contender:
         child(args)
         return 0
+    from transformers.utils import logging as hf_logging
+
     from sft_trainer import tiny
 
+    hf_logging.disable_progress_bar()
     work = Path(args.workdir)
     assets = tiny.ensure(work / "tiny")
     tokens, held, stats = real_tokens_and_eval_set(args, assets)
@@ -229,18 +232,26 @@ def main(argv=None) -> int:
             continue
         r = json.loads((run_dir / "result.json").read_text())
         r["tokensPerSecond"] = tokens / r["trainSeconds"]
+        r["tokensPerCpuSecond"] = tokens / r["trainCpuSeconds"]
         r["evalLoss"] = eval_loss(run_dir / "model", held)
         results[name] = r
-        print(f"{name}: {r['trainSeconds']:.1f} s training ({time.time() - t0:.0f} s with setup), "
-              f"{r['tokensPerSecond']:,.0f} tok/s, peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}")
+        print(f"{name}: {r['trainSeconds']:.1f} s training, {r['trainCpuSeconds']:.1f} CPU s ({time.time() - t0:.0f} s with "
+              f"setup), {r['tokensPerCpuSecond']:,.0f} tok/CPU-s, {r['tokensPerSecond']:,.0f} tok/s wall, peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}")
     print()
-    header = f"{'contender':<9} {'train s':>8} {'tok/s':>9} {'vs classic':>10} {'vs TRL':>7} {'peak RSS MiB':>12} {'eval loss':>9}"
+    print("Ratios use CPU seconds (1 thread per contender): on a shared machine, wall time also counts other")
+    print("processes' load; CPU time of the training call does not. Wall-clock ratios are shown too.")
+    header = (f"{'contender':<9} {'CPU s':>7} {'tok/CPU-s':>10} {'vs classic':>10} {'vs TRL':>7} "
+              f"{'wall s':>7} {'wall vs TRL':>11} {'peak RSS MiB':>12} {'eval loss':>9}")
     print(header)
     print("-" * len(header))
+
+    def ratio(name, key, base):
+        return results[name][key] / results[base][key] if base in results else float("nan")
+
     for name, r in results.items():
-        vs_a = r["tokensPerSecond"] / results["classic"]["tokensPerSecond"] if "classic" in results else float("nan")
-        vs_b = r["tokensPerSecond"] / results["trl"]["tokensPerSecond"] if "trl" in results else float("nan")
-        print(f"{name:<9} {r['trainSeconds']:>8.1f} {r['tokensPerSecond']:>9,.0f} {vs_a:>9.2f}x {vs_b:>6.2f}x "
+        print(f"{name:<9} {r['trainCpuSeconds']:>7.1f} {r['tokensPerCpuSecond']:>10,.0f} "
+              f"{ratio(name, 'tokensPerCpuSecond', 'classic'):>9.2f}x {ratio(name, 'tokensPerCpuSecond', 'trl'):>6.2f}x "
+              f"{r['trainSeconds']:>7.1f} {ratio(name, 'tokensPerSecond', 'trl'):>10.2f}x "
               f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}")
     (work / "results.json").write_text(json.dumps(results, indent=2))
     return 0

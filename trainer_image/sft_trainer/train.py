@@ -548,6 +548,7 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
 
     start_step = step
     train_time = 0.0
+    train_cpu = 0.0  # CPU seconds of this process in training steps (robust to other load on shared machines)
     tokens_run = 0
     last_loss: float | None = None
     stopped_early = False
@@ -560,7 +561,7 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
     while step < total_steps and not stopped_early:
         order = batches_for(epoch)
         while batch_in_epoch < len(order) and step < total_steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             group = order[batch_in_epoch : batch_in_epoch + accum]
             micro = [batch_fn([datasets.train[i] for i in idx]) for idx in group]
             n_tokens = all_sum(sum(collate.trained_tokens(b) for b in micro), d)
@@ -597,6 +598,7 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
                 epoch, batch_in_epoch = epoch + 1, 0
             dt = time.perf_counter() - t0
             train_time += dt
+            train_cpu += time.process_time() - c0
             tokens_run += int(step_real_tokens)
             train_tokens_done += int(step_real_tokens)
             last_loss = step_loss
@@ -666,6 +668,7 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
         "tokensPerSecond": round(tokens_run / train_time, 1) if train_time else None,
         "trainedTokens": train_tokens_done,
         "trainSeconds": round(train_time, 2),
+        "trainCpuSeconds": round(train_cpu, 2),
         "wallSeconds": round(time.time() - t_start, 2),
         "trainableParameters": sum(p.numel() for p in trainable),
         "outputModel": display_source(spec, outputs.MODEL_DIR),
