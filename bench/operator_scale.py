@@ -94,6 +94,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
                    help="where to write the results section (default: the repo's BENCHMARKS.md)")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    p.add_argument("--operator-threads", type=int, default=None, metavar="N",
+                   help="EXPERIMENT, not what ships: run the operator through a wrapper that gives asyncio.to_thread "
+                        "an N-thread pool (the default pool has min(32, cores + 4) threads) and the Kubernetes "
+                        "client an N-connection pool; shows how much of the gap is the operator's blocking-call "
+                        "concurrency. No operator code changes.")
     args = p.parse_args(argv)
     if args.gpu_nodes is None:
         args.gpu_nodes = math.ceil(args.jobs * args.gpus_per_job / GPUS_PER_NODE) + 2
@@ -436,11 +441,34 @@ def diff(after: Counter, before: Counter) -> dict[tuple[str, str], int]:
 # ---------------------------------------------------------------------------- the operator
 
 
+WRAPPER = """\
+# bench/operator_scale.py --operator-threads: the operator, unchanged, with bigger thread/connection pools.
+import asyncio, concurrent.futures, contextvars, functools, runpy, sys
+N = int(sys.argv.pop(1))
+_pool = concurrent.futures.ThreadPoolExecutor(N, thread_name_prefix="to_thread")
+async def _to_thread(func, /, *args, **kwargs):
+    ctx = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_pool, functools.partial(ctx.run, func, *args, **kwargs))
+asyncio.to_thread = _to_thread
+from kubernetes.client import configuration as _c
+_init = _c.Configuration.__init__
+def _patched(self, *a, **k):
+    _init(self, *a, **k)
+    self.connection_pool_maxsize = N
+_c.Configuration.__init__ = _patched
+runpy.run_module("sft_operator.main", run_name="__main__", alter_sys=True)
+"""
+
+
 class Operator:
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path) -> None:
+    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, threads: int | None = None) -> None:
         self.ports = {k: free_port() for k in ("metrics", "health", "progress")}
         self.log_path = log_path
         args = [sys.executable, "-m", "sft_operator.main"]
+        if threads:
+            wrapper = log_path.parent / "operator_wrapper.py"
+            wrapper.write_text(WRAPPER)
+            args = [sys.executable, str(wrapper), str(threads)]
         for ns in namespaces:
             args += ["-n", ns]
         args += [
@@ -636,7 +664,7 @@ async def main_async(args, info, workdir: Path) -> dict[str, Any]:
         result["bare"] = await run_baseline(api, pids, args.jobs, args)
 
         # the operator, idle
-        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log")
+        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log", args.operator_threads)
         result["operator_cmd"] = " ".join(op.cmd[1:])
         try:
             op.wait_healthy()
@@ -685,6 +713,11 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     lines = []
     lines.append(f"{n} SFTJobs x {args['gpus_per_job']} GPU, {args['gpu_nodes']} kwok nodes x 8 GPUs, "
                  f"client concurrency {args['concurrency']}, {os.cpu_count()} CPU cores; cluster up in {r['startup']} s")
+    if args.get("operator_threads"):
+        lines.append("")
+        lines.append(f"EXPERIMENT (--operator-threads {args['operator_threads']}): the unchanged operator run through "
+                     f"a wrapper that gives asyncio.to_thread a {args['operator_threads']}-thread pool and the "
+                     "Kubernetes client as many connections. Not what ships.")
     lines.append("")
     lines.append("| | bare client | operator | ratio |")
     lines.append("|---|---:|---:|---:|")
@@ -741,8 +774,13 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines), keynums
 
 
-def write_section(path: Path, n: int, body: str, command: str) -> None:
-    """Add or replace our `### N SFTJobs` block in our own section; nothing else in the file changes."""
+def heading(args: argparse.Namespace) -> str:
+    extra = f" (experiment: --operator-threads {args.operator_threads})" if args.operator_threads else ""
+    return f"### {args.jobs} SFTJobs{extra}"
+
+
+def write_section(path: Path, head: str, body: str, command: str) -> None:
+    """Add or replace our block under `head` in our own section; nothing else in the file changes."""
     intro = (
         f"{SECTION}\n\n"
         "Measured by `bench/operator_scale.py` in one run on a throw-away dev cluster (etcd, kube-apiserver,\n"
@@ -752,7 +790,7 @@ def write_section(path: Path, n: int, body: str, command: str) -> None:
         "as a subprocess. Latencies are between the benchmark's own watch events. Ratios, not absolute times,\n"
         "are the point: on 2 cores the API server, etcd, the controllers and the operator share the CPU.\n"
     )
-    block = f"### {n} SFTJobs\n\n```bash\n{command}\n```\n\n{body.rstrip()}\n"
+    block = f"{head}\n\n```bash\n{command}\n```\n\n{body.rstrip()}\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n"  # re-read right before writing
     start = text.find(SECTION + "\n")
     if start == -1:
@@ -761,15 +799,20 @@ def write_section(path: Path, n: int, body: str, command: str) -> None:
         nxt = re.search(r"^## ", text[start + len(SECTION):], re.MULTILINE)
         end = start + len(SECTION) + nxt.start() if nxt else len(text)
         ours = text[start:end]
-        blocks = {int(m.group(1)): m for m in re.finditer(r"^### (\d+) SFTJobs\n", ours, re.MULTILINE)}
-        parts: dict[int, str] = {}
+        blocks = {m.group(0).strip(): m for m in re.finditer(r"^### .*\n", ours, re.MULTILINE)}
+        parts: dict[str, str] = {}
         ordered = sorted(blocks.items(), key=lambda kv: kv[1].start())
         for i, (k, m) in enumerate(ordered):
             stop = ordered[i + 1][1].start() if i + 1 < len(ordered) else len(ours)
             parts[k] = ours[m.start():stop].rstrip() + "\n"
         prefix = ours[: ordered[0][1].start()] if ordered else intro + "\n"
-        parts[n] = block
-        new = prefix.rstrip() + "\n\n" + "\n".join(parts[k] for k in sorted(parts))
+        parts[head] = block
+
+        def order(h: str) -> tuple[int, str]:
+            m = re.match(r"### (\d+)", h)
+            return (int(m.group(1)) if m else 0, h)
+
+        new = prefix.rstrip() + "\n\n" + "\n".join(parts[k] for k in sorted(parts, key=order))
         text = text[:start] + new.rstrip() + "\n" + ("\n" + text[end:].lstrip("\n") if end < len(text) else "")
     path.write_text(text)
 
@@ -804,7 +847,7 @@ def main(argv=None) -> int:
     print()
     print(f"operator: {result['operator_cmd']}")
     if not args.no_write:
-        write_section(args.benchmarks_md, args.jobs, report, command)
+        write_section(args.benchmarks_md, heading(args), report, command)
         print(f"written to {args.benchmarks_md} under '{SECTION}'")
     return 0
 
