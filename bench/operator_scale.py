@@ -915,6 +915,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     command = "python bench/operator_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     command = command.strip()
+    if args.profile_operator and not (os.environ.get("PY_SPY") or shutil.which("py-spy")):
+        print("--profile-operator needs py-spy on PATH (or PY_SPY=/path/to/py-spy)", file=sys.stderr)
+        return 2
     print("building or reusing the control-plane binaries ...", flush=True)
     devcluster.ensure_binaries()
     own_dir = args.dir is None
