@@ -85,9 +85,14 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     evals = [(r["step"], r["evalLoss"]) for r in records if "evalLoss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss (response tokens)", linewidth=1)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="train loss (response tokens)", linewidth=0.6, alpha=0.35, color="tab:blue")
+        # A moving average shows the trend through small-batch noise.
+        k = max(1, len(losses) // 40)
+        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, label=f"train loss, {k}-step average", linewidth=1.5, color="tab:blue")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5, color="tab:orange")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
