@@ -10,7 +10,7 @@ Writes (default ``~/.cache/sft-operator/tiny``):
 - ``data/chat.jsonl``: the same tasks as chat ``messages`` rows;
 - ``data/general.jsonl``: 600 plain ``text`` rows of simple English, the general data mixed in against
   forgetting;
-- ``data/long_tail.jsonl``: 2000 rows whose lengths are long-tailed (most short, a few near 500 tokens),
+- ``data/long_tail.jsonl``: 2000 rows whose lengths are long-tailed (median ~37 tokens, a tail past 250),
   for the throughput benchmark.
 
 Same inputs, same bytes: every generator is seeded, and ``.complete`` marks a finished folder.
