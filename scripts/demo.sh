@@ -7,6 +7,6 @@ SKIP_K8S=1 bash scripts/setup.sh
 sftctl example-assets
 sftctl validate examples/local-tiny.yaml
 # A finished run would just be resumed (and stop at once); the demo trains from scratch each time.
-rm -rf "${SFT_CACHE:-$HOME/.cache/sft-operator}/runs/local-tiny"
+rm -rf "$HOME/.cache/sft-operator/runs/local-tiny"
 sftctl run examples/local-tiny.yaml
 echo "outputs: ~/.cache/sft-operator/runs/local-tiny (model/, metrics.json, trainer_log.jsonl, loss.png)"
