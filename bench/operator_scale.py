@@ -893,7 +893,9 @@ def write_section(path: Path, head: str, body: str, command: str) -> None:
         nxt = re.search(r"^## ", text[start + len(SECTION):], re.MULTILINE)
         end = start + len(SECTION) + nxt.start() if nxt else len(text)
         ours = text[start:end]
-        blocks = {m.group(0).strip(): m for m in re.finditer(r"^### .*\n", ours, re.MULTILINE)}
+        # Result blocks are "### <N> SFTJobs..."; any other text before the first one (notes,
+        # findings written by hand) is kept as it is.
+        blocks = {m.group(0).strip(): m for m in re.finditer(r"^### \d+ SFTJobs.*\n", ours, re.MULTILINE)}
         parts: dict[str, str] = {}
         ordered = sorted(blocks.items(), key=lambda kv: kv[1].start())
         for i, (k, m) in enumerate(ordered):
