@@ -189,7 +189,7 @@ class Api:
         self.session: aiohttp.ClientSession | None = None
         self.watch_session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Api:
+    async def __aenter__(self) -> Api:  # noqa: PYI034
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl, limit=self.concurrency + 4))
         self.watch_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl, limit=0))
         return self
