@@ -44,3 +44,38 @@ def test_current_status_overlays_our_last_write_for_the_same_uid_only():
     assert state.phase_counts() == {"Pending": 1}
     state.forget(key)
     assert key not in state.sftjobs and key not in state.written
+
+
+def test_slim_trims_before_copying_and_keeps_pod_status():
+    pod = kopf.Body({
+        "metadata": {"name": "p", "uid": "p1", "managedFields": [{"big": 1}], "ownerReferences": [{"uid": "j1"}]},
+        "spec": {"containers": [{"name": "trainer"}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+    out = slim("Pod", pod)
+    assert set(out) == {"metadata", "status"} and "managedFields" not in out["metadata"]
+    out["metadata"]["ownerReferences"][0]["uid"] = "x"
+    out["status"]["conditions"][0]["status"] = "False"
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == "j1"  # a deep copy
+    assert pod["status"]["conditions"][0]["status"] == "True"
+    assert slim("Job", {"status": {}}) == {"metadata": {}, "spec": {}, "status": {}}
+
+
+def test_phase_counts_are_kept_incrementally():
+    state = ClusterState()
+    a, b = ("ns", "a"), ("ns", "b")
+    state.sftjobs[a] = {"metadata": {"uid": "ua"}, "status": {}}
+    state.track_phase(a)
+    state.sftjobs[b] = {"metadata": {"uid": "ub"}, "status": {"phase": "Running"}}
+    state.track_phase(b)
+    assert state.phase_counts() == {"Pending": 1, "Running": 1}
+    state.written[a] = ("ua", {"phase": "Running"})
+    state.track_phase(a)
+    assert state.phase_counts() == {"Running": 2}
+    state.written[b] = ("ub", {"phase": "Succeeded"})
+    state.track_phase(b)
+    state.forget(a)
+    assert state.phase_counts() == {"Succeeded": 1}
+    assert state.phase_counts() == dict(__import__("collections").Counter(
+        state.current_status(k).get("phase") or "Pending" for k in state.sftjobs))
+

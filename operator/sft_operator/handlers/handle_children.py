@@ -39,6 +39,7 @@ async def sftjob_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, 
         return
     known = state.sftjobs.get(key)
     state.sftjobs[key] = slim("SFTJob", body)
+    state.track_phase(key)
     if known is None:  # first sight (operator start): the Job and pods may already say more
         await sync_status(memo, key)
         if state.current_status(key).get("phase") in TERMINAL_PHASES:

@@ -56,6 +56,7 @@ async def manage(memo: Any, sftjob: dict[str, Any], retry: int = 0) -> None:
     meta = sftjob["metadata"]
     key: Key = (meta["namespace"], meta["name"])
     state.sftjobs[key] = sftjob
+    state.track_phase(key)
     if state.current_status(key).get("phase") in TERMINAL_PHASES or meta.get("deletionTimestamp"):
         return  # finished: never recreate a deleted Job (it would train again)
 

@@ -7,8 +7,8 @@ pure computation and, only when something changed, one status patch.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +28,33 @@ _META_KEEP = (
 )
 
 
+def _plain(value: Any) -> Any:
+    """A deep copy of decoded JSON (dicts, lists, scalars): much cheaper than copy.deepcopy."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def slim(kind: str, body: Any) -> dict[str, Any]:
-    """A plain-dict copy of the parts status derivation reads (pod specs and Job templates are big)."""
-    raw = dict(body)
-    out = {k: copy.deepcopy(raw[k]) for k in _KEEP[kind] if k in raw}
-    meta = out.get("metadata") or {}
-    out["metadata"] = {k: meta[k] for k in _META_KEEP if k in meta}
+    """A plain-dict copy of the parts status derivation reads (pod specs and Job templates are big).
+
+    Trims first and copies only what is kept: managedFields and the Job's pod template are never copied.
+    """
+    out: dict[str, Any] = {}
+    for key in _KEEP[kind]:
+        if key not in body:
+            continue
+        value = body[key]
+        if key == "metadata":
+            value = {k: value[k] for k in _META_KEEP if k in value} if value else {}
+        elif key == "spec" and kind == "Job":
+            value = {k: value[k] for k in _JOB_SPEC_KEEP if k in value} if value else {}
+        out[key] = _plain(value)
+    out.setdefault("metadata", {})
     if kind == "Job":
-        spec = out.get("spec") or {}
-        out["spec"] = {k: spec[k] for k in _JOB_SPEC_KEEP if k in spec}
+        out.setdefault("spec", {})
     return out
 
 
@@ -55,6 +73,9 @@ class ClusterState:
     timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
     ttl_tasks: dict[Key, asyncio.Task] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    # Phase per tracked SFTJob and how many are in each, kept by track_phase() (O(1) per change).
+    phases: dict[Key, str] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
 
     def lock(self, key: Key) -> asyncio.Lock:
         lock = self.locks.get(key)
@@ -88,12 +109,27 @@ class ClusterState:
             status.update(written[1])
         return status
 
+    def track_phase(self, key: Key) -> None:
+        """Update the phase counts for one SFTJob after its body or our write of its status changed."""
+        old = self.phases.pop(key, None)
+        if old is not None:
+            self.counts[old] -= 1
+        if key in self.sftjobs:
+            phase = self.phases[key] = self.current_status(key).get("phase") or "Pending"
+            self.counts[phase] += 1
+
     def phase_counts(self) -> dict[str, int]:
-        return dict(Counter(self.current_status(k).get("phase") or "Pending" for k in self.sftjobs))
+        if len(self.phases) != len(self.sftjobs):  # written to directly (tests, a missed call): recount
+            self.phases.clear()
+            self.counts.clear()
+            for key in self.sftjobs:
+                self.track_phase(key)
+        return {phase: n for phase, n in self.counts.items() if n > 0}
 
     def forget(self, key: Key) -> None:
         for table in (self.sftjobs, self.written, self.creation_errors, self.pod_creation_errors, self.locks):
             table.pop(key, None)
+        self.track_phase(key)
         for timers in (self.timers, self.pod_checks):
             timer = timers.pop(key, None)
             if timer:

@@ -125,6 +125,7 @@ async def sync_status(memo: Any, key: Key) -> dict[str, Any] | None:
                             namespace, name, exc.status, _message(exc))
                 return None
             state.written[key] = (sftjob["metadata"].get("uid"), desired)
+            state.track_phase(key)
             await _report_transition(memo, sftjob, job, owned(current), desired)
             metrics.set_phase_counts(state.phase_counts())
         if pods:
