@@ -79,3 +79,35 @@ def test_phase_counts_are_kept_incrementally():
     assert state.phase_counts() == dict(__import__("collections").Counter(
         state.current_status(k).get("phase") or "Pending" for k in state.sftjobs))
 
+
+def test_call_gate_serves_status_patches_before_waiting_creates():
+    import asyncio
+    import threading
+
+    from sft_operator.handlers.kube import CREATE, STATUS, CallGate
+
+    order: list[str] = []
+    release = threading.Event()
+
+    def call(name: str) -> str:
+        if name == "first":
+            release.wait(5)
+        order.append(name)
+        return name
+
+    async def main() -> list[str]:
+        gate = CallGate(slots=1)
+        first = asyncio.ensure_future(gate.run(CREATE, call, "first"))
+        await asyncio.sleep(0.01)
+        creates = [asyncio.ensure_future(gate.run(CREATE, call, f"create{i}")) for i in range(2)]
+        cancelled = asyncio.ensure_future(gate.run(STATUS, call, "cancelled"))
+        status = asyncio.ensure_future(gate.run(STATUS, call, "status"))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        release.set()
+        results = await asyncio.gather(first, *creates, status)
+        assert gate.free == 1
+        return results
+
+    assert asyncio.run(main()) == ["first", "create0", "create1", "status"]
+    assert order == ["first", "status", "create0", "create1"]

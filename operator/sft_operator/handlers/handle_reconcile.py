@@ -8,7 +8,6 @@ It never writes the SFTJob's spec and never touches Job fields other than spec.s
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from ..reconcile import (
 )
 from ..render import render_children
 from ..status import TERMINAL_PHASES, Cause
+from .kube import CREATE
 from .state import ClusterState, Key, slim
 from .sync import emit, sync_status
 
@@ -82,7 +82,7 @@ async def manage(memo: Any, sftjob: dict[str, Any], retry: int = 0) -> None:
 
     patch = suspend_patch(parsed.spec.run_policy.suspend, job)
     if patch is not None:
-        job = await asyncio.to_thread(memo.kube.patch, "Job", meta["namespace"], job["metadata"]["name"], patch)
+        job = await state.gate.run(CREATE, memo.kube.patch, "Job", meta["namespace"], job["metadata"]["name"], patch)
         state.jobs[key] = slim("Job", job)
         if "suspend" in patch.get("spec", {}):
             if patch["spec"]["suspend"]:
@@ -100,11 +100,12 @@ async def _ensure_children(memo: Any, sftjob: dict[str, Any], parsed: SFTJob) ->
         if kind == "Job":
             child = prepare_job(child)
         try:
-            created, obj = await asyncio.to_thread(memo.kube.create, child)
+            created, obj = await memo.state.gate.run(CREATE, memo.kube.create, child)
             if not created:
                 patch = adoption_patch(obj, sftjob)
                 if patch is not None:
-                    obj = await asyncio.to_thread(
+                    obj = await memo.state.gate.run(
+                        CREATE,
                         memo.kube.patch, kind, child["metadata"]["namespace"], child["metadata"]["name"], patch
                     )
                     emit(sftjob, "Normal", "Adopted", f"adopted existing {kind} {child['metadata']['name']}")

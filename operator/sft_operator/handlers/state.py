@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..status import Cause
+from .kube import CallGate
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
 
@@ -73,6 +74,7 @@ class ClusterState:
     timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
     ttl_tasks: dict[Key, asyncio.Task] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    gate: CallGate = field(default_factory=CallGate)  # blocking API calls: status patches first
     # Phase per tracked SFTJob and how many are in each, kept by track_phase() (O(1) per change).
     phases: dict[Key, str] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)

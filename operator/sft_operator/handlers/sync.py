@@ -37,6 +37,7 @@ from ..status import (
     pod_creation_cause,
     status_patch,
 )
+from .kube import STATUS
 from .state import ClusterState, Key
 
 log = logging.getLogger("sft_operator.status")
@@ -116,7 +117,7 @@ async def sync_status(memo: Any, key: Key) -> dict[str, Any] | None:
         if patch is not None:
             namespace, name = key
             try:
-                await asyncio.to_thread(memo.kube.patch_status, namespace, name, patch)
+                await memo.state.gate.run(STATUS, memo.kube.patch_status, namespace, name, patch)
             except ApiException as exc:
                 if exc.status == 404:  # deleted meanwhile
                     return None
