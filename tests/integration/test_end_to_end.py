@@ -10,15 +10,11 @@ stages, whose content lives in ``<state-dir>/pvc/<claim>`` on this machine.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -28,18 +24,13 @@ from kubernetes import client
 from sft_operator import GROUP, PLURAL, VERSION
 
 from .conftest import PROCESS_NODE_PLACEMENT
+from .operator_process import OperatorProcess
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 # Long enough (~15 s of CPU training) for the trainer's 5 s progress posts to land at least twice.
 MAX_STEPS = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -53,65 +44,11 @@ def tiny_assets(tmp_path_factory) -> Path:
     return out
 
 
-class Operator:
-    """`python -m sft_operator.main` as a subprocess against the test cluster, watching one namespace."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, log_file: Path) -> None:
-        self.progress_port, self.metrics_port, self.health_port = _free_port(), _free_port(), _free_port()
-        self.log_file = log_file
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
-        for key in [k for k in env if k.startswith("SFT_")]:
-            env.pop(key)  # settings come from the flags below only
-        self.cmd = [
-            sys.executable, "-m", "sft_operator.main",
-            "--namespace", namespace,
-            "--progress-allow-plaintext",
-            "--progress-url", f"http://127.0.0.1:{self.progress_port}",
-            "--progress-port", str(self.progress_port),
-            "--metrics-port", str(self.metrics_port),
-            "--health-port", str(self.health_port),
-        ]
-        self._log = open(log_file, "w")
-        self.proc = subprocess.Popen(self.cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_file.read_text(errors="replace")[-8000:]
-
-    def scrape(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                self.scrape()
-                with socket.create_connection(("127.0.0.1", self.progress_port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.25)
-        raise AssertionError(f"the operator did not serve /metrics and progress within {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture
 def operator(control_plane, namespace, tmp_path):
-    op = Operator(control_plane.kubeconfig, namespace, tmp_path / "operator.log")
+    op = OperatorProcess.plaintext(control_plane.kubeconfig, tmp_path / "operator.log", namespace)
     try:
-        op.wait_ready()
+        op.start()
         yield op
     finally:
         op.stop()
@@ -186,17 +123,17 @@ def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_a
             steps_seen.add(step)
             losses_seen.add(loss)
             if not metrics_while_running:
-                metrics_while_running = job_series(operator.scrape(), namespace, name)
-        assert operator.proc.poll() is None, f"the operator died:\n{operator.log()}"
+                metrics_while_running = job_series(operator.metrics(), namespace, name)
+        assert operator.proc.poll() is None, f"the operator died:\n{operator.log_tail(200)}"
         time.sleep(0.25)
     else:
-        pytest.fail(f"the SFTJob did not finish within 600 s; status {status}\noperator log:\n{operator.log()}")
+        pytest.fail(f"the SFTJob did not finish within 600 s; status {status}\noperator log:\n{operator.log_tail(200)}")
 
     pod_logs = "\n".join(
         f"--- {p.metadata.name}\n{control_plane.pod_log(namespace, p.metadata.name)[-6000:]}"
         for p in core.list_namespaced_pod(namespace, label_selector=f"sft.dev/job-name={name}").items
     )
-    context = f"status: {status}\noperator log:\n{operator.log()}\ntrainer pods:\n{pod_logs}"
+    context = f"status: {status}\noperator log:\n{operator.log_tail(200)}\ntrainer pods:\n{pod_logs}"
     assert status.get("phase") == "Succeeded", context
     succeeded = {c["type"]: c for c in status.get("conditions") or []}.get("Succeeded")
     assert succeeded and succeeded["status"] == "True", context
@@ -221,8 +158,8 @@ def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_a
     assert list(model_dir.glob("*.safetensors")), sorted(p.name for p in model_dir.glob("*"))
 
     # ...and the per-job series are gone once the job finished (bounded cardinality).
-    control_plane.wait_for(lambda: not job_series(operator.scrape(), namespace, name), 30,
+    control_plane.wait_for(lambda: not job_series(operator.metrics(), namespace, name), 30,
                            "per-job series to be removed from /metrics")
-    scrape = operator.scrape()
+    scrape = operator.metrics()
     assert re.search(rf'sft_jobs_finished_total\{{[^}}]*namespace="{namespace}"[^}}]*result="Succeeded"', scrape), \
         "sft_jobs_finished_total counts the success"

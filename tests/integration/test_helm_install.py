@@ -20,12 +20,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,18 +35,14 @@ from kubernetes.client.exceptions import ApiException
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
 
+from .operator_process import OperatorProcess
+
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "sft-operator"
 AUDIENCE = "sft.dev/progress"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Release:
@@ -191,56 +184,32 @@ def test_install_in_a_restricted_namespace_upgrade_and_uninstall(control_plane, 
 # ---- RBAC: enough and not too much ----------------------------------------------------------------
 
 
-class Operator:
+class Operator(OperatorProcess):
     """The operator as a subprocess, authenticated as the chart's ServiceAccount, serving TLS."""
 
     def __init__(self, release: Release, tmp: Path) -> None:
         self.release, self.tmp = release, tmp
-        self.ports = {"metrics": free_port(), "health": free_port(), "progress": free_port()}
-        self.log_path = tmp / "operator.log"
-        self.proc: subprocess.Popen | None = None
+        # The kubeconfig is written at start(), once `helm install` has made the ServiceAccount.
+        super().__init__(tmp / "operator.kubeconfig", tmp / "operator.log", args=["--log-format", "plain"])
 
     def start(self) -> None:
         """Run with the environment the chart gives the pod; only ports and file paths are local."""
         apps = client.AppsV1Api(self.release.cp.api)
         deployment = apps.read_namespaced_deployment(self.release.fullname, self.release.namespace)
-        chart_env = {e.name: e.value or "" for e in deployment.spec.template.spec.containers[0].env}
+        self.env.update({e.name: e.value or "" for e in deployment.spec.template.spec.containers[0].env})
         for key, data in self.release.tls().items():
             (self.tmp / key).write_bytes(data)
-        kubeconfig = self.release.kubeconfig_for_service_account(self.tmp / "operator.kubeconfig")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_") and k != "KUBERNETES_SERVICE_HOST"}
-        env.update(chart_env)
-        env.update({
-            "KUBECONFIG": str(kubeconfig),
+        self.release.kubeconfig_for_service_account(Path(self.env["KUBECONFIG"]))
+        self.env.update({
             "SFT_METRICS_PORT": str(self.ports["metrics"]), "SFT_HEALTH_PORT": str(self.ports["health"]),
             "SFT_PROGRESS_PORT": str(self.ports["progress"]),
             "SFT_PROGRESS_TLS_CERT": str(self.tmp / "tls.crt"), "SFT_PROGRESS_TLS_KEY": str(self.tmp / "tls.key"),
             "SFT_PROGRESS_CA_FILE": str(self.tmp / "ca.crt"),
         })
-        args = [sys.executable, "-m", "sft_operator.main", "--log-format", "plain"]
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"operator exited:\n{self.log()}"
-            try:
-                with socket.create_connection(("127.0.0.1", self.ports["health"]), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"operator not listening after 40s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        super().start()
 
     def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+        return self.log_tail(400)
 
     def post_progress(self, namespace: str, name: str, token: str, report: dict[str, Any]) -> int:
         """POST as a trainer pod does: HTTPS verified against the chart's CA, for the Service's DNS name."""

@@ -18,25 +18,22 @@ container status a kubelet writes for an image it cannot pull (ErrImagePull).
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
+
+from .operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -44,79 +41,10 @@ REPO = Path(__file__).resolve().parents[2]
 PULL_GRACE = 4
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Operator:
-    """`python -m sft_operator.main` watching one namespace, with its own ports and log file."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, log_dir: Path) -> None:
-        self.kubeconfig, self.namespace = kubeconfig, namespace
-        self.ports = {"metrics": free_port(), "health": free_port(), "progress": free_port()}
-        self.log_path = log_dir / f"operator-{namespace}.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, wait: bool = True) -> None:
-        args = [
-            sys.executable, "-m", "sft_operator.main", "-n", self.namespace,
-            "--metrics-port", str(self.ports["metrics"]), "--health-port", str(self.ports["health"]),
-            "--progress-port", str(self.ports["progress"]), "--progress-allow-plaintext",
-            "--progress-url", f"http://127.0.0.1:{self.ports['progress']}",
-            "--image-pull-grace-seconds", str(PULL_GRACE), "--log-format", "plain",
-        ]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        log = open(self.log_path, "a")
-        log.write(f"\n===== start {self.starts} =====\n")
-        log.flush()
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        log.close()
-        self.starts += 1
-        if wait:
-            self.wait_healthy()
-
-    def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc and self.proc.poll() is None, f"operator exited:\n{self.log_tail()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"operator not healthy after {timeout}s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as resp:
-            return resp.read().decode()
-
-    def log_tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text() if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 @pytest.fixture
 def operator(control_plane, namespace, tmp_path):
-    op = Operator(control_plane.kubeconfig, namespace, tmp_path)
+    op = OperatorProcess.plaintext(control_plane.kubeconfig, tmp_path / f"operator-{namespace}.log", namespace,
+                                   "--image-pull-grace-seconds", str(PULL_GRACE))
     op.start()
     yield op
     op.stop()
