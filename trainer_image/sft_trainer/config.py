@@ -54,8 +54,6 @@ def check_source(value: str) -> str:
     return value
 
 
-Name = Annotated[str, Field(min_length=1, max_length=253)]
-ShortText = Annotated[str, Field(min_length=1, max_length=512)]
 Source = Annotated[
     str,
     Field(
@@ -340,17 +338,6 @@ class OutputSpec(ApiModel):
     )
 
 
-TRAINING_FIELDS = (
-    "model",
-    "dataset",
-    "hyperparameters",
-    "freeze_layers",
-    "freeze_embeddings",
-    "peft",
-    "evaluation",
-    "checkpointing",
-    "output",
-)
 
 
 class TrainingSpec(ApiModel):
@@ -376,6 +363,9 @@ class TrainingSpec(ApiModel):
             raise ValueError("evaluation.strategy: needs validation data; set it to no or add validation data")
         return self
 
+
+# The spec's training fields (snake_case); everything else in an SFTJob spec is the cluster's business.
+TRAINING_FIELDS = tuple(TrainingSpec.model_fields)
 
 # Mirrors of TrainingSpec's cross-object validators, placed on the enclosing spec in the CRD.
 TRAINING_SPEC_CEL = [
