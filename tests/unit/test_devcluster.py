@@ -91,3 +91,13 @@ def test_load_crds_falls_back_to_the_generated_crd(tmp_path):
     assert cluster.load_crds(tmp_path) == [crd_manifest()]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cluster.PLACEHOLDER_CRD | {"metadata": {"name": "x.sft.dev"}}))
     assert [c["metadata"]["name"] for c in cluster.load_crds(tmp_path)] == ["x.sft.dev"]
+
+
+def test_process_node_puts_back_image_paths_a_pod_mount_would_hide():
+    from sft_operator.devcluster.process_node import image_paths, keep_visible
+
+    # A checkout under /tmp (CI clones) stays importable when the trainer pod mounts an emptyDir at /tmp.
+    binds = keep_visible(["/tmp", "/etc/sft"], ["/tmp/clone/trainer_image", "/usr/lib/python3", "/tmp"])
+    assert binds == [("/tmp/clone/trainer_image", "/tmp/clone/trainer_image", True)]
+    assert keep_visible(["/tmp/clone/trainer_image"], ["/tmp/clone/trainer_image"]) == []  # the pod's own mount wins
+    assert any(p.endswith("trainer_image") for p in image_paths())

@@ -137,6 +137,29 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def image_paths() -> list[str]:
+    """What a container image would hold, which on this node is the host: the Python
+    environment and the project's own packages (an editable install lives in the checkout)."""
+    import sysconfig
+
+    import sft_operator
+    import sft_trainer
+
+    paths = {sys.prefix, sys.base_prefix, *sysconfig.get_paths().values()}
+    paths |= {str(Path(pkg.__file__).resolve().parent.parent) for pkg in (sft_operator, sft_trainer)}
+    return sorted(p for p in paths if p and Path(p).exists())
+
+
+def keep_visible(targets: list[str], paths: list[str]) -> list[tuple[str, str, bool]]:
+    """Read-only binds that put back image paths a pod mount would hide (an emptyDir at /tmp
+    over a checkout in /tmp). A pod that mounts exactly at such a path still wins."""
+
+    def hidden(path: Path) -> bool:
+        return any(Path(t) in path.parents for t in targets) and str(path) not in targets
+
+    return [(p, p, True) for p in paths if hidden(Path(p))]
+
+
 def stage_root(targets: list[str], uid: str, pod_dir: Path) -> Path:
     """A directory for staging the mount sources that none of the pod's mount targets
     covers (a pod that mounts an emptyDir at /tmp must still see sources under /tmp)."""
@@ -350,6 +373,7 @@ class PodRunner:
             term = self.pod_dir / f"termination-{c['name']}"
             term.write_text("")
             own.append((str(term), c.get("terminationMessagePath") or "/dev/termination-log", False))
+            own += keep_visible([target for _, target, _ in own], image_paths())
             # Parents before children, so a mount at /a/b isn't hidden by a later one at /a.
             mounts[c["name"]] = sorted(own, key=lambda m: len(Path(m[1]).parts))
         return mounts, envs
