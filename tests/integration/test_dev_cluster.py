@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from sft_operator.devcluster.process_node import image_paths
 
 from .conftest import PROCESS_NODE, PROCESS_NODE_PLACEMENT
 
@@ -135,7 +138,7 @@ def test_process_pod_succeeds_with_env_volumes_and_pvc(control_plane, api, names
         'if touch /etc/sft/new 2>/dev/null; then echo config mount is writable; exit 9; fi; '
         'echo "$POD_NAMESPACE $POD_NAME $HF_TOKEN $CFG_lr" > /mnt/pvc/models/out.txt; '
         'echo scratch > /scratch/s; pwd > /mnt/pvc/models/pwd.txt; '
-        'test -z "$(ls -A /tmp)"'
+        'ls -A /tmp > /mnt/pvc/models/tmp.txt'
     )
     core.create_namespaced_pod(namespace, pod(
         "succeeds", ["sh", "-c", script, "sh", "$(BASE)"], PROCESS_NODE_PLACEMENT,
@@ -174,6 +177,9 @@ def test_process_pod_succeeds_with_env_volumes_and_pvc(control_plane, api, names
     host_pvc = control_plane.state_dir / "pvc" / "models"
     assert (host_pvc / "out.txt").read_text() == f"{namespace} succeeds s3cret 2e-5\n"
     assert (host_pvc / "pwd.txt").read_text() == "/scratch\n"
+    # The emptyDir at /tmp is empty, but for the "image" paths put back (a checkout under /tmp).
+    put_back = {Path(p).relative_to("/tmp").parts[0] for p in image_paths() if p.startswith("/tmp/")}
+    assert set((host_pvc / "tmp.txt").read_text().split()) == put_back
     assert not os.path.exists("/scratch/s"), "emptyDir must be private to the pod's mount namespace"
     ready = {c.type: c.status for c in p.status.conditions}
     assert ready["PodScheduled"] == "True" and ready["Ready"] == "False"
