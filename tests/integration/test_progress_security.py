@@ -10,8 +10,6 @@ every other caller is rejected and status stays exactly as it was.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import socket
 import threading
@@ -24,43 +22,13 @@ from kubernetes import client, config
 
 from sft_operator import GROUP, PLURAL, VERSION, metrics, progress
 from sft_operator.settings import OperatorSettings
+from tls_certs import self_signed
 
 pytestmark = pytest.mark.cluster
 
 AUDIENCE = "sft.dev/progress"
 # A node selector no node has: the Job's pods exist (objects to bind tokens to) but never run.
 NOWHERE = {"sft.dev/test-nowhere": "true"}
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sft-operator-progress")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
 
 
 def _free_port() -> int:
@@ -73,7 +41,7 @@ class ProgressServer:
     """The real progress server (TokenReview verifier, status sink) in a thread with its own loop."""
 
     def __init__(self, kubeconfig: Path, tmp: Path) -> None:
-        self.cert, key = _self_signed(tmp)
+        self.cert, key = self_signed(tmp)
         self.port = _free_port()
         self.settings = OperatorSettings(
             progress_port=self.port,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 import aiohttp.web
@@ -19,6 +17,7 @@ from sft_operator import progress
 from sft_operator.progress import Caller, Rejected, build_app, status_patch
 from sft_operator.settings import OperatorSettings
 from sft_trainer.config import ProgressReport
+from tls_certs import self_signed
 
 NS, JOB = "team-a", "llama"
 URL = f"/v1/namespaces/{NS}/sftjobs/{JOB}/progress"
@@ -390,34 +389,6 @@ def test_status_patch_fits_the_crd_schema():
 # ---- TLS and startup ----------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sft-operator")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -431,7 +402,7 @@ def test_refuses_plaintext_unless_allowed():
 
 
 def test_serves_tls_with_the_configured_cert(tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     port = _free_port()
     settings = OperatorSettings(progress_port=port, progress_tls_cert=str(cert), progress_tls_key=str(key),
                                 progress_min_interval_seconds=0)
@@ -463,8 +434,8 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
 
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    cert, key = _self_signed(first)
-    new_cert, new_key = _self_signed(second)
+    cert, key = self_signed(first)
+    new_cert, new_key = self_signed(second)
     port = _free_port()
 
     async def main():
