@@ -9,23 +9,29 @@ gradient checkpointing), each in its own subprocess so that peak RSS is measured
   classic   transformers Trainer, every row padded to 512, pad = eos, labels = input_ids
   trl       TRL SFTTrainer, its defaults otherwise (prompt/completion rows: completion-only loss,
             dynamic padding, random batches, no packing, no padding-free)
-  ours      sft_trainer defaults (length-grouped dynamic padding, response-only logits)
+  ours      sft_trainer defaults (random batches cut into similar-length sub-batches, response-only logits)
   packed    sft_trainer with dataset.packing (padding-free rows, position ids reset)
 
 Reported: trained (non-padding) tokens per second — the same token count (the dataset's real tokens x
 epochs) divided by each contender's training time — and its ratio to classic and to TRL, peak RSS, and
 the response-token eval loss of each trained model on the same held-out rows (computed by the parent).
+With several seeds (data order; the initial weights are the same), it also prints the mean and spread
+over seeds: at a high learning rate one run's eval loss moves by ~0.1 with the batch order alone, so a
+single seed cannot tell two trainers apart.
 
-    python bench/trainer_throughput.py                # all four, ~3-5 min on 2 CPU cores
-    python bench/trainer_throughput.py --rows 800     # quicker
+    python bench/trainer_throughput.py                           # all four, seed 42, ~3-5 min on 2 cores
+    python bench/trainer_throughput.py --rows 800                # quicker
+    python bench/trainer_throughput.py --seeds 1 2 3 4 5 --epochs 3 --only trl ours packed --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -47,11 +53,16 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=42, help="seed for every contender (init, data order)")
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[42],
+                   help="seeds to run every contender with (data order, dropout); default 42")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="contender runs at a time (default 1); CPU-second ratios stay fair, wall-clock ones do not")
     p.add_argument("--threads", type=int, default=1, help="torch threads per contender (default 1)")
     p.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)  # the child's role
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seed = args.seeds[0]  # a child runs one seed
+    return args
 
 
 HP = dict(warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, scheduler="cosine")
@@ -161,7 +172,7 @@ def child(args) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     assets = Path(args.workdir) / "tiny"
-    out = Path(args.workdir) / args.contender
+    out = run_dir(Path(args.workdir), args.contender, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     if args.contender == "classic":
         seconds, cpu = run_classic(args, assets, out)
@@ -204,6 +215,34 @@ def eval_loss(model_dir: Path, held) -> float:
     return evaluate(model, held, Dist(), Amp("fp32", None), lambda ex: collate.pad_batch(ex, 0), 16)
 
 
+def run_dir(work: Path, name: str, seed: int) -> Path:
+    return work / f"{name}-seed{seed}"
+
+
+def run_contender(args, name: str, seed: int) -> tuple[dict | None, str]:
+    """One contender, one seed, in its own process (fair peak RSS); returns its result or the failure."""
+    out = run_dir(Path(args.workdir), name, seed)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--contender", name, "--seed", str(seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return json.loads((out / "result.json").read_text()), ""
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean over seeds of one contender's runs (eval loss also its standard deviation)."""
+    mean = lambda key: statistics.fmean(r[key] for r in runs)  # noqa: E731
+    losses = [r["evalLoss"] for r in runs]
+    return {
+        "seeds": len(runs), "trainCpuSeconds": mean("trainCpuSeconds"), "trainSeconds": mean("trainSeconds"),
+        "tokensPerCpuSecond": mean("tokensPerCpuSecond"), "tokensPerSecond": mean("tokensPerSecond"),
+        "peakRssMb": max(r["peakRssMb"] for r in runs), "evalLoss": statistics.fmean(losses),
+        "evalLossStdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+    }
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.contender:
@@ -219,29 +258,33 @@ def main(argv=None) -> int:
     tokens, held, stats = real_tokens_and_eval_set(args, assets)
     print(f"data: {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
           f"{tokens:,} real tokens over {args.epochs} epoch(s); padded to {SEQ}: {args.rows * SEQ * args.epochs:,}")
-    results = {}
-    for name in args.only:
-        run_dir = work / name
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        cmd = [sys.executable, __file__, "--contender", name, *sys.argv[1:]]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-        t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
-            continue
-        r = json.loads((run_dir / "result.json").read_text())
-        r["tokensPerSecond"] = tokens / r["trainSeconds"]
-        r["tokensPerCpuSecond"] = tokens / r["trainCpuSeconds"]
-        r["evalLoss"] = eval_loss(run_dir / "model", held)
-        results[name] = r
-        print(f"{name}: {r['trainSeconds']:.1f} s training, {r['trainCpuSeconds']:.1f} CPU s ({time.time() - t0:.0f} s with "
-              f"setup), {r['tokensPerCpuSecond']:,.0f} tok/CPU-s, {r['tokensPerSecond']:,.0f} tok/s wall, peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}")
+    plan = [(seed, name) for seed in args.seeds for name in args.only]
+    per_seed: dict[int, dict[str, dict]] = {seed: {} for seed in args.seeds}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_contender, args, name, seed): (seed, name) for seed, name in plan}
+        for fut in concurrent.futures.as_completed(futures):
+            seed, name = futures[fut]
+            r, failure = fut.result()
+            if r is None:
+                print(f"{name} seed {seed}: failed ({failure})")
+                continue
+            r["tokensPerSecond"] = tokens / r["trainSeconds"]
+            r["tokensPerCpuSecond"] = tokens / r["trainCpuSeconds"]
+            r["evalLoss"] = eval_loss(run_dir(work, name, seed) / "model", held)
+            per_seed[seed][name] = r
+            print(f"{name} seed {seed}: {r['trainSeconds']:.1f} s training, {r['trainCpuSeconds']:.1f} CPU s, "
+                  f"{r['tokensPerCpuSecond']:,.0f} tok/CPU-s, {r['tokensPerSecond']:,.0f} tok/s wall, "
+                  f"peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}", flush=True)
+    names = [n for n in args.only if any(n in runs for runs in per_seed.values())]
+    results = {n: summarise([runs[n] for runs in per_seed.values() if n in runs]) for n in names}
+    seeds = len(args.seeds)
     print()
     print("Ratios use CPU seconds (1 thread per contender): on a shared machine, wall time also counts other")
     print("processes' load; CPU time of the training call does not. Wall-clock ratios are shown too.")
+    if seeds > 1:
+        print(f"Means over {seeds} seeds; eval loss as mean ± standard deviation.")
     header = (f"{'contender':<9} {'CPU s':>7} {'tok/CPU-s':>10} {'vs classic':>10} {'vs TRL':>7} "
-              f"{'wall s':>7} {'wall vs TRL':>11} {'peak RSS MiB':>12} {'eval loss':>9}")
+              f"{'wall s':>7} {'wall vs TRL':>11} {'peak RSS MiB':>12} {'eval loss':>16}")
     print(header)
     print("-" * len(header))
 
@@ -249,11 +292,24 @@ def main(argv=None) -> int:
         return results[name][key] / results[base][key] if base in results else float("nan")
 
     for name, r in results.items():
+        spread = f" ± {r['evalLossStdev']:.3f}" if seeds > 1 else ""
         print(f"{name:<9} {r['trainCpuSeconds']:>7.1f} {r['tokensPerCpuSecond']:>10,.0f} "
               f"{ratio(name, 'tokensPerCpuSecond', 'classic'):>9.2f}x {ratio(name, 'tokensPerCpuSecond', 'trl'):>6.2f}x "
               f"{r['trainSeconds']:>7.1f} {ratio(name, 'tokensPerSecond', 'trl'):>10.2f}x "
-              f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+              f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}{spread:>7}")
+    if seeds > 1:
+        print()
+        print("eval loss per seed" + "".join(f" {n:>8}" for n in names))
+        for seed, runs in per_seed.items():
+            print(f"{'seed ' + str(seed):<18}" + "".join(f" {runs[n]['evalLoss']:>8.4f}" if n in runs else f" {'-':>8}" for n in names))
+        if "trl" in results:
+            for n in names:
+                if n != "trl":
+                    paired = [runs[n]["evalLoss"] - runs["trl"]["evalLoss"] for runs in per_seed.values() if n in runs and "trl" in runs]
+                    wins = sum(x <= 0 for x in paired)
+                    print(f"{n}: eval loss minus TRL's, mean {statistics.fmean(paired):+.4f} over {len(paired)} seeds; "
+                          f"lower or equal in {wins}")
+    (work / "results.json").write_text(json.dumps({"summary": results, "perSeed": per_seed}, indent=2))
     return 0
 
 

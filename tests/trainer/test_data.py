@@ -151,19 +151,56 @@ def test_general_data_is_mixed_in_at_the_requested_ratio(tiny, tokenizer, ratio)
     assert not held & {tuple(e.input_ids) for e in ds.train if e.source == "general"}  # held out means unseen
 
 
-def test_length_grouped_batches_cover_every_row_once_and_pad_little():
+def test_epoch_batches_are_random_deterministic_and_split_over_ranks():
     lengths = [5 + (i * 37) % 300 for i in range(1000)]
     batches = collate.epoch_batches(lengths, 8, seed=1, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(1000))
     assert batches == collate.epoch_batches(lengths, 8, seed=1, epoch=0)  # deterministic (resume relies on it)
-    grouped = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    plain = sum(max(lengths[i] for i in b) * len(b) for b in collate.epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=False))
-    assert grouped < 0.6 * plain
+    assert batches != collate.epoch_batches(lengths, 8, seed=1, epoch=1)  # reshuffled every epoch
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest row first: OOM shows at step 1
+    # Random, not length-grouped: batches mix short and long rows like the whole set does.
+    spread = sorted(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spread[len(spread) // 2] > 150
     # Two ranks: disjoint rows, the same number of batches.
     r0 = collate.epoch_batches(lengths, 8, seed=1, epoch=0, world_size=2, rank=0)
     r1 = collate.epoch_batches(lengths, 8, seed=1, epoch=0, world_size=2, rank=1)
     assert len(r0) == len(r1)
     assert len(set(sum(r0, [])) & set(sum(r1, []))) <= 16 - 1000 % 16  # only the few rows repeated to even out
+
+
+def test_length_splits_keep_every_row_and_cut_the_padding():
+    lengths = [30, 200, 35, 41, 33, 90, 38, 36]
+    runs = collate.length_splits(lengths, call_cost=64)
+    assert sorted(i for r in runs for i in r) == list(range(8))
+    padded = sum(len(r) * max(lengths[i] for i in r) for r in runs)
+    assert padded < 0.4 * len(lengths) * max(lengths)  # one padded batch: 1600 positions
+    assert runs[-1] == [1]  # the long row alone, the short ones together
+    assert collate.length_splits(lengths, call_cost=10**6) == [sorted(range(8), key=lambda i: lengths[i])]
+    assert collate.length_splits([], call_cost=64) == []
+
+
+def test_sub_batches_give_the_same_gradient_as_the_whole_batch(tiny, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from sft_trainer.train import loss_sum
+
+    rows = ROWS + [{"instruction": "Repeat the list backwards.", "input": " ".join(["apple river stone"] * 20),
+                    "output": " ".join(["stone river apple"] * 20)}]
+    examples, _ = tokenize(rows, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model", attn_implementation="sdpa")
+
+    def grads(batches):
+        model.zero_grad()
+        n = sum(collate.trained_tokens(b) for b in batches)
+        for b in batches:
+            (loss_sum(model, b) / n).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = grads([collate.pad_batch(examples, tokenizer.pad_token_id)])
+    runs = collate.length_splits([len(e) for e in examples], call_cost=8)
+    assert len(runs) > 1
+    split = grads([collate.pad_batch([examples[i] for i in r], tokenizer.pad_token_id) for r in runs])
+    assert torch.allclose(whole, split, rtol=1e-4, atol=1e-6)
 
 
 def test_packed_batch_resets_positions_and_matches_the_unpacked_loss(tiny, tokenizer):

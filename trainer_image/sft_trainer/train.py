@@ -153,6 +153,17 @@ def load_tokenizer(spec: TrainingSpec):
     return tok
 
 
+def split_call_cost(device: torch.device) -> int:
+    """The fixed cost of one more forward and backward, in padded positions, for ``collate.length_splits``.
+
+    CPU: measured on the benchmark's tiny model (BENCHMARKS.md). CUDA: a guess (no GPU was available to
+    measure); a GPU pays more per launch and less per position. ``SFT_SPLIT_COST`` overrides.
+    """
+    if os.environ.get("SFT_SPLIT_COST"):
+        return int(os.environ["SFT_SPLIT_COST"])
+    return 512 if device.type == "cuda" else 64
+
+
 def attention_implementation(device: torch.device) -> str:
     """flash-attention 2 (varlen: exact packing isolation) on GPUs that have it, else sdpa."""
     if device.type == "cuda":
@@ -419,19 +430,28 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
         fused=True,  # one kernel per step on CPU and GPU (as HF Trainer's default adamw_torch_fused)
     )
 
-    # Batches: the order is a pure function of (seed, epoch), so resume can skip into an epoch.
+    # Batches: random, and the order is a pure function of (seed, epoch), so resume can skip into an epoch.
     packing = ds.packing
-    # SFT_GROUP_BY_LENGTH=0: random batches with dynamic padding (an escape hatch; grouping is the default).
-    group_by_length = not packing and os.environ.get("SFT_GROUP_BY_LENGTH", "1") != "0"
     lengths = [len(e) for e in datasets.train]
     batch_fn = collate.pack_batch if packing else (lambda ex: collate.pad_batch(ex, tokenizer.pad_token_id))
     eval_fn = lambda ex: collate.pad_batch(ex, tokenizer.pad_token_id)  # noqa: E731
+    # Each random batch runs as similar-length sub-batches (same gradient, less padding); not with packing
+    # (nothing padded) nor FSDP (every rank must run the same number of forwards).
+    split_cost = None if packing or use_fsdp else split_call_cost(d.device)
 
     def batches_for(epoch: int) -> list[list[int]]:
         return collate.epoch_batches(
-            lengths, hp.per_device_batch_size, seed=hp.seed, epoch=epoch, world_size=d.world, rank=d.rank,
-            group_by_length=group_by_length,
+            lengths, hp.per_device_batch_size, seed=hp.seed, epoch=epoch, world_size=d.world, rank=d.rank
         )
+
+    def collated(group: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        if split_cost is None:
+            return [batch_fn([datasets.train[i] for i in idx]) for idx in group]
+        return [
+            batch_fn([datasets.train[idx[k]] for k in run])
+            for idx in group
+            for run in collate.length_splits([lengths[i] for i in idx], split_cost)
+        ]
 
     micro_per_epoch = len(batches_for(0))
     accum = hp.gradient_accumulation_steps
@@ -443,13 +463,6 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
         SCHEDULERS[hp.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     effective_batch = hp.per_device_batch_size * accum * d.world
-    # Loss normalisation. Random batches: the step's token mean. Length-grouped batches: the step's token sum
-    # over the *average* tokens per step, so every token weighs the same whatever its batch; with a per-step
-    # mean, a batch of 8 short rows would weigh as much as a batch of 8 long ones and long rows would be
-    # under-trained (measured: ~0.05 higher eval loss after one epoch on the long-tailed benchmark set).
-    norm_tokens = None
-    if group_by_length:
-        norm_tokens = sum(e.trained_tokens for e in datasets.train) / steps_per_epoch
     guard = StabilityGuard(loss_scaling=amp.scaler is not None)
     if d.main:
         log.info(
@@ -563,7 +576,7 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
         while batch_in_epoch < len(order) and step < total_steps:
             t0, c0 = time.perf_counter(), time.process_time()
             group = order[batch_in_epoch : batch_in_epoch + accum]
-            micro = [batch_fn([datasets.train[i] for i in idx]) for idx in group]
+            micro = collated(group)
             n_tokens = all_sum(sum(collate.trained_tokens(b) for b in micro), d)
             step_real_tokens = all_sum(sum(collate.real_tokens(b) for b in micro), d)
             step_loss = 0.0
@@ -571,8 +584,9 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
                 sync = contextlib.nullcontext() if no_sync is None or j == len(micro) - 1 else no_sync()
                 with sync, amp.autocast(d.device):
                     s = loss_sum(model, to_device(b, d.device))
-                    # DDP/FSDP average gradients over ranks; x world makes it the global token mean.
-                    loss = s * (d.world / max(norm_tokens or n_tokens, 1.0))
+                    # The step's token mean over all its (sub-)batches and ranks: DDP/FSDP average gradients
+                    # over ranks, so x world.
+                    loss = s * (d.world / max(n_tokens, 1.0))
                 (amp.scaler.scale(loss) if amp.scaler else loss).backward()
                 step_loss += float(s.detach())
                 if stop_requested(stop, d):
