@@ -444,14 +444,14 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
             lengths, hp.per_device_batch_size, seed=hp.seed, epoch=epoch, world_size=d.world, rank=d.rank
         )
 
-    def collated(group: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-        if split_cost is None:
-            return [batch_fn([datasets.train[i] for i in idx]) for idx in group]
-        return [
-            batch_fn([datasets.train[idx[k]] for k in run])
-            for idx in group
-            for run in collate.length_splits([lengths[i] for i in idx], split_cost)
-        ]
+    def collated(group: list[list[int]]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """The step's (sub-)batches, each with whether it ends a micro-batch. Ranks may get different
+        numbers of sub-batches, but every rank has the same number of micro-batch ends."""
+        out = []
+        for idx in group:
+            runs = [list(range(len(idx)))] if split_cost is None else collate.length_splits([lengths[i] for i in idx], split_cost)
+            out += [(batch_fn([datasets.train[idx[k]] for k in run]), n == len(runs) - 1) for n, run in enumerate(runs)]
+        return out
 
     micro_per_epoch = len(batches_for(0))
     accum = hp.gradient_accumulation_steps
@@ -577,10 +577,10 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
             t0, c0 = time.perf_counter(), time.process_time()
             group = order[batch_in_epoch : batch_in_epoch + accum]
             micro = collated(group)
-            n_tokens = all_sum(sum(collate.trained_tokens(b) for b in micro), d)
-            step_real_tokens = all_sum(sum(collate.real_tokens(b) for b in micro), d)
+            n_tokens = all_sum(sum(collate.trained_tokens(b) for b, _ in micro), d)
+            step_real_tokens = all_sum(sum(collate.real_tokens(b) for b, _ in micro), d)
             step_loss = 0.0
-            for j, b in enumerate(micro):
+            for j, (b, micro_end) in enumerate(micro):
                 sync = contextlib.nullcontext() if no_sync is None or j == len(micro) - 1 else no_sync()
                 with sync, amp.autocast(d.device):
                     s = loss_sum(model, to_device(b, d.device))
@@ -589,7 +589,8 @@ def _run(spec, d: Dist, out_dir: Path, ckpt_dir: Path, reporter: ProgressReporte
                     loss = s * (d.world / max(n_tokens, 1.0))
                 (amp.scaler.scale(loss) if amp.scaler else loss).backward()
                 step_loss += float(s.detach())
-                if stop_requested(stop, d):
+                # A collective: only at micro-batch ends, which every rank reaches the same number of times.
+                if micro_end and stop_requested(stop, d):
                     optimizer.zero_grad(set_to_none=True)
                     path = save_checkpoint(*position())
                     raise Interrupted(f"{signal_name(stop.signal)} received at step {step}: saved {path}, exit to resume")
