@@ -22,6 +22,10 @@ single seed cannot tell two trainers apart.
     python bench/trainer_throughput.py                           # all four, seed 42, ~3-5 min on 2 cores
     python bench/trainer_throughput.py --rows 800                # quicker
     python bench/trainer_throughput.py --seeds 1 2 3 4 5 --epochs 3 --only trl ours packed --jobs 2
+
+On a GPU (one short run; MFU = 6 x non-embedding parameters x trained tokens / time / peak FLOPs):
+
+    python bench/trainer_throughput.py --device cuda --precision bf16 --model 0.5b --only trl packed ours
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ def parse(argv=None):
                    help="contender runs at a time (default 1); CPU-second ratios stay fair, wall-clock ones do not")
     p.add_argument("--threads", type=int, default=1, help="torch threads per contender (default 1)")
     p.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--model", choices=("tiny", "0.5b"), default="tiny",
+                   help="tiny (~1M parameters, default) or 0.5b (a 24-layer, hidden-1024 Llama config with random "
+                        "weights, ~0.48B parameters, the tiny tokenizer)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every contender trains (default cpu; cpu hides the GPUs from all of them)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast over fp32 weights for every contender (GPU)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the device's dense bf16 peak for MFU with --device cuda (default 989: H100/H200 SXM)")
     p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)  # the child's role
     args = p.parse_args(argv)
     args.seed = args.seeds[0]  # a child runs one seed
@@ -66,6 +79,43 @@ def parse(argv=None):
 
 
 HP = dict(warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, scheduler="cosine")
+
+
+def model_path(args) -> Path:
+    """The model every contender starts from (weights and tokenizer)."""
+    work = Path(args.workdir)
+    return work / "tiny" / "model" if args.model == "tiny" else work / "model-0.5b"
+
+
+def ensure_model(args) -> Path:
+    """The --model 0.5b weights: random, seeded, written once next to the tiny assets (same tokenizer)."""
+    path = model_path(args)
+    if args.model == "tiny" or (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(Path(args.workdir) / "tiny" / "model")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=1024, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    tmp = path.with_name(path.name + ".tmp")
+    LlamaForCausalLM(config).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+def non_embedding_parameters(path: Path) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
 def prompt_of(row: dict) -> str:
@@ -88,7 +138,8 @@ def hf_args(args, out: Path, **extra):
     common = dict(
         output_dir=str(out), learning_rate=args.lr, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accumulation, warmup_steps=HP["warmup_ratio"], weight_decay=HP["weight_decay"],
-        max_grad_norm=HP["max_grad_norm"], seed=args.seed, lr_scheduler_type=HP["scheduler"], use_cpu=True, bf16=False,
+        max_grad_norm=HP["max_grad_norm"], seed=args.seed, lr_scheduler_type=HP["scheduler"],
+        use_cpu=args.device == "cpu", bf16=args.precision == "bf16",
         save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True,
         gradient_checkpointing=False,
     )
@@ -101,7 +152,7 @@ def run_classic(args, assets: Path, out: Path) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-    tok = AutoTokenizer.from_pretrained(assets / "model")
+    tok = AutoTokenizer.from_pretrained(model_path(args))
     tok.pad_token = tok.eos_token  # the classic recipe
     train, _ = split_rows(args, assets)
     texts = [prompt_of(r) + r["output"] + tok.eos_token for r in train]
@@ -109,7 +160,7 @@ def run_classic(args, assets: Path, out: Path) -> float:
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                             "labels": [list(x) for x in enc["input_ids"]]})  # labels = input_ids, padding included
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=torch.float32)
     trainer = Trainer(model=model, args=TrainingArguments(**hf_args(args, out)), train_dataset=ds,
                       data_collator=default_data_collator)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -126,11 +177,11 @@ def run_trl(args, assets: Path, out: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(assets / "model")
+    tok = AutoTokenizer.from_pretrained(model_path(args))
     train, _ = split_rows(args, assets)
     ds = Dataset.from_list([{"prompt": prompt_of(r), "completion": r["output"]} for r in train])
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=torch.float32)
     cfg = SFTConfig(**hf_args(args, out, max_length=SEQ))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -149,12 +200,12 @@ def run_ours(args, assets: Path, out: Path, packing: bool) -> float:
     data_file = out / "train.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     spec = TrainingSpec.model_validate({
-        "model": {"source": str(assets / "model")},
+        "model": {"source": str(model_path(args))},
         "dataset": {"train": {"source": str(data_file)}, "validationSplit": 0, "maxSeqLength": SEQ, "packing": packing},
         "hyperparameters": {"learningRate": args.lr, "numEpochs": args.epochs, "perDeviceBatchSize": args.batch,
                             "gradientAccumulationSteps": args.accumulation, "warmupRatio": HP["warmup_ratio"],
                             "weightDecay": HP["weight_decay"], "maxGradNorm": HP["max_grad_norm"], "seed": args.seed,
-                            "lrScheduler": HP["scheduler"], "precision": "fp32"},
+                            "lrScheduler": HP["scheduler"], "precision": args.precision},
         "evaluation": {"strategy": "no"},
         "output": {"destination": str(out)},
     })
@@ -203,16 +254,17 @@ def real_tokens_and_eval_set(args, assets: Path):
     return sum(len(e) for e in train_ex) * args.epochs, held_ex, stats
 
 
-def eval_loss(model_dir: Path, held) -> float:
+def eval_loss(model_dir: Path, held, device: str = "cpu") -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
     from sft_trainer import collate
     from sft_trainer.train import Amp, Dist, evaluate
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     # Pad with a token id inside every contender's vocabulary; padding is masked out of the loss anyway.
-    return evaluate(model, held, Dist(), Amp("fp32", None), lambda ex: collate.pad_batch(ex, 0), 16)
+    d = Dist(device=torch.device(device))
+    return evaluate(model, held, d, Amp("fp32", None), lambda ex: collate.pad_batch(ex, 0), 16)
 
 
 def run_dir(work: Path, name: str, seed: int) -> Path:
@@ -225,6 +277,8 @@ def run_contender(args, name: str, seed: int) -> tuple[dict | None, str]:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [sys.executable, __file__, *sys.argv[1:], "--contender", name, "--seed", str(seed)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer would otherwise pick a GPU up by itself
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return None, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
@@ -240,6 +294,7 @@ def summarise(runs: list[dict]) -> dict:
         "tokensPerCpuSecond": mean("tokensPerCpuSecond"), "tokensPerSecond": mean("tokensPerSecond"),
         "peakRssMb": max(r["peakRssMb"] for r in runs), "evalLoss": statistics.fmean(losses),
         "evalLossStdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        **({"mfu": statistics.fmean(r["mfu"] for r in runs)} if all("mfu" in r for r in runs) else {}),
     }
 
 
@@ -256,6 +311,8 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     assets = tiny.ensure(work / "tiny")
     tokens, held, stats = real_tokens_and_eval_set(args, assets)
+    n_params = non_embedding_parameters(ensure_model(args))
+    print(f"model: {args.model}, {n_params / 1e6:.1f}M non-embedding parameters; {args.device}, {args.precision}")
     print(f"data: {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
           f"{tokens:,} real tokens over {args.epochs} epoch(s); padded to {SEQ}: {args.rows * SEQ * args.epochs:,}")
     plan = [(seed, name) for seed in args.seeds for name in args.only]
@@ -270,17 +327,23 @@ def main(argv=None) -> int:
                 continue
             r["tokensPerSecond"] = tokens / r["trainSeconds"]
             r["tokensPerCpuSecond"] = tokens / r["trainCpuSeconds"]
-            r["evalLoss"] = eval_loss(run_dir(work, name, seed) / "model", held)
+            r["evalLoss"] = eval_loss(run_dir(work, name, seed) / "model", held, args.device)
+            if args.device == "cuda":
+                r["mfu"] = 6 * n_params * tokens / r["trainSeconds"] / (args.peak_tflops * 1e12)
             per_seed[seed][name] = r
             print(f"{name} seed {seed}: {r['trainSeconds']:.1f} s training, {r['trainCpuSeconds']:.1f} CPU s, "
                   f"{r['tokensPerCpuSecond']:,.0f} tok/CPU-s, {r['tokensPerSecond']:,.0f} tok/s wall, "
-                  f"peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}", flush=True)
+                  f"peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}"
+                  + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""), flush=True)
     names = [n for n in args.only if any(n in runs for runs in per_seed.values())]
     results = {n: summarise([runs[n] for runs in per_seed.values() if n in runs]) for n in names}
     seeds = len(args.seeds)
     print()
-    print("Ratios use CPU seconds (1 thread per contender): on a shared machine, wall time also counts other")
-    print("processes' load; CPU time of the training call does not. Wall-clock ratios are shown too.")
+    if args.device == "cuda":
+        print("On a GPU, read the wall-clock ratios (CPU seconds only count the host's share).")
+    else:
+        print("Ratios use CPU seconds (1 thread per contender): on a shared machine, wall time also counts other")
+        print("processes' load; CPU time of the training call does not. Wall-clock ratios are shown too.")
     if seeds > 1:
         print(f"Means over {seeds} seeds; eval loss as mean ± standard deviation.")
     header = (f"{'contender':<9} {'CPU s':>7} {'tok/CPU-s':>10} {'vs classic':>10} {'vs TRL':>7} "
@@ -297,6 +360,9 @@ def main(argv=None) -> int:
               f"{ratio(name, 'tokensPerCpuSecond', 'classic'):>9.2f}x {ratio(name, 'tokensPerCpuSecond', 'trl'):>6.2f}x "
               f"{r['trainSeconds']:>7.1f} {ratio(name, 'tokensPerSecond', 'trl'):>10.2f}x "
               f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}{spread:>7}")
+    if args.device == "cuda":
+        print("MFU: " + ", ".join(f"{n} {r['mfu']:.1%}" for n, r in results.items() if "mfu" in r)
+              + f" (6 x {n_params / 1e6:.0f}M x trained tokens / wall s / {args.peak_tflops:g} TFLOPS)")
     if seeds > 1:
         print()
         print("eval loss per seed" + "".join(f" {n:>8}" for n in names))
