@@ -25,7 +25,8 @@ single seed cannot tell two trainers apart.
 
 On a GPU (one short run; MFU = 6 x non-embedding parameters x trained tokens / time / peak FLOPs):
 
-    python bench/trainer_throughput.py --device cuda --precision bf16 --model 0.5b --only trl packed ours
+    python bench/trainer_throughput.py --device cuda --precision bf16 --model 0.5b --lr 1e-4 --batch 64 \
+        --only trl ours packed
 """
 
 from __future__ import annotations
