@@ -148,7 +148,17 @@ def hf_args(args, out: Path, **extra):
     return common
 
 
-def run_classic(args, assets: Path, out: Path) -> float:
+def train_and_save(trainer, tok, out: Path) -> tuple[float, float]:
+    """Train an HF/TRL trainer; (wall, CPU) seconds of the training call; the model lands in out/model."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.train()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    trainer.save_model(str(out / "model"))
+    tok.save_pretrained(out / "model")
+    return seconds, cpu
+
+
+def run_classic(args, assets: Path, out: Path) -> tuple[float, float]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
@@ -164,15 +174,10 @@ def run_classic(args, assets: Path, out: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=torch.float32)
     trainer = Trainer(model=model, args=TrainingArguments(**hf_args(args, out)), train_dataset=ds,
                       data_collator=default_data_collator)
-    t0, c0 = time.perf_counter(), time.process_time()
-    trainer.train()
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    trainer.save_model(str(out / "model"))
-    tok.save_pretrained(out / "model")
-    return seconds, cpu
+    return train_and_save(trainer, tok, out)
 
 
-def run_trl(args, assets: Path, out: Path) -> float:
+def run_trl(args, assets: Path, out: Path) -> tuple[float, float]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,15 +190,10 @@ def run_trl(args, assets: Path, out: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_path(args), dtype=torch.float32)
     cfg = SFTConfig(**hf_args(args, out, max_length=SEQ))
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-    t0, c0 = time.perf_counter(), time.process_time()
-    trainer.train()
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    trainer.save_model(str(out / "model"))
-    tok.save_pretrained(out / "model")
-    return seconds, cpu
+    return train_and_save(trainer, tok, out)
 
 
-def run_ours(args, assets: Path, out: Path, packing: bool) -> float:
+def run_ours(args, assets: Path, out: Path, packing: bool) -> tuple[float, float]:
     from sft_trainer import train
     from sft_trainer.config import TrainingSpec
 

@@ -86,7 +86,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_through_the_launcher(make_spec,
     assert "SIGTERM" in term.read_text() and saved in term.read_text()
 
 
-def test_divergence_stops_with_exit_66_naming_the_step_and_saves_nothing(make_spec, tiny, tmp_path):
+def test_divergence_stops_with_exit_66_naming_the_step_and_saves_nothing(make_spec, tiny, tmp_path, monkeypatch):
     # A base model with one Inf weight (a corrupt upload, an earlier run gone bad): the first loss is NaN.
     import shutil
 
@@ -100,11 +100,8 @@ def test_divergence_stops_with_exit_66_naming_the_step_and_saves_nothing(make_sp
     spec = make_spec(model={"source": str(bad)}, checkpointing={"strategy": "steps", "steps": 1})
     cfg = write_config(spec, tmp_path / "config.json")
     term = tmp_path / "termination-log"
-    os.environ["SFT_TERMINATION_LOG"] = str(term)
-    try:
-        code = entry.main(["--config", str(cfg)])
-    finally:
-        del os.environ["SFT_TERMINATION_LOG"]
+    monkeypatch.setenv("SFT_TERMINATION_LOG", str(term))
+    code = entry.main(["--config", str(cfg)])
     assert code == ExitCode.NAN_LOSS
     reason = term.read_text()
     assert "at step 1 " in reason and "lower the learning rate" in reason
@@ -124,17 +121,14 @@ def test_guard_catches_nan_inf_and_spikes_before_the_step():
     assert guard.check(14, 4.0, 5.0, 1e-4)  # twice the average is noise, not divergence
 
 
-def test_malformed_row_exits_65_with_file_and_row(make_spec, tmp_path):
+def test_malformed_row_exits_65_with_file_and_row(make_spec, tmp_path, monkeypatch):
     f = tmp_path / "train.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     cfg = write_config(make_spec(dataset={"train": {"source": str(f)}, "validationSplit": 0}, evaluation={"strategy": "no"}),
                        tmp_path / "config.json")
     term = tmp_path / "termination-log"
-    os.environ["SFT_TERMINATION_LOG"] = str(term)
-    try:
-        assert entry.main(["--config", str(cfg)]) == ExitCode.DATA_ERROR
-    finally:
-        del os.environ["SFT_TERMINATION_LOG"]
+    monkeypatch.setenv("SFT_TERMINATION_LOG", str(term))
+    assert entry.main(["--config", str(cfg)]) == ExitCode.DATA_ERROR
     assert term.read_text().strip() == f"{f} row 2: missing field 'output'"
 
 
@@ -146,14 +140,11 @@ def test_malformed_row_exits_65_with_file_and_row(make_spec, tmp_path):
         ({"bogus": 1}, "bogus"),
     ],
 )
-def test_invalid_config_exits_64(make_spec, tmp_path, change, needle):
+def test_invalid_config_exits_64(make_spec, tmp_path, monkeypatch, change, needle):
     cfg = write_config(make_spec(**change), tmp_path / "config.json")
     term = tmp_path / "termination-log"
-    os.environ["SFT_TERMINATION_LOG"] = str(term)
-    try:
-        assert entry.main(["--config", str(cfg)]) == ExitCode.INVALID_CONFIG
-    finally:
-        del os.environ["SFT_TERMINATION_LOG"]
+    monkeypatch.setenv("SFT_TERMINATION_LOG", str(term))
+    assert entry.main(["--config", str(cfg)]) == ExitCode.INVALID_CONFIG
     assert needle in term.read_text()
 
 
