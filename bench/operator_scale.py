@@ -64,7 +64,8 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
 import aiohttp
 import psutil
 import yaml
-from sft_operator import GROUP, PLURAL, VERSION, devcluster
+import sft_devcluster as devcluster
+from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.reconcile import prepare_job
 from sft_operator.render import LABEL_JOB, render_children
 

@@ -11,25 +11,27 @@ PYTHON=${PYTHON:-python3}
 log() { echo "[setup $(date +%H:%M:%S)] $*" >&2; }
 
 # pip is a no-op when everything is already satisfied, so rerunning is cheap.
-stamp=${SFT_CACHE:-$HOME/.cache/sft-operator}/pip-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=${SFT_CACHE:-$HOME/.cache/sft-operator}/pip-$(cat pyproject.toml tools/pyproject.toml | sha256sum | cut -c1-16)
 # The editable install must point at this checkout (CI clones into a new folder each run).
 here=$(pwd -P)
 installed_here() {
   "$PYTHON" - "$here" <<'PY' 2>/dev/null
 import sys, pathlib
-import sft_operator, sft_trainer, torch, transformers, kopf  # noqa: F401
+import sft_operator, sft_trainer, sft_devcluster, torch, transformers, kopf  # noqa: F401
 root = pathlib.Path(sys.argv[1])
-sys.exit(0 if pathlib.Path(sft_operator.__file__).resolve().is_relative_to(root) else 1)
+here = all(pathlib.Path(m.__file__).resolve().is_relative_to(root) for m in (sft_operator, sft_devcluster))
+sys.exit(0 if here else 1)
 PY
 }
 if [[ -f $stamp ]] && installed_here; then
   log "python packages: cached ($stamp)"
 elif [[ -f $stamp ]] && "$PYTHON" -c "import torch, transformers, kopf" 2>/dev/null; then
   log "python packages: dependencies cached; pointing the editable install at $here"
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps -e .
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps -e . -e tools
 else
   log "python packages: installing (first run downloads torch, a few GiB)"
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".[trainer,dev]"
+  # tools/ holds the dev cluster (sft-devtools): installed here, never in the images.
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".[trainer,dev]" -e tools
   mkdir -p "$(dirname "$stamp")" && touch "$stamp"
 fi
 

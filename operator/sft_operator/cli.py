@@ -233,12 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     op_sub.add_parser("run", help="run the Kopf operator (flags: `sftctl operator run --help`)")
 
     try:
-        from .devcluster import add_subparser
-    except ImportError:  # the dev cluster tool is optional in the operator image
-        pass
+        from sft_devcluster import add_subparser
+    except ImportError:  # a development tool: a checkout has it (tools/), the images don't
+        p = sub.add_parser("dev-cluster", help="local dev/test cluster (needs the tools/ package of a source checkout)")
+        p.set_defaults(func=_no_dev_cluster)
     else:
         add_subparser(sub)
     return parser
+
+
+def _no_dev_cluster(_args) -> int:
+    print("sftctl dev-cluster: the dev cluster is a development tool that is not installed here; "
+          "in a source checkout run `bash scripts/setup.sh` (it installs tools/ as sft-devtools)", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator import devcluster
+import sft_devcluster as devcluster
 
 PROCESS_NODE = "sft-local-0"
 # What a pod needs to land on the process-backed node.

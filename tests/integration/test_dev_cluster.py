@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator.devcluster.process_node import image_paths
+from sft_devcluster.process_node import image_paths
 
 from .conftest import PROCESS_NODE, PROCESS_NODE_PLACEMENT
 

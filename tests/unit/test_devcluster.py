@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sft_operator.devcluster import cluster
-from sft_operator.devcluster.pki import Pki
-from sft_operator.devcluster.process_node import (
+from sft_devcluster import cluster
+from sft_devcluster.pki import Pki
+from sft_devcluster.process_node import (
     PodSetupError,
     exit_code_of,
     expand,
@@ -94,7 +94,7 @@ def test_load_crds_falls_back_to_the_generated_crd(tmp_path):
 
 
 def test_process_node_puts_back_image_paths_a_pod_mount_would_hide():
-    from sft_operator.devcluster.process_node import image_paths, keep_visible
+    from sft_devcluster.process_node import image_paths, keep_visible
 
     # A checkout under /tmp (CI clones) stays importable when the trainer pod mounts an emptyDir at /tmp.
     binds = keep_visible(["/tmp", "/etc/sft"], ["/tmp/clone/trainer_image", "/usr/lib/python3", "/tmp"])

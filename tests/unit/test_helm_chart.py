@@ -1,7 +1,7 @@
 """The Helm chart: lints, renders valid Kubernetes objects, rejects bad values, grants least privilege.
 
 Needs the pinned `helm` and `kubeconform` binaries that scripts/k8s-bin.sh builds (found through
-`sft_operator.devcluster.ensure_binaries`, or SFT_K8S_BIN). Without them the tests fail and say why.
+`sft_devcluster.ensure_binaries`, or SFT_K8S_BIN). Without them the tests fail and say why.
 
 kubeconform's default schema location is on the internet. Offline, its schemas are generated here
 from the OpenAPI document of the Kubernetes release the binaries are built from
@@ -54,7 +54,7 @@ EVERYTHING = {
 
 @cache
 def bin_dir() -> Path:
-    from sft_operator import devcluster
+    import sft_devcluster as devcluster
 
     try:
         path = devcluster.ensure_binaries()
@@ -500,7 +500,7 @@ def _needed_permissions(namespaced: bool) -> set[tuple[str, str, str]]:
     from sft_operator import GROUP, PLURAL
 
     sources = [p for p in (ROOT / "operator" / "sft_operator").rglob("*.py")
-               if "devcluster" not in p.parts and p.name not in ("cli.py", "status_view.py")]
+               if p.name not in ("cli.py", "status_view.py")]
     needed = set()
     for path in sources:
         text = path.read_text()

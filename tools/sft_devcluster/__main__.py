@@ -1,4 +1,4 @@
-"""``python -m sft_operator.devcluster up|down|status`` (same as ``sftctl dev-cluster``)."""
+"""``python -m sft_devcluster up|down|status`` (same as ``sftctl dev-cluster``)."""
 
 import argparse
 import sys
@@ -7,7 +7,7 @@ from . import add_subparser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_operator.devcluster")
+    parser = argparse.ArgumentParser(prog="python -m sft_devcluster")
     add_subparser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["dev-cluster", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

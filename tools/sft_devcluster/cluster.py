@@ -36,7 +36,7 @@ import yaml
 
 from .pki import Pki, ensure_pki
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "k8s-bin.sh"
 KWOK_STAGES = Path(__file__).with_name("kwok_stages.yaml")
 PROCESS_NODE_NAME = "sft-local-0"
@@ -187,7 +187,7 @@ def component_commands(
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [
-            sys.executable, "-m", "sft_operator.devcluster.process_node",
+            sys.executable, "-m", "sft_devcluster.process_node",
             f"--kubeconfig={kcfg('admin')}", f"--state-dir={state_dir}", f"--node-name={PROCESS_NODE_NAME}",
             f"--apiserver-port={ports['apiserver']}", f"--gpus={process_node_gpus}",
         ],
@@ -316,9 +316,9 @@ def _start(name: str, cmd: list[str], state_dir: Path, extra_env: dict[str, str]
 
 
 def _pythonpath() -> str:
-    """PYTHONPATH that finds this package from a plain checkout too."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    return os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    """PYTHONPATH that finds this package (and the product's) from a plain checkout too."""
+    roots = [str(REPO_ROOT / d) for d in ("tools", "operator", "trainer_image")]
+    return os.pathsep.join(filter(None, [*roots, os.environ.get("PYTHONPATH")]))
 
 
 def _start_time(pid: int) -> str:
@@ -330,7 +330,7 @@ def _start_time(pid: int) -> str:
 def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
     """A detached process that runs ``down`` once ``owner_pid`` is gone."""
     code = (
-        "import sys; from pathlib import Path; from sft_operator.devcluster.cluster import watchdog; "
+        "import sys; from pathlib import Path; from sft_devcluster.cluster import watchdog; "
         f"watchdog({owner_pid}, {_start_time(owner_pid)!r}, Path({str(state_dir)!r}))"
     )
     env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
