@@ -161,11 +161,18 @@ build_image() {
     log "$name: built in $((SECONDS - t0)) s; same image as $tar"
   else
     log "$name: built in $((SECONDS - t0)) s; saving $tar"
-    rm -f "$tar.part"
+    # The old tar goes first: a trainer tar is GiBs, and two copies may not fit.
+    rm -f "$stamp" "$tar" "$tar.part"
     podman save --format docker-archive --output "$tar.part" "$ref" >&2
     mv "$tar.part" "$tar"
   fi
   echo "$hash $id" >"$stamp"
+  # Earlier builds of this image that nothing uses any more (an old dependency layer is GiBs);
+  # the label keeps other projects' images out of it, and the current build's cache stays.
+  local title pruned
+  title=$(podman image inspect --format '{{index .Labels "org.opencontainers.image.title"}}' "$ref")
+  pruned=$(podman image prune --force --filter "label=org.opencontainers.image.title=$title" | wc -l)
+  [[ $pruned == 0 ]] || log "$name: removed $pruned unused earlier build steps of $title"
   log "$name: $ref ($(podman image inspect --format '{{.Size}}' "$ref" | numfmt --to=iec) image, $(du -h "$tar" | cut -f1) tar) in $((SECONDS - t0)) s"
 }
 
