@@ -19,7 +19,7 @@
 # podman's own store (layers; `podman images` lists them with CONTAINERS_CONF=scripts/containers.conf),
 # /var/tmp/buildah-cache (pip's download cache, shared by the builds). The project's podman settings
 # are in scripts/containers.conf; nothing under /etc is changed.
-set -euo pipefail
+set -Eeuo pipefail
 shopt -s inherit_errexit
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
@@ -54,7 +54,7 @@ die() { log "error: $*"; exit 1; }
 trap 'rc=$?; log "error: \"$BASH_COMMAND\" failed (exit $rc)"; exit $rc' ERR
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 
 list=0
