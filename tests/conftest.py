@@ -2,6 +2,10 @@
 the real control plane fixture lives in tests/integration/conftest.py; the container images come
 from tests/container_images.py (scripts/build-images.sh)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import container_images
@@ -36,3 +40,18 @@ def images() -> dict[str, container_images.Image]:
     if "built" not in _images:  # a test that uses the fixture without the `images` marker
         pytest.fail("tests that use the `images` fixture need @pytest.mark.images", pytrace=False)
     return _images["built"]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """The offline tiny model and data (`python -m sft_trainer.tiny DIR`, what `sftctl example-assets`
+    writes), readable by every user, as files a trainer pod (UID 1000) reads from a volume must be."""
+    out = tmp_path_factory.mktemp("tiny") / "tiny"
+    result = subprocess.run([sys.executable, "-m", "sft_trainer.tiny", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"sft_trainer.tiny failed:\n{result.stdout}\n{result.stderr}"
+    assert (out / "model" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
+    # safetensors writes model.safetensors with mode 0600: another user (a pod) could not read it.
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out

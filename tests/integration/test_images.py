@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import tomllib
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -75,20 +73,6 @@ def test_trainer_image_holds_what_pyproject_and_the_constraints_ask_for(images):
         if line.strip() and not line.startswith("#"):
             name, version = line.split("==")
             assert have.get(name.strip().lower()) == version.strip(), f"{line}: image has {have.get(name.lower())}"
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory) -> Path:
-    """The offline tiny model and data (`python -m sft_trainer.tiny DIR`, what `sftctl example-assets` writes)."""
-    out = tmp_path_factory.mktemp("tiny") / "tiny"
-    result = subprocess.run([sys.executable, "-m", "sft_trainer.tiny", str(out)], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, f"sft_trainer.tiny failed:\n{result.stdout}\n{result.stderr}"
-    # safetensors writes model.safetensors with mode 0600, unreadable for the pod's UID 1000 when
-    # someone else (here root) made the files: make them world-readable, as one would on a PVC.
-    for path in out.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return out
 
 
 @pytest.mark.trainer
