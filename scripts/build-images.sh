@@ -96,6 +96,8 @@ ensure_tools() {
   fi
 }
 
+image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
 ensure_base() {
   if [[ ! -s $BASE_TAR ]]; then
     log "base: Debian bookworm root filesystem with python3 from $MIRROR (mmdebstrap, about a minute)"
@@ -103,11 +105,13 @@ ensure_base() {
     rm -f "$BASE_TAR.part"
     nice -n 10 mmdebstrap --quiet "${BASE_ARGS[@]}" "$BASE_TAR.part" "${BASE_SOURCES[@]}" >&2
     sha256sum "$BASE_TAR.part" | cut -c1-64 >"$BASE_TAR.sha256"
+    rm -f "$BASE_TAR.image-id"
     mv "$BASE_TAR.part" "$BASE_TAR"
     log "base: $BASE_TAR ($(du -h "$BASE_TAR" | cut -f1)) in $((SECONDS - t0)) s"
   fi
   [[ -s $BASE_TAR.sha256 ]] || sha256sum "$BASE_TAR" | cut -c1-64 >"$BASE_TAR.sha256"
-  if podman image exists "$BASE_REF"; then
+  # The image imported from this very tar (a new tar, e.g. for newer Debian packages, is imported again).
+  if [[ -s $BASE_TAR.image-id && $(image_id "$BASE_REF") == "$(cat "$BASE_TAR.image-id")" ]]; then
     log "base: $BASE_REF (cached)"
   else
     # PATH must be set: the Dockerfiles extend it (ENV PATH=/opt/sft/bin:$PATH).
@@ -115,6 +119,7 @@ ensure_base() {
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
       "$BASE_TAR" "$BASE_REF" >/dev/null
+    image_id "$BASE_REF" >"$BASE_TAR.image-id"
     log "base: imported $BASE_REF"
   fi
 }
@@ -130,8 +135,6 @@ inputs_hash() {
     echo "base $(cat "$BASE_TAR.sha256")"
   ) | sha256sum | cut -c1-64
 }
-
-image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 
 build_image() {
   local name=$1 ref tar dockerfile stamp hash stamped_hash="" stamped_id="" t0 id
