@@ -1,6 +1,57 @@
-"""Shared pytest setup. The `cluster` and `trainer` markers are declared in pyproject.toml;
-the real control plane fixture lives in tests/integration/conftest.py."""
+"""Shared pytest setup. The `cluster`, `trainer` and `images` markers are declared in pyproject.toml;
+the real control plane fixture lives in tests/integration/conftest.py; the container images come
+from tests/container_images.py (scripts/build-images.sh)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import container_images
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds even on a warm machine")
+
+
+_images: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Build (or reuse) the images before any test starts, so that a cold build (about ten minutes)
+    counts against no test's timeout."""
+    if _images or not any(item.get_closest_marker("images") for item in items):
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"container images: scripts/build-images.sh (log {container_images.build_log()})")
+    try:
+        _images["built"] = container_images.ensure_images()
+    except (container_images.ImageBuildError, OSError) as exc:
+        _images["error"] = str(exc)
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, container_images.Image]:
+    """{"operator": Image, "trainer": Image}, built before the session's first test."""
+    if "error" in _images:
+        pytest.fail(f"the container images could not be built: {_images['error']}", pytrace=False)
+    if "built" not in _images:  # a test that uses the fixture without the `images` marker
+        pytest.fail("tests that use the `images` fixture need @pytest.mark.images", pytrace=False)
+    return _images["built"]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """The offline tiny model and data (`python -m sft_trainer.tiny DIR`, what `sftctl example-assets`
+    writes), readable by every user, as files a trainer pod (UID 1000) reads from a volume must be."""
+    out = tmp_path_factory.mktemp("tiny") / "tiny"
+    result = subprocess.run([sys.executable, "-m", "sft_trainer.tiny", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"sft_trainer.tiny failed:\n{result.stdout}\n{result.stderr}"
+    assert (out / "model" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
+    # safetensors writes model.safetensors with mode 0600: another user (a pod) could not read it.
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,17 +29,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 # Long enough (~15 s of CPU training) for the trainer's 5 s progress posts to land at least twice.
 MAX_STEPS = 300
-
-
-@pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory) -> Path:
-    """The trainer engineer's offline tiny model + data (`python -m sft_trainer.tiny DIR`)."""
-    out = tmp_path_factory.mktemp("tiny") / "tiny"
-    result = subprocess.run([sys.executable, "-m", "sft_trainer.tiny", str(out)], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, f"sft_trainer.tiny failed:\n{result.stdout}\n{result.stderr}"
-    assert (out / "model" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
-    return out
 
 
 @pytest.fixture
