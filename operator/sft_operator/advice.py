@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sft_trainer.config import EvalStrategy, Precision
+from sft_trainer.config import EvalStrategy, Precision, cluster_problems
 
 from .api import SFTJobSpec
 
@@ -98,4 +98,5 @@ def advise(spec: SFTJobSpec, bf16_available: bool = True) -> list[Advice]:
         out.append(
             Advice("NoGradientClipping", "spec.hyperparameters.maxGradNorm", "gradient clipping is off; 1.0 guards against spikes")
         )
+    out += [Advice("LocalOutputInCluster", field, message) for field, message in cluster_problems(spec)]
     return out

@@ -111,6 +111,8 @@ OPTIONAL_IMMUTABLE_SPEC_FIELDS = (
     "image",
     "scheduling",
     "serviceAccountName",
+    "storage",
+    "tracking",
 )
 
 

@@ -99,8 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_config(args.config)
         from . import train  # torch is imported only once the config is valid
+        from .run_hooks import RunHooks
 
-        train.run(spec)
+        hooks = RunHooks.start(spec)  # rank 0: MLflow tracking
+        try:
+            metrics = train.run(spec)
+        except BaseException as e:
+            hooks.failed(e)
+            raise
+        hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the run, the result for the operator
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)

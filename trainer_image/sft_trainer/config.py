@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 PVC_SOURCE = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$")
 PVC_SOURCE_CEL = "!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$')"
+# s3://bucket/prefix; bucket names follow S3's rules (3-63 lowercase letters, digits, dots, hyphens).
+S3_LOCATION = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+S3_LOCATION_CEL = "!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$')"
+S3_LOCATION_MESSAGE = "an s3:// location must be s3://<bucket>/<prefix> (bucket: 3-63 lowercase letters, digits, dots, hyphens)"
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 DEFAULT_PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -51,6 +55,8 @@ class ApiModel(BaseModel):
 def check_source(value: str) -> str:
     if value.startswith("pvc://") and not PVC_SOURCE.match(value):
         raise ValueError("a pvc:// source must be pvc://<claim-name>/<path>")
+    if value.startswith("s3://") and not S3_LOCATION.match(value):
+        raise ValueError(S3_LOCATION_MESSAGE)
     return value
 
 
@@ -59,8 +65,12 @@ Source = Annotated[
     Field(
         min_length=1,
         max_length=1024,
-        description="A hub id (`org/name`), `pvc://claim/path` (mounted from a PersistentVolumeClaim), or a local path.",
-        json_schema_extra=cel_rules(cel(PVC_SOURCE_CEL, "a pvc:// source must be pvc://<claim-name>/<path>")),
+        description="A hub id (`org/name`), `s3://bucket/prefix`, `pvc://claim/path` (mounted from a "
+        "PersistentVolumeClaim), or a local path.",
+        json_schema_extra=cel_rules(
+            cel(PVC_SOURCE_CEL, "a pvc:// source must be pvc://<claim-name>/<path>"),
+            cel(S3_LOCATION_CEL, S3_LOCATION_MESSAGE),
+        ),
     ),
     AfterValidator(check_source),
 ]
@@ -76,7 +86,10 @@ class SecretKeyRef(ApiModel):
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
-    source: Source = Field(description="Hub id (e.g. `meta-llama/Llama-2-7b-hf`), `pvc://claim/path`, or a local path.")
+    source: Source = Field(
+        description="Hub id (e.g. `meta-llama/Llama-2-7b-hf`), `s3://bucket/prefix` (a folder as save_pretrained "
+        "writes it), `pvc://claim/path`, or a local path. Hub and s3:// models are fetched once into the cache."
+    )
     revision: Annotated[str, Field(max_length=256)] | None = Field(
         default=None, description="Hub revision (branch, tag or commit). Pin it for reproducible runs."
     )
@@ -88,7 +101,10 @@ class ModelSpec(ApiModel):
 class DataSource(ApiModel):
     """Where rows come from: a JSONL/JSON/Parquet/CSV file or folder, or a hub dataset id."""
 
-    source: Source = Field(description="`pvc://claim/path`, a local file or folder, or a hub dataset id.")
+    source: Source = Field(
+        description="`s3://bucket/key` (a file or a prefix of files), `pvc://claim/path`, a local file or folder, "
+        "or a hub dataset id."
+    )
     split: Annotated[str, Field(max_length=64)] = Field(default="train", description="Hub split to read.")
 
 
@@ -334,10 +350,138 @@ class CheckpointingSpec(ApiModel):
 
 class OutputSpec(ApiModel):
     destination: Source = Field(
-        description="Where the model, checkpoints, metrics.json and loss.png go: `pvc://claim/path` or a local path."
+        description="Where the model, checkpoints, metrics.json and loss.png go: `pvc://claim/path`, "
+        "`s3://bucket/prefix` (model/, metrics.json, trainer_log.jsonl and loss.png are uploaded at the end, a "
+        "COMPLETE marker last), or a local path (`sftctl run` only: a cluster refuses it)."
     )
 
 
+
+
+# ---- where data comes from and where models go: object storage, the fetch cache, tracking (docs/storage.md)
+
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+HTTP_URL = r"^https?://[^\s/?#]+[^\s]*$"
+# A storage quantity above zero (the pattern has no zero, so the API server refuses `0Gi` too).
+STORAGE_SIZE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]*\.[0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+# A claim the operator creates when the spec reads from the hub or s3:// and names no cache.
+DEFAULT_CACHE_SIZE = "50Gi"
+
+SecretName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)]
+
+
+class S3CredentialsSecretRef(ApiModel):
+    """A Secret in the SFTJob's namespace with an S3 access key; the pods get its values as AWS_* variables."""
+
+    name: SecretName = Field(description="Secret name.")
+    access_key_id_key: SecretKey = Field(default="AWS_ACCESS_KEY_ID", description="Key holding the access key id.")
+    secret_access_key_key: SecretKey = Field(
+        default="AWS_SECRET_ACCESS_KEY", description="Key holding the secret access key."
+    )
+    session_token_key: SecretKey | None = Field(
+        default=None, description="Key holding a session token (temporary credentials), if any."
+    )
+
+
+class S3Spec(ApiModel):
+    """Connection settings for every s3:// location in the spec."""
+
+    endpoint: Annotated[str, Field(max_length=512, pattern=HTTP_URL)] | None = Field(
+        default=None,
+        description="An S3-compatible endpoint (MinIO, Ceph RGW, Cloudflare R2), e.g. `http://minio.minio:9000`. "
+        "Default: AWS S3.",
+    )
+    region: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")] | None = Field(
+        default=None, description="Region, e.g. `eu-west-1` (`auto` for R2). Default: the SDK's (AWS_REGION)."
+    )
+    credentials_secret_ref: S3CredentialsSecretRef | None = Field(
+        default=None,
+        description="Secret with the access key. Without it the SDK's default chain applies (workload identity: "
+        "IRSA, EKS Pod Identity, instance roles).",
+    )
+    path_style: bool | None = Field(
+        default=None,
+        description="Path-style addressing (`endpoint/bucket/key`). Default: on with an endpoint, off for AWS.",
+    )
+
+
+class CacheSpec(ApiModel):
+    """The volume the fetch stage downloads into once; every rank and every restart reads it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("!(has(self.claimName) && has(self.size))", "set claimName or size, not both", ".size"),
+            cel("!has(self.storageClassName) || has(self.size)", "storageClassName needs size", ".storageClassName"),
+        )
+    )
+
+    claim_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None,
+        description="An existing PersistentVolumeClaim (ReadWriteMany when nodes > 1). It outlives the job, so "
+        "later jobs with the same sources start without downloading.",
+    )
+    size: Annotated[str, Field(max_length=64, pattern=STORAGE_SIZE)] | None = Field(
+        default=None,
+        description=f"Size of a claim the operator creates for this job (deleted with it). Neither set: "
+        f"{DEFAULT_CACHE_SIZE} when a source is a hub id or s3://.",
+    )
+    storage_class_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None, description="StorageClass of the created claim (default: the cluster's default)."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CacheSpec:
+        if self.claim_name is not None and self.size is not None:
+            raise ValueError("size: set claimName or size, not both")
+        if self.storage_class_name is not None and self.size is None:
+            raise ValueError("storageClassName: needs size")
+        return self
+
+
+class StorageSpec(ApiModel):
+    """Object storage and the fetch cache."""
+
+    s3: S3Spec | None = Field(default=None, description="Connection settings for s3:// locations.")
+    cache: CacheSpec | None = Field(default=None, description="Where hub and s3:// sources are fetched to.")
+
+
+class MlflowSpec(ApiModel):
+    """An MLflow tracking server that rank 0 logs the run to. Its failures never fail training."""
+
+    tracking_uri: Annotated[str, Field(max_length=1024, pattern=HTTP_URL)] = Field(
+        description="The tracking server, e.g. `http://mlflow.mlflow:5000`."
+    )
+    experiment: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        default="sft", description="Experiment name (created if missing)."
+    )
+    run_name: Annotated[str, Field(min_length=1, max_length=250)] | None = Field(
+        default=None, description="Run name. Default: the SFTJob's name."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key with a bearer token, exposed to the trainer as MLFLOW_TRACKING_TOKEN."
+    )
+
+
+class TrackingSpec(ApiModel):
+    mlflow: MlflowSpec | None = Field(default=None, description="Log parameters, losses and the output to MLflow.")
+
+
+def is_s3(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def cluster_problems(spec: TrainingSpec) -> list[tuple[str, str]]:
+    """What a cluster refuses although `sftctl run` accepts it, as (field path, message) pairs."""
+    dest = spec.output.destination
+    if dest.startswith(("pvc://", "s3://")):
+        return []
+    return [(
+        "spec.output.destination",
+        f"{dest!r} is a local path: in a cluster it would land in the pod's scratch space and be lost when the pod "
+        "ends, so the operator refuses it; use pvc://<claim>/<path> or s3://<bucket>/<prefix>",
+    )]
 
 
 class TrainingSpec(ApiModel):
@@ -354,6 +498,8 @@ class TrainingSpec(ApiModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
     output: OutputSpec
+    storage: StorageSpec | None = Field(default=None, description="Object storage settings and the fetch cache.")
+    tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> TrainingSpec:
@@ -402,6 +548,13 @@ class ProgressReport(ApiModel):
     output_model: Annotated[str, Field(max_length=1024)] | None = None
     best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
     message: Annotated[str, Field(max_length=1024)] | None = None
+    # Fetch stage, export and tracking (docs/storage.md). A report with stage "fetching" has step 0.
+    stage: Literal["fetching", "training", "exporting"] | None = None
+    bytes_done: int | None = Field(default=None, ge=0, le=10**15)
+    bytes_total: int | None = Field(default=None, ge=0, le=10**15)
+    output_uri: Annotated[str, Field(max_length=1024)] | None = None
+    mlflow_run_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")] | None = None
+    warning: Annotated[str, Field(max_length=1024)] | None = None
 
     @property
     def percent(self) -> int:

@@ -159,7 +159,7 @@ def _read_hub(src: str, split: str) -> list[RawRow]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(src, split=split)
+        ds = datasets.load_dataset(paths.hub_location(src, "dataset"), split=split)  # the fetched snapshot
     except Exception as e:  # noqa: BLE001 - any failure to fetch is a data error with its reason
         raise DataError(f"{src}: cannot load hub dataset split {split!r} ({type(e).__name__}: {e})") from None
     return [RawRow(f"{src}[{split}]", i, dict(row)) for i, row in enumerate(ds, 1)]

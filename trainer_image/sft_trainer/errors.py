@@ -37,3 +37,23 @@ class DivergenceError(TrainerError):
 class Interrupted(TrainerError):
     def __init__(self, reason: str):
         super().__init__(ExitCode.INTERRUPTED, reason)
+
+
+class NotFound(TrainerError):
+    def __init__(self, reason: str):
+        super().__init__(ExitCode.NOT_FOUND, reason)
+
+
+class AccessDenied(TrainerError):
+    def __init__(self, reason: str):
+        super().__init__(ExitCode.ACCESS_DENIED, reason)
+
+
+class StorageUnavailable(TrainerError):
+    def __init__(self, reason: str):
+        super().__init__(ExitCode.STORAGE_UNAVAILABLE, reason)
+
+
+class CacheTooSmall(TrainerError):
+    def __init__(self, reason: str):
+        super().__init__(ExitCode.CACHE_TOO_SMALL, reason)

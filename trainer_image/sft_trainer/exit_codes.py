@@ -14,7 +14,11 @@ class ExitCode(IntEnum):
     DATA_ERROR = 65  # EX_DATAERR: a malformed row or unreadable dataset file
     NAN_LOSS = 66  # loss or gradient norm went NaN/Inf, or the loss diverged
     MODEL_LOAD_ERROR = 67  # the model or tokenizer could not be loaded
+    NOT_FOUND = 68  # a bucket, object, prefix, hub repo or revision does not exist (named in the message)
+    STORAGE_UNAVAILABLE = 69  # EX_UNAVAILABLE: object storage or the hub unreachable after retries; a retry resumes
+    CACHE_TOO_SMALL = 73  # EX_CANTCREAT: the fetch cache volume has less free space than the download needs
     INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM; a checkpoint was saved, retrying resumes from it
+    ACCESS_DENIED = 77  # EX_NOPERM: credentials missing, wrong or not allowed to read/write the object (named)
 
 
 NON_RETRIABLE: tuple[ExitCode, ...] = (
@@ -22,6 +26,9 @@ NON_RETRIABLE: tuple[ExitCode, ...] = (
     ExitCode.DATA_ERROR,
     ExitCode.NAN_LOSS,
     ExitCode.MODEL_LOAD_ERROR,
+    ExitCode.NOT_FOUND,
+    ExitCode.CACHE_TOO_SMALL,
+    ExitCode.ACCESS_DENIED,
 )
 
 # Status reasons (one CamelCase word, per the API conventions) for each trainer exit code.
@@ -30,7 +37,11 @@ REASONS: dict[int, str] = {
     ExitCode.DATA_ERROR: "DataError",
     ExitCode.NAN_LOSS: "NaNLoss",
     ExitCode.MODEL_LOAD_ERROR: "ModelLoadError",
+    ExitCode.NOT_FOUND: "NotFound",
+    ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
+    ExitCode.CACHE_TOO_SMALL: "CacheTooSmall",
     ExitCode.INTERRUPTED: "Interrupted",
+    ExitCode.ACCESS_DENIED: "AccessDenied",
 }
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"

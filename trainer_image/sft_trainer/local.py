@@ -75,7 +75,19 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
     logging.getLogger("httpx").setLevel(logging.WARNING)
     name = (doc.get("metadata") or {}).get("name", "sftjob")
     try:
-        metrics = _train_with_progress(spec, name, console)
+        from .fetch import fetch_all
+        from .progress import ProgressReporter
+        from .run_hooks import RunHooks
+
+        fetch_all(spec)  # hub and s3:// sources into the cache (~/.cache/sft-operator/fetch or $SFT_CACHE_DIR)
+        hooks = RunHooks.start(spec, run_name=name)
+        try:
+            metrics = _train_with_progress(spec, name, console)
+        except BaseException as e:
+            hooks.failed(e)
+            raise
+        result = hooks.succeeded(metrics, reporter=ProgressReporter(None, stdout=None), termination_log=False)
+        metrics.update({"outputUri": result.output_uri, "mlflowRunId": result.mlflow_run_id})
     except TrainerError as e:
         console.print(f"[red]{ExitCode(e.code).name}[/red] (exit {int(e.code)}): {e.reason}")
         if e.code == ExitCode.INTERRUPTED:
@@ -155,6 +167,10 @@ def summary_table(m: dict[str, Any]):
         ("time", f"{m.get('wallSeconds', 0):.1f} s"),
         ("model", _fmt(m.get("outputModel"))),
     ]
+    if m.get("outputUri", "").startswith("s3://"):
+        rows.append(("exported to", f"{m['outputUri']} (COMPLETE written last)"))
+    if m.get("mlflowRunId"):
+        rows.append(("MLflow run", m["mlflowRunId"]))
     out = m.get("outputModel", "")
     if out:
         base = os.path.dirname(out)

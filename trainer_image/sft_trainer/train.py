@@ -144,7 +144,7 @@ def load_tokenizer(spec: TrainingSpec):
     from transformers import AutoTokenizer
 
     src = spec.model.source
-    where = str(paths.resolve(src)) if paths.is_local(src) else src
+    where = str(paths.resolve(src)) if paths.is_local(src) else paths.hub_location(src, "model", spec.model.revision)
     try:
         tok = AutoTokenizer.from_pretrained(where, revision=spec.model.revision, token=os.environ.get("HF_TOKEN"))
     except Exception as e:  # noqa: BLE001 - any loader failure is a model-load error with its reason
@@ -180,7 +180,7 @@ def load_model(spec: TrainingSpec, amp: Amp, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = spec.model.source
-    where = str(paths.resolve(src)) if paths.is_local(src) else src
+    where = str(paths.resolve(src)) if paths.is_local(src) else paths.hub_location(src, "model", spec.model.revision)
     kw = {"revision": spec.model.revision, "token": os.environ.get("HF_TOKEN")}
     try:
         config = AutoConfig.from_pretrained(where, **kw)

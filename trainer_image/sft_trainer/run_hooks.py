@@ -1,0 +1,142 @@
+"""What surrounds ``train.run`` in a trainer process: tracking while it trains, the export when it is done.
+
+    hooks = RunHooks.start(spec)         # rank 0: the MLflow run, following trainer_log.jsonl
+    metrics = train.run(spec)            # (hooks.failed(exc) if it raises)
+    result = hooks.succeeded(metrics)    # rank 0: upload to s3://, COMPLETE last; end the run; report the result
+
+Only rank 0 tracks and exports; on other ranks every method does nothing. The result (the output URI once
+it is durable, the MLflow run id, a tracking warning) goes into a final progress report and, as one JSON
+line, into the termination message, where the operator reads it from the finished pod.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import outputs, paths
+from .config import ProgressReport, TrainingSpec, is_s3
+from .errors import TrainerError
+from .exit_codes import ExitCode
+
+log = logging.getLogger("sft_trainer")
+
+
+@dataclass
+class RunResult:
+    output_uri: str
+    mlflow_run_id: str | None = None
+    warning: str | None = None
+
+    def message(self) -> str:
+        """The termination message of a successful run (one JSON line)."""
+        doc = {"outputUri": self.output_uri, "mlflowRunId": self.mlflow_run_id, "warning": self.warning}
+        return json.dumps({k: v for k, v in doc.items() if v is not None})
+
+
+class RunHooks:
+    def __init__(self, spec: TrainingSpec, rank: int, tracker=None, follower=None):
+        self.spec = spec
+        self.rank = rank
+        self.out_dir = paths.resolve(spec.output.destination)
+        self.tracker = tracker
+        self.follower = follower
+
+    @classmethod
+    def start(cls, spec: TrainingSpec, *, run_name: str | None = None) -> RunHooks:
+        rank = int(os.environ.get("RANK", "0"))
+        hooks = cls(spec, rank)
+        mlflow = spec.tracking.mlflow if spec.tracking else None
+        if rank != 0 or mlflow is None:
+            return hooks
+        from .tracking import LogFollower, MlflowTracker, run_params
+
+        hooks.out_dir.mkdir(parents=True, exist_ok=True)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        hooks.tracker = MlflowTracker(mlflow, hooks.out_dir, run_name=run_name)
+        tags = {"sft.job": os.environ.get("SFT_JOB_NAME", run_name or ""), "sft.namespace": os.environ.get("SFT_JOB_NAMESPACE", "")}
+        hooks.tracker.on_start(run_params(spec, world), {k: v for k, v in tags.items() if v})
+        hooks.follower = LogFollower(hooks.out_dir / outputs.LOG, hooks.tracker).start()
+        return hooks
+
+    def succeeded(self, metrics: dict[str, Any], *, reporter=None, termination_log: bool = True) -> RunResult | None:
+        """Rank 0: export to s3:// (COMPLETE last), end the MLflow run, report the result (a final progress
+        report; with ``termination_log``, the termination message). Export errors raise."""
+        if self.rank != 0:
+            return None
+        from .progress import ProgressReporter
+
+        own = reporter is None
+        reporter = ProgressReporter.from_env() if own else reporter
+        try:
+            result = self._finish(metrics, reporter)
+        finally:
+            if own:
+                reporter.close()
+        if termination_log:
+            from .__main__ import write_termination_log
+
+            write_termination_log(result.message())
+        return result
+
+    def _finish(self, metrics: dict[str, Any], reporter) -> RunResult:
+        if self.follower is not None:
+            self.follower.stop()
+        uri = self.spec.output.destination
+        if is_s3(uri):
+            try:
+                uri = self._export(reporter, metrics)
+            except BaseException:
+                self._end_tracking(metrics, None, "FAILED")
+                raise
+        self._end_tracking(metrics, uri, "FINISHED")
+        result = RunResult(uri, self.tracker.run_id if self.tracker else None, self.tracker.warning if self.tracker else None)
+        if is_s3(uri) or self.tracker is not None:  # the training loop's own final report said the rest
+            message = f"exported to {uri}" if is_s3(uri) else "tracked"
+            reporter.report(self._report(metrics, message, output_uri=result.output_uri,
+                                         mlflow_run_id=result.mlflow_run_id, warning=result.warning), final=True)
+        return result
+
+    def failed(self, error: BaseException) -> None:
+        """Rank 0: end the MLflow run as KILLED (interrupted: a retry continues it) or FAILED."""
+        if self.rank != 0 or self.tracker is None:
+            return
+        if self.follower is not None:
+            self.follower.stop()
+        interrupted = isinstance(error, (KeyboardInterrupt,)) or (
+            isinstance(error, TrainerError) and error.code == ExitCode.INTERRUPTED
+        )
+        self._end_tracking(None, None, "KILLED" if interrupted else "FAILED")
+
+    def _export(self, reporter, metrics: dict[str, Any]) -> str:
+        from .export import export
+
+        settings = self.spec.storage.s3 if self.spec.storage else None
+        last = [0.0]
+
+        def on_progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0 or done == total:
+                last[0] = now
+                reporter.report(self._report(metrics, f"exporting to {self.spec.output.destination}",
+                                             stage="exporting", bytes_done=done, bytes_total=total))
+
+        return export(self.out_dir, self.spec.output.destination, settings, on_progress=on_progress)
+
+    def _end_tracking(self, metrics: dict[str, Any] | None, uri: str | None, status: str) -> None:
+        if self.tracker is None:
+            return
+        artifacts = [self.out_dir / outputs.METRICS, self.out_dir / outputs.PLOT] if metrics else []
+        self.tracker.on_end(metrics, uri, status=status, artifacts=artifacts)
+
+    @staticmethod
+    def _report(metrics: dict[str, Any], message: str, **fields: Any) -> ProgressReport:
+        return ProgressReport(
+            step=metrics.get("steps", 0), total_steps=metrics.get("totalSteps", 0), epoch=metrics.get("epochs", 0.0),
+            message=message[:1024], **fields,
+        )

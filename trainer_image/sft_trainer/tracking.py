@@ -1,0 +1,277 @@
+"""Experiment tracking in MLflow (rank 0): a sink with ``on_start``, ``on_step``, ``on_eval`` and ``on_end``.
+
+What a run records: the effective hyperparameters (effective batch, world size, data, model, LoRA, freezing)
+as params; ``train_loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second`` per optimizer step and
+``eval_loss`` per evaluation as metrics; at the end the forgetting measurement (``general_loss_before``,
+``general_loss_after``, ``forgetting``), best eval loss and throughput, the tag ``sft.output_uri``, and
+``metrics.json`` and ``loss.png`` as artifacts.
+
+A failing tracking server never fails or slows training: calls run on a background thread with short HTTP
+timeouts, every error is caught, and the first one becomes ``warning`` (logged, and reported so the
+operator can raise a Warning Event). The run id is kept in ``.mlflow-run.json`` in the output folder, so a
+restarted pod continues the same run.
+
+``follow_log`` feeds ``on_step``/``on_eval`` from ``trainer_log.jsonl`` as training appends to it, which needs
+no hook inside the training loop; a loop with reporting sinks can call the methods directly instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import MlflowSpec, TrainingSpec
+
+log = logging.getLogger("sft_trainer.tracking")
+
+RUN_FILE = ".mlflow-run.json"
+FLUSH_EVERY_S = 2.0
+END_TIMEOUT_S = 60.0
+STEP_METRICS = {"loss": "train_loss", "learningRate": "learning_rate", "gradNorm": "grad_norm", "tokensPerSecond": "tokens_per_second"}
+END_METRICS = {
+    "bestEvalLoss": "best_eval_loss", "generalLossBefore": "general_loss_before", "generalLossAfter": "general_loss_after",
+    "forgetting": "forgetting", "tokensPerSecond": "tokens_per_second_mean", "trainSeconds": "train_seconds",
+}
+
+
+def run_params(spec: TrainingSpec, world_size: int) -> dict[str, str]:
+    """The hyperparameters that shape the run, as MLflow params (pure)."""
+    hp, ds = spec.hyperparameters, spec.dataset
+    params: dict[str, Any] = {
+        "model": spec.model.source, "model_revision": spec.model.revision,
+        "train_data": ds.train.source, "validation_data": ds.validation.source if ds.validation else None,
+        "validation_split": ds.effective_validation_split, "format": ds.format, "max_seq_length": ds.max_seq_length,
+        "overlong": ds.overlong, "packing": ds.packing,
+        "general_data": ds.general.source if ds.general else None,
+        "general_mix_ratio": ds.general.mix_ratio if ds.general else 0.0,
+        "general_held_out_rows": ds.general.held_out_rows if ds.general else 0,
+        "learning_rate": hp.learning_rate, "num_epochs": hp.num_epochs, "max_steps": hp.max_steps,
+        "per_device_batch_size": hp.per_device_batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "world_size": world_size,
+        "effective_batch_size": hp.per_device_batch_size * hp.gradient_accumulation_steps * world_size,
+        "warmup_ratio": hp.warmup_ratio, "lr_scheduler": hp.lr_scheduler, "weight_decay": hp.weight_decay,
+        "max_grad_norm": hp.max_grad_norm, "precision": hp.precision, "seed": hp.seed, "dropout": hp.dropout,
+        "gradient_checkpointing": hp.gradient_checkpointing,
+        "freeze_layers": spec.freeze_layers, "freeze_embeddings": spec.freeze_embeddings,
+        "lora": spec.peft is not None, "output": spec.output.destination,
+    }
+    if spec.peft is not None:
+        params.update({
+            "lora_rank": spec.peft.rank, "lora_alpha": spec.peft.alpha, "lora_dropout": spec.peft.dropout,
+            "lora_target_modules": ",".join(spec.peft.target_modules), "lora_merge": spec.peft.merge,
+        })
+    return {k: str(v) for k, v in params.items() if v is not None}
+
+
+class MlflowTracker:
+    """One MLflow run. Every method returns at once and never raises."""
+
+    def __init__(self, settings: MlflowSpec, out_dir: Path, *, run_name: str | None = None):
+        # Fail fast against a dead server instead of MLflow's minutes of retries (the user's env wins).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.settings = settings
+        self.uri = settings.tracking_uri
+        self.run_file = out_dir / RUN_FILE
+        self.run_name = settings.run_name or run_name or os.environ.get("SFT_JOB_NAME") or "sft"
+        self.run_id: str | None = None
+        self.warning: str | None = None
+        self.last_step = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="sft-mlflow", daemon=True)
+        self._client = None
+        self._thread.start()
+
+    # ------------------------------------------------------------ the sink
+
+    def on_start(self, params: dict[str, str], tags: dict[str, str] | None = None) -> None:
+        self._queue.put(("start", params, tags or {}))
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        ts = int(time.time() * 1000)
+        self._queue.put(("metrics", [(name, float(record[k]), step, ts) for k, name in STEP_METRICS.items() if record.get(k) is not None]))
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        self._queue.put(("metrics", [("eval_loss", float(record["evalLoss"]), int(record["step"]), int(time.time() * 1000))]))
+
+    def on_end(self, metrics: dict[str, Any] | None, output_uri: str | None, *, status: str = "FINISHED",
+               artifacts: list[Path] = (), timeout_s: float = END_TIMEOUT_S) -> None:
+        """Final metrics, the output URI, artifacts, the run's status; waits up to ``timeout_s`` for the server."""
+        self._queue.put(("end", metrics or {}, output_uri, status, list(artifacts)))
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._warn(f"MLflow at {self.uri} did not answer within {timeout_s:.0f} s; the run may be incomplete")
+
+    # ------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        pending: list[tuple] = []
+        last_flush = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=FLUSH_EVERY_S)
+            except queue.Empty:
+                item = "flush"
+            if item is None:
+                return
+            if isinstance(item, tuple) and item[0] == "metrics":
+                pending += item[1]
+                if time.monotonic() - last_flush < FLUSH_EVERY_S and len(pending) < 500:
+                    continue
+                item = "flush"
+            if item == "flush":
+                if pending:
+                    self._safely("log metrics", self._log_metrics, pending)
+                    pending = []
+                last_flush = time.monotonic()
+                continue
+            if pending:
+                self._safely("log metrics", self._log_metrics, pending)
+                pending = []
+            if item[0] == "start":
+                self._safely("start the run", self._start, *item[1:])
+            elif item[0] == "end":
+                self._safely("end the run", self._end, *item[1:])
+
+    def _safely(self, what: str, fn, *args) -> None:
+        if what != "start the run" and self.run_id is None:
+            return  # no run: the warning was given when starting it
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - tracking must never fail training
+            self._warn(f"MLflow at {self.uri}: could not {what}: {type(e).__name__}: {_short(e)}; training goes on")
+
+    def _warn(self, message: str) -> None:
+        if self.warning is None:
+            self.warning = message[:1024]
+        log.warning("%s", message)
+
+    def _start(self, params: dict[str, str], tags: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        known = self._read_run_file()
+        run_id = None
+        if known.get("runId"):
+            try:
+                run = self._client.get_run(known["runId"])
+                run_id = run.info.run_id
+                self._client.update_run(run_id, status="RUNNING")
+                self.last_step = int(known.get("lastStep", 0))
+                log.info("MLflow: continuing run %s", run_id)
+            except Exception:  # noqa: BLE001 - deleted or another server: start a new run
+                run_id = None
+        if run_id is None:
+            exp = self._client.get_experiment_by_name(self.settings.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.settings.experiment)
+            run_id = self._client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+            self._client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+            log.info("MLflow: run %s in experiment %r at %s", run_id, self.settings.experiment, self.uri)
+        else:
+            self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.run_id = run_id
+        self._write_run_file()
+
+    def _log_metrics(self, items: list[tuple]) -> None:
+        from mlflow.entities import Metric
+
+        fresh = [m for m in items if m[2] > self.last_step or m[0] == "eval_loss"]
+        for start in range(0, len(fresh), 1000):  # MLflow's batch limit
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, step, ts in fresh[start : start + 1000]])
+        if fresh:
+            self.last_step = max(self.last_step, max(m[2] for m in fresh))
+            self._write_run_file()
+
+    def _end(self, metrics: dict[str, Any], output_uri: str | None, status: str, artifacts: list[Path]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        step = int(metrics.get("steps") or self.last_step)
+        ts = int(time.time() * 1000)
+        final = [Metric(name, float(metrics[k]), ts, step) for k, name in END_METRICS.items() if isinstance(metrics.get(k), (int, float))]
+        params = [Param(k, str(metrics[src])) for k, src in (("precision_used", "precision"), ("total_steps", "totalSteps")) if metrics.get(src) is not None]
+        tags = [RunTag("sft.output_uri", output_uri)] if output_uri else []
+        self._client.log_batch(self.run_id, metrics=final, params=params, tags=tags)
+        for path in artifacts:
+            if path.is_file():
+                try:
+                    self._client.log_artifact(self.run_id, str(path))
+                except Exception as e:  # noqa: BLE001 - artifacts are a convenience
+                    self._warn(f"MLflow at {self.uri}: could not store {path.name}: {_short(e)}")
+        self._client.set_terminated(self.run_id, status=status)
+
+    def _read_run_file(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_run_file(self) -> None:
+        try:
+            self.run_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_file.with_name(self.run_file.name + ".tmp")
+            tmp.write_text(json.dumps({"runId": self.run_id, "trackingUri": self.uri, "lastStep": self.last_step}))
+            os.replace(tmp, self.run_file)
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.run_file, e)
+
+
+def _short(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+class LogFollower:
+    """Tails ``trainer_log.jsonl`` and hands each new record to the tracker (``on_step`` or ``on_eval``)."""
+
+    def __init__(self, path: Path, tracker: MlflowTracker, interval_s: float = 1.0):
+        self.path = path
+        self.tracker = tracker
+        self.interval_s = interval_s
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sft-log-follower", daemon=True)
+
+    def start(self) -> LogFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Read what is left, then stop."""
+        self._stop.set()
+        self._thread.join(10)
+        self._read()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size < self._offset:  # truncated on resume: the trainer redoes the later steps
+            self._offset = 0
+        with self.path.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(size - self._offset)
+        end = chunk.rfind(b"\n") + 1  # only whole lines
+        self._offset += end
+        for line in chunk[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "evalLoss" in record:
+                self.tracker.on_eval(record)
+            elif "loss" in record:
+                self.tracker.on_step(record)
