@@ -136,7 +136,7 @@ def test_pod_network_stays_on_this_machine(real_node, node_namespace, busybox):
     assert not any(r.startswith("default") for r in routes), routes
     assert {r.split()[0] for r in routes} == {realnode.POD_CIDR, realnode.SERVICE_CIDR}
     assert "exit=0" not in logs and "unreachable" in logs.lower()
-    rules = "\n".join(realnode._iptables_save("iptables", "mangle") + realnode._iptables_save("iptables", "raw"))
+    rules = "\n".join(realnode.iptables_save("iptables", "mangle") + realnode.iptables_save("iptables", "raw"))
     assert rules.count(f'--comment {realnode.RULE_TAG} -j DROP') == len(realnode.netfilter_rules())
     # Forwarding is on for the bridge alone; the host's global setting is what it was.
     before = dict(s.split("=", 1) for s in real_node.host_before["sysctls"])

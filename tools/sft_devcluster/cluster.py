@@ -97,6 +97,7 @@ class ClusterInfo:
     startup_seconds: float = 0.0
     real_node: bool = False
     node_gpus: int = 0
+    node_ready_seconds: float = 0.0  # kubelet start -> node Ready and untainted
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -417,7 +418,7 @@ LOCAL_STORAGE_CLASS = {
     "reclaimPolicy": "Retain",
     "volumeBindingMode": "WaitForFirstConsumer",
 }
-# Claims ``up`` creates with a real node: what examples/*.yaml read and write.
+# Claims ``up`` creates: what examples/*.yaml read and write.
 DEFAULT_CLAIMS = ("datasets", "models")
 VOLUMES_NAMESPACE = "default"
 
@@ -452,6 +453,14 @@ def local_volume(state_dir: Path, namespace: str, claim: str, size: str = "50Gi"
                  "volumeName": pv_name, "resources": {"requests": {"storage": size}}},
     }
     return pv, pvc
+
+
+def kwok_claim(claim: str, size: str = "50Gi") -> dict:
+    """Without a real node: a claim kwok's volume stage binds to a simulated volume, so the
+    scheduler places the examples' pods (the process node maps it to <state dir>/pvc/<claim>)."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": STORAGE_CLASS["metadata"]["name"],
+                     "resources": {"requests": {"storage": size}}}}
 
 
 def create_volume(api, state_dir: Path, namespace: str, claim: str, size: str = "50Gi") -> Path:
@@ -621,6 +630,7 @@ def _up(state_dir, bin_dir, gpu_nodes, crds_dir, timeout, process_node_gpus, sto
         _create_all(api, node_rbac())
         wait("containerd (CRI)", lambda: realnode.containerd_ready(layout))
         realnode.import_node_images(layout, sorted(layout.images.glob("*.tar")), say)
+        kubelet_started = time.monotonic()
         for name in ("kubelet", "kube-proxy", "coredns"):
             start_node(name)
         info.pids = {name: p.pid for name, p in procs.items()}
@@ -661,6 +671,7 @@ def _up(state_dir, bin_dir, gpu_nodes, crds_dir, timeout, process_node_gpus, sto
         core.patch_node_status(realnode.NODE_NAME, realnode.gpu_capacity_patch(node_gpus))
     wait("nodes Ready and untainted", nodes_ready)
     if real_node:
+        info.node_ready_seconds = round(time.monotonic() - kubelet_started, 1)
         gpu = realnode.GPU_RESOURCE
         wait(f"{gpu} allocatable on {realnode.NODE_NAME}", lambda: (
             core.read_node(realnode.NODE_NAME).status.allocatable.get(gpu) == str(node_gpus)))
@@ -669,9 +680,12 @@ def _up(state_dir, bin_dir, gpu_nodes, crds_dir, timeout, process_node_gpus, sto
     wait("the default ServiceAccount (controller-manager up)",
          lambda: core.read_namespaced_service_account("default", "default"))
     wait("kube-scheduler /healthz", lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"))
-    if real_node:
-        for claim in DEFAULT_CLAIMS:
+    for claim in DEFAULT_CLAIMS:
+        if real_node:
             create_volume(api, state_dir, VOLUMES_NAMESPACE, claim)
+        else:
+            core.create_namespaced_persistent_volume_claim(VOLUMES_NAMESPACE, kwok_claim(claim))
+    if real_node:
         # Product images (multi-GiB) after the deadline-bound start: imported once per change.
         # A bad archive doesn't stop the cluster; `import-image` says more.
         for archive in image_archives:
@@ -818,14 +832,14 @@ def status(state_dir: Path | None = None) -> dict:
     return result
 
 
-def import_images(state_dir: Path | None, archives: list[Path]) -> list[tuple[str, str]]:
+def import_images(state_dir: Path | None, archives: list[Path], say=None) -> list[tuple[str, str]]:
     """Import image archives into the running real node of ``state_dir`` (when missing or changed)."""
     state_dir = (state_dir or default_state_dir()).resolve()
     info = ClusterInfo.load(state_dir)
     if not info or not info.real_node or "containerd" not in running_components(state_dir):
         raise DevClusterError(f"no real node runs for {state_dir} (`sftctl dev-cluster up` starts one)")
     layout = realnode.NodeLayout(state_dir / "node", node_cache_dir(), Path(info.bin_dir))
-    return realnode.import_archives(layout, archives)
+    return realnode.import_archives(layout, archives, before_import=say and (lambda a: say(f"importing {a}")))
 
 
 PRODUCT_IMAGES = ("operator", "trainer")
@@ -900,6 +914,10 @@ def run_cli(args) -> int:
                       image_archives=default_image_archives() if real_node else [])
             nodes = (f"real node {realnode.NODE_NAME}" if real_node else f"process node {PROCESS_NODE_NAME}")
             print(f"dev cluster up in {info.startup_seconds}s: {info.server} ({nodes}, {args.gpu_nodes} kwok GPU nodes)")
+            if real_node:
+                print(f"kubectl get nodes shows {realnode.NODE_NAME} (Ready {info.node_ready_seconds}s after the "
+                      f"kubelet started); claims {', '.join(DEFAULT_CLAIMS)} in namespace {VOLUMES_NAMESPACE} "
+                      f"hold {volume_path(Path(info.state_dir), VOLUMES_NAMESPACE, '<claim>')}")
             print(f"export KUBECONFIG={args.kubeconfig_out or info.kubeconfig}")
             return 0
         if args.action == "down":
@@ -910,7 +928,7 @@ def run_cli(args) -> int:
             if not args.archives:
                 print("dev-cluster import-image: name one or more image archives", file=sys.stderr)
                 return 2
-            for ref, action in import_images(args.dir, args.archives):
+            for ref, action in import_images(args.dir, args.archives, say=print):
                 print(f"{ref}: {action}")
             return 0
         st = status(args.dir)

@@ -73,8 +73,9 @@ def node_images(layout) -> dict[str, str]:
     return {tag: image["id"] for image in json.loads(proc.stdout).get("images") or [] for tag in image.get("repoTags") or []}
 
 
-def import_archives(layout, archives: list[Path]) -> list[tuple[str, str]]:
-    """Import each archive whose images the node lacks or holds in another version.
+def import_archives(layout, archives: list[Path], before_import=None) -> list[tuple[str, str]]:
+    """Import each archive whose images the node lacks or holds in another version
+    (``before_import(archive)`` is told first: a big one takes minutes).
     Returns (reference, "present" | "imported" | "replaced") for every image."""
     have = node_images(layout)
     report = []
@@ -85,6 +86,8 @@ def import_archives(layout, archives: list[Path]) -> list[tuple[str, str]]:
         if all(have.get(ref) == image_id for ref, image_id in wanted.items()):
             report += [(ref, "present") for ref in wanted]
             continue
+        if before_import:
+            before_import(archive)
         proc = subprocess.run([str(layout.bin / "ctr"), f"--address={layout.socket}", "--namespace=k8s.io",
                                "images", "import", str(archive)], capture_output=True, text=True)
         if proc.returncode != 0:

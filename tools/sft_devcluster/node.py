@@ -394,9 +394,10 @@ class NodeLock:
                 return lock
             who = describe_holder(cls.holder())
             if time.monotonic() >= deadline:
+                holder = cls.holder().get("stateDir", "<its state dir>")
                 raise DevClusterError(
                     f"the real node is in use by {who} (one per machine; lock {LOCK_FILE}). "
-                    "Wait for it, stop it with `sftctl dev-cluster down --dir <its state dir>`, "
+                    f"Wait for it (--node-wait SECONDS), stop it (`sftctl dev-cluster down --dir {holder}`), "
                     "or start this cluster without a node (--no-real-node).")
             if not told:
                 say(f"waiting up to {wait:.0f}s for the real node, in use by {who}")
@@ -544,7 +545,10 @@ def archive_reference(path: Path) -> str:
 
 
 def import_node_images(layout: NodeLayout, archives: list[Path], say=print) -> None:
-    for ref, action in import_archives(layout, archives):
+    def importing(archive: Path) -> None:
+        say(f"importing {archive} ({archive.stat().st_size / 2**30:.1f} GiB) into the node")
+
+    for ref, action in import_archives(layout, archives, before_import=importing):
         if action != "present":
             say(f"image {ref}: {action}")
 
@@ -592,7 +596,7 @@ def _mounts_under(prefixes: list[Path]) -> list[str]:
     return sorted(set(found), key=len, reverse=True)
 
 
-def _iptables_save(binary: str, table: str) -> list[str]:
+def iptables_save(binary: str, table: str) -> list[str]:
     proc = _run(f"{binary}-save", "-t", table, check=False)
     return proc.stdout.splitlines() if proc.returncode == 0 else []
 
@@ -605,7 +609,7 @@ def _remove_netfilter(record: dict) -> None:
     # One real node per machine, so every KUBE- chain here is this node's.
     for binary in ("iptables", "ip6tables"):
         for table in ("raw", "mangle", "nat", "filter"):
-            lines = _iptables_save(binary, table)
+            lines = iptables_save(binary, table)
             for line in lines:
                 if line.startswith("-A ") and "-j KUBE-" in line and not line.split()[1].startswith("KUBE-"):
                     _run(binary, "-w", "-t", table, *shlex.split("-D" + line[2:]), check=False)
@@ -620,7 +624,7 @@ def _remove_netfilter(record: dict) -> None:
         binary = {"ip": "iptables", "ip6": "ip6tables"}.get(family)
         if table in before or not binary or name not in ("raw", "mangle", "nat", "filter"):
             continue
-        lines = _iptables_save(binary, name)
+        lines = iptables_save(binary, name)
         chains = [line[1:].split()[0] for line in lines if line.startswith(":")]
         if lines and not any(line.startswith("-A ") for line in lines) and set(chains) <= BUILTIN_CHAINS:
             _run("nft", "delete", "table", family, name, check=False)
@@ -723,7 +727,7 @@ def leftovers(layout: NodeLayout, state_dir: Path) -> list[str]:
         found.append(f"bridge {BRIDGE}")
     for binary in ("iptables", "ip6tables"):
         for table in ("raw", "mangle", "nat", "filter"):
-            found += [f"{binary} -t {table} {line}" for line in _iptables_save(binary, table)
+            found += [f"{binary} -t {table} {line}" for line in iptables_save(binary, table)
                       if RULE_TAG in line or "KUBE-" in line]
     found += [f"cgroup {d}" for d in _cgroup_dirs()]
     if layout.run.exists():
