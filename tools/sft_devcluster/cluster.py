@@ -192,6 +192,8 @@ def component_commands(
     address = realnode.NODE_IP if real_node else "127.0.0.1"
     if real_node:
         node_flags = [
+            # A kubelet may change only its own Node and its pods (the flag's values add up).
+            "--enable-admission-plugins=NodeRestriction",
             "--endpoint-reconciler-type=lease",
             f"--kubelet-client-certificate={pki.client_crt('apiserver-kubelet-client')}",
             f"--kubelet-client-key={pki.client_key('apiserver-kubelet-client')}",
@@ -220,7 +222,7 @@ def component_commands(
             f"--client-ca-file={pki.ca_crt}",
             "--authorization-mode=Node,RBAC",
             # PodSecurity is on by default; listed to make the dependency explicit.
-            "--enable-admission-plugins=NodeRestriction,PodSecurity,ServiceAccount,NamespaceLifecycle,LimitRanger,ResourceQuota",
+            "--enable-admission-plugins=PodSecurity,ServiceAccount,NamespaceLifecycle,LimitRanger,ResourceQuota",
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",

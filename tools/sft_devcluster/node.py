@@ -503,33 +503,34 @@ def prepare_host(layout: NodeLayout, state_dir: Path) -> None:
     for table, chain, rule in netfilter_rules():
         _run("iptables", "-w", "-t", table, "-I", chain, *rule)
 
-    for mount, fstype in cgroup_mounts():
-        if fstype == "cgroup2" and len(cgroup_mounts()) > 1:
-            continue  # hybrid: runc makes what it needs under the unified hierarchy
+    mounts = cgroup_mounts()
+    hybrid = any(fstype == "cgroup" for _, fstype in mounts)
+    for mount, fstype in mounts:
+        if fstype == "cgroup2" and hybrid:
+            continue  # runc makes what it needs under the unified hierarchy
         parent = mount / CGROUP_PARENT
         parent.mkdir(exist_ok=True)
-        if (mount / "cpuset.cpus").exists() and not (mount / "cgroup.controllers").exists():
-            for f in ("cpuset.cpus", "cpuset.mems"):  # v1 cpuset: a child starts empty
+        if fstype == "cgroup" and (mount / "cpuset.cpus").exists():
+            for f in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset child starts empty
                 (parent / f).write_text((mount / f).read_text())
         if fstype == "cgroup2":  # v2 only: let the node's children use the controllers
-            wanted = set((mount / "cgroup.subtree_control").read_text().split())
-            if wanted:
-                (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+            controllers = (mount / "cgroup.subtree_control").read_text().split()
+            if controllers:
+                (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in controllers))
 
 
 # ---------------------------------------------------------------- start
 
 
-def kubeconfigs_needed() -> dict[str, str]:
-    """Kubeconfig file stem -> client certificate name (see pki.NODE_CLIENTS)."""
-    return {"kubelet": "kubelet", "kube-proxy": "kube-proxy", "coredns": "coredns"}
-
-
 def crictl(layout: NodeLayout, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """crictl against the node's containerd; a hung call reads as a failed one."""
     endpoint = f"unix://{layout.socket}"
-    return subprocess.run([str(layout.bin / "crictl"), "--config=/dev/null", f"--runtime-endpoint={endpoint}",
-                           f"--image-endpoint={endpoint}", "--timeout=10s", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = [str(layout.bin / "crictl"), "--config=/dev/null", f"--runtime-endpoint={endpoint}",
+           f"--image-endpoint={endpoint}", "--timeout=10s", *args]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {timeout}s")
 
 
 def containerd_ready(layout: NodeLayout) -> bool:
