@@ -111,25 +111,24 @@ def pytest_collection_modifyitems(session, config, items):
     if _binaries or not any(item.get_closest_marker("cluster") for item in items):
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.write_line(f"control plane binaries: scripts/k8s-bin.sh (log {devcluster.cluster.cache_dir() / 'k8s-bin.log'})")
-    try:
-        _binaries["dir"] = str(devcluster.ensure_binaries())
-    except devcluster.DevClusterError as exc:
-        _binaries["error"] = str(exc)
-    if node_items and "error" not in _binaries:
+    builds = [("dir", "control plane", "k8s-bin", devcluster.ensure_binaries)]
+    if node_items:
+        builds.append(("node", "real node", "node-bin", devcluster.ensure_node_binaries))
+    for key, what, script, build in builds:
         if reporter:
-            reporter.write_line(f"real node binaries: scripts/node-bin.sh (log {devcluster.cluster.cache_dir() / 'node-bin.log'})")
+            log = devcluster.cluster.cache_dir() / f"{script}.log"
+            reporter.write_line(f"{what} binaries: scripts/{script}.sh (log {log})")
         try:
-            _binaries["node"] = str(devcluster.ensure_node_binaries())
+            _binaries[key] = str(build())
         except devcluster.DevClusterError as exc:
-            _binaries["node-error"] = str(exc)
+            _binaries[f"{key}-error"] = str(exc)
+            break
 
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory) -> ControlPlane:
-    if "error" in _binaries:
-        pytest.fail(f"the control plane binaries could not be built: {_binaries['error']}", pytrace=False)
+    if "dir-error" in _binaries:
+        pytest.fail(f"the control plane binaries could not be built: {_binaries['dir-error']}", pytrace=False)
     state_dir = tmp_path_factory.mktemp("control-plane")
     try:
         # stop_with_pid: no leftover processes even if the session is killed (e.g. by `timeout`).
@@ -147,7 +146,7 @@ def control_plane(tmp_path_factory) -> ControlPlane:
 @pytest.fixture(scope="session")
 def real_node(tmp_path_factory) -> ControlPlane:
     """A cluster with the real node (and one tainted kwok GPU node); see the module docstring."""
-    for key in ("error", "node-error"):
+    for key in ("dir-error", "node-error"):
         if key in _binaries:
             pytest.fail(f"the real node's binaries could not be built: {_binaries[key]}", pytrace=False)
     state_dir = tmp_path_factory.mktemp("real-node")

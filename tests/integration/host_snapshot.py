@@ -14,7 +14,7 @@ from sft_devcluster import node as realnode
 
 NODE_PROGRAMS = {"containerd", "containerd-shim-runc-v2", "runc", "kubelet", "kube-proxy", "coredns"}
 OTHERS = ("/var/lib/containers", "/run/containers", "/run/libpod", "/run/user", "/run/netns/netns-", "podman",
-          "NETAVARK", "netavark", "CNI-")
+          "NETAVARK", "netavark", "CNI-", "buildah", "libpod")
 SYSCTLS = (*realnode.KERNEL_TUNABLES, "net.ipv4.ip_forward", "net.ipv4.conf.all.forwarding",
            "net.ipv4.conf.all.route_localnet", "net.bridge.bridge-nf-call-iptables")
 PATHS = (*realnode.HOST_DIRS, str(realnode.RUN_DIR), "/run/containerd", "/var/lib/containerd", "/run/nri",
@@ -41,7 +41,7 @@ def host_snapshot() -> dict:
             procs.add(f"{entry.name} {name}")
     cgroups = set()
     for mount, _ in realnode.cgroup_mounts():
-        cgroups |= {str(d) for d in mount.iterdir() if d.is_dir() and _mine(str(d)) and "libpod" not in d.name}
+        cgroups |= {str(d) for d in mount.iterdir() if d.is_dir() and _mine(str(d))}
     netfilter = set()
     for binary in ("iptables-save", "ip6tables-save"):
         netfilter |= {f"{binary} {line}" for line in _lines(binary) if not line.startswith(("#", "["))}

@@ -174,9 +174,10 @@ def test_indexed_job_pods_resolve_each_other_through_the_headless_service(real_n
     by_index = {p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: p for p in pods}
     logs = {i: real_node.pod_log(node_namespace, p.metadata.name) for i, p in by_index.items()}
     assert outcome == "Complete", logs
-    # Each pod reached the other one, at the other one's pod IP.
-    assert logs["0"].split() == ["rdzv-1", by_index["1"].status.pod_ip]
-    assert logs["1"].split() == ["rdzv-0", by_index["0"].status.pod_ip]
+    # Each pod reached the other one, at the other one's pod IP (after "connection refused"
+    # while the other one's server was starting).
+    assert logs["0"].splitlines()[-1].split() == ["rdzv-1", by_index["1"].status.pod_ip]
+    assert logs["1"].splitlines()[-1].split() == ["rdzv-0", by_index["0"].status.pod_ip]
 
 
 def test_pods_reach_the_api_server_as_kubernetes_default(real_node, node_namespace, busybox):

@@ -131,13 +131,18 @@ def ensure_binaries() -> Path:
         return Path(override)
     if not BUILD_SCRIPT.exists():
         raise DevClusterError(f"{BUILD_SCRIPT} not found; set SFT_K8S_BIN to a directory with the binaries")
-    log_path = cache_dir() / "k8s-bin.log"
+    return _run_build_script(BUILD_SCRIPT)
+
+
+def _run_build_script(script: Path) -> Path:
+    """Run a build script (log: <cache>/<script name>.log); the last line it prints is where it built."""
+    log_path = cache_dir() / f"{script.stem}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=log, text=True)
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise DevClusterError(f"{BUILD_SCRIPT} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise DevClusterError(f"{script} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
@@ -153,14 +158,7 @@ def node_binaries_cached() -> bool:
 def ensure_node_binaries() -> Path:
     """Build (or reuse) the real node's binaries and images: scripts/node-bin.sh, which
     also adds kubelet and kube-proxy to the control plane's set. Returns <cache>/node."""
-    log_path = cache_dir() / "node-bin.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        proc = subprocess.run(["bash", str(NODE_BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=log, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise DevClusterError(f"{NODE_BUILD_SCRIPT} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return _run_build_script(NODE_BUILD_SCRIPT)
 
 
 # ---------------------------------------------------------------- pure builders
