@@ -862,7 +862,7 @@ def add_subparser(subparsers) -> None:
     )
     parser.add_argument("action", choices=("up", "down", "status", "import-image"))
     parser.add_argument("archives", nargs="*", type=Path,
-                        help="import-image: image archives (podman/docker save, OCI layout tar)")
+                        help="import-image: image archives (podman/docker save, OCI layout tar), before any option")
     parser.add_argument("--dir", type=Path, default=None, help=f"state directory (default {default_state_dir()})")
     parser.add_argument("--gpu-nodes", type=int, default=2, help="number of kwok GPU nodes (8 GPUs each)")
     parser.add_argument("--kubeconfig-out", type=Path, default=None, help="also write the admin kubeconfig here")
