@@ -515,8 +515,6 @@ def up(
     ``node_gpus`` nvidia.com/gpu on it, import ``image_archives`` into it, taint the kwok
     nodes, and create the default claims on local volumes; instead of the process node.
     """
-    from kubernetes import client, config
-
     state_dir = (state_dir or default_state_dir()).resolve()
     if running_components(state_dir):
         info = ClusterInfo.load(state_dir)
@@ -542,8 +540,9 @@ def up(
             lock.claim(state_dir)
             shutil.rmtree(layout.state, ignore_errors=True)  # nothing is mounted there (checked above)
             realnode.prepare_host(layout, state_dir)
-        info = _up(state_dir, bin_dir, gpu_nodes, crds_dir, timeout, process_node_gpus, stop_with_pid,
-                   layout, lock, node_gpus, image_archives, say, client, config)
+        info = _up(state_dir, bin_dir, gpu_nodes=gpu_nodes, crds_dir=crds_dir, timeout=timeout,
+                   process_node_gpus=process_node_gpus, stop_with_pid=stop_with_pid, layout=layout, lock=lock,
+                   node_gpus=node_gpus, image_archives=image_archives, say=say)
     except BaseException:
         if lock:
             lock.release()  # our copy; down takes it again once the node's processes are gone
@@ -557,8 +556,12 @@ def up(
     return info
 
 
-def _up(state_dir, bin_dir, gpu_nodes, crds_dir, timeout, process_node_gpus, stop_with_pid,
-        layout, lock, node_gpus, image_archives, say, client, config) -> ClusterInfo:
+def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None, timeout: float,
+        process_node_gpus: int, stop_with_pid: int | None, layout: realnode.NodeLayout | None,
+        lock: realnode.NodeLock | None, node_gpus: int, image_archives: list[Path], say) -> ClusterInfo:
+    """``up`` from an empty state (the host prepared when ``layout`` is given)."""
+    from kubernetes import client, config
+
     real_node = layout is not None
     # A fresh cluster each time: stale nodes, pods and their logs only confuse. PVC
     # folders (pvc/<claim>, volumes/<namespace>/<claim>) stay: they hold the developer's
@@ -579,8 +582,7 @@ def _up(state_dir, bin_dir, gpu_nodes, crds_dir, timeout, process_node_gpus, sto
     if previous and _port_free(previous.ports.get("apiserver", 0), address):
         ports["apiserver"] = previous.ports["apiserver"]  # keeps a copied kubeconfig valid
     server = f"https://{address}:{ports['apiserver']}"
-    clients = ["admin", "controller-manager", "scheduler"]
-    for name in clients:
+    for name in ("admin", "controller-manager", "scheduler"):
         cfg = kubeconfig_dict(server, pki.ca_crt, pki.client_crt(name), pki.client_key(name), name)
         (state_dir / f"{name}.kubeconfig").write_text(yaml.safe_dump(cfg))
     kubeconfig = state_dir / "admin.kubeconfig"

@@ -16,7 +16,8 @@ for the bridge alone, and netfilter rules tagged ``sft-node`` drop whatever woul
 between the bridge and another interface.
 
 The module is pure builders (configs, command lines, rules) plus the I/O that applies and
-removes them; ``cluster.up``/``cluster.down`` call ``prepare_host``/``start``/``teardown``.
+removes them: ``cluster.up`` calls ``prepare_host`` and starts the processes, ``cluster.down``
+stops them, ``stop_pods`` and ``teardown``.
 """
 
 from __future__ import annotations
@@ -606,6 +607,8 @@ def _remove_netfilter(record: dict) -> None:
     for table, chain, rule in netfilter_rules():
         while _run("iptables", "-w", "-t", table, "-D", chain, *rule, check=False).returncode == 0:
             pass
+    if not record:
+        return  # our node never ran here: KUBE- chains would be another Kubernetes'
     # The kubelet's and kube-proxy's chains (KUBE-*): jumps first, then flush, then delete.
     # One real node per machine, so every KUBE- chain here is this node's.
     for binary in ("iptables", "ip6tables"):
@@ -632,7 +635,9 @@ def _remove_netfilter(record: dict) -> None:
 
 
 def _remove_host_entries(record: dict) -> None:
-    pod_logs = record.get("podLogs", "")
+    if not record:
+        return  # our node never ran here: the entries would be another kubelet's
+    pod_logs = record["podLogs"]
     containers = Path("/var/log/containers")
     if containers.is_dir():
         for link in containers.iterdir():
@@ -646,7 +651,7 @@ def _remove_host_entries(record: dict) -> None:
         for entry in results.iterdir():
             if entry.name.startswith((f"{CNI_NETWORK}-", "cni-loopback-")):
                 entry.unlink()
-    before = set(record.get("dirs", HOST_DIRS))
+    before = set(record["dirs"])
     for d in sorted(HOST_DIRS, key=len, reverse=True):
         if d not in before:
             try:
@@ -659,9 +664,9 @@ def teardown(layout: NodeLayout, state_dir: Path, timeout: float = 10.0) -> None
     """Remove what the node left on this machine: pods, processes, mounts, the bridge,
     netfilter rules, sysctl changes, cgroups, host paths and /run/sft-node. Idempotent.
 
-    Call with the node lock held (or with this state dir's node components already gone
-    and the lock free); the node components themselves are stopped by ``cluster.down``
-    before, except containerd, which is needed to remove the pods."""
+    Call with the node lock held; ``cluster.down`` stops the node's processes before, and
+    removes the pods while containerd still runs. Without the record ``prepare_host``
+    leaves in /run/sft-node (no node of ours ran here), only what carries our names goes."""
     try:
         record = json.loads(layout.host_record.read_text())
     except (OSError, ValueError):
