@@ -7,10 +7,13 @@
 # Everything lands in ${SFT_CACHE:-~/.cache/sft-operator}/k8s-<version>/bin, outside
 # the repo, and is built from Go modules through the Go module proxy (no Docker,
 # no release tarballs):
-#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (k8s.io/kubernetes)
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+#   kubelet, kube-proxy  (k8s.io/kubernetes, one `go build`; the node's two are used by
+#                         the dev cluster's real node, see scripts/node-bin.sh)
 #   etcd        (go.etcd.io/etcd/server/v3 at the version that Kubernetes release pins)
 #   kwok, helm, kubeconform  (go install)
-# Idempotent: each binary is built once; a marker records a complete set.
+# Idempotent: each binary is built once; a marker records a complete set (a cache made
+# before a binary joined the set gets just that one added).
 # Build logs go to stderr so that stdout stays machine-readable.
 set -euo pipefail
 
@@ -18,12 +21,13 @@ K8S_VERSION=${K8S_VERSION:-v1.36.3}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.7.0}
+K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 CACHE=${SFT_CACHE:-$HOME/.cache/sft-operator}
 ROOT=$CACHE/k8s-$K8S_VERSION
 BIN=$ROOT/bin
 MARKER=$BIN/.complete
-WANT="k8s=$K8S_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION kubeconform=$KUBECONFORM_VERSION"
+WANT="k8s=$K8S_VERSION($(IFS=,; echo "${K8S_CMDS[*]}")) kwok=$KWOK_VERSION helm=$HELM_VERSION kubeconform=$KUBECONFORM_VERSION"
 
 log() { echo "[k8s-bin $(date +%H:%M:%S)] $*" >&2; }
 trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
@@ -83,12 +87,15 @@ build_kubernetes() {
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   local staging="v0.${K8S_VERSION#v1.}"
   local dir=$ROOT/src/kubernetes
-  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-  if all_present "${cmds[@]}"; then return 0; fi
+  # Only the missing ones: on a cold cache that is all of them in one `go build`, which
+  # compiles their shared packages once.
+  local cmds=() c
+  for c in "${K8S_CMDS[@]}"; do [[ -x $BIN/$c ]] || cmds+=("$c"); done
+  [[ ${#cmds[@]} -eq 0 ]] && return 0
   log "building ${cmds[*]} $K8S_VERSION (staging modules at $staging)"
   make_wrapper "$dir" k8s.io/kubernetes "$K8S_VERSION" "$staging" >/dev/null
   log "wrapper go.mod replaces $(grep -c '=>' "$dir/go.mod") k8s.io staging modules"
-  local pkgs=() c
+  local pkgs=()
   for c in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
   local ld=""
   local p
@@ -130,7 +137,7 @@ go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 go_install kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
 go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 build_kubernetes
-all_present etcd kwok kubeconform helm kube-apiserver kube-controller-manager kube-scheduler kubectl
+all_present etcd kwok kubeconform helm "${K8S_CMDS[@]}"
 echo "$WANT" >"$MARKER"
 log "complete in $(( $(date +%s) - start ))s: $(ls "$BIN" | tr '\n' ' ')"
 echo "$BIN"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install everything the project needs on this machine: the Python package with the trainer and
 # dev extras (torch, transformers, peft, accelerate, trl, pytest, ...) into the current Python,
-# and the pinned control-plane binaries (built once into ~/.cache/sft-operator, then reused).
+# the pinned control-plane binaries and what the dev cluster's real node runs (containerd,
+# kubelet, CoreDNS, ...; Debian's runc and CNI plugins), built once into ~/.cache/sft-operator.
 #
-#   bash scripts/setup.sh            # Python packages + control-plane binaries
+#   bash scripts/setup.sh            # Python packages + control-plane and node binaries
 #   SKIP_K8S=1 bash scripts/setup.sh # Python packages only (enough for `sftctl run`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,5 +39,7 @@ fi
 if [[ -z ${SKIP_K8S:-} ]]; then
   log "control-plane binaries: building or reusing (a cold build takes ~20-30 min on 2 cores)"
   bash scripts/k8s-bin.sh >/dev/null
+  log "real node binaries: building or reusing (a cold build takes ~9 min on 2 cores)"
+  bash scripts/node-bin.sh >/dev/null
 fi
 log "ready"

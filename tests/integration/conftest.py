@@ -5,6 +5,13 @@ starts its own cluster in a temporary state dir with free ports, independent of 
 developer's `sftctl dev-cluster up`; it stops every process at the end. If the binaries
 can't be built or the cluster can't start, the tests error with the reason; nothing is
 skipped. `namespace` gives each test a fresh namespace and deletes it afterwards.
+
+`real_node` (session scope, started on first use) is a second cluster with the real node
+`sft-node-0` (kubelet, containerd, CNI, kube-proxy, CoreDNS; scripts/node-bin.sh builds
+what it runs). A test asks for it by naming the fixture (or `node_namespace`, a fresh
+Pod Security "restricted" namespace on it). One real node runs per machine, so the tests
+that use it run last, and wait up to SFT_REAL_NODE_WAIT seconds (default 600) for another
+session's node; if the node can't start they fail with the reason, never skip.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from kubernetes.client.exceptions import ApiException
 
 import sft_devcluster as devcluster
 
+from .host_snapshot import host_snapshot
+
 PROCESS_NODE = "sft-local-0"
 # What a pod needs to land on the process-backed node.
 PROCESS_NODE_PLACEMENT = {
@@ -35,6 +44,7 @@ PROCESS_NODE_PLACEMENT = {
 class ControlPlane:
     info: devcluster.ClusterInfo
     api: client.ApiClient
+    host_before: dict | None = None  # real node: the host as it was before `up`
 
     @property
     def kubeconfig(self) -> Path:
@@ -55,9 +65,15 @@ class ControlPlane:
         )
 
     def pod_log(self, namespace: str, pod: str) -> str:
-        """Output of a pod that ran on the process-backed node."""
+        """Output of a pod: `kubectl logs` on the real node, the log file on the process node."""
+        if self.info.real_node:
+            return self.kubectl("logs", "-n", namespace, pod, check=False).stdout
         path = self.state_dir / "logs" / f"{namespace}_{pod}.log"
         return path.read_text() if path.exists() else ""
+
+    def import_images(self, *archives: Path) -> list[tuple[str, str]]:
+        """Load image archives into the real node (skipped when already there)."""
+        return devcluster.import_images(self.state_dir, list(archives))
 
     @staticmethod
     def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.25):
@@ -78,24 +94,41 @@ class ControlPlane:
 _binaries: dict[str, str] = {}
 
 
+def uses_real_node(item) -> bool:
+    return bool({"real_node", "node_namespace"} & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Build (or find) the binaries before any test starts, so that a cold build (about
-    15 minutes) doesn't count against the first test's timeout."""
+    15 minutes) doesn't count against the first test's timeout. The real node's tests go
+    last (the node is held from the first of them to the end of the session), and the one
+    that stops it after them."""
+    node_items = [item for item in items if uses_real_node(item)]
+    if node_items:
+        last = [item for item in node_items if item.get_closest_marker("stops_real_node")]
+        items[:] = ([item for item in items if not uses_real_node(item)]
+                    + [item for item in node_items if item not in last] + last)
     if _binaries or not any(item.get_closest_marker("cluster") for item in items):
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.write_line(f"control plane binaries: scripts/k8s-bin.sh (log {devcluster.cluster.cache_dir() / 'k8s-bin.log'})")
-    try:
-        _binaries["dir"] = str(devcluster.ensure_binaries())
-    except devcluster.DevClusterError as exc:
-        _binaries["error"] = str(exc)
+    builds = [("dir", "control plane", "k8s-bin", devcluster.ensure_binaries)]
+    if node_items:
+        builds.append(("node", "real node", "node-bin", devcluster.ensure_node_binaries))
+    for key, what, script, build in builds:
+        if reporter:
+            log = devcluster.cluster.cache_dir() / f"{script}.log"
+            reporter.write_line(f"{what} binaries: scripts/{script}.sh (log {log})")
+        try:
+            _binaries[key] = str(build())
+        except devcluster.DevClusterError as exc:
+            _binaries[f"{key}-error"] = str(exc)
+            break
 
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory) -> ControlPlane:
-    if "error" in _binaries:
-        pytest.fail(f"the control plane binaries could not be built: {_binaries['error']}", pytrace=False)
+    if "dir-error" in _binaries:
+        pytest.fail(f"the control plane binaries could not be built: {_binaries['dir-error']}", pytrace=False)
     state_dir = tmp_path_factory.mktemp("control-plane")
     try:
         # stop_with_pid: no leftover processes even if the session is killed (e.g. by `timeout`).
@@ -110,6 +143,34 @@ def control_plane(tmp_path_factory) -> ControlPlane:
         devcluster.down(state_dir)
 
 
+@pytest.fixture(scope="session")
+def real_node(tmp_path_factory) -> ControlPlane:
+    """A cluster with the real node (and one tainted kwok GPU node); see the module docstring."""
+    for key in ("dir-error", "node-error"):
+        if key in _binaries:
+            pytest.fail(f"the real node's binaries could not be built: {_binaries[key]}", pytrace=False)
+    state_dir = tmp_path_factory.mktemp("real-node")
+    before = host_snapshot()
+    try:
+        info = devcluster.up(state_dir, gpu_nodes=1, stop_with_pid=os.getpid(), real_node=True, timeout=180,
+                             node_wait=float(os.environ.get("SFT_REAL_NODE_WAIT", "600")))
+    except devcluster.DevClusterError as exc:
+        pytest.fail(f"the real node could not start: {exc}", pytrace=False)
+    api = config.new_client_from_config(config_file=info.kubeconfig)
+    try:
+        yield ControlPlane(info, api, host_before=before)
+    finally:
+        api.close()
+        devcluster.down(state_dir)
+
+
+@pytest.fixture
+def node_namespace(real_node, request) -> str:
+    """A fresh Pod Security "restricted" namespace on the real node's cluster."""
+    yield from _fresh_namespace(real_node, request, {"pod-security.kubernetes.io/enforce": "restricted",
+                                                     "pod-security.kubernetes.io/enforce-version": "latest"})
+
+
 @pytest.fixture
 def api(control_plane) -> client.ApiClient:
     return control_plane.api
@@ -118,12 +179,16 @@ def api(control_plane) -> client.ApiClient:
 @pytest.fixture
 def namespace(control_plane, request) -> str:
     """A fresh namespace whose default ServiceAccount exists (pods need it); deleted after the test."""
-    core = client.CoreV1Api(control_plane.api)
+    yield from _fresh_namespace(control_plane, request)
+
+
+def _fresh_namespace(cluster: ControlPlane, request, labels: dict | None = None):
+    core = client.CoreV1Api(cluster.api)
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{slug}-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name, "labels": {"sft.dev/test": "true"}}})
-    control_plane.wait_for(lambda: core.read_namespaced_service_account("default", name), 30,
-                           f"ServiceAccount default in {name}")
+    core.create_namespace({"metadata": {"name": name, "labels": {"sft.dev/test": "true", **(labels or {})}}})
+    cluster.wait_for(lambda: core.read_namespaced_service_account("default", name), 30,
+                     f"ServiceAccount default in {name}")
     yield name
     try:
         core.delete_namespace(name)

@@ -1,29 +1,36 @@
-"""A local Kubernetes control plane for development and tests (no Docker).
+"""A local Kubernetes cluster for development and tests (no Docker).
 
-``sftctl dev-cluster up|down|status`` (see ``cluster``): etcd, kube-apiserver,
+``sftctl dev-cluster up|down|status|import-image`` (see ``cluster``): etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler and kwok simulated GPU nodes, built from their
-Go modules by ``scripts/k8s-bin.sh``, plus ``sft-local-0``, a process-backed node for
-real execution. Both are development and test tools, not product features.
+Go modules by ``scripts/k8s-bin.sh``, plus either the real node ``sft-node-0`` (kubelet,
+containerd, runc, CNI bridge, kube-proxy, CoreDNS; ``scripts/node-bin.sh``; see ``node``)
+or ``sft-local-0``, a process-backed node. Development and test tools, not product features.
 """
 
 from .cluster import (
     ClusterInfo,
-    DevClusterError,
     add_subparser,
+    create_volume,
     default_state_dir,
     down,
     ensure_binaries,
+    ensure_node_binaries,
+    import_images,
     status,
     up,
 )
+from .processes import DevClusterError
 
 __all__ = [
     "ClusterInfo",
     "DevClusterError",
     "add_subparser",
+    "create_volume",
     "default_state_dir",
     "down",
     "ensure_binaries",
+    "ensure_node_binaries",
+    "import_images",
     "status",
     "up",
 ]

@@ -1,11 +1,16 @@
 """Start, stop and inspect the local dev/test control plane (no Docker).
 
-``up`` runs, on loopback with free ports and a state directory holding pidfiles, logs,
-certificates and the admin kubeconfig:
+``up`` runs, with free ports and a state directory holding pidfiles, logs, certificates
+and the admin kubeconfig:
 
   etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler, kwok (simulated
-  GPU nodes ``kwok-gpu-N``) and the process-node agent (``sft-local-0``, a dev/test tool
-  that runs pods as local processes; see ``process_node``),
+  GPU nodes ``kwok-gpu-N``) and either
+
+  - the real node ``sft-node-0`` (``real_node=True``; see ``node``): containerd, kubelet,
+    kube-proxy and CoreDNS on a private bridge, where the API server then listens too
+    (pods reach it as ``kubernetes.default``); or
+  - the process-node agent (``sft-local-0``, a dev/test tool that runs pods as local
+    processes; see ``process_node``), with everything on loopback,
 
 then creates the kwok Node objects, installs the CRDs from ``crds/`` and waits until
 the API server is ready, every node is Ready, the CRDs are Established and the
@@ -34,25 +39,42 @@ from pathlib import Path
 
 import yaml
 
-from .pki import Pki, ensure_pki
+from . import node as realnode
+from .pki import COREDNS_USER, KUBELET_CLIENT_USER, Pki, ensure_pki
+from .processes import (
+    MARKER_ENV,
+    DevClusterError,
+    alive,
+    free_port,
+    pidfile,
+    running,
+    session_members,
+    signal_all,
+    start,
+    start_time,
+    stop_session,
+    wait_gone,
+    wait_until,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "k8s-bin.sh"
+NODE_BUILD_SCRIPT = REPO_ROOT / "scripts" / "node-bin.sh"
 KWOK_STAGES = Path(__file__).with_name("kwok_stages.yaml")
 PROCESS_NODE_NAME = "sft-local-0"
-MARKER_ENV = "SFT_DEVCLUSTER_DIR"
-SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR = realnode.SERVICE_CIDR
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+CONTROL_PLANE = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 # Stop order: consumers first, storage last.
-COMPONENTS = ("process-node", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+COMPONENTS = ("process-node", *CONTROL_PLANE)
+ALL_COMPONENTS = (*realnode.COMPONENTS, *COMPONENTS)
+# The taint kwok nodes carry when a real node is there: pods run for real unless they
+# tolerate it (scale and failure simulations do).
+KWOK_TAINT = {"key": "sft.dev/kwok-node", "value": "true", "effect": "NoSchedule"}
 # kwok manages only nodes carrying this annotation, never the process node.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 
 GPU_NODE_RESOURCES = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
-
-
-class DevClusterError(RuntimeError):
-    """The dev cluster could not be built, started or reached; the message says why."""
 
 
 def cache_dir() -> Path:
@@ -73,6 +95,16 @@ class ClusterInfo:
     pids: dict[str, int] = field(default_factory=dict)
     gpu_nodes: int = 2
     startup_seconds: float = 0.0
+    real_node: bool = False
+    node_gpus: int = 0
+    node_ready_seconds: float = 0.0  # kubelet start -> node Ready and untainted
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """What runs in this cluster, in stop order."""
+        if self.real_node:
+            return (*realnode.COMPONENTS, *CONTROL_PLANE)
+        return COMPONENTS
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterInfo | None:
@@ -99,23 +131,37 @@ def ensure_binaries() -> Path:
         return Path(override)
     if not BUILD_SCRIPT.exists():
         raise DevClusterError(f"{BUILD_SCRIPT} not found; set SFT_K8S_BIN to a directory with the binaries")
-    log_path = cache_dir() / "k8s-bin.log"
+    return _run_build_script(BUILD_SCRIPT)
+
+
+def _run_build_script(script: Path) -> Path:
+    """Run a build script (log: <cache>/<script name>.log); the last line it prints is where it built."""
+    log_path = cache_dir() / f"{script.stem}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=log, text=True)
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise DevClusterError(f"{BUILD_SCRIPT} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise DevClusterError(f"{script} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def node_cache_dir() -> Path:
+    return cache_dir() / "node"
+
+
+def node_binaries_cached() -> bool:
+    """scripts/node-bin.sh finished once (it rebuilds what its recipe changed when run)."""
+    return (node_cache_dir() / ".complete").exists()
+
+
+def ensure_node_binaries() -> Path:
+    """Build (or reuse) the real node's binaries and images: scripts/node-bin.sh, which
+    also adds kubelet and kube-proxy to the control plane's set. Returns <cache>/node."""
+    return _run_build_script(NODE_BUILD_SCRIPT)
+
+
 # ---------------------------------------------------------------- pure builders
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kubeconfig_dict(server: str, ca_crt: Path, crt: Path, key: Path, user: str) -> dict:
@@ -132,10 +178,29 @@ def kubeconfig_dict(server: str, ca_crt: Path, crt: Path, key: Path, user: str) 
 
 
 def component_commands(
-    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], process_node_gpus: int = 0
+    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], process_node_gpus: int = 0,
+    real_node: bool = False,
 ) -> dict[str, list[str]]:
-    """The command line of every component (pure: no I/O)."""
+    """The command line of every control-plane component (pure: no I/O).
+
+    With ``real_node`` the API server listens on the node's bridge address instead of
+    loopback, so pods reach it through the ``kubernetes`` Service (whose endpoint it keeps
+    with a lease), and it can call the kubelet (logs, exec)."""
     b = lambda name: str(bin_dir / name)  # noqa: E731
+    address = realnode.NODE_IP if real_node else "127.0.0.1"
+    if real_node:
+        node_flags = [
+            # A kubelet may change only its own Node and its pods (the flag's values add up).
+            "--enable-admission-plugins=NodeRestriction",
+            "--endpoint-reconciler-type=lease",
+            f"--kubelet-client-certificate={pki.client_crt('apiserver-kubelet-client')}",
+            f"--kubelet-client-key={pki.client_key('apiserver-kubelet-client')}",
+            f"--kubelet-certificate-authority={pki.ca_crt}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+    else:
+        # Endpoints may not hold a loopback address; the in-cluster Service isn't needed.
+        node_flags = ["--endpoint-reconciler-type=none"]
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
     kcfg = lambda name: str(state_dir / f"{name}.kubeconfig")  # noqa: E731
@@ -150,7 +215,7 @@ def component_commands(
         ],
         "kube-apiserver": [
             b("kube-apiserver"), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--bind-address={address}", f"--advertise-address={address}", f"--secure-port={ports['apiserver']}",
             f"--tls-cert-file={pki.apiserver_crt}", f"--tls-private-key-file={pki.apiserver_key}",
             f"--client-ca-file={pki.ca_crt}",
             "--authorization-mode=Node,RBAC",
@@ -159,8 +224,7 @@ def component_commands(
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # Endpoints may not hold a loopback address; the in-cluster Service isn't needed.
-            "--endpoint-reconciler-type=none",
+            *node_flags,
             "--allow-privileged=true", "--profiling=false", "--v=1",
         ],
         "kube-controller-manager": [
@@ -194,8 +258,9 @@ def component_commands(
     }
 
 
-def kwok_node(name: str) -> dict:
-    """A simulated GPU node; kwok fills in conditions and keeps its lease."""
+def kwok_node(name: str, tainted: bool = False) -> dict:
+    """A simulated GPU node; kwok fills in conditions and keeps its lease. ``tainted``
+    (next to a real node): only pods that tolerate ``KWOK_TAINT`` land there."""
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -211,7 +276,7 @@ def kwok_node(name: str) -> dict:
                 "nvidia.com/gpu.present": "true",
             },
         },
-        "spec": {},
+        "spec": {"taints": [dict(KWOK_TAINT)]} if tainted else {},
         "status": {"capacity": dict(GPU_NODE_RESOURCES), "allocatable": dict(GPU_NODE_RESOURCES)},
     }
 
@@ -261,58 +326,9 @@ def load_crds(crds_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------- processes
 
 
-def _read_proc(pid: int, name: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes()
-    except OSError:
-        return b""
-
-
-def _is_ours(pid: int, state_dir: Path) -> bool:
-    """The pid is alive and was started by this state dir (not a reused pid)."""
-    marker = f"{MARKER_ENV}={state_dir}".encode()
-    return marker in _read_proc(pid, "environ").split(b"\0")
-
-
-def _session_members(sids: set[int]) -> list[int]:
-    """Every live process whose session id is in ``sids`` (children, pods, ...)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = _read_proc(int(entry), "stat").decode(errors="replace")
-        # Fields after the ")" of the command name: state ppid pgrp session ...
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) in sids:
-            members.append(int(entry))
-    return members
-
-
-def _pidfile(state_dir: Path, name: str) -> Path:
-    return state_dir / "pids" / f"{name}.pid"
-
-
 def running_components(state_dir: Path) -> dict[str, int]:
     """Component name -> pid, for the components of ``state_dir`` that are alive."""
-    alive = {}
-    for name in COMPONENTS:
-        path = _pidfile(state_dir, name)
-        if path.exists():
-            pid = int(path.read_text().split()[0])
-            if _is_ours(pid, state_dir):
-                alive[name] = pid
-    return alive
-
-
-def _start(name: str, cmd: list[str], state_dir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = open(state_dir / "components" / f"{name}.log", "ab")
-    env = {**os.environ, MARKER_ENV: str(state_dir), **(extra_env or {})}
-    # Own session: survives `up` returning, and `down` kills the session as a whole.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, cwd=state_dir, start_new_session=True)
-    log.close()
-    _pidfile(state_dir, name).write_text(f"{proc.pid}\n")
-    return proc
+    return running(state_dir, ALL_COMPONENTS)
 
 
 def _pythonpath() -> str:
@@ -321,17 +337,11 @@ def _pythonpath() -> str:
     return os.pathsep.join(filter(None, [*roots, os.environ.get("PYTHONPATH")]))
 
 
-def _start_time(pid: int) -> str:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks); "" if gone."""
-    fields = _read_proc(pid, "stat").decode(errors="replace").rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else ""
-
-
 def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
     """A detached process that runs ``down`` once ``owner_pid`` is gone."""
     code = (
         "import sys; from pathlib import Path; from sft_devcluster.cluster import watchdog; "
-        f"watchdog({owner_pid}, {_start_time(owner_pid)!r}, Path({str(state_dir)!r}))"
+        f"watchdog({owner_pid}, {start_time(owner_pid)!r}, Path({str(state_dir)!r}))"
     )
     env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
     env["PYTHONPATH"] = _pythonpath()
@@ -342,18 +352,11 @@ def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
 
 def watchdog(owner_pid: int, owner_start: str, state_dir: Path) -> None:
     # The start time guards against the owner's pid being reused by another process.
-    while _alive(owner_pid) and _start_time(owner_pid) == owner_start:
+    while alive(owner_pid) and start_time(owner_pid) == owner_start:
         time.sleep(1.0)
     if running_components(state_dir):
         print(f"owner {owner_pid} exited; stopping the cluster in {state_dir}", flush=True)
         down(state_dir)
-
-
-def _log_tail(state_dir: Path, name: str, lines: int = 25) -> str:
-    path = state_dir / "components" / f"{name}.log"
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 # ---------------------------------------------------------------- waiting
@@ -370,24 +373,6 @@ def _https_ok(url: str, pki: Pki | None = None) -> bool:
         return False
 
 
-def _wait(what: str, check, deadline: float, procs: dict[str, subprocess.Popen], state_dir: Path) -> None:
-    while True:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - the API may be half-up; keep polling until the deadline
-            pass
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                raise DevClusterError(
-                    f"{name} exited with {proc.returncode} while waiting for {what}; "
-                    f"log {state_dir / 'components' / (name + '.log')}:\n{_log_tail(state_dir, name)}"
-                )
-        if time.monotonic() > deadline:
-            raise DevClusterError(f"timed out waiting for {what}; logs in {state_dir / 'components'}")
-        time.sleep(0.2)
-
-
 def _node_ready(node) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in (node.status.conditions or []))
 
@@ -397,6 +382,111 @@ def _node_schedulable(node) -> bool:
     one to a node first seen before its Ready condition)."""
     return _node_ready(node) and not any(
         t.key.startswith("node.kubernetes.io/") for t in (node.spec.taints or []))
+
+
+# ---------------------------------------------------------------- real-node objects (pure)
+
+
+def node_rbac() -> list[dict]:
+    """What the node's clients need beyond the bootstrap policy: the API server's calls to
+    the kubelet (logs, exec) and CoreDNS's watches. kube-proxy's CN has a bootstrap binding."""
+    def binding(name: str, role: str, user: str) -> dict:
+        return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+
+    watch = ["list", "watch"]
+    return [
+        binding("sft-dev:apiserver-kubelet-client", "system:kubelet-api-admin", KUBELET_CLIENT_USER),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "sft-dev:coredns"},
+         "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"], "verbs": watch},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": watch}]},
+        binding("sft-dev:coredns", "sft-dev:coredns", COREDNS_USER),
+    ]
+
+
+# The real node's default StorageClass: local volumes in host folders, made by ``up`` (or
+# ``create_volume``) and bound to their claims ahead of time. No dynamic provisioner: one
+# node, claims known in advance (the examples' datasets and models), and folders at fixed
+# paths that can be filled from the host before a job runs.
+LOCAL_STORAGE_CLASS = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {"name": "sft-local", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+    "provisioner": "kubernetes.io/no-provisioner",
+    "reclaimPolicy": "Retain",
+    "volumeBindingMode": "WaitForFirstConsumer",
+}
+# Claims ``up`` creates: what examples/*.yaml read and write.
+DEFAULT_CLAIMS = ("datasets", "models")
+VOLUMES_NAMESPACE = "default"
+
+
+def volume_path(state_dir: Path, namespace: str, claim: str) -> Path:
+    return state_dir / "volumes" / namespace / claim
+
+
+def local_volume(state_dir: Path, namespace: str, claim: str, size: str = "50Gi") -> tuple[dict, dict]:
+    """A local PersistentVolume on the real node and the claim bound to it (pure)."""
+    pv_name = f"sft-local-{namespace}-{claim}"
+    pv = {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": pv_name, "labels": {"sft.dev/volume": "local"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],  # per node: every pod of a job on this node shares it
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": LOCAL_STORAGE_CLASS["metadata"]["name"],
+            # A local volume (not hostPath): the kubelet applies the pod's fsGroup, so a
+            # non-root trainer can write, and restricted pods may use it.
+            "local": {"path": str(volume_path(state_dir, namespace, claim))},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [realnode.NODE_NAME]}]}]}},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": namespace},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": LOCAL_STORAGE_CLASS["metadata"]["name"],
+                 "volumeName": pv_name, "resources": {"requests": {"storage": size}}},
+    }
+    return pv, pvc
+
+
+def kwok_claim(claim: str, size: str = "50Gi") -> dict:
+    """Without a real node: a claim kwok's volume stage binds to a simulated volume, so the
+    scheduler places the examples' pods (the process node maps it to <state dir>/pvc/<claim>)."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": STORAGE_CLASS["metadata"]["name"],
+                     "resources": {"requests": {"storage": size}}}}
+
+
+def create_volume(api, state_dir: Path, namespace: str, claim: str, size: str = "50Gi") -> Path:
+    """Create (or keep) the claim ``namespace/claim`` on a local volume of the real node;
+    returns its host folder, whose content survives ``down``/``up``."""
+    from kubernetes import client
+
+    path = volume_path(state_dir, namespace, claim)
+    path.mkdir(parents=True, exist_ok=True)
+    pv, pvc = local_volume(state_dir, namespace, claim, size)
+    core = client.CoreV1Api(api)
+    for create, body in ((core.create_persistent_volume, pv),
+                         (lambda b: core.create_namespaced_persistent_volume_claim(namespace, b), pvc)):
+        try:
+            create(body)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+    return path
+
+
+def _create_all(api, objects: list[dict]) -> None:
+    from kubernetes import utils
+
+    for obj in objects:
+        utils.create_from_dict(api, obj)
 
 
 # ---------------------------------------------------------------- up / down / status
@@ -410,101 +500,216 @@ def up(
     timeout: float = 120.0,
     process_node_gpus: int = 0,
     stop_with_pid: int | None = None,
+    real_node: bool = False,
+    node_gpus: int = realnode.DEFAULT_GPUS,
+    node_wait: float = 0.0,
+    image_archives: list[Path] = (),
+    say=print,
 ) -> ClusterInfo:
     """Start the control plane; return where it is. Stops what it started on failure.
 
     ``stop_with_pid``: also stop the cluster when that process exits, even if it is
     killed before it can call ``down`` (a test session hitting a timeout).
+    ``real_node``: start the real node ``sft-node-0`` (one per machine; waits up to
+    ``node_wait`` seconds for another cluster's node, then fails saying whose it is), advertise
+    ``node_gpus`` nvidia.com/gpu on it, import ``image_archives`` into it, taint the kwok
+    nodes, and create the default claims on local volumes; instead of the process node.
     """
-    from kubernetes import client, config
-
     state_dir = (state_dir or default_state_dir()).resolve()
     if running_components(state_dir):
         info = ClusterInfo.load(state_dir)
-        if info and set(running_components(state_dir)) == set(COMPONENTS):
+        if info and set(running_components(state_dir)) == set(info.components):
             _copy_kubeconfig(Path(info.kubeconfig), kubeconfig_out)
             return info
         down(state_dir)  # half-running: start clean
 
     bin_dir = ensure_binaries()
     started = time.monotonic()
+    layout = lock = None
+    if real_node:
+        layout = realnode.NodeLayout(state_dir / "node", node_cache_dir(), bin_dir)
+        realnode.check_prerequisites(layout)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = realnode.NodeLock.acquire(state_dir, node_wait, say)
+    try:
+        if layout:
+            realnode.teardown(layout, state_dir)  # whatever a node that died left behind
+            if realnode.leftovers(layout, state_dir):
+                raise DevClusterError("a previous node left this behind and it could not be removed: "
+                                      + "; ".join(realnode.leftovers(layout, state_dir)))
+            lock.claim(state_dir)
+            shutil.rmtree(layout.state, ignore_errors=True)  # nothing is mounted there (checked above)
+            realnode.prepare_host(layout, state_dir)
+        info = _up(state_dir, bin_dir, gpu_nodes=gpu_nodes, crds_dir=crds_dir, timeout=timeout,
+                   process_node_gpus=process_node_gpus, stop_with_pid=stop_with_pid, layout=layout, lock=lock,
+                   node_gpus=node_gpus, image_archives=image_archives, say=say)
+    except BaseException:
+        if lock:
+            lock.release()  # our copy; down takes it again once the node's processes are gone
+        down(state_dir)
+        raise
+    if lock:
+        lock.release()
+    _copy_kubeconfig(Path(info.kubeconfig), kubeconfig_out)
+    info.startup_seconds = round(time.monotonic() - started, 1)
+    info.save()
+    return info
+
+
+def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None, timeout: float,
+        process_node_gpus: int, stop_with_pid: int | None, layout: realnode.NodeLayout | None,
+        lock: realnode.NodeLock | None, node_gpus: int, image_archives: list[Path], say) -> ClusterInfo:
+    """``up`` from an empty state (the host prepared when ``layout`` is given)."""
+    from kubernetes import client, config
+
+    real_node = layout is not None
     # A fresh cluster each time: stale nodes, pods and their logs only confuse. PVC
-    # folders (pvc/<claim>) stay: they hold the developer's datasets and models.
+    # folders (pvc/<claim>, volumes/<namespace>/<claim>) stay: they hold the developer's
+    # datasets and models.
     for stale in ("etcd", "pods", "logs"):
         shutil.rmtree(state_dir / stale, ignore_errors=True)
     for sub in ("pids", "components", "logs", "pvc"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
-    pki = ensure_pki(state_dir / "pki")
+    pki = ensure_pki(state_dir / "pki", *((realnode.NODE_NAME, realnode.NODE_IP) if real_node else ()))
 
+    address = realnode.NODE_IP if real_node else "127.0.0.1"
     previous = ClusterInfo.load(state_dir)
-    ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
-    if previous and _port_free(previous.ports.get("apiserver", 0)):
+    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"]
+    if real_node:
+        names += ["kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics",
+                  "coredns-health", "coredns-ready"]
+    ports = {k: free_port() for k in names}
+    if previous and _port_free(previous.ports.get("apiserver", 0), address):
         ports["apiserver"] = previous.ports["apiserver"]  # keeps a copied kubeconfig valid
-    server = f"https://127.0.0.1:{ports['apiserver']}"
+    server = f"https://{address}:{ports['apiserver']}"
     for name in ("admin", "controller-manager", "scheduler"):
         cfg = kubeconfig_dict(server, pki.ca_crt, pki.client_crt(name), pki.client_key(name), name)
         (state_dir / f"{name}.kubeconfig").write_text(yaml.safe_dump(cfg))
     kubeconfig = state_dir / "admin.kubeconfig"
 
-    info = ClusterInfo(str(state_dir), str(kubeconfig), server, str(bin_dir), ports, gpu_nodes=gpu_nodes)
+    info = ClusterInfo(str(state_dir), str(kubeconfig), server, str(bin_dir), ports, gpu_nodes=gpu_nodes,
+                       real_node=real_node, node_gpus=node_gpus if real_node else 0)
     info.save()
-    cmds = component_commands(bin_dir, state_dir, pki, ports, process_node_gpus)
+    cmds = component_commands(bin_dir, state_dir, pki, ports, process_node_gpus, real_node)
     deadline = time.monotonic() + timeout
     procs: dict[str, subprocess.Popen] = {}
-    try:
-        procs["etcd"] = _start("etcd", cmds["etcd"], state_dir)
-        procs["kube-apiserver"] = _start("kube-apiserver", cmds["kube-apiserver"], state_dir)
-        _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", pki), deadline, procs, state_dir)
 
-        if stop_with_pid:
-            _start_watchdog(state_dir, stop_with_pid)
-        for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
-            procs[name] = _start(name, cmds[name], state_dir)
-        procs["process-node"] = _start("process-node", cmds["process-node"], state_dir, {"PYTHONPATH": _pythonpath()})
+    def wait(what, check):
+        wait_until(what, check, deadline, procs, state_dir)
+
+    if real_node:
+        pause = realnode.archive_reference(layout.images / "pause.tar")
+        realnode.write_configs(layout, pki.dir, ports, pause)
+        for name in ("kubelet", "kube-proxy", "coredns"):
+            cfg = kubeconfig_dict(server, pki.ca_crt, pki.client_crt(name), pki.client_key(name), name)
+            layout.config(f"{name}.kubeconfig").write_text(yaml.safe_dump(cfg))
+        node_cmds = realnode.component_commands(layout)
+        node_env = realnode.component_env(layout)
+
+        def start_node(name):
+            # Each inherits the node lock: it stays taken while any of them lives.
+            procs[name] = start(name, node_cmds[name], state_dir, node_env, pass_fds=(lock.fd,))
+
+        start_node("containerd")  # meanwhile the control plane starts
+    procs["etcd"] = start("etcd", cmds["etcd"], state_dir)
+    procs["kube-apiserver"] = start("kube-apiserver", cmds["kube-apiserver"], state_dir)
+    wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", pki))
+
+    if stop_with_pid:
+        _start_watchdog(state_dir, stop_with_pid)
+    for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        procs[name] = start(name, cmds[name], state_dir)
+    if not real_node:
+        procs["process-node"] = start("process-node", cmds["process-node"], state_dir, {"PYTHONPATH": _pythonpath()})
+    info.pids = {name: p.pid for name, p in procs.items()}
+    info.save()
+
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    core = client.CoreV1Api(api)
+    ext = client.ApiextensionsV1Api(api)
+    node_names = [f"kwok-gpu-{i}" for i in range(gpu_nodes)]
+    if real_node:
+        _create_all(api, node_rbac())
+        wait("containerd (CRI)", lambda: realnode.containerd_ready(layout))
+        realnode.import_node_images(layout, sorted(layout.images.glob("*.tar")), say)
+        kubelet_started = time.monotonic()
+        for name in ("kubelet", "kube-proxy", "coredns"):
+            start_node(name)
         info.pids = {name: p.pid for name, p in procs.items()}
         info.save()
+        node_names.append(realnode.NODE_NAME)
+    else:
+        node_names.append(PROCESS_NODE_NAME)
+    for i in range(gpu_nodes):
+        core.create_node(kwok_node(f"kwok-gpu-{i}", tainted=real_node))
+    storage = client.StorageV1Api(api)
+    if real_node:
+        storage.create_storage_class(LOCAL_STORAGE_CLASS)
+        storage.create_storage_class(_not_default(STORAGE_CLASS))  # kwok-volume, for kwok pods
+    else:
+        storage.create_storage_class(STORAGE_CLASS)
+    crds = load_crds(crds_dir or REPO_ROOT / "crds")
+    for crd in crds:
+        try:
+            ext.create_custom_resource_definition(crd)
+        except client.ApiException as exc:
+            detail = json.loads(exc.body).get("message", exc.body) if exc.body else exc.reason
+            raise DevClusterError(f"the API server rejected CRD {crd['metadata']['name']}: {detail}") from None
 
-        api = config.new_client_from_config(config_file=str(kubeconfig))
-        core = client.CoreV1Api(api)
-        ext = client.ApiextensionsV1Api(api)
-        for i in range(gpu_nodes):
-            core.create_node(kwok_node(f"kwok-gpu-{i}"))
-        client.StorageV1Api(api).create_storage_class(STORAGE_CLASS)
-        crds = load_crds(crds_dir or REPO_ROOT / "crds")
+    def crds_established() -> bool:
         for crd in crds:
+            got = ext.read_custom_resource_definition(crd["metadata"]["name"])
+            if not any(c.type == "Established" and c.status == "True" for c in got.status.conditions or []):
+                return False
+        return True
+
+    def nodes_ready() -> bool:
+        nodes = {n.metadata.name: n for n in core.list_node().items}
+        return all(name in nodes and _node_schedulable(nodes[name]) for name in node_names)
+
+    wait("CRDs Established", crds_established)
+    if real_node:
+        wait(f"node {realnode.NODE_NAME} registered", lambda: core.read_node(realnode.NODE_NAME))
+        core.patch_node_status(realnode.NODE_NAME, realnode.gpu_capacity_patch(node_gpus))
+    wait("nodes Ready and untainted", nodes_ready)
+    if real_node:
+        info.node_ready_seconds = round(time.monotonic() - kubelet_started, 1)
+        gpu = realnode.GPU_RESOURCE
+        wait(f"{gpu} allocatable on {realnode.NODE_NAME}", lambda: (
+            core.read_node(realnode.NODE_NAME).status.allocatable.get(gpu) == str(node_gpus)))
+        wait("kube-proxy /healthz", lambda: _http_ok(f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz"))
+        wait("CoreDNS /ready", lambda: _http_ok(f"http://127.0.0.1:{ports['coredns-ready']}/ready"))
+    wait("the default ServiceAccount (controller-manager up)",
+         lambda: core.read_namespaced_service_account("default", "default"))
+    wait("kube-scheduler /healthz", lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"))
+    for claim in DEFAULT_CLAIMS:
+        if real_node:
+            create_volume(api, state_dir, VOLUMES_NAMESPACE, claim)
+        else:
+            core.create_namespaced_persistent_volume_claim(VOLUMES_NAMESPACE, kwok_claim(claim))
+    if real_node:
+        # Product images (multi-GiB) after the deadline-bound start: imported once per change.
+        # A bad archive doesn't stop the cluster; `import-image` says more.
+        for archive in image_archives:
             try:
-                ext.create_custom_resource_definition(crd)
-            except client.ApiException as exc:
-                detail = json.loads(exc.body).get("message", exc.body) if exc.body else exc.reason
-                raise DevClusterError(f"the API server rejected CRD {crd['metadata']['name']}: {detail}") from None
-
-        def crds_established() -> bool:
-            for crd in crds:
-                got = ext.read_custom_resource_definition(crd["metadata"]["name"])
-                if not any(c.type == "Established" and c.status == "True" for c in got.status.conditions or []):
-                    return False
-            return True
-
-        def nodes_ready() -> bool:
-            nodes = {n.metadata.name: n for n in core.list_node().items}
-            want = [f"kwok-gpu-{i}" for i in range(gpu_nodes)] + [PROCESS_NODE_NAME]
-            return all(name in nodes and _node_schedulable(nodes[name]) for name in want)
-
-        _wait("CRDs Established", crds_established, deadline, procs, state_dir)
-        _wait("nodes Ready and untainted", nodes_ready, deadline, procs, state_dir)
-        _wait("the default ServiceAccount (controller-manager up)",
-              lambda: core.read_namespaced_service_account("default", "default"), deadline, procs, state_dir)
-        _wait("kube-scheduler /healthz",
-              lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz"), deadline, procs, state_dir)
-        api.close()
-    except BaseException:
-        down(state_dir)
-        raise
-
-    _copy_kubeconfig(kubeconfig, kubeconfig_out)
-    info.startup_seconds = round(time.monotonic() - started, 1)
-    info.save()
+                realnode.import_node_images(layout, [archive], say)
+            except DevClusterError as exc:
+                say(f"image archive {archive} not imported: {exc}")
+    api.close()
     return info
+
+
+def _not_default(storage_class: dict) -> dict:
+    meta = {**storage_class["metadata"], "annotations": {"storageclass.kubernetes.io/is-default-class": "false"}}
+    return {**storage_class, "metadata": meta}
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def _copy_kubeconfig(kubeconfig: Path, out: Path | None) -> None:
@@ -514,12 +719,12 @@ def _copy_kubeconfig(kubeconfig: Path, out: Path | None) -> None:
         Path(out).chmod(0o600)
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     if not port:
         return False
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
             return True
         except OSError:
             return False
@@ -530,66 +735,87 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
 
     One component at a time, consumers first and etcd last: an API server whose etcd is
     already gone takes far longer to shut down. Each component's whole session goes
-    (the process node's pods included); SIGKILL after ``timeout`` seconds.
+    (the process node's pods included); SIGKILL after ``timeout`` seconds. With a real
+    node: the kubelet first, then its pods through the CRI, containerd, the control plane,
+    and last what the node changed on the host (``node.teardown``); fails if anything is
+    left.
     """
     state_dir = (state_dir or default_state_dir()).resolve()
+    info = ClusterInfo.load(state_dir)
+    has_node = bool(info and info.real_node) or (state_dir / "node").is_dir()
     leaders = running_components(state_dir)
     stopped: list[int] = []
-    for name in COMPONENTS:
-        if name not in leaders:
-            continue
-        members = _session_members({leaders[name]})
-        _signal_all(members, signal.SIGTERM)
-        left = _wait_gone(members, timeout)
-        _signal_all(left, signal.SIGKILL)
-        _wait_gone(left, 5.0)
-        stopped += members
-    left = _session_members(set(leaders.values()))  # anything forked meanwhile
-    _signal_all(left, signal.SIGKILL)
-    left = _wait_gone(left, 5.0)
-    for name in COMPONENTS:
-        _pidfile(state_dir, name).unlink(missing_ok=True)
+
+    def stop(names) -> None:
+        for name in names:
+            if name in leaders:
+                stopped.extend(stop_session(leaders[name], timeout))
+
+    layout = realnode.NodeLayout(state_dir / "node", node_cache_dir(), Path(info.bin_dir) if info else Path())
+    if has_node:
+        stop(("kubelet", "kube-proxy", "coredns"))
+        if "containerd" in leaders:
+            realnode.stop_pods(layout)
+        stop(("containerd",))
+    stop(COMPONENTS)
+    left = session_members(set(leaders.values()))  # anything forked meanwhile
+    signal_all(left, signal.SIGKILL)
+    left = wait_gone(left, 5.0)
+    for name in ALL_COMPONENTS:
+        pidfile(state_dir, name).unlink(missing_ok=True)
     if left:
         raise DevClusterError(f"processes survived SIGKILL: {left}")
+    if has_node:
+        _node_teardown(layout, state_dir)
     return sorted(set(stopped))
 
 
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    stat = _read_proc(pid, "stat").decode(errors="replace")
-    return bool(stat) and stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if _alive(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
+def _node_teardown(layout: realnode.NodeLayout, state_dir: Path) -> None:
+    """Undo what the node changed on the host, holding the node lock; if another cluster's
+    node took the machine meanwhile, only what lies under this state dir."""
+    lock = None
+    for _ in range(50):  # the lock frees once the last process that inherited it exits
+        lock = realnode.NodeLock.try_acquire()
+        if lock:
+            break
+        if realnode.NodeLock.holder().get("stateDir") not in (None, str(state_dir)):
+            break
+        time.sleep(0.2)
+    if not lock:
+        holder = realnode.NodeLock.holder()
+        if holder.get("stateDir") == str(state_dir):
+            raise DevClusterError(f"the node lock is still held after stopping every process of {state_dir}")
+        realnode.teardown_local(layout)
+        return
+    try:
+        realnode.teardown(layout, state_dir)
+        left = realnode.leftovers(layout, state_dir)
+    finally:
+        lock.release(clear=True)
+    if left:
+        raise DevClusterError("the real node left this behind: " + "; ".join(left))
 
 
 def status(state_dir: Path | None = None) -> dict:
     """What runs for ``state_dir``: components with pids, kubeconfig, server, nodes."""
     state_dir = (state_dir or default_state_dir()).resolve()
     info = ClusterInfo.load(state_dir)
-    alive = running_components(state_dir)
+    alive_now = running_components(state_dir)
+    expected = info.components if info else COMPONENTS
     result = {
         "stateDir": str(state_dir),
-        "running": bool(alive) and set(alive) == set(COMPONENTS),
-        "components": {name: alive.get(name) for name in COMPONENTS},
+        "running": bool(alive_now) and set(alive_now) == set(expected),
+        "components": {name: alive_now.get(name) for name in expected},
         "kubeconfig": info.kubeconfig if info else None,
         "server": info.server if info else None,
+        "realNode": bool(info and info.real_node),
         "nodes": [],
     }
-    if alive.get("kube-apiserver") and info:
+    if not result["realNode"]:
+        holder = realnode.NodeLock.holder() if realnode.LOCK_FILE.exists() else {}
+        if holder:
+            result["realNodeHolder"] = realnode.describe_holder(holder)
+    if alive_now.get("kube-apiserver") and info:
         from kubernetes import client, config
 
         try:
@@ -597,7 +823,9 @@ def status(state_dir: Path | None = None) -> dict:
             nodes = client.CoreV1Api(api).list_node(_request_timeout=5).items
             result["nodes"] = [
                 {"name": n.metadata.name, "ready": _node_ready(n),
-                 "gpus": (n.status.allocatable or {}).get("nvidia.com/gpu", "0")}
+                 "gpus": (n.status.allocatable or {}).get("nvidia.com/gpu", "0"),
+                 "kind": "real" if n.metadata.name == realnode.NODE_NAME else
+                         "kwok" if (n.metadata.labels or {}).get("type") == "kwok" else "process"}
                 for n in nodes
             ]
             api.close()
@@ -606,25 +834,71 @@ def status(state_dir: Path | None = None) -> dict:
     return result
 
 
+def import_images(state_dir: Path | None, archives: list[Path], say=None) -> list[tuple[str, str]]:
+    """Import image archives into the running real node of ``state_dir`` (when missing or changed)."""
+    state_dir = (state_dir or default_state_dir()).resolve()
+    info = ClusterInfo.load(state_dir)
+    if not info or not info.real_node or "containerd" not in running_components(state_dir):
+        raise DevClusterError(f"no real node runs for {state_dir} (`sftctl dev-cluster up` starts one)")
+    layout = realnode.NodeLayout(state_dir / "node", node_cache_dir(), Path(info.bin_dir))
+    return realnode.import_archives(layout, archives, before_import=say and (lambda a: say(f"importing {a}")))
+
+
+PRODUCT_IMAGES = ("operator", "trainer")
+
+
+def default_image_archives() -> list[Path]:
+    """The product's images as scripts/build-images.sh saves them (<cache>/images/{operator,trainer}-<version>.tar)."""
+    return sorted(p for name in PRODUCT_IMAGES for p in (cache_dir() / "images").glob(f"{name}-*.tar"))
+
+
 # ---------------------------------------------------------------- CLI
 
 
 def add_subparser(subparsers) -> None:
-    """Register ``dev-cluster up|down|status`` on an argparse subparsers object."""
+    """Register ``dev-cluster up|down|status|import-image`` on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "dev-cluster",
-        help="local control plane for development and tests (etcd, kube-apiserver, kwok GPU nodes)",
+        help="local cluster for development and tests (control plane, a real node, kwok GPU nodes)",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("action", choices=("up", "down", "status", "import-image"))
+    parser.add_argument("archives", nargs="*", type=Path,
+                        help="import-image: image archives (podman/docker save, OCI layout tar), before any option")
     parser.add_argument("--dir", type=Path, default=None, help=f"state directory (default {default_state_dir()})")
     parser.add_argument("--gpu-nodes", type=int, default=2, help="number of kwok GPU nodes (8 GPUs each)")
     parser.add_argument("--kubeconfig-out", type=Path, default=None, help="also write the admin kubeconfig here")
     parser.add_argument("--crds", type=Path, default=None, help="directory of CRD manifests (default: the repo's crds/)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    node = parser.add_mutually_exclusive_group()
+    node.add_argument("--real-node", dest="real_node", action="store_true", default=None,
+                      help=f"start the real node {realnode.NODE_NAME} (builds its binaries if needed; "
+                           "default: start it when scripts/node-bin.sh has built them)")
+    node.add_argument("--no-real-node", dest="real_node", action="store_false",
+                      help="kwok nodes and the process node sft-local-0 only")
+    parser.add_argument("--node-gpus", type=int, default=realnode.DEFAULT_GPUS,
+                        help="nvidia.com/gpu advertised by the real node (pods then run on its CPUs)")
+    parser.add_argument("--node-wait", type=float, default=0.0,
+                        help="seconds to wait when another cluster's real node runs on this machine")
     parser.add_argument("--process-node-gpus", type=int, default=0,
-                        help="nvidia.com/gpu advertised by the process node sft-local-0 (the host's GPUs)")
+                        help="nvidia.com/gpu advertised by the process node sft-local-0 (without a real node)")
     parser.set_defaults(func=run_cli)
+
+
+def _want_real_node(choice: bool | None) -> bool:
+    if choice is not None:
+        if choice:
+            ensure_node_binaries()
+        return choice
+    if os.geteuid() != 0:
+        print("real node: skipped (needs root); kwok nodes and the process node only")
+        return False
+    if not node_binaries_cached():
+        print("real node: skipped, its binaries are not built yet: scripts/node-bin.sh "
+              "(a few minutes, once), or `up --real-node`")
+        return False
+    ensure_node_binaries()  # quick when complete; picks up a changed recipe
+    return True
 
 
 def run_cli(args) -> int:
@@ -635,14 +909,29 @@ def run_cli(args) -> int:
                 print(f"dev cluster already running: {info.server}")
                 print(f"export KUBECONFIG={args.kubeconfig_out or info.kubeconfig}")
                 return 0
+            real_node = _want_real_node(args.real_node)
             info = up(args.dir, gpu_nodes=args.gpu_nodes, kubeconfig_out=args.kubeconfig_out,
-                      crds_dir=args.crds, timeout=args.timeout, process_node_gpus=args.process_node_gpus)
-            print(f"dev cluster up in {info.startup_seconds}s: {info.server}")
+                      crds_dir=args.crds, timeout=args.timeout, process_node_gpus=args.process_node_gpus,
+                      real_node=real_node, node_gpus=args.node_gpus, node_wait=args.node_wait,
+                      image_archives=default_image_archives() if real_node else [])
+            nodes = (f"real node {realnode.NODE_NAME}" if real_node else f"process node {PROCESS_NODE_NAME}")
+            print(f"dev cluster up in {info.startup_seconds}s: {info.server} ({nodes}, {args.gpu_nodes} kwok GPU nodes)")
+            if real_node:
+                print(f"kubectl get nodes shows {realnode.NODE_NAME} (Ready {info.node_ready_seconds}s after the "
+                      f"kubelet started); claims {', '.join(DEFAULT_CLAIMS)} in namespace {VOLUMES_NAMESPACE} "
+                      f"hold {volume_path(Path(info.state_dir), VOLUMES_NAMESPACE, '<claim>')}")
             print(f"export KUBECONFIG={args.kubeconfig_out or info.kubeconfig}")
             return 0
         if args.action == "down":
             pids = down(args.dir)
             print(f"stopped {len(pids)} processes" if pids else "nothing was running")
+            return 0
+        if args.action == "import-image":
+            if not args.archives:
+                print("dev-cluster import-image: name one or more image archives", file=sys.stderr)
+                return 2
+            for ref, action in import_images(args.dir, args.archives, say=print):
+                print(f"{ref}: {action}")
             return 0
         st = status(args.dir)
         print(f"state dir:  {st['stateDir']}")
@@ -651,7 +940,10 @@ def run_cli(args) -> int:
         for name, pid in st["components"].items():
             print(f"  {name:<24} {'pid ' + str(pid) if pid else 'not running'}")
         for node in st["nodes"]:
-            print(f"  node {node['name']:<19} {'Ready' if node['ready'] else 'NotReady'}  nvidia.com/gpu={node['gpus']}")
+            print(f"  node {node['name']:<19} {'Ready' if node['ready'] else 'NotReady':<9} {node['kind']:<8}"
+                  f"nvidia.com/gpu={node['gpus']}")
+        if "realNodeHolder" in st:
+            print(f"  real node: in use by {st['realNodeHolder']}")
         if "error" in st:
             print(f"  error: {st['error']}")
         return 0 if st["running"] else 1

@@ -3,8 +3,11 @@
 Everything is throw-away: a private CA valid for a year, an API server serving cert
 for loopback, client certs for the admin (``O=system:masters``), the controller
 manager and the scheduler (whose bootstrap RBAC roles match their CNs), and the
-service-account signing key pair. Files are reused when present, so a restarted
-cluster keeps its kubeconfig valid.
+service-account signing key pair. With a real node, also: the node IP in the API
+server's cert, the kubelet's client (``system:node:<name>``) and serving certs, and
+clients for kube-proxy, CoreDNS and the API server's calls to the kubelet. Files are
+reused when present (the API server's cert is remade when its names change), so a
+restarted cluster keeps its kubeconfig valid.
 """
 
 from __future__ import annotations
@@ -31,6 +34,29 @@ CLIENTS = {
     "controller-manager": ("system:kube-controller-manager", ""),
     "scheduler": ("system:kube-scheduler", ""),
 }
+# With a real node. kube-proxy's CN has a bootstrap binding (system:node-proxier); the
+# other two get theirs from cluster.node_rbac().
+KUBE_PROXY_USER = "system:kube-proxy"
+COREDNS_USER = "sft-dev:coredns"
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
+
+
+def node_clients(node_name: str) -> dict[str, tuple[str, str]]:
+    return {
+        "kubelet": (f"system:node:{node_name}", "system:nodes"),  # the Node authorizer's identity
+        "kube-proxy": (KUBE_PROXY_USER, ""),
+        "coredns": (COREDNS_USER, ""),
+        "apiserver-kubelet-client": (KUBELET_CLIENT_USER, ""),
+    }
+
+CLIENT_EXTENSIONS = (
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+)
+
+
+def serving_extensions(sans) -> str:
+    return ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(sans)}\n")
 
 
 @dataclass(frozen=True)
@@ -91,8 +117,9 @@ def _sign(pki: Pki, key: Path, crt: Path, subject: str, extensions: str) -> None
     ext.unlink()
 
 
-def ensure_pki(directory: Path) -> Pki:
-    """Create whatever is missing under ``directory`` and return the file layout."""
+def ensure_pki(directory: Path, node_name: str | None = None, node_ip: str | None = None) -> Pki:
+    """Create whatever is missing under ``directory`` and return the file layout.
+    ``node_name``/``node_ip``: also what a real node needs."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = Pki(directory)
     if not pki.ca_crt.exists():
@@ -103,23 +130,23 @@ def ensure_pki(directory: Path) -> Pki:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", "-out", str(pki.ca_crt),
             cwd=directory,
         )
-    if not pki.apiserver_crt.exists():
+    sans = [*SERVING_SANS, *([f"IP:{node_ip}"] if node_ip else [])]
+    sans_file = directory / "apiserver.sans"
+    if not pki.apiserver_crt.exists() or (sans_file.read_text() if sans_file.exists() else "") != ",".join(sans):
         _ec_key(pki.apiserver_key)
-        _sign(
-            pki, pki.apiserver_key, pki.apiserver_crt, "/CN=kube-apiserver",
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(SERVING_SANS)}\n",
-        )
-    for name, (cn, org) in CLIENTS.items():
+        _sign(pki, pki.apiserver_key, pki.apiserver_crt, "/CN=kube-apiserver", serving_extensions(sans))
+        sans_file.write_text(",".join(sans))
+    clients = {**CLIENTS, **(node_clients(node_name) if node_name else {})}
+    for name, (cn, org) in clients.items():
         if pki.client_crt(name).exists():
             continue
         _ec_key(pki.client_key(name))
-        subject = f"/CN={cn}" + (f"/O={org}" if org else "")
-        _sign(
-            pki, pki.client_key(name), pki.client_crt(name), subject,
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=clientAuth\n",
-        )
+        _sign(pki, pki.client_key(name), pki.client_crt(name), f"/CN={cn}" + (f"/O={org}" if org else ""),
+              CLIENT_EXTENSIONS)
+    if node_name and not pki.client_crt("kubelet-serving").exists():
+        _ec_key(pki.client_key("kubelet-serving"))
+        _sign(pki, pki.client_key("kubelet-serving"), pki.client_crt("kubelet-serving"), f"/CN={node_name}",
+              serving_extensions([f"DNS:{node_name}", f"IP:{node_ip}"]))
     if not pki.sa_key.exists():
         # RSA for the service-account issuer: RS256 is what every token consumer supports.
         _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki.sa_key), cwd=directory)
