@@ -208,6 +208,8 @@ def test_tiny_sftjob_trains_in_the_trainer_image_and_reports_progress_through_th
     assert {"sft_job_train_loss", "sft_job_progress_ratio"} <= set(run.metrics_while_running), run.metrics_while_running
     finished = rf'sft_jobs_finished_total\{{[^}}]*namespace="{installed.work}"[^}}]*result="Succeeded"[^}}]*\}} 1\.0'
     installed.cluster.wait_for(lambda: re.search(finished, installed.metrics()), 30, "sft_jobs_finished_total")
+    installed.cluster.wait_for(lambda: not job_series(installed.metrics(), installed.work, name), 30,
+                               "the per-job series to go from /metrics (bounded cardinality)")
 
     # The model is on the claim: files in the volume's folder on this machine, readable by anyone.
     out = installed.models / name
