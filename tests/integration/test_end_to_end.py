@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,22 @@ def test_operator_runs_on_the_real_node_as_non_root_on_a_read_only_root(installe
     inside = cluster.kubectl("exec", "-n", release.namespace, pod.metadata.name, "--", "python", "-c", probe, check=False)
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.splitlines() == [f"{OPERATOR_UID} {OPERATOR_UID}", "0000000000000000", "Read-only file system"]
+
+
+def test_the_node_keeps_each_image_once(installed, images):
+    """Imported images are kept as unpacked snapshots only: the trainer's 6 GiB of layers are not
+    also stored as blobs in containerd's content store (disk is what a dev machine runs out of)."""
+    ctr = [str(devcluster.cluster.node_cache_dir() / "bin" / "ctr"), f"--address={realnode.RUN_DIR}/containerd.sock",
+           "--namespace=k8s.io"]
+    listed = subprocess.run(ctr + ["images", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split()
+    assert {images["operator"].ref, images["trainer"].ref} <= set(listed)
+    blobs = devcluster.cluster.node_cache_dir() / "containerd" / "io.containerd.content.v1.content" / "blobs"
+
+    def blob_bytes() -> int:
+        return sum(f.stat().st_size for f in blobs.rglob("*") if f.is_file())
+
+    # containerd's garbage collector drops the layer blobs shortly after an import.
+    installed.cluster.wait_for(lambda: blob_bytes() < 64 * 2**20, 60, "layer blobs to leave the content store")
 
 
 def test_tiny_sftjob_trains_in_the_trainer_image_and_reports_progress_through_the_service(installed, images, tmp_path):
