@@ -37,3 +37,8 @@ class DivergenceError(TrainerError):
 class Interrupted(TrainerError):
     def __init__(self, reason: str):
         super().__init__(ExitCode.INTERRUPTED, reason)
+
+
+class Unavailable(TrainerError):
+    def __init__(self, reason: str):
+        super().__init__(ExitCode.UNAVAILABLE, reason)
