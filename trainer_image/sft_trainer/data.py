@@ -262,28 +262,47 @@ def _chat_segments(row: RawRow, tokenizer) -> Segments:
 
 
 def _templated_segments(msgs: list[dict[str, str]], tokenizer) -> Segments | None:
-    """Split the template's rendering at message boundaries by rendering growing prefixes.
+    """Split the template's rendering of the whole conversation into prompt and response spans.
 
-    Works for every template whose rendering of a prefix is a prefix of the whole (nearly all are);
-    returns None otherwise, and the caller uses the documented fallback.
+    For assistant message i, the prompt before it is the rendering of ``msgs[:i]`` with the generation
+    prompt, which must be a prefix of the whole rendering; its response runs as far as the rendering of
+    ``msgs[:i + 1]`` agrees with the whole (so a template that closes the conversation with EOS only at
+    the very end, as Phi-3's does, still splits). Returns None when the template does not render
+    conversations this way; the caller then uses the documented fallback.
     """
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
     segs: Segments = []
-    done = ""
+    done = 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
-        if not before.startswith(done) or not upto.startswith(before):
+        end = _outside_special_tokens(full, _common_prefix(upto, full), tokenizer)
+        if not full.startswith(before) or len(before) < done or end <= len(before):
             return None
-        segs += [(before[len(done) :], False), (upto[len(before) :], True)]
-        done = upto
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    if not full.startswith(done):
-        return None
-    if full[len(done) :]:
-        segs.append((full[len(done) :], False))
+        segs += [(full[done : len(before)], False), (full[len(before) : end], True)]
+        done = end
+    if full[done:]:
+        segs.append((full[done:], False))
     return segs
+
+
+def _outside_special_tokens(text: str, end: int, tokenizer) -> int:
+    """Move ``end`` back to the start of a special token it would cut in two (``<|end|>`` vs ``<|user|>``)."""
+    for token in tokenizer.get_added_vocab():
+        start = text.rfind(token, 0, end + len(token) - 1)
+        if start != -1 and start < end < start + len(token):
+            end = start
+    return end
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 # ---------------------------------------------------------------- tokenization
@@ -338,7 +357,9 @@ def tokenize_rows(
             k += 1
             input_ids += piece
             labels += piece if trained else [IGNORE] * len(piece)
-        # EOS closes the row and is trained: the model must learn to stop.
+        # EOS closes the row and is trained: the model must learn to stop. A template that ends the row with
+        # EOS plus a newline (ChatML) keeps its EOS as the end: the whitespace after it is dropped.
+        _drop_whitespace_after_eos(input_ids, labels, eos, tokenizer)
         if not input_ids or input_ids[-1] != eos:
             input_ids.append(eos)
             labels.append(eos)
@@ -366,6 +387,17 @@ def tokenize_rows(
         stats.p50 = s[len(s) // 2]
         stats.p95 = s[min(len(s) - 1, int(0.95 * len(s)))]
     return out
+
+
+def _drop_whitespace_after_eos(input_ids: list[int], labels: list[int], eos: int, tokenizer, tail: int = 3) -> None:
+    """Cut up to ``tail`` whitespace-only tokens that follow a final EOS (in place)."""
+    if not input_ids or input_ids[-1] == eos:
+        return
+    for k in range(1, min(tail, len(input_ids) - 1) + 1):
+        if input_ids[-k - 1] == eos:
+            if not tokenizer.decode(input_ids[-k:]).strip():
+                del input_ids[-k:], labels[-k:]
+            return
 
 
 def _format_for(rows: list[RawRow], requested: DataFormat) -> DataFormat:

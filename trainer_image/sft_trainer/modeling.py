@@ -93,16 +93,20 @@ def load_config(spec: TrainingSpec):
     return config
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash-attention 2 (varlen: exact packing isolation) on GPUs that have it, else sdpa."""
-    if device.type == "cuda":
+def attention_implementation(config, device: torch.device) -> str:
+    """flash-attention 2 (varlen: exact packing isolation) on GPUs that have it, else sdpa; eager for an
+    architecture that supports neither (e.g. Gemma 2's attention soft-capping). All three isolate packed rows."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if device.type == "cuda" and getattr(cls, "_supports_flash_attn", False):
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 def load_model(spec: TrainingSpec, config, amp: Amp, device: torch.device):
@@ -115,7 +119,7 @@ def load_model(spec: TrainingSpec, config, amp: Amp, device: torch.device):
     return _load(
         f"cannot load the model from {spec.model.source}",
         lambda: AutoModelForCausalLM.from_pretrained(
-            _where(spec), config=config, dtype=dtype, attn_implementation=attention_implementation(device), **kw
+            _where(spec), config=config, dtype=dtype, attn_implementation=attention_implementation(config, device), **kw
         ),
     )
 
