@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import paths
+from . import hub, paths
 from .config import DataFormat, DatasetSpec, DataSource, GeneralData, Overlong
-from .errors import DataError
+from .errors import DataError, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ IGNORE = -100
 PAD_TOKEN = "<|pad|>"
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 ROLES = ("system", "user", "assistant")
+CSV_FIELD_LIMIT = 16 * 1024 * 1024  # characters in one CSV field
 
 
 @dataclass
@@ -113,6 +114,8 @@ def _read_file(path: Path) -> Iterable[RawRow]:
                         data = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{name} row {lineno}: invalid JSON ({e.msg})") from None
+                    except RecursionError:
+                        raise DataError(f"{name} row {lineno}: JSON nested too deeply to be a training row") from None
                     yield RawRow(name, lineno, data)
         elif suffix == ".json":
             with path.open(encoding="utf-8") as f:
@@ -120,6 +123,8 @@ def _read_file(path: Path) -> Iterable[RawRow]:
                     data = json.load(f)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{name}: invalid JSON at line {e.lineno} ({e.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{name}: JSON nested too deeply to hold training rows") from None
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
@@ -132,14 +137,32 @@ def _read_file(path: Path) -> Iterable[RawRow]:
             for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
                 yield RawRow(name, i, row)
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                # Row numbers count data rows (the header is not a row), matching the other formats.
-                for i, row in enumerate(csv.DictReader(f), 1):
-                    yield RawRow(name, i, row)
+            yield from _read_csv(path, name)
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{name}: cannot read ({e})") from None
+
+
+def _read_csv(path: Path, name: str) -> Iterable[RawRow]:
+    """CSV rows; row numbers count data rows (the header is not a row), matching the other formats.
+
+    Fields up to ``CSV_FIELD_LIMIT`` characters are read (Python's csv stops at 131,072 by default, and a
+    long document is a fair training row); a larger field, or broken quoting, names its row.
+    """
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        row = 0
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(f"{name} row {row + 1}: {e}") from None
+            row += 1
+            yield RawRow(name, row, values)
 
 
 def read_rows(source: DataSource | str, split: str = "train") -> list[RawRow]:
@@ -156,11 +179,14 @@ def read_rows(source: DataSource | str, split: str = "train") -> list[RawRow]:
 
 
 def _read_hub(src: str, split: str) -> list[RawRow]:
+    """A hub dataset split; transient network failures are retried (hub.py), then exit 69."""
     try:
         import datasets
 
-        ds = datasets.load_dataset(src, split=split)
-    except Exception as e:  # noqa: BLE001 - any failure to fetch is a data error with its reason
+        ds = hub.with_retries(lambda: datasets.load_dataset(src, split=split), f"hub dataset {src}")
+    except TrainerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure to fetch is a data error with its reason
         raise DataError(f"{src}: cannot load hub dataset split {split!r} ({type(e).__name__}: {e})") from None
     return [RawRow(f"{src}[{split}]", i, dict(row)) for i, row in enumerate(ds, 1)]
 
@@ -249,7 +275,12 @@ def _check_messages(row: RawRow) -> list[dict[str, str]]:
 def _chat_segments(row: RawRow, tokenizer) -> Segments:
     msgs = _check_messages(row)
     if getattr(tokenizer, "chat_template", None):
-        segs = _templated_segments(msgs, tokenizer)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            segs = _templated_segments(msgs, tokenizer)
+        except TemplateError as e:  # e.g. raise_exception('Conversation roles must alternate ...')
+            raise DataError(f"{row.where()}: the tokenizer's chat template rejects these messages: {e}") from None
         if segs is not None:
             return segs
     segs: Segments = []
