@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import DataError
 
 MARKER = "COMPLETE"
 NAME = re.compile(r"^step-(\d{8})$")
@@ -141,6 +144,14 @@ def trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(trainable tensors, optimizer/scheduler/scaler/RNG states, trainer state) of one checkpoint."""
-    states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    return load_tensors(path), states, trainer_state(path)
+    """(trainable tensors, optimizer/scheduler/scaler/RNG states, trainer state) of one checkpoint.
+
+    ``weights_only=True``: a file holding anything but tensors and plain values (code planted in a
+    pickle) is refused, never run: exit 65 naming the checkpoint.
+    """
+    try:
+        states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        return load_tensors(path), states, trainer_state(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be loaded safely as a checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}); delete it to resume from an older one") from None
