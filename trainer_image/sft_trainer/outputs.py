@@ -73,16 +73,13 @@ class TrainerLog:
         return out
 
 
-def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False, state_dict: dict | None = None) -> Path:
+def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False) -> Path:
     """Save model and tokenizer into ``out`` via a temporary folder, so a reader never sees half a model."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if state_dict is not None:
-        model.save_pretrained(tmp, state_dict=state_dict)
-    else:
-        model.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)

@@ -141,6 +141,8 @@ class Run:
     trainable: list[torch.nn.Parameter]
     batcher: collate.Batcher
     strategy: str
+    model_config: Any  # the transformers config the model was built from (dropout overrides applied)
+    pad_added: bool
     out_dir: Path
     sinks: list[Sink]
     stop: StopFlag
@@ -287,7 +289,7 @@ def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink
     scheduler = get_scheduler(SCHEDULERS[hp.lr_scheduler], optimizer,
                               num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps), num_training_steps=total_steps)
     r = Run(spec, d, amp, tokenizer, datasets, model, base, optimizer, scheduler, trainable, batcher, strategy,
-            out_dir, sinks, stop)
+            config, pad_added, out_dir, sinks, stop)
     state = start(r, rid, total_steps, steps_per_epoch, StabilityGuard(loss_scaling=amp.scaler is not None))
     if d.main:
         log.info(
@@ -532,7 +534,8 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
     full_sd = full_state_dict(r.model) if r.fsdp else None  # every rank joins the gather
     if d.main:
         merge = bool(spec.peft and spec.peft.merge)
-        outputs.save_model(r.base, r.tokenizer, r.out_dir / outputs.MODEL_DIR, merge_lora=merge, state_dict=full_sd)
+        outputs.save_model(unsharded(r, full_sd) if r.fsdp else r.base, r.tokenizer, r.out_dir / outputs.MODEL_DIR,
+                           merge_lora=merge)
     barrier(d)
     before = state.general_loss_before
     best_display = r.display(outputs.CHECKPOINT_DIR, Path(state.best_checkpoint).name) if state.best_checkpoint else None
@@ -572,3 +575,14 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
         for sink in r.sinks:
             sink.on_end(metrics, report)
     return metrics
+
+
+def unsharded(r: Run, full_sd: dict[str, torch.Tensor]):
+    """Rank 0 under FSDP: a plain CPU copy of the trained model (the wrapped one holds shards, and touching
+    them alone would wait for the other ranks): built again from the source, then given the gathered weights."""
+    cpu = modeling.resolve_precision("fp32", torch.device("cpu"))
+    copy = modeling.prepare_model(r.spec, r.model_config, r.tokenizer, cpu, torch.device("cpu"), r.pad_added)
+    missing, unexpected = copy.load_state_dict(full_sd, strict=False)
+    if unexpected or [k for k in missing if k in dict(copy.named_parameters())]:
+        raise RuntimeError(f"gathered FSDP weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return copy
