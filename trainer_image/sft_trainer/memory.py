@@ -30,6 +30,7 @@ network (``sftctl validate`` does, unless ``HF_HUB_OFFLINE=1``). ``Shapes.source
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import urllib.request
@@ -43,6 +44,10 @@ OVERHEAD_FRACTION = 0.05
 TABLE = Path(__file__).with_name("model_shapes.json")
 # Architectures whose MLP has two matrices (up, down) instead of a gated three (gate, up, down).
 PLAIN_MLP = frozenset({"gpt_neox", "gpt2", "gptj", "opt", "phi", "falcon", "bloom", "gpt_bigcode", "starcoder2", "mpt"})
+# Layer traits that change what a layer saves for the backward (measured: BENCHMARKS.md, "Memory estimate").
+FUSED_QKV = frozenset({"phi3", "gpt_neox", "phi", "falcon", "gpt_bigcode", "mpt"})
+QK_NORM = frozenset({"qwen3", "olmo2", "olmo3", "gemma3", "gemma3_text"})
+POST_NORMS = frozenset({"olmo2", "olmo3", "gemma2", "gemma3", "gemma3_text"})
 # tie_word_embeddings defaults of the model classes, for config.json files that leave it out.
 TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "phi"})
 DEFAULT_LORA_RANK = 16
@@ -62,6 +67,10 @@ class Shapes:
     vocab: int
     tied: bool
     gated_mlp: bool
+    fused_qkv: bool = False  # one projection for q, k and v (Phi-3, GPT-NeoX)
+    qk_norm: bool = False  # norms on q and k (Qwen3, OLMo 2, Gemma 3)
+    post_norms: bool = False  # norms after attention and MLP too (OLMo 2, Gemma 2/3)
+    eager_attention: bool = False  # attention logit soft-capping: sdpa cannot, eager materialises seq x seq
     source: str = ""  # where the shapes came from, for the user
 
     @classmethod
@@ -82,6 +91,10 @@ class Shapes:
             vocab=int(cfg["vocab_size"]),
             tied=bool(cfg.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)),
             gated_mlp=model_type not in PLAIN_MLP,
+            fused_qkv=model_type in FUSED_QKV,
+            qk_norm=model_type in QK_NORM,
+            post_norms=model_type in POST_NORMS,
+            eager_attention=cfg.get("attn_logit_softcapping") is not None,
             source=source,
         )
 
@@ -210,20 +223,38 @@ def estimate(shapes: Shapes, setup: Setup) -> Estimate:
     optimizer = 8 * trainable // shard * on_gpu
 
     tokens = setup.batch * setup.seq
-    h, q, kv, i = s.hidden, s.q_dim, s.kv_dim, s.intermediate
-    mlp = 4 * i if s.gated_mlp else 2 * i
-    per_layer = 2 * h * 4 + (2 * h + 2 * q + 2 * kv + mlp) * act_b  # bytes per token
-    if not full and setup.lora_dropout > 0:
-        per_layer += sum(a for a, _ in s.linears().values()) * act_b  # a dropped copy of each adapted input
-    if setup.gradient_checkpointing:
-        activations = tokens * (s.layers * h * 4 + per_layer)
+    per_layer = _layer_activation_bytes(s, setup, act_b)
+    if setup.gradient_checkpointing:  # each layer's fp32 input, plus the one layer being recomputed
+        activations = tokens * (s.layers * s.hidden * 4 + per_layer)
     else:
         activations = tokens * s.layers * per_layer
-    activations += tokens * h * (4 + 4 + act_b)  # embeddings output, final norm
+    activations += tokens * s.hidden * (4 + 4 + act_b)  # embeddings output, final norm
     logits = tokens * s.vocab * (act_b + 4 + 4)
     subtotal = weights + gradients + optimizer + activations + logits
     overhead = OVERHEAD_FIXED + int(OVERHEAD_FRACTION * subtotal)
     return Estimate(setup, s, params, trainable, weights, gradients, optimizer, activations, logits, overhead)
+
+
+def _layer_activation_bytes(s: Shapes, setup: Setup, act_b: int) -> int:
+    """Bytes one layer saves for the backward, per token. The residual stream and the norms' inputs are
+    fp32 (4 B); linear outputs are in the compute dtype (``act_b``)."""
+    h, q, kv, i = s.hidden, s.q_dim, s.kv_dim, s.intermediate
+    norm = 4 + act_b  # a norm keeps its fp32 input and its output
+    out = 2 * h * norm  # the attention and MLP input norms
+    out += (q + 2 * kv) * act_b + q * act_b  # q, k (after rotary) and v for attention; its output
+    out += (4 * i if s.gated_mlp else 2 * i) * act_b  # gate, up, activation, product (plain MLP: 2)
+    if s.fused_qkv:
+        out += (q + kv) * act_b  # the fused projection's output stays alive under the v view
+    if s.qk_norm:
+        out += (q + kv) * norm
+    if s.post_norms:
+        out += 2 * h * norm
+    if s.eager_attention:  # scores (and their soft-capped copy) and the fp32 softmax, per head and key
+        out += s.heads * setup.seq * (act_b * 2 + 4)
+    if setup.lora_rank is not None and setup.lora_dropout > 0:
+        # each adapted layer's dropped-out input and its mask (1 B), saved for the adapter's backward
+        out += sum(a for a, _ in s.linears().values()) * (act_b + 1)
+    return out
 
 
 # ---------------------------------------------------------------- the way out
@@ -258,11 +289,42 @@ def ways_out(shapes: Shapes, setup: Setup, gpu_bytes: int) -> list[str]:
     return [("" if fit else "not enough alone: ") + text for fit, text in out]
 
 
+# ---------------------------------------------------------------- the SIGTERM save
+
+# What a SIGTERM'd trainer must do before the kubelet's SIGKILL: finish the running micro-batch, gather the
+# state on rank 0 (FSDP) and write and fsync the checkpoint. Measured on CPU for a 0.5B model (BENCHMARKS.md,
+# "SIGTERM save"); the bandwidth assumes a network volume slower than that machine's disk.
+GRACE_FIXED_S = 60
+SAVE_BYTES_PER_S = 200e6
+GRACE_UNKNOWN_S = 600  # shapes and size unknown: room for a ~3B full fine-tune at that bandwidth
+GRACE_MAX_S = 3600
+
+
+def checkpoint_bytes(e: Estimate) -> int:
+    """What one checkpoint writes: trainable parameters in fp32 and AdamW's two moments (12 B each)."""
+    return 12 * e.trainable
+
+
+def grace_period_seconds(ckpt_bytes: int | None) -> int:
+    """terminationGracePeriodSeconds for a checkpoint of ``ckpt_bytes`` (None: unknown), rounded up to 30 s."""
+    if ckpt_bytes is None:
+        return GRACE_UNKNOWN_S
+    seconds = GRACE_FIXED_S + ckpt_bytes / SAVE_BYTES_PER_S
+    return int(min(GRACE_MAX_S, 30 * -(-seconds // 30)))
+
+
 # ---------------------------------------------------------------- where the shapes come from
 
 
+@functools.lru_cache(maxsize=1)
 def bundled_table() -> dict[str, dict[str, Any]]:
     return {k: v for k, v in json.loads(TABLE.read_text()).items() if not k.startswith("_")}
+
+
+def table_shapes(model_id: str) -> Shapes | None:
+    """Shapes from the bundled table only (no file or network access)."""
+    cfg = bundled_table().get(model_id)
+    return Shapes.from_config(cfg, f"bundled table entry {model_id}") if cfg else None
 
 
 def local_config(source: str) -> Path | None:
@@ -297,9 +359,9 @@ def find_shapes(source: str, revision: str | None = None, *, network: bool = Fal
         cfg = local_config(source)
         if cfg is not None:
             return Shapes.from_config(json.loads(cfg.read_text()), f"{source}/config.json"), ""
-        table = bundled_table()
-        if source in table:
-            return Shapes.from_config(table[source], f"bundled table entry {source}"), ""
+        shapes = table_shapes(source)
+        if shapes is not None:
+            return shapes, ""
         if source.startswith(("pvc://", "/", "~", "./", "../")):
             return None, f"{source}/config.json cannot be read here (the trainer checks at start)"
         if network:

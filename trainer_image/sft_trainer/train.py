@@ -507,9 +507,10 @@ def save_checkpoint(r: Run, state: RunState) -> Path:
 
 def interrupt(r: Run, state: RunState) -> None:
     """SIGTERM/SIGINT: save at the last completed step (a partial accumulation is redone) and exit 75."""
+    t0 = time.monotonic()
     path = save_checkpoint(r, state)
-    raise Interrupted(f"{r.stop.name} received at step {state.step}: saved {r.display(outputs.CHECKPOINT_DIR, path.name)}, "
-                      "exit to resume")
+    raise Interrupted(f"{r.stop.name} received at step {state.step}: saved {r.display(outputs.CHECKPOINT_DIR, path.name)} "
+                      f"in {time.monotonic() - t0:.1f} s, exit to resume")
 
 
 def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
