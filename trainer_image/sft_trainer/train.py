@@ -19,6 +19,7 @@ that changes in ``RunState`` (run_state.py); the numbers go to the sinks (sinks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -57,12 +58,27 @@ log = logging.getLogger("sft_trainer")
 
 __all__ = ["run", "evaluate", "loss_sum", "Amp", "Dist"]
 
-SCHEDULERS = {
-    LrScheduler.cosine.value: "cosine",
-    LrScheduler.linear.value: "linear",
-    LrScheduler.constant.value: "constant",
-    LrScheduler.constant_with_warmup.value: "constant_with_warmup",
-}
+
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at ``step``: transformers' four schedules (linear warmup from 0, then cosine
+    or linear decay to 0, or constant; ``constant`` has no warmup). Written here because importing
+    ``transformers.optimization`` costs ~3.4 s (it pulls in peft and model code), a third of a small run."""
+    if schedule == LrScheduler.constant.value:
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == LrScheduler.cosine.value:
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if schedule == LrScheduler.linear.value:
+        return max(0.0, 1.0 - progress)
+    return 1.0  # constant-with-warmup
+
+
+def make_scheduler(optimizer, schedule: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    factor = functools.partial(lr_factor, schedule=schedule, warmup=warmup, total=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------- loss and evaluation
@@ -114,12 +130,15 @@ def evaluate(model, examples: list[data.Example], d: Dist, amp: Amp, collate_fn,
 def split_call_cost(device: torch.device) -> int:
     """The fixed cost of one more forward and backward, in padded positions, for ``collate.length_splits``.
 
-    CPU: measured on the benchmark's tiny model (BENCHMARKS.md). CUDA: a guess (no GPU was available to
-    measure); a GPU pays more per launch and less per position. ``SFT_SPLIT_COST`` overrides.
+    CPU: 64 per thread. 64 was measured best with one thread on the benchmark's tiny model (BENCHMARKS.md);
+    with T threads a padded position costs about 1/T as much wall time while the fixed cost of a forward
+    (Python, dispatch, small ops that do not parallelise) stays, so the break-even grows with T. CUDA: a
+    guess (no GPU was available to measure); a GPU pays more per launch and less per position.
+    ``SFT_SPLIT_COST`` overrides.
     """
     if os.environ.get("SFT_SPLIT_COST"):
         return int(os.environ["SFT_SPLIT_COST"])
-    return 512 if device.type == "cuda" else 64
+    return 512 if device.type == "cuda" else 64 * torch.get_num_threads()
 
 
 # ---------------------------------------------------------------- the parts of a run
@@ -245,8 +264,6 @@ def claim_destination(spec: TrainingSpec, d: Dist, out_dir: Path, rid: str, lock
 
 
 def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink], stop: StopFlag) -> dict[str, Any]:
-    from transformers import get_scheduler
-
     hp, ds = spec.hyperparameters, spec.dataset
     t_start = time.time()
     amp = modeling.resolve_precision(hp.precision, d.device)
@@ -286,8 +303,7 @@ def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink
     )
     steps_per_epoch = max(1, math.ceil(len(batcher.epoch(0)) / hp.gradient_accumulation_steps))
     total_steps = hp.max_steps or steps_per_epoch * hp.num_epochs
-    scheduler = get_scheduler(SCHEDULERS[hp.lr_scheduler], optimizer,
-                              num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps), num_training_steps=total_steps)
+    scheduler = make_scheduler(optimizer, hp.lr_scheduler, math.ceil(hp.warmup_ratio * total_steps), total_steps)
     r = Run(spec, d, amp, tokenizer, datasets, model, base, optimizer, scheduler, trainable, batcher, strategy,
             config, pad_added, out_dir, sinks, stop)
     state = start(r, rid, total_steps, steps_per_epoch, StabilityGuard(loss_scaling=amp.scaler is not None))
