@@ -50,8 +50,6 @@ def parse(argv=None):
 
 
 def scaled(family, hidden: int, layers: int):
-    from sft_trainer.architectures import Family
-
     cfg = dict(family.config)
     heads = cfg.get("num_attention_heads", 4)
     cfg.update(hidden_size=hidden, intermediate_size=cfg.get("intermediate_size", 2 * 64) * hidden // 64,

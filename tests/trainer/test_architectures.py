@@ -6,8 +6,6 @@ merged at the end, and the exported models reloaded with AutoModelForCausalLM an
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 
@@ -17,25 +15,13 @@ torch = pytest.importorskip("torch")
 
 from sft_trainer import architectures, data, train  # noqa: E402
 from sft_trainer.config import DatasetSpec, TrainingSpec  # noqa: E402
-from sft_trainer.errors import Interrupted  # noqa: E402
 
-from trainer_helpers import read_log  # noqa: E402
+from trainer_helpers import read_log, run_interrupted_at  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return architectures.build_all(tmp_path_factory.mktemp("architectures"))
-
-
-def interrupt_once_at(step: int):
-    sent = []
-
-    def listener(report):
-        if report.step == step and not sent:  # once: an evaluation at the same step reports it again
-            sent.append(step)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return listener
 
 
 def generates(model_dir) -> bool:
@@ -85,8 +71,7 @@ def test_architecture_trains_resumes_and_exports(name, models, tiny, tmp_path):
     assert ex.input_ids[-1] == ex.labels[-1] == tok.eos_token_id
 
     # Interrupted after the step-2 checkpoint, then resumed to the end.
-    with pytest.raises(Interrupted):
-        train.run(TrainingSpec.model_validate(spec), stdout=None, listener=interrupt_once_at(2))
+    run_interrupted_at(spec, 2)
     metrics = train.run(TrainingSpec.model_validate(spec), stdout=None)
     assert metrics["steps"] == 4
     assert [r["step"] for r in read_log(tmp_path / "full") if "loss" in r] == [1, 2, 3, 4]

@@ -4,8 +4,6 @@ with a model reload each time); a hub that stays unreachable exits 69, which the
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,12 +14,10 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 from sft_trainer import __main__ as entry  # noqa: E402
-from sft_trainer import architectures, data, train  # noqa: E402
-from sft_trainer.config import TrainingSpec  # noqa: E402
-from sft_trainer.errors import Interrupted  # noqa: E402
+from sft_trainer import architectures, data  # noqa: E402
 from sft_trainer.exit_codes import ExitCode  # noqa: E402
 
-from trainer_helpers import read_log, run_module, trainer_env, write_config  # noqa: E402
+from trainer_helpers import read_log, run_interrupted_at, run_module, trainer_env, write_config  # noqa: E402
 
 
 @pytest.fixture
@@ -80,15 +76,7 @@ def test_a_cut_off_last_log_line_is_dropped_on_resume_and_a_bad_middle_line_exit
     def interrupted_at_step_3(dest):
         spec = make_spec(hyperparameters={"maxSteps": 6}, evaluation={"strategy": "no"}, dataset={"validationSplit": 0},
                          checkpointing={"strategy": "steps", "steps": 2}, output={"destination": str(dest)})
-        sent = []
-
-        def sigterm_at_3(report):
-            if report.step == 3 and not sent:
-                sent.append(1)
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        with pytest.raises(Interrupted):
-            train.run(TrainingSpec.model_validate(spec), stdout=None, listener=sigterm_at_3)
+        run_interrupted_at(spec, 3)
         return spec, dest / "trainer_log.jsonl"
 
     spec, log = interrupted_at_step_3(tmp_path / "cut")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import socket
 import time
 
@@ -17,12 +16,11 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 from sft_trainer import __main__ as entry  # noqa: E402
-from sft_trainer import ownership, train  # noqa: E402
+from sft_trainer import ownership  # noqa: E402
 from sft_trainer.config import TrainingSpec  # noqa: E402
-from sft_trainer.errors import Interrupted  # noqa: E402
 from sft_trainer.exit_codes import ExitCode  # noqa: E402
 
-from trainer_helpers import write_config  # noqa: E402
+from trainer_helpers import run_interrupted_at, write_config  # noqa: E402
 
 
 @pytest.fixture
@@ -33,15 +31,7 @@ def spec(make_spec):
 
 def interrupted(spec: dict) -> None:
     """A run stopped by SIGTERM at step 3: checkpoints at steps 2 and 3 stay behind."""
-    sent = []
-
-    def sigterm_at_3(report):
-        if report.step == 3 and not sent:
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(Interrupted):
-        train.run(TrainingSpec.model_validate(spec), stdout=None, listener=sigterm_at_3)
+    run_interrupted_at(spec, 3)
 
 
 def exit_of(spec: dict, tmp_path, monkeypatch) -> tuple[int, str]:

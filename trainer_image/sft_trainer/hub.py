@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Callable, TypeVar
 
@@ -53,9 +54,7 @@ def is_transient(error: BaseException) -> bool:
         status = _status(e)
         if status is not None:
             return status in TRANSIENT_STATUS
-        if name in _TRANSIENT_NAMES or isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        if isinstance(e, OSError) and getattr(e, "errno", None) is not None and "gaierror" in name:
+        if name in _TRANSIENT_NAMES or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
             return True
     return False
 
