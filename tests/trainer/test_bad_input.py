@@ -109,7 +109,7 @@ class HubDown(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("status, expected", [(503, ExitCode.UNAVAILABLE), (404, ExitCode.MODEL_LOAD_ERROR)])
+@pytest.mark.parametrize("status, expected", [(503, ExitCode.STORAGE_UNAVAILABLE), (404, ExitCode.MODEL_LOAD_ERROR)])
 def test_an_unreachable_hub_is_retried_then_exits_69_and_a_missing_model_exits_67(make_spec, tmp_path, status, expected):
     HubDown.status, HubDown.requests = status, 0
     srv = ThreadingHTTPServer(("127.0.0.1", 0), HubDown)

@@ -39,6 +39,6 @@ class Interrupted(TrainerError):
         super().__init__(ExitCode.INTERRUPTED, reason)
 
 
-class Unavailable(TrainerError):
+class StorageUnavailable(TrainerError):
     def __init__(self, reason: str):
-        super().__init__(ExitCode.UNAVAILABLE, reason)
+        super().__init__(ExitCode.STORAGE_UNAVAILABLE, reason)

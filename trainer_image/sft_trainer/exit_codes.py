@@ -14,7 +14,7 @@ class ExitCode(IntEnum):
     DATA_ERROR = 65  # EX_DATAERR: a malformed row or unreadable dataset file
     NAN_LOSS = 66  # loss or gradient norm went NaN/Inf, or the loss diverged
     MODEL_LOAD_ERROR = 67  # the model or tokenizer could not be loaded
-    UNAVAILABLE = 69  # EX_UNAVAILABLE: the hub or network stayed unreachable after retries; a retry may succeed
+    STORAGE_UNAVAILABLE = 69  # EX_UNAVAILABLE: object storage or the hub unreachable after retries; a retry resumes
     INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM; a checkpoint was saved, retrying resumes from it
 
 
@@ -31,7 +31,7 @@ REASONS: dict[int, str] = {
     ExitCode.DATA_ERROR: "DataError",
     ExitCode.NAN_LOSS: "NaNLoss",
     ExitCode.MODEL_LOAD_ERROR: "ModelLoadError",
-    ExitCode.UNAVAILABLE: "SourceUnavailable",
+    ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
     ExitCode.INTERRUPTED: "Interrupted",
 }
 

@@ -4,7 +4,7 @@ huggingface_hub already retries one HTTP request a few times (about 23 s in all)
 that used to end the run as ModelLoadError/DataError (non-retriable). Here the whole load is retried
 with exponential backoff while the failure is transient (connection refused or reset, timeouts, DNS,
 HTTP 408/429/5xx anywhere in the exception chain); after the last attempt the run exits 69
-(UNAVAILABLE), which the Job retries. Anything else (404, 401/403, a gated repo, offline mode, a
+(STORAGE_UNAVAILABLE), which the Job retries. Anything else (404, 401/403, a gated repo, offline mode, a
 malformed file) is permanent and raised at once.
 
 ``SFT_HUB_ATTEMPTS`` (default 4) and ``SFT_HUB_RETRY_DELAY`` (seconds before the second attempt, doubled
@@ -19,7 +19,7 @@ import socket
 import time
 from typing import Callable, TypeVar
 
-from .errors import Unavailable
+from .errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def is_transient(error: BaseException) -> bool:
 
 
 def with_retries(load: Callable[[], T], what: str) -> T:
-    """``load()``, retried while it fails transiently; then ``Unavailable`` (exit 69) naming ``what``."""
+    """``load()``, retried while it fails transiently; then ``StorageUnavailable`` (exit 69) naming ``what``."""
     attempts = max(1, int(os.environ.get("SFT_HUB_ATTEMPTS", "4")))
     delay = float(os.environ.get("SFT_HUB_RETRY_DELAY", "5"))
     for attempt in range(1, attempts + 1):
@@ -71,7 +71,7 @@ def with_retries(load: Callable[[], T], what: str) -> T:
                 raise
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             if attempt == attempts:
-                raise Unavailable(f"{what}: still unreachable after {attempts} attempts ({reason}); the job retries") from None
+                raise StorageUnavailable(f"{what}: still unreachable after {attempts} attempts ({reason}); the job retries") from None
             log.warning("%s: transient failure (%s); attempt %d of %d in %.0f s", what, reason, attempt + 1, attempts, delay)
             time.sleep(delay)
             delay = min(60.0, delay * 2)

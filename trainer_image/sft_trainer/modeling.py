@@ -65,7 +65,7 @@ def _load(what: str, load):
     """A hub load with retries; a permanent failure is a model-load error with its reason."""
     try:
         return hub.with_retries(load, what)
-    except TrainerError:  # Unavailable after retries (exit 69), or our own errors
+    except TrainerError:  # StorageUnavailable after retries (exit 69), or our own errors
         raise
     except Exception as e:  # noqa: BLE001 - any other loader failure is a model-load error with its reason
         raise ModelLoadError(f"{what}: {type(e).__name__}: {e}") from None
