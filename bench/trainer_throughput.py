@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Trainer throughput benchmark: our trainer against the classic recipe and TRL's SFTTrainer.
 
-Every contender trains the same tiny Llama-style model (``sft_trainer.tiny``) on the same generated
-long-tailed instruction data (median ~37 tokens, a tail past 250) with the same hyperparameters
-(learning rate, epochs, batch, accumulation, warmup, scheduler, weight decay, clipping, seed, fp32, no
-gradient checkpointing), each in its own subprocess so that peak RSS is measured fairly:
+Every contender trains the same model (``--model``: the tiny Llama-style model of ``sft_trainer.tiny``,
+a larger tied one, or a ~0.5B config for GPUs) on the same generated long-tailed instruction data
+(median ~37 tokens, a tail past 250) with the same hyperparameters (learning rate, epochs, batch,
+accumulation, warmup, scheduler, weight decay, clipping, seed, fp32, no gradient checkpointing), each
+in its own subprocess so that peak RSS is measured fairly, and each with its own default CPU threads
+(torch's default, every core, for TRL and classic; ours: the available cores per process) unless
+``--threads`` sets them all:
 
   classic   transformers Trainer, every row padded to 512, pad = eos, labels = input_ids
   trl       TRL SFTTrainer, its defaults otherwise (prompt/completion rows: completion-only loss,
@@ -12,14 +15,18 @@ gradient checkpointing), each in its own subprocess so that peak RSS is measured
   ours      sft_trainer defaults (random batches cut into similar-length sub-batches, response-only logits)
   packed    sft_trainer with dataset.packing (padding-free rows, position ids reset)
 
-Reported: trained (non-padding) tokens per second — the same token count (the dataset's real tokens x
-epochs) divided by each contender's training time — and its ratio to classic and to TRL, peak RSS, and
-the response-token eval loss of each trained model on the same held-out rows (computed by the parent).
+Reported: trained (non-padding) tokens per second of wall-clock time — the same token count (the
+dataset's real tokens x epochs) divided by each contender's training time — and its ratio to classic
+and to TRL; the whole process's wall-clock time (start, data, model load, training, saving: what a user
+waits for); CPU seconds beside them; peak RSS; and the response-token eval loss of each trained model on
+the same held-out rows (computed by the parent). Wall-clock ratios are only fair on a quiet machine with
+one contender at a time (``--jobs 1``, the default); CPU seconds stay fair under other load.
 With several seeds (data order; the initial weights are the same), it also prints the mean and spread
 over seeds: at a high learning rate one run's eval loss moves by ~0.1 with the batch order alone, so a
 single seed cannot tell two trainers apart.
 
     python bench/trainer_throughput.py                           # all four, seed 42, ~3-5 min on 2 cores
+    python bench/trainer_throughput.py --model small-tied        # hidden 256, vocab 2048, tied (3.7M)
     python bench/trainer_throughput.py --rows 800                # quicker
     python bench/trainer_throughput.py --seeds 1 2 3 4 5 --epochs 3 --only trl ours packed --jobs 2
 
@@ -62,11 +69,13 @@ def parse(argv=None):
                    help="seeds to run every contender with (data order, dropout); default 42")
     p.add_argument("--jobs", type=int, default=1,
                    help="contender runs at a time (default 1); CPU-second ratios stay fair, wall-clock ones do not")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per contender (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every contender (default: each contender's own default)")
     p.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
-    p.add_argument("--model", choices=("tiny", "0.5b"), default="tiny",
-                   help="tiny (~1M parameters, default) or 0.5b (a 24-layer, hidden-1024 Llama config with random "
-                        "weights, ~0.48B parameters, the tiny tokenizer)")
+    p.add_argument("--model", choices=("tiny", "small-tied", "0.5b"), default="tiny",
+                   help="tiny (~1M parameters, vocab 1024, untied; default), small-tied (4 layers, hidden 256, "
+                        "vocab 2048, tied embeddings, 3.7M parameters, its own tokenizer) or 0.5b (a 24-layer, "
+                        "hidden-1024 Llama config with random weights, ~0.48B parameters, the tiny tokenizer)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where every contender trains (default cpu; cpu hides the GPUs from all of them)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -85,23 +94,34 @@ HP = dict(warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, scheduler="cos
 def model_path(args) -> Path:
     """The model every contender starts from (weights and tokenizer)."""
     work = Path(args.workdir)
-    return work / "tiny" / "model" if args.model == "tiny" else work / "model-0.5b"
+    return {"tiny": work / "tiny" / "model", "small-tied": work / "model-small-tied", "0.5b": work / "model-0.5b"}[args.model]
 
 
 def ensure_model(args) -> Path:
-    """The --model 0.5b weights: random, seeded, written once next to the tiny assets (same tokenizer)."""
+    """The --model small-tied / 0.5b weights: random, seeded, written once next to the tiny assets."""
     path = model_path(args)
     if args.model == "tiny" or (path / "config.json").exists():
         return path
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(Path(args.workdir) / "tiny" / "model")
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=1024, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    assets = Path(args.workdir) / "tiny"
+    if args.model == "small-tied":
+        from sft_trainer import tiny
+
+        # Its own 2048-token tokenizer, trained on the same generated text as the tiny one.
+        rows = [json.loads(line) for name in ("train.jsonl", "general.jsonl")
+                for line in (assets / "data" / name).read_text().splitlines()]
+        long_tail = [json.loads(line) for line in (assets / "data" / "long_tail.jsonl").read_text().splitlines()[:500]]
+        tok = tiny._train_tokenizer([" ".join(r.values()) for r in rows + long_tail], vocab_size=2048)
+        shape = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=4, tie_word_embeddings=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(assets / "model")
+        shape = dict(hidden_size=1024, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
+                     num_key_value_heads=8, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
     torch.manual_seed(0)
     tmp = path.with_name(path.name + ".tmp")
     LlamaForCausalLM(config).save_pretrained(tmp)
@@ -215,10 +235,10 @@ def run_ours(args, assets: Path, out: Path, packing: bool) -> tuple[float, float
 
 
 def child(args) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -245,7 +265,7 @@ def real_tokens_and_eval_set(args, assets: Path):
     from sft_trainer import data
     from sft_trainer.config import DatasetSpec
 
-    tok = AutoTokenizer.from_pretrained(assets / "model")
+    tok = AutoTokenizer.from_pretrained(model_path(args))
     spec = DatasetSpec.model_validate({"train": {"source": "x.jsonl"}, "maxSeqLength": SEQ})
     train, held = split_rows(args, assets)
     stats = data.LengthStats()
@@ -277,13 +297,18 @@ def run_contender(args, name: str, seed: int) -> tuple[dict | None, str]:
     out = run_dir(Path(args.workdir), name, seed)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [sys.executable, __file__, *sys.argv[1:], "--contender", name, "--seed", str(seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OMP_NUM_THREADS", None)  # each contender's own default (a test run's OMP_NUM_THREADS=1 must not leak)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer would otherwise pick a GPU up by itself
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    process_seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         return None, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    return json.loads((out / "result.json").read_text()), ""
+    return {**json.loads((out / "result.json").read_text()), "processSeconds": process_seconds}, ""
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -292,6 +317,7 @@ def summarise(runs: list[dict]) -> dict:
     losses = [r["evalLoss"] for r in runs]
     return {
         "seeds": len(runs), "trainCpuSeconds": mean("trainCpuSeconds"), "trainSeconds": mean("trainSeconds"),
+        "processSeconds": mean("processSeconds"),
         "tokensPerCpuSecond": mean("tokensPerCpuSecond"), "tokensPerSecond": mean("tokensPerSecond"),
         "peakRssMb": max(r["peakRssMb"] for r in runs), "evalLoss": statistics.fmean(losses),
         "evalLossStdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
@@ -311,8 +337,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     work = Path(args.workdir)
     assets = tiny.ensure(work / "tiny")
-    tokens, held, stats = real_tokens_and_eval_set(args, assets)
     n_params = non_embedding_parameters(ensure_model(args))
+    tokens, held, stats = real_tokens_and_eval_set(args, assets)
     print(f"model: {args.model}, {n_params / 1e6:.1f}M non-embedding parameters; {args.device}, {args.precision}")
     print(f"data: {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
           f"{tokens:,} real tokens over {args.epochs} epoch(s); padded to {SEQ}: {args.rows * SEQ * args.epochs:,}")
@@ -332,34 +358,38 @@ def main(argv=None) -> int:
             if args.device == "cuda":
                 r["mfu"] = 6 * n_params * tokens / r["trainSeconds"] / (args.peak_tflops * 1e12)
             per_seed[seed][name] = r
-            print(f"{name} seed {seed}: {r['trainSeconds']:.1f} s training, {r['trainCpuSeconds']:.1f} CPU s, "
-                  f"{r['tokensPerCpuSecond']:,.0f} tok/CPU-s, {r['tokensPerSecond']:,.0f} tok/s wall, "
+            print(f"{name} seed {seed}: {r['trainSeconds']:.1f} s training ({r['trainCpuSeconds']:.1f} CPU s), "
+                  f"{r['processSeconds']:.1f} s whole process, {r['tokensPerSecond']:,.0f} tok/s, "
                   f"peak RSS {r['peakRssMb']:.0f} MiB, eval loss {r['evalLoss']:.4f}"
                   + (f", MFU {r['mfu']:.1%}" if "mfu" in r else ""), flush=True)
     names = [n for n in args.only if any(n in runs for runs in per_seed.values())]
     results = {n: summarise([runs[n] for runs in per_seed.values() if n in runs]) for n in names}
     seeds = len(args.seeds)
+    threads = f"{args.threads} thread(s) each" if args.threads else "each contender's default threads"
     print()
-    if args.device == "cuda":
-        print("On a GPU, read the wall-clock ratios (CPU seconds only count the host's share).")
-    else:
-        print("Ratios use CPU seconds (1 thread per contender): on a shared machine, wall time also counts other")
-        print("processes' load; CPU time of the training call does not. Wall-clock ratios are shown too.")
+    print(f"Wall-clock throughput: trained tokens / training wall seconds, {threads}, {len(os.sched_getaffinity(0))} cores here; "
+          f"'process s' is the whole run a user waits for. CPU seconds beside.")
+    if args.jobs > 1:
+        print(f"WARNING: --jobs {args.jobs}: contenders ran side by side, so wall-clock ratios are not fair; read CPU s.")
     if seeds > 1:
         print(f"Means over {seeds} seeds; eval loss as mean ± standard deviation.")
-    header = (f"{'contender':<9} {'CPU s':>7} {'tok/CPU-s':>10} {'vs classic':>10} {'vs TRL':>7} "
-              f"{'wall s':>7} {'wall vs TRL':>11} {'peak RSS MiB':>12} {'eval loss':>16}")
+    header = (f"{'contender':<9} {'train s':>8} {'tok/s':>8} {'vs classic':>10} {'vs TRL':>7} {'process s':>9} "
+              f"{'vs TRL':>7} {'CPU s':>7} {'CPU vs TRL':>10} {'peak RSS MiB':>12} {'eval loss':>16}")
     print(header)
     print("-" * len(header))
 
-    def ratio(name, key, base):
-        return results[name][key] / results[base][key] if base in results else float("nan")
+    def ratio(name, key, base, inverse=False):
+        if base not in results:
+            return float("nan")
+        a, b = results[name][key], results[base][key]
+        return b / a if inverse else a / b
 
     for name, r in results.items():
         spread = f" ± {r['evalLossStdev']:.3f}" if seeds > 1 else ""
-        print(f"{name:<9} {r['trainCpuSeconds']:>7.1f} {r['tokensPerCpuSecond']:>10,.0f} "
-              f"{ratio(name, 'tokensPerCpuSecond', 'classic'):>9.2f}x {ratio(name, 'tokensPerCpuSecond', 'trl'):>6.2f}x "
-              f"{r['trainSeconds']:>7.1f} {ratio(name, 'tokensPerSecond', 'trl'):>10.2f}x "
+        print(f"{name:<9} {r['trainSeconds']:>8.1f} {r['tokensPerSecond']:>8,.0f} "
+              f"{ratio(name, 'tokensPerSecond', 'classic'):>9.2f}x {ratio(name, 'tokensPerSecond', 'trl'):>6.2f}x "
+              f"{r['processSeconds']:>9.1f} {ratio(name, 'processSeconds', 'trl', inverse=True):>6.2f}x "
+              f"{r['trainCpuSeconds']:>7.1f} {ratio(name, 'tokensPerCpuSecond', 'trl'):>9.2f}x "
               f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}{spread:>7}")
     if args.device == "cuda":
         print("MFU: " + ", ".join(f"{n} {r['mfu']:.1%}" for n, r in results.items() if "mfu" in r)

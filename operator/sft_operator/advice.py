@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sft_trainer import memory
 from sft_trainer.config import EvalStrategy, Precision, cluster_problems
 
 from .api import SFTJobSpec
@@ -37,8 +38,43 @@ def billions_of_parameters(model_source: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def advise(spec: SFTJobSpec, bf16_available: bool = True) -> list[Advice]:
+def memory_plan(spec: SFTJobSpec, *, network: bool = False) -> tuple[memory.Plan | None, str]:
+    """The per-GPU memory estimate for the GPUs the spec asks for, or (None, why there is none).
+
+    Shapes: a local config.json, the bundled table, or (``network``: ``sftctl validate``) the hub. The
+    operator never fetches: it has the table only.
+    """
+    res = spec.resources
+    if res.gpus_per_node == 0:
+        return None, "no GPU memory estimate: the job runs on CPU (gpusPerNode 0)"
+    shapes, why = memory.find_shapes(spec.model.source, spec.model.revision, network=network)
+    if shapes is None:
+        return None, f"no memory estimate: {why}"
+    return memory.plan(spec, shapes, spec.world_size, memory.parse_quantity(res.gpu_memory)), ""
+
+
+def grace_period_seconds(spec: SFTJobSpec) -> int:
+    """terminationGracePeriodSeconds: the spec's, else sized from the estimated checkpoint (pure: the bundled
+    table, else the size in the model's name, else ``memory.GRACE_UNKNOWN_S``)."""
+    if spec.run_policy.termination_grace_period_seconds:
+        return spec.run_policy.termination_grace_period_seconds
+    shapes = memory.table_shapes(spec.model.source)
+    if shapes is not None:
+        return memory.grace_period_seconds(memory.checkpoint_bytes(memory.estimate(shapes, memory.setup_for(spec, 1))))
+    size = billions_of_parameters(spec.model.source)
+    if size is None:
+        return memory.grace_period_seconds(None)
+    trainable = size * 1e9 if spec.peft is None else size * 1e9 * 0.01  # LoRA: adapters are ~1% at most
+    return memory.grace_period_seconds(int(12 * trainable))
+
+
+def advise(spec: SFTJobSpec, bf16_available: bool = True, plan: memory.Plan | None = None) -> list[Advice]:
+    """Warnings for a valid spec. ``plan``: a memory estimate already made (``sftctl validate``); else one is
+    made from the bundled table when the model is in it."""
     out: list[Advice] = []
+    plan = plan or memory_plan(spec)[0]
+    if plan is not None and not plan.fits:
+        out.append(Advice("MemoryWontFit", "spec.resources", plan.report()))
     hp = spec.hyperparameters
     size = billions_of_parameters(spec.model.source)
     low, high = RECOMMENDED_LR

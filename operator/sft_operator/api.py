@@ -58,6 +58,11 @@ class Resources(ApiModel):
     shared_memory: Annotated[Quantity | None, AfterValidator(_nonzero_quantity)] = Field(
         default="8Gi", description="Size of the in-memory /dev/shm volume (data loader workers, NCCL)."
     )
+    gpu_memory: Annotated[Quantity, AfterValidator(_nonzero_quantity)] = Field(
+        default="80Gi",
+        description="Memory of one GPU, for the memory estimate that `sftctl validate` and the operator's advice "
+        "print. The trainer measures the real GPU at start, checks again and resolves `distributed.strategy: auto`.",
+    )
 
 
 class Toleration(ApiModel):
@@ -96,6 +101,13 @@ class RunPolicy(ApiModel):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, le=10**8, description="Delete the SFTJob this many seconds after it finished."
     )
+    termination_grace_period_seconds: int | None = Field(
+        default=None,
+        ge=30,
+        le=86_400,
+        description="Time a trainer pod gets between SIGTERM and SIGKILL to save its checkpoint. Default: sized "
+        "from the estimated checkpoint size (see the trainer docs). Read when the Job is created.",
+    )
 
 
 IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "output")  # required: always present
@@ -108,6 +120,7 @@ OPTIONAL_IMMUTABLE_SPEC_FIELDS = (
     "peft",
     "evaluation",
     "checkpointing",
+    "distributed",
     "image",
     "scheduling",
     "serviceAccountName",

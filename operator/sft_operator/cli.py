@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .advice import advise
+from .advice import advise, memory_plan
 from .crd import crd_manifest, crd_yaml
 from .render import RenderOptions, render_children
 from .validation import load_documents, parse_sftjob, problems_in
@@ -47,7 +47,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed = failed or bool(problems)
             if problems:
                 continue
-            warnings = [] if args.no_advice else advise(parse_sftjob(document).spec)
+            spec = parse_sftjob(document).spec
+            plan, why = memory_plan(spec, network=True) if not args.no_advice else (None, "")
+            if plan is not None and plan.fits:
+                print(f"{where}: {plan.report()}")
+            elif why:
+                print(f"{where}: {why}")
+            warnings = [] if args.no_advice else advise(spec, plan=plan)
             for warning in warnings:
                 print(f"{where}: warning: {warning}")
             if not args.quiet:

@@ -13,6 +13,7 @@ from typing import Any
 from sft_trainer.exit_codes import NON_RETRIABLE
 
 from . import API_VERSION, KIND
+from .advice import grace_period_seconds
 from .api import SFTJob
 
 TRAINER_CONTAINER = "trainer"
@@ -170,6 +171,9 @@ def _env(job: SFTJob, options: RenderOptions) -> list[dict[str, Any]]:
         env.append({"name": "SFT_PROGRESS_URL", "value": url})
     if options.progress_ca_pem:
         env.append({"name": "SFT_PROGRESS_CA_FILE", "value": f"{CONFIG_DIR}/{CA_KEY}"})
+    uid = (job.metadata.model_extra or {}).get("uid")
+    if uid:  # the run's identity: every pod and restart of this SFTJob resumes its checkpoints, no other's
+        env.append({"name": "SFT_RUN_ID", "value": uid})
     ref = job.spec.model.token_secret_ref
     if ref:  # referenced, never inlined
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -283,6 +287,8 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # Time to save a checkpoint after SIGTERM: the spec's, or sized from the estimated checkpoint.
+        "terminationGracePeriodSeconds": grace_period_seconds(spec),
         "subdomain": service_name(name),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

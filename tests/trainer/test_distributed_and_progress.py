@@ -16,7 +16,7 @@ from sft_trainer import train  # noqa: E402
 from sft_trainer.config import ProgressReport, TrainingSpec  # noqa: E402
 from sft_trainer.progress import ProgressReporter  # noqa: E402
 
-from trainer_helpers import free_port, run_module, trainer_env, write_config  # noqa: E402
+from trainer_helpers import free_port, read_log, run_module, trainer_env, write_config  # noqa: E402
 
 
 def test_two_process_ddp_run_completes_through_the_launcher(make_spec, tmp_path):
@@ -35,6 +35,65 @@ def test_two_process_ddp_run_completes_through_the_launcher(make_spec, tmp_path)
     finals = [line for line in result.stdout.splitlines() if '"message": "done"' in line]
     assert len(finals) == 1
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_fsdp_on_cpu_matches_ddp_and_resumes_after_sigterm_to_the_launcher(make_spec, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def spec(strategy: str) -> dict:
+        return make_spec(hyperparameters={"maxSteps": 10, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 2},
+                         evaluation={"strategy": "steps", "steps": 5}, checkpointing={"strategy": "steps", "steps": 2},
+                         distributed={"strategy": strategy}, output={"destination": str(tmp_path / strategy)})
+
+    def launch(strategy: str) -> list[str]:
+        cfg = write_config(spec(strategy), tmp_path / f"{strategy}.json")
+        return [sys.executable, "-m", "sft_trainer.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                "--config", str(cfg)]
+
+    ddp = subprocess.run(launch("ddp"), env=trainer_env(), capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # FSDP, stopped by SIGTERM to the launcher (what the kubelet sends the pod), then started again.
+    proc = subprocess.Popen(launch("fsdp"), env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if '"event": "progress"' in line and json.loads(line)["step"] >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
+    saved = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir())
+    assert saved and int(saved[-1][-8:]) < 10
+    resumed = subprocess.run(launch("fsdp"), env=trainer_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'fsdp' / 'checkpoints' / saved[-1]}" in resumed.stderr
+
+    metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert metrics["distributed"] == "fsdp" and metrics["worldSize"] == 2 and metrics["steps"] == 10
+    # The same losses step by step, before and after the resume (gloo sums in another order: float noise only).
+    losses = {s: [r.get("loss", r.get("evalLoss")) for r in read_log(tmp_path / s)] for s in ("ddp", "fsdp")}
+    assert len(losses["fsdp"]) == len(losses["ddp"]) == 10 + 2
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-4)
+    a, b = (load_file(tmp_path / s / "model" / "model.safetensors") for s in ("ddp", "fsdp"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+def test_fsdp_lora_with_gradient_checkpointing_exports_a_merged_model(make_spec, tmp_path):
+    spec = make_spec(hyperparameters={"maxSteps": 4, "perDeviceBatchSize": 4, "gradientCheckpointing": True},
+                     peft={"rank": 4, "merge": True}, distributed={"strategy": "fsdp"})
+    cfg = write_config(spec, tmp_path / "config.json")
+    result = run_module("sft_trainer.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                        "--config", str(cfg), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "out" / "model"
+    assert not (model_dir / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(model_dir)
 
 
 def test_ddp_failure_propagates_the_ranks_exit_code(make_spec, tmp_path):

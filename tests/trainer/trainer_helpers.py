@@ -39,3 +39,30 @@ def free_port() -> int:
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line]
+
+
+def sigterm_once_at(step: int):
+    """A progress listener that sends this process SIGTERM when the run reports ``step`` (once: an
+    evaluation at the same step reports it again, and a second SIGTERM would kill the process)."""
+    import signal
+
+    sent = []
+
+    def listener(report):
+        if report.step == step and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return listener
+
+
+def run_interrupted_at(spec: dict, step: int) -> None:
+    """Run ``spec`` in this process until SIGTERM at ``step``: it saves a checkpoint and raises Interrupted."""
+    import pytest
+
+    from sft_trainer import train
+    from sft_trainer.config import TrainingSpec
+    from sft_trainer.errors import Interrupted
+
+    with pytest.raises(Interrupted):
+        train.run(TrainingSpec.model_validate(spec), stdout=None, listener=sigterm_once_at(step))

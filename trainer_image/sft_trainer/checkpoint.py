@@ -6,9 +6,12 @@ mid-write) is ignored and cleaned up. Resume picks the newest complete one.
 Layout of one checkpoint::
 
     step-00000120/
-      trainable.safetensors   trainable parameters only (full weights, or LoRA adapters)
-      optimizer.pt            optimizer, scheduler, loss scaler and RNG states
-      trainer_state.json      step, epoch, position in the epoch, best eval loss, guard history
+      trainable.safetensors   trainable parameters only (full weights, or LoRA adapters); a tensor shared
+                              under several names (tied embeddings) is stored once, its other names in
+                              the file's metadata
+      optimizer.pt            optimizer, scheduler, loss scaler and RNG states: tensors and plain Python
+                              values only, loaded with ``torch.load(weights_only=True)`` (no code runs)
+      trainer_state.json      the run's id, step, epoch, position in the epoch, best eval loss, guard history
       COMPLETE
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -24,8 +28,28 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import DataError
+
 MARKER = "COMPLETE"
 NAME = re.compile(r"^step-(\d{8})$")
+STATE = "trainer_state.json"
+ALIASES = "aliases"  # safetensors metadata key: {"other name": "stored name"} for shared tensors
+
+
+def dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store each shared tensor once (safetensors refuses shared memory): (tensors, alias -> stored name)."""
+    kept: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key in sorted(tensors):
+        t = tensors[key]
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in kept:
+            aliases[key] = kept[ident]
+        else:
+            kept[ident] = key
+            out[key] = t.contiguous()
+    return out, aliases
 
 
 def name(step: int) -> str:
@@ -54,9 +78,10 @@ def save(root: Path, step: int, tensors: dict[str, torch.Tensor], states: dict[s
     tmp = root / f".tmp-{name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "trainable.safetensors")
+    stored, aliases = dedupe(tensors)
+    save_file(stored, tmp / "trainable.safetensors", metadata={ALIASES: json.dumps(aliases)})
     torch.save(states, tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -101,8 +126,32 @@ def rotate(root: Path, keep: int, protect: Path | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable tensors under every name they were saved with (shared tensors shared again)."""
+    from safetensors import safe_open
+
+    file = path / "trainable.safetensors"
+    with safe_open(file, "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get(ALIASES, "{}"))
+    tensors = load_file(file)
+    for alias, stored in aliases.items():
+        tensors[alias] = tensors[stored]
+    return tensors
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE).read_text())
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    tensors = load_file(path / "trainable.safetensors")
-    states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    return tensors, states, trainer_state
+    """(trainable tensors, optimizer/scheduler/scaler/RNG states, trainer state) of one checkpoint.
+
+    ``weights_only=True``: a file holding anything but tensors and plain values (code planted in a
+    pickle) is refused, never run: exit 65 naming the checkpoint.
+    """
+    try:
+        states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        return load_tensors(path), states, trainer_state(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be loaded safely as a checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}); delete it to resume from an older one") from None

@@ -119,3 +119,34 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+class Batcher:
+    """One rank's batches for a run: the epoch's micro-batches, and each micro-batch as the tensors to run.
+
+    ``split_cost`` None runs each micro-batch whole (packing pads nothing; under FSDP every rank must run
+    the same number of forwards); otherwise each is cut by ``length_splits``.
+    """
+
+    def __init__(self, examples: Sequence[Example], *, batch_size: int, seed: int, world: int, rank: int,
+                 pad_id: int, packing: bool, split_cost: int | None):
+        self.examples = examples
+        self.lengths = [len(e) for e in examples]
+        self.batch_size, self.seed, self.world, self.rank = batch_size, seed, world, rank
+        self.pad_id, self.packing, self.split_cost = pad_id, packing, split_cost
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch, world_size=self.world,
+                             rank=self.rank)
+
+    def step(self, micro_batches: Sequence[Sequence[int]]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """A step's (sub-)batches, each with whether it ends a micro-batch. Ranks may get different numbers
+        of sub-batches, but every rank has the same number of micro-batch ends."""
+        out = []
+        for idx in micro_batches:
+            runs = ([list(range(len(idx)))] if self.split_cost is None
+                    else length_splits([self.lengths[i] for i in idx], self.split_cost))
+            for n, run in enumerate(runs):
+                rows = [self.examples[idx[k]] for k in run]
+                out.append((pack_batch(rows) if self.packing else pad_batch(rows, self.pad_id), n == len(runs) - 1))
+        return out

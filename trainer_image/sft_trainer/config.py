@@ -356,6 +356,39 @@ class OutputSpec(ApiModel):
     )
 
 
+class DistributedStrategy(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class DistributedSpec(ApiModel):
+    """How the processes of a multi-GPU or multi-node run share the model."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("self.strategy != 'ddp' || !has(self.cpuOffload) || !self.cpuOffload",
+                "cpuOffload needs strategy fsdp or auto", ".cpuOffload")
+        )
+    )
+
+    strategy: DistributedStrategy = Field(
+        default=DistributedStrategy.auto,
+        description="ddp: every process holds the whole model, its gradients and optimizer states. fsdp: FSDP2 "
+        "shards them over all processes (each layer gathered only while it runs). auto: ddp when the memory "
+        "estimate fits one GPU, fsdp when it does not. One process always runs unsharded.",
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description="FSDP: keep the sharded parameters, gradients and optimizer states in CPU memory and move "
+        "each layer to the GPU only while it runs (slower; for models that do not fit even sharded).",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> DistributedSpec:
+        if self.cpu_offload and self.strategy == DistributedStrategy.ddp:
+            raise ValueError("cpuOffload: needs strategy fsdp or auto")
+        return self
 
 
 # ---- where data comes from and where models go: object storage, the fetch cache, tracking (docs/storage.md)
@@ -500,6 +533,7 @@ class TrainingSpec(ApiModel):
     output: OutputSpec
     storage: StorageSpec | None = Field(default=None, description="Object storage settings and the fetch cache.")
     tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> TrainingSpec:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import paths
+from . import hub, paths
 from .config import DataFormat, DatasetSpec, DataSource, GeneralData, Overlong
-from .errors import DataError
+from .errors import DataError, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ IGNORE = -100
 PAD_TOKEN = "<|pad|>"
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 ROLES = ("system", "user", "assistant")
+CSV_FIELD_LIMIT = 16 * 1024 * 1024  # characters in one CSV field
 
 
 @dataclass
@@ -113,6 +114,8 @@ def _read_file(path: Path) -> Iterable[RawRow]:
                         data = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{name} row {lineno}: invalid JSON ({e.msg})") from None
+                    except RecursionError:
+                        raise DataError(f"{name} row {lineno}: JSON nested too deeply to be a training row") from None
                     yield RawRow(name, lineno, data)
         elif suffix == ".json":
             with path.open(encoding="utf-8") as f:
@@ -120,6 +123,8 @@ def _read_file(path: Path) -> Iterable[RawRow]:
                     data = json.load(f)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{name}: invalid JSON at line {e.lineno} ({e.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{name}: JSON nested too deeply to hold training rows") from None
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
@@ -132,14 +137,32 @@ def _read_file(path: Path) -> Iterable[RawRow]:
             for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
                 yield RawRow(name, i, row)
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                # Row numbers count data rows (the header is not a row), matching the other formats.
-                for i, row in enumerate(csv.DictReader(f), 1):
-                    yield RawRow(name, i, row)
+            yield from _read_csv(path, name)
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{name}: cannot read ({e})") from None
+
+
+def _read_csv(path: Path, name: str) -> Iterable[RawRow]:
+    """CSV rows; row numbers count data rows (the header is not a row), matching the other formats.
+
+    Fields up to ``CSV_FIELD_LIMIT`` characters are read (Python's csv stops at 131,072 by default, and a
+    long document is a fair training row); a larger field, or broken quoting, names its row.
+    """
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        row = 0
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(f"{name} row {row + 1}: {e}") from None
+            row += 1
+            yield RawRow(name, row, values)
 
 
 def read_rows(source: DataSource | str, split: str = "train") -> list[RawRow]:
@@ -156,11 +179,17 @@ def read_rows(source: DataSource | str, split: str = "train") -> list[RawRow]:
 
 
 def _read_hub(src: str, split: str) -> list[RawRow]:
+    """A hub dataset split; transient network failures are retried (hub.py), then exit 69."""
     try:
         import datasets
 
-        ds = datasets.load_dataset(paths.hub_location(src, "dataset"), split=split)  # the fetched snapshot
-    except Exception as e:  # noqa: BLE001 - any failure to fetch is a data error with its reason
+        ds = hub.with_retries(
+            lambda: datasets.load_dataset(paths.hub_location(src, "dataset"), split=split),  # the fetched snapshot
+            f"hub dataset {src}",
+        )
+    except TrainerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure to fetch is a data error with its reason
         raise DataError(f"{src}: cannot load hub dataset split {split!r} ({type(e).__name__}: {e})") from None
     return [RawRow(f"{src}[{split}]", i, dict(row)) for i, row in enumerate(ds, 1)]
 
@@ -249,7 +278,12 @@ def _check_messages(row: RawRow) -> list[dict[str, str]]:
 def _chat_segments(row: RawRow, tokenizer) -> Segments:
     msgs = _check_messages(row)
     if getattr(tokenizer, "chat_template", None):
-        segs = _templated_segments(msgs, tokenizer)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            segs = _templated_segments(msgs, tokenizer)
+        except TemplateError as e:  # e.g. raise_exception('Conversation roles must alternate ...')
+            raise DataError(f"{row.where()}: the tokenizer's chat template rejects these messages: {e}") from None
         if segs is not None:
             return segs
     segs: Segments = []
@@ -262,28 +296,47 @@ def _chat_segments(row: RawRow, tokenizer) -> Segments:
 
 
 def _templated_segments(msgs: list[dict[str, str]], tokenizer) -> Segments | None:
-    """Split the template's rendering at message boundaries by rendering growing prefixes.
+    """Split the template's rendering of the whole conversation into prompt and response spans.
 
-    Works for every template whose rendering of a prefix is a prefix of the whole (nearly all are);
-    returns None otherwise, and the caller uses the documented fallback.
+    For assistant message i, the prompt before it is the rendering of ``msgs[:i]`` with the generation
+    prompt, which must be a prefix of the whole rendering; its response runs as far as the rendering of
+    ``msgs[:i + 1]`` agrees with the whole (so a template that closes the conversation with EOS only at
+    the very end, as Phi-3's does, still splits). Returns None when the template does not render
+    conversations this way; the caller then uses the documented fallback.
     """
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
     segs: Segments = []
-    done = ""
+    done = 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
-        if not before.startswith(done) or not upto.startswith(before):
+        end = _outside_special_tokens(full, _common_prefix(upto, full), tokenizer)
+        if not full.startswith(before) or len(before) < done or end <= len(before):
             return None
-        segs += [(before[len(done) :], False), (upto[len(before) :], True)]
-        done = upto
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    if not full.startswith(done):
-        return None
-    if full[len(done) :]:
-        segs.append((full[len(done) :], False))
+        segs += [(full[done : len(before)], False), (full[len(before) : end], True)]
+        done = end
+    if full[done:]:
+        segs.append((full[done:], False))
     return segs
+
+
+def _outside_special_tokens(text: str, end: int, tokenizer) -> int:
+    """Move ``end`` back to the start of a special token it would cut in two (``<|end|>`` vs ``<|user|>``)."""
+    for token in tokenizer.get_added_vocab():
+        start = text.rfind(token, 0, end + len(token) - 1)
+        if start != -1 and start < end < start + len(token):
+            end = start
+    return end
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 # ---------------------------------------------------------------- tokenization
@@ -338,7 +391,9 @@ def tokenize_rows(
             k += 1
             input_ids += piece
             labels += piece if trained else [IGNORE] * len(piece)
-        # EOS closes the row and is trained: the model must learn to stop.
+        # EOS closes the row and is trained: the model must learn to stop. A template that ends the row with
+        # EOS plus a newline (ChatML) keeps its EOS as the end: the whitespace after it is dropped.
+        _drop_whitespace_after_eos(input_ids, labels, eos, tokenizer)
         if not input_ids or input_ids[-1] != eos:
             input_ids.append(eos)
             labels.append(eos)
@@ -366,6 +421,17 @@ def tokenize_rows(
         stats.p50 = s[len(s) // 2]
         stats.p95 = s[min(len(s) - 1, int(0.95 * len(s)))]
     return out
+
+
+def _drop_whitespace_after_eos(input_ids: list[int], labels: list[int], eos: int, tokenizer, tail: int = 3) -> None:
+    """Cut up to ``tail`` whitespace-only tokens that follow a final EOS (in place)."""
+    if not input_ids or input_ids[-1] == eos:
+        return
+    for k in range(1, min(tail, len(input_ids) - 1) + 1):
+        if input_ids[-k - 1] == eos:
+            if not tokenizer.decode(input_ids[-k:]).strip():
+                del input_ids[-k:], labels[-k:]
+            return
 
 
 def _format_for(rows: list[RawRow], requested: DataFormat) -> DataFormat:

@@ -11,10 +11,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -24,32 +29,48 @@ PLOT = "loss.png"
 
 
 class TrainerLog:
-    """Append-only JSON lines; on resume, lines after the resumed step are dropped (they will be redone)."""
+    """Append-only JSON lines; on resume, lines after the resumed step are dropped (they will be redone).
 
-    def __init__(self, path: Path, enabled: bool = True):
+    A cut-off last line (a full disk, a kill mid-write) is dropped with a warning: the steps it logged are
+    after the last checkpoint and will be redone. A bad line anywhere else is a DataError naming the line.
+    """
+
+    def __init__(self, path: Path):
         self.path = path
-        self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        if not self.enabled or not self.path.exists():
+        if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
+        self.path.unlink(missing_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        out = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                out.append(record)
+            elif n == len(lines):
+                log.warning("%s line %d: cut off (a full disk or a kill mid-write); dropped", self.path, n)
+            else:
+                raise DataError(f"{self.path} line {n}: not a JSON object; the run cannot tell which steps it logged. "
+                                "Remove the line (or the file) and run again")
+        return out
 
 
 def readable_by_all(folder: Path) -> None:
@@ -61,17 +82,14 @@ def readable_by_all(folder: Path) -> None:
             path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
-def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False, state_dict: dict | None = None) -> Path:
+def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False) -> Path:
     """Save model and tokenizer into ``out`` via a temporary folder, so a reader never sees half a
     model; readable by every user, as a model on a shared volume must be."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if state_dict is not None:
-        model.save_pretrained(tmp, state_dict=state_dict)
-    else:
-        model.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     readable_by_all(tmp)
     shutil.rmtree(out, ignore_errors=True)
