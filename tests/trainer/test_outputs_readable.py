@@ -34,3 +34,11 @@ def test_a_saved_model_is_readable_by_every_user(tiny, tmp_path):
     out = save_model(model, tokenizer, tmp_path / "run" / "model")
     assert list(out.glob("*.safetensors"))
     assert unreadable_by_others(out) == []
+
+
+def test_the_architecture_matrix_models_are_readable_by_every_user(tmp_path):
+    from sft_trainer import architectures
+
+    out = architectures.build(architectures.FAMILIES["llama"], tmp_path / "llama")
+    assert list(out.glob("*.safetensors"))
+    assert unreadable_by_others(out) == []
