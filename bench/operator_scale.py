@@ -737,7 +737,7 @@ async def settle_rss(sampler: Sampler, seconds: float) -> int:
 
 async def main_async(args, info, workdir: Path) -> dict[str, Any]:
     kubeconfig = Path(info.kubeconfig)
-    pids = {k: v for k, v in info.pids.items() if k != "process-node"}
+    pids = dict(info.pids)
     pids["benchmark"] = os.getpid()
     result: dict[str, Any] = {"args": vars(args).copy(), "startup": info.startup_seconds}
     async with Api(kubeconfig, workdir, args.concurrency) as api:

@@ -45,15 +45,12 @@ def images() -> dict[str, container_images.Image]:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
     """The offline tiny model and data (`python -m sft_trainer.tiny DIR`, what `sftctl example-assets`
-    writes), readable by every user, as files a trainer pod (UID 1000) reads from a volume must be."""
+    writes; readable by every user, so a trainer pod, UID 1000, can read them from a volume)."""
     out = tmp_path_factory.mktemp("tiny") / "tiny"
     result = subprocess.run([sys.executable, "-m", "sft_trainer.tiny", str(out)], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, f"sft_trainer.tiny failed:\n{result.stdout}\n{result.stderr}"
     assert (out / "model" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
-    # safetensors writes model.safetensors with mode 0600: another user (a pod) could not read it.
-    for path in out.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
     return out
 
 

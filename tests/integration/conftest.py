@@ -1,8 +1,9 @@
 """A real control plane for integration tests: no mocks stand in for the API server.
 
 `control_plane` (session scope) builds or reuses the binaries (scripts/k8s-bin.sh) and
-starts its own cluster in a temporary state dir with free ports, independent of a
-developer's `sftctl dev-cluster up`; it stops every process at the end. If the binaries
+starts its own kwok-only cluster (simulated GPU nodes and pods, no root, no node lock) in a
+temporary state dir with free ports, independent of a developer's `sftctl dev-cluster up`;
+it stops every process at the end. If the binaries
 can't be built or the cluster can't start, the tests error with the reason; nothing is
 skipped. `namespace` gives each test a fresh namespace and deletes it afterwards.
 
@@ -32,14 +33,6 @@ import sft_devcluster as devcluster
 
 from .host_snapshot import host_snapshot
 
-PROCESS_NODE = "sft-local-0"
-# What a pod needs to land on the process-backed node.
-PROCESS_NODE_PLACEMENT = {
-    "nodeSelector": {"sft.dev/process-node": "true"},
-    "tolerations": [{"key": "sft.dev/process-node", "operator": "Equal", "value": "true", "effect": "NoSchedule"}],
-}
-
-
 @dataclass
 class ControlPlane:
     info: devcluster.ClusterInfo
@@ -65,11 +58,8 @@ class ControlPlane:
         )
 
     def pod_log(self, namespace: str, pod: str) -> str:
-        """Output of a pod: `kubectl logs` on the real node, the log file on the process node."""
-        if self.info.real_node:
-            return self.kubectl("logs", "-n", namespace, pod, check=False).stdout
-        path = self.state_dir / "logs" / f"{namespace}_{pod}.log"
-        return path.read_text() if path.exists() else ""
+        """`kubectl logs` of a pod (on the real node; kwok pods have none)."""
+        return self.kubectl("logs", "-n", namespace, pod, check=False).stdout
 
     def import_images(self, *archives: Path) -> list[tuple[str, str]]:
         """Load image archives into the real node (skipped when already there)."""

@@ -180,6 +180,26 @@ def test_indexed_job_pods_resolve_each_other_through_the_headless_service(real_n
     assert logs["1"].splitlines()[-1].split() == ["rdzv-0", by_index["0"].status.pod_ip]
 
 
+def test_exit_code_and_termination_message_reach_the_jobs_pod_failure_policy(real_node, node_namespace, busybox):
+    # What the operator reads from a failed trainer: its exit code, on which the Job's podFailurePolicy
+    # fails the Job at once (no retry), and the one-line reason it wrote to /dev/termination-log
+    # (writable on a read-only root: the kubelet mounts it).
+    batch = client.BatchV1Api(real_node.api)
+    template = pod("fails", busybox, "printf 'DataError: bad row 7' > /dev/termination-log; exit 65")
+    policy = {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [65]}}]}
+    batch.create_namespaced_job(node_namespace, {"metadata": {"name": "fails"}, "spec": {
+        "backoffLimit": 3, "podFailurePolicy": policy, "template": {"spec": template["spec"]}}})
+
+    def failed():
+        conditions = batch.read_namespaced_job("fails", node_namespace).status.conditions or []
+        return next((c for c in conditions if c.type == "Failed" and c.status == "True"), None)
+
+    assert real_node.wait_for(failed, 90, "Job fails to fail").reason == "PodFailurePolicy"
+    (p,) = client.CoreV1Api(real_node.api).list_namespaced_pod(node_namespace, label_selector="job-name=fails").items
+    state = p.status.container_statuses[0].state.terminated
+    assert (state.exit_code, state.message) == (65, "DataError: bad row 7")
+
+
 def test_pods_reach_the_api_server_as_kubernetes_default(real_node, node_namespace, busybox):
     # The Service's endpoint is the API server on the node's address (lease reconciler).
     endpoints = client.DiscoveryV1Api(real_node.api).list_namespaced_endpoint_slice(

@@ -2,9 +2,9 @@
 
 ``sftctl dev-cluster up|down|status|import-image`` (see ``cluster``): etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler and kwok simulated GPU nodes, built from their
-Go modules by ``scripts/k8s-bin.sh``, plus either the real node ``sft-node-0`` (kubelet,
-containerd, runc, CNI bridge, kube-proxy, CoreDNS; ``scripts/node-bin.sh``; see ``node``)
-or ``sft-local-0``, a process-backed node. Development and test tools, not product features.
+Go modules by ``scripts/k8s-bin.sh``, plus the real node ``sft-node-0`` (kubelet,
+containerd, runc, CNI bridge, kube-proxy, CoreDNS; ``scripts/node-bin.sh``; see ``node``).
+Development and test tools, not product features.
 """
 
 from .cluster import (

@@ -4,13 +4,10 @@
 and the admin kubeconfig:
 
   etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler, kwok (simulated
-  GPU nodes ``kwok-gpu-N``) and either
-
-  - the real node ``sft-node-0`` (``real_node=True``; see ``node``): containerd, kubelet,
-    kube-proxy and CoreDNS on a private bridge, where the API server then listens too
-    (pods reach it as ``kubernetes.default``); or
-  - the process-node agent (``sft-local-0``, a dev/test tool that runs pods as local
-    processes; see ``process_node``), with everything on loopback,
+  GPU nodes ``kwok-gpu-N``), and with ``real_node=True`` the real node ``sft-node-0``
+  (see ``node``): containerd, kubelet, kube-proxy and CoreDNS on a private bridge, where
+  the API server then listens too (pods reach it as ``kubernetes.default``); without it,
+  a kwok-only cluster with everything on loopback (pods are simulated),
 
 then creates the kwok Node objects, installs the CRDs from ``crds/`` and waits until
 the API server is ready, every node is Ready, the CRDs are Established and the
@@ -18,7 +15,7 @@ service-account controller has made the ``default`` ServiceAccount.
 
 Every process is started in its own session with ``SFT_DEVCLUSTER_DIR=<state dir>``
 in its environment, so ``down`` can find and kill each component's whole session
-(pods of the process node included) without confusing it with a reused pid.
+without confusing it with a reused pid.
 """
 
 from __future__ import annotations
@@ -61,17 +58,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "k8s-bin.sh"
 NODE_BUILD_SCRIPT = REPO_ROOT / "scripts" / "node-bin.sh"
 KWOK_STAGES = Path(__file__).with_name("kwok_stages.yaml")
-PROCESS_NODE_NAME = "sft-local-0"
 SERVICE_CIDR = realnode.SERVICE_CIDR
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
-CONTROL_PLANE = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 # Stop order: consumers first, storage last.
-COMPONENTS = ("process-node", *CONTROL_PLANE)
-ALL_COMPONENTS = (*realnode.COMPONENTS, *COMPONENTS)
+CONTROL_PLANE = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+ALL_COMPONENTS = (*realnode.COMPONENTS, *CONTROL_PLANE)
 # The taint kwok nodes carry when a real node is there: pods run for real unless they
 # tolerate it (scale and failure simulations do).
 KWOK_TAINT = {"key": "sft.dev/kwok-node", "value": "true", "effect": "NoSchedule"}
-# kwok manages only nodes carrying this annotation, never the process node.
+# kwok manages only nodes carrying this annotation, never the real node.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 
 GPU_NODE_RESOURCES = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
@@ -104,7 +99,7 @@ class ClusterInfo:
         """What runs in this cluster, in stop order."""
         if self.real_node:
             return (*realnode.COMPONENTS, *CONTROL_PLANE)
-        return COMPONENTS
+        return CONTROL_PLANE
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterInfo | None:
@@ -178,8 +173,7 @@ def kubeconfig_dict(server: str, ca_crt: Path, crt: Path, key: Path, user: str) 
 
 
 def component_commands(
-    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], process_node_gpus: int = 0,
-    real_node: bool = False,
+    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], real_node: bool = False,
 ) -> dict[str, list[str]]:
     """The command line of every control-plane component (pure: no I/O).
 
@@ -249,11 +243,6 @@ def component_commands(
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION[0]}={KWOK_NODE_ANNOTATION[1]}",
             "--node-lease-duration-seconds=40", "--cidr=10.128.0.0/16", "--node-ip=127.0.0.1",
             f"--server-address=127.0.0.1:{ports['kwok']}",
-        ],
-        "process-node": [
-            sys.executable, "-m", "sft_devcluster.process_node",
-            f"--kubeconfig={kcfg('admin')}", f"--state-dir={state_dir}", f"--node-name={PROCESS_NODE_NAME}",
-            f"--apiserver-port={ports['apiserver']}", f"--gpus={process_node_gpus}",
         ],
     }
 
@@ -457,7 +446,7 @@ def local_volume(state_dir: Path, namespace: str, claim: str, size: str = "50Gi"
 
 def kwok_claim(claim: str, size: str = "50Gi") -> dict:
     """Without a real node: a claim kwok's volume stage binds to a simulated volume, so the
-    scheduler places the examples' pods (the process node maps it to <state dir>/pvc/<claim>)."""
+    scheduler places the examples' (simulated) pods."""
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": STORAGE_CLASS["metadata"]["name"],
                      "resources": {"requests": {"storage": size}}}}
@@ -498,7 +487,6 @@ def up(
     kubeconfig_out: Path | None = None,
     crds_dir: Path | None = None,
     timeout: float = 120.0,
-    process_node_gpus: int = 0,
     stop_with_pid: int | None = None,
     real_node: bool = False,
     node_gpus: int = realnode.DEFAULT_GPUS,
@@ -513,7 +501,7 @@ def up(
     ``real_node``: start the real node ``sft-node-0`` (one per machine; waits up to
     ``node_wait`` seconds for another cluster's node, then fails saying whose it is), advertise
     ``node_gpus`` nvidia.com/gpu on it, import ``image_archives`` into it, taint the kwok
-    nodes, and create the default claims on local volumes; instead of the process node.
+    nodes, and create the default claims on local volumes.
     """
     state_dir = (state_dir or default_state_dir()).resolve()
     if running_components(state_dir):
@@ -541,7 +529,7 @@ def up(
             shutil.rmtree(layout.state, ignore_errors=True)  # nothing is mounted there (checked above)
             realnode.prepare_host(layout, state_dir)
         info = _up(state_dir, bin_dir, gpu_nodes=gpu_nodes, crds_dir=crds_dir, timeout=timeout,
-                   process_node_gpus=process_node_gpus, stop_with_pid=stop_with_pid, layout=layout, lock=lock,
+                   stop_with_pid=stop_with_pid, layout=layout, lock=lock,
                    node_gpus=node_gpus, image_archives=image_archives, say=say)
     except BaseException:
         if lock:
@@ -557,18 +545,16 @@ def up(
 
 
 def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None, timeout: float,
-        process_node_gpus: int, stop_with_pid: int | None, layout: realnode.NodeLayout | None,
+        stop_with_pid: int | None, layout: realnode.NodeLayout | None,
         lock: realnode.NodeLock | None, node_gpus: int, image_archives: list[Path], say) -> ClusterInfo:
     """``up`` from an empty state (the host prepared when ``layout`` is given)."""
     from kubernetes import client, config
 
     real_node = layout is not None
-    # A fresh cluster each time: stale nodes, pods and their logs only confuse. PVC
-    # folders (pvc/<claim>, volumes/<namespace>/<claim>) stay: they hold the developer's
-    # datasets and models.
-    for stale in ("etcd", "pods", "logs"):
-        shutil.rmtree(state_dir / stale, ignore_errors=True)
-    for sub in ("pids", "components", "logs", "pvc"):
+    # A fresh cluster each time: stale nodes and pods only confuse. Volume folders
+    # (volumes/<namespace>/<claim>) stay: they hold the developer's datasets and models.
+    shutil.rmtree(state_dir / "etcd", ignore_errors=True)
+    for sub in ("pids", "components"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     pki = ensure_pki(state_dir / "pki", *((realnode.NODE_NAME, realnode.NODE_IP) if real_node else ()))
 
@@ -590,7 +576,7 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
     info = ClusterInfo(str(state_dir), str(kubeconfig), server, str(bin_dir), ports, gpu_nodes=gpu_nodes,
                        real_node=real_node, node_gpus=node_gpus if real_node else 0)
     info.save()
-    cmds = component_commands(bin_dir, state_dir, pki, ports, process_node_gpus, real_node)
+    cmds = component_commands(bin_dir, state_dir, pki, ports, real_node)
     deadline = time.monotonic() + timeout
     procs: dict[str, subprocess.Popen] = {}
 
@@ -619,8 +605,6 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
         _start_watchdog(state_dir, stop_with_pid)
     for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
         procs[name] = start(name, cmds[name], state_dir)
-    if not real_node:
-        procs["process-node"] = start("process-node", cmds["process-node"], state_dir, {"PYTHONPATH": _pythonpath()})
     info.pids = {name: p.pid for name, p in procs.items()}
     info.save()
 
@@ -638,8 +622,6 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
         info.pids = {name: p.pid for name, p in procs.items()}
         info.save()
         node_names.append(realnode.NODE_NAME)
-    else:
-        node_names.append(PROCESS_NODE_NAME)
     for i in range(gpu_nodes):
         core.create_node(kwok_node(f"kwok-gpu-{i}", tainted=real_node))
     storage = client.StorageV1Api(api)
@@ -734,8 +716,8 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
     """Stop every process of the cluster in ``state_dir``; return the pids that were stopped.
 
     One component at a time, consumers first and etcd last: an API server whose etcd is
-    already gone takes far longer to shut down. Each component's whole session goes
-    (the process node's pods included); SIGKILL after ``timeout`` seconds. With a real
+    already gone takes far longer to shut down. Each component's whole session goes;
+    SIGKILL after ``timeout`` seconds. With a real
     node: the kubelet first, then its pods through the CRI, containerd, the control plane,
     and last what the node changed on the host (``node.teardown``); fails if anything is
     left.
@@ -757,7 +739,7 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
         if "containerd" in leaders:
             realnode.stop_pods(layout)
         stop(("containerd",))
-    stop(COMPONENTS)
+    stop(CONTROL_PLANE)
     left = session_members(set(leaders.values()))  # anything forked meanwhile
     signal_all(left, signal.SIGKILL)
     left = wait_gone(left, 5.0)
@@ -801,7 +783,7 @@ def status(state_dir: Path | None = None) -> dict:
     state_dir = (state_dir or default_state_dir()).resolve()
     info = ClusterInfo.load(state_dir)
     alive_now = running_components(state_dir)
-    expected = info.components if info else COMPONENTS
+    expected = info.components if info else CONTROL_PLANE
     result = {
         "stateDir": str(state_dir),
         "running": bool(alive_now) and set(alive_now) == set(expected),
@@ -824,8 +806,7 @@ def status(state_dir: Path | None = None) -> dict:
             result["nodes"] = [
                 {"name": n.metadata.name, "ready": _node_ready(n),
                  "gpus": (n.status.allocatable or {}).get("nvidia.com/gpu", "0"),
-                 "kind": "real" if n.metadata.name == realnode.NODE_NAME else
-                         "kwok" if (n.metadata.labels or {}).get("type") == "kwok" else "process"}
+                 "kind": "real" if n.metadata.name == realnode.NODE_NAME else "kwok"}
                 for n in nodes
             ]
             api.close()
@@ -875,13 +856,11 @@ def add_subparser(subparsers) -> None:
                       help=f"start the real node {realnode.NODE_NAME} (builds its binaries if needed; "
                            "default: start it when scripts/node-bin.sh has built them)")
     node.add_argument("--no-real-node", dest="real_node", action="store_false",
-                      help="kwok nodes and the process node sft-local-0 only")
+                      help="kwok nodes only (simulated pods; no root needed)")
     parser.add_argument("--node-gpus", type=int, default=realnode.DEFAULT_GPUS,
                         help="nvidia.com/gpu advertised by the real node (pods then run on its CPUs)")
     parser.add_argument("--node-wait", type=float, default=0.0,
                         help="seconds to wait when another cluster's real node runs on this machine")
-    parser.add_argument("--process-node-gpus", type=int, default=0,
-                        help="nvidia.com/gpu advertised by the process node sft-local-0 (without a real node)")
     parser.set_defaults(func=run_cli)
 
 
@@ -891,7 +870,7 @@ def _want_real_node(choice: bool | None) -> bool:
             ensure_node_binaries()
         return choice
     if os.geteuid() != 0:
-        print("real node: skipped (needs root); kwok nodes and the process node only")
+        print("real node: skipped (needs root); kwok nodes only")
         return False
     if not node_binaries_cached():
         print("real node: skipped, its binaries are not built yet: scripts/node-bin.sh "
@@ -911,11 +890,10 @@ def run_cli(args) -> int:
                 return 0
             real_node = _want_real_node(args.real_node)
             info = up(args.dir, gpu_nodes=args.gpu_nodes, kubeconfig_out=args.kubeconfig_out,
-                      crds_dir=args.crds, timeout=args.timeout, process_node_gpus=args.process_node_gpus,
-                      real_node=real_node, node_gpus=args.node_gpus, node_wait=args.node_wait,
+                      crds_dir=args.crds, timeout=args.timeout, real_node=real_node, node_gpus=args.node_gpus, node_wait=args.node_wait,
                       image_archives=default_image_archives() if real_node else [])
-            nodes = (f"real node {realnode.NODE_NAME}" if real_node else f"process node {PROCESS_NODE_NAME}")
-            print(f"dev cluster up in {info.startup_seconds}s: {info.server} ({nodes}, {args.gpu_nodes} kwok GPU nodes)")
+            nodes = f"real node {realnode.NODE_NAME}, " if real_node else ""
+            print(f"dev cluster up in {info.startup_seconds}s: {info.server} ({nodes}{args.gpu_nodes} kwok GPU nodes)")
             if real_node:
                 print(f"kubectl get nodes shows {realnode.NODE_NAME} (Ready {info.node_ready_seconds}s after the "
                       f"kubelet started); claims {', '.join(DEFAULT_CLAIMS)} in namespace {VOLUMES_NAMESPACE} "

@@ -8,6 +8,12 @@ and pods use ``imagePullPolicy: IfNotPresent`` or ``Never``.
 An archive is imported only when one of its references is absent from the node or names
 another image ID (the config digest, what ``crictl images`` shows), so importing the
 same multi-GiB trainer image twice costs a read of the archive's headers.
+
+Imports discard the layer blobs once they are unpacked (``--local
+--discard-unpacked-layers``): the node keeps each image once, as snapshots, instead of
+also keeping its (uncompressed, docker-archive) layers in the content store, 6 GiB for
+the trainer. The CRI still lists and runs such an image (its manifest and config stay);
+it could not be pushed or exported again, which a node never needs.
 """
 
 from __future__ import annotations
@@ -63,14 +69,39 @@ def archive_images(path: Path) -> dict[str, str]:
     raise DevClusterError(f"{path} is neither a docker-archive (manifest.json) nor an OCI layout (index.json)")
 
 
-def node_images(layout) -> dict[str, str]:
-    """Reference -> image ID of what the node's containerd holds (through the CRI)."""
-    proc = subprocess.run([str(layout.bin / "crictl"), "--config=/dev/null",
-                           f"--image-endpoint=unix://{layout.socket}", "--timeout=10s", "images", "-o", "json"],
-                          capture_output=True, text=True)
+def _crictl_images(layout, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(layout.bin / "crictl"), "--config=/dev/null", f"--image-endpoint=unix://{layout.socket}",
+                           "--timeout=10s", *args], capture_output=True, text=True)
+
+
+def _listed_images(layout) -> list[dict]:
+    proc = _crictl_images(layout, "images", "-o", "json")
     if proc.returncode != 0:
         raise DevClusterError(f"crictl images failed: {proc.stderr.strip()}")
-    return {tag: image["id"] for image in json.loads(proc.stdout).get("images") or [] for tag in image.get("repoTags") or []}
+    return json.loads(proc.stdout).get("images") or []
+
+
+def node_images(layout) -> dict[str, str]:
+    """Reference -> image ID of what the node's containerd holds (through the CRI)."""
+    return {tag: image["id"] for image in _listed_images(layout) for tag in image.get("repoTags") or []}
+
+
+def remove_untagged(layout) -> list[str]:
+    """Remove images no reference names any more: what an import that replaced a version left
+    (the CRI keeps each image ID as a reference of its own). Returns their IDs."""
+    stale = [image["id"] for image in _listed_images(layout) if not image.get("repoTags")]
+    for image_id in stale:
+        proc = _crictl_images(layout, "rmi", image_id)
+        if proc.returncode != 0:
+            raise DevClusterError(f"crictl rmi {image_id} failed: {proc.stderr.strip()}")
+    return stale
+
+
+def import_command(layout, archive: Path) -> list[str]:
+    """``ctr images import`` into the CRI's namespace, keeping the unpacked snapshots only
+    (``--discard-unpacked-layers`` needs ``--local``: the transfer service lacks it)."""
+    return [str(layout.bin / "ctr"), f"--address={layout.socket}", "--namespace=k8s.io", "images", "import",
+            "--local", "--discard-unpacked-layers", str(archive)]
 
 
 def import_archives(layout, archives: list[Path], before_import=None) -> list[tuple[str, str]]:
@@ -88,10 +119,11 @@ def import_archives(layout, archives: list[Path], before_import=None) -> list[tu
             continue
         if before_import:
             before_import(archive)
-        proc = subprocess.run([str(layout.bin / "ctr"), f"--address={layout.socket}", "--namespace=k8s.io",
-                               "images", "import", str(archive)], capture_output=True, text=True)
+        proc = subprocess.run(import_command(layout, archive), capture_output=True, text=True)
         if proc.returncode != 0:
             raise DevClusterError(f"ctr images import {archive} failed: {proc.stderr.strip()[-2000:]}")
         report += [(ref, "replaced" if ref in have else "imported") for ref in wanted]
         have.update(wanted)
+    if any(action == "replaced" for _, action in report):
+        remove_untagged(layout)  # the versions replaced: a trainer image's top layers each time
     return report

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Names the API server's serving cert must answer to: loopback plus the in-cluster
-# service names that a process-node pod using in-cluster config would dial.
+# service names that a pod using in-cluster config dials.
 SERVING_SANS = (
     "DNS:localhost",
     "DNS:kubernetes",

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .outputs import readable_by_all
+
 # Written for this project in each family's format (not copies of the published templates).
 LLAMA2_CHAT = (
     "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set msgs = messages[1:] %}"
@@ -164,6 +166,7 @@ def build(family: Family, out: Path, base_tokenizer=None, seed: int = 0) -> Path
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "family.json").write_text(json.dumps({"name": family.name, "notes": family.notes}) + "\n")
+    readable_by_all(out)  # like the tiny assets: a pod of another user may read them from a volume
     return out
 
 

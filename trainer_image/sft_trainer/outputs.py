@@ -73,14 +73,25 @@ class TrainerLog:
         return out
 
 
+def readable_by_all(folder: Path) -> None:
+    """Let every user read (and enter) what lies under ``folder``. safetensors writes its files
+    with mode 0600 whatever the umask, and a saved model is read by other users: the host's user
+    reading a pod's volume, or a trainer pod (UID 1000) reading assets written by root."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+
+
 def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False) -> Path:
-    """Save model and tokenizer into ``out`` via a temporary folder, so a reader never sees half a model."""
+    """Save model and tokenizer into ``out`` via a temporary folder, so a reader never sees half a
+    model; readable by every user, as a model on a shared volume must be."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    readable_by_all(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out

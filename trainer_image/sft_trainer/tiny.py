@@ -27,6 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .outputs import readable_by_all
+
 DEFAULT_DIR = Path("~/.cache/sft-operator/tiny")
 VERSION = "1"
 
@@ -164,6 +166,7 @@ def generate(out: Path, *, train_rows: int = 800, general_rows: int = 600, long_
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     (tmp / ".complete").write_text(VERSION + "\n")
+    readable_by_all(tmp)  # a trainer pod (another user) reads them from a volume
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
