@@ -3,7 +3,8 @@
 Works unchanged under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). The config is the TrainingSpec as
 camelCase JSON (the operator's ConfigMap); YAML is accepted too, and so is a whole SFTJob manifest (its
 ``spec`` is used). ``--config`` defaults to ``$SFT_CONFIG``, then ``/etc/sft/config.json``.
-On failure a one-line reason goes to ``$SFT_TERMINATION_LOG`` (default /dev/termination-log).
+On failure a one-line reason goes to ``$SFT_TERMINATION_LOG`` (default /dev/termination-log); on success
+rank 0 writes the run's result there as JSON (``sft_trainer.result``), where the operator reads it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pydantic import ValidationError
 from .config import TRAINING_FIELDS, TrainingSpec
 from .errors import ConfigError, TrainerError
 from .exit_codes import DEFAULT_TERMINATION_LOG, ExitCode
+from .result import TERMINATION_LIMIT, write_result
 
 DEFAULT_CONFIG = "/etc/sft/config.json"
-TERMINATION_LIMIT = 4096  # the kubelet reads at most 4 KiB
 
 
 def write_termination_log(reason: str) -> None:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_config(args.config)
         from . import train  # torch is imported only once the config is valid
 
-        train.run(spec)
+        write_result(train.run(spec))
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)
