@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import GROUP, PLURAL, VERSION
-from .status import TERMINAL_PHASES
+from .api import TERMINAL_PHASES
 
 PHASE_STYLE = {
     "Succeeded": "bold green",

@@ -24,11 +24,10 @@ from kubernetes import client
 from sft_operator import GROUP, PLURAL, VERSION
 
 from .conftest import PROCESS_NODE_PLACEMENT
-from .operator_process import OperatorProcess
+from support import OperatorProcess
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 # Long enough (~15 s of CPU training) for the trainer's 5 s progress posts to land at least twice.
 MAX_STEPS = 300
 

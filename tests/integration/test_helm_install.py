@@ -35,11 +35,10 @@ from kubernetes.client.exceptions import ApiException
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
 
-from .operator_process import OperatorProcess
+from support import REPO, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "sft-operator"
 AUDIENCE = "sft.dev/progress"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}

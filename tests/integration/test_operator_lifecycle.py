@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,11 +32,10 @@ from kubernetes.client.exceptions import ApiException
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
 
-from .operator_process import OperatorProcess
+from support import REPO, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
 PULL_GRACE = 4
 
 
