@@ -36,6 +36,7 @@ _META_KEEP = {
 _JOB_SPEC_KEEP = ("suspend", "completions", "parallelism", "activeDeadlineSeconds", "backoffLimit")
 _POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 _POD_STATUS_KEEP = ("phase", "reason", "message", "startTime")
+_CONTAINER_STATUS_KEEP = ("name", "image", "state", "lastState")
 
 
 def _plain(value: Any) -> Any:
@@ -67,7 +68,8 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         status = body.get("status") or {}
         slimmed = {k: status[k] for k in _POD_STATUS_KEEP if k in status}
         slimmed["conditions"] = [_plain(c) for c in status.get("conditions") or [] if c.get("type") in _POD_CONDITIONS]
-        slimmed["containerStatuses"] = _plain(status.get("containerStatuses") or [])
+        slimmed["containerStatuses"] = [{k: _plain(c[k]) for k in _CONTAINER_STATUS_KEEP if k in c}
+                                        for c in status.get("containerStatuses") or []]
         out["status"] = slimmed
         account = (body.get("spec") or {}).get("serviceAccountName")
         out["spec"] = {"serviceAccountName": account} if account else {}
@@ -135,6 +137,8 @@ class Cache:
         key = key_of(kind, body)
         if key is None:
             return None
+        if kind in ("Pod", "ConfigMap", "Service") and self.finished(key):
+            return key  # nothing reads them once the job is over (its Job is kept, to stop it)
         obj = slim(kind, body)
         uid = obj["metadata"].get("uid", "")
         self.seen[uid] = time.monotonic()
@@ -144,6 +148,8 @@ class Cache:
             if written and (written[0] != uid or _newer_or_same(obj["metadata"].get("resourceVersion"), written[1])):
                 del self.written[key]
             self._count_phase(key)
+            if self.finished(key):
+                self._drop_details(key)
         elif kind == "Pod":
             self.pods.setdefault(key, {})[uid] = obj
         else:
@@ -189,6 +195,19 @@ class Cache:
         meta = written.get("metadata") or {}
         self.written[key] = (meta.get("uid", ""), meta.get("resourceVersion", ""), _plain(written.get("status") or {}))
         self._count_phase(key)
+        if self.finished(key):  # the final status is written: the pods have said all they had to say
+            self._drop_details(key)
+
+    def _drop_details(self, key: Key) -> None:
+        for pod in (self.pods.pop(key, None) or {}).values():
+            self.seen.pop(pod["metadata"].get("uid", ""), None)
+        for kind in ("ConfigMap", "Service"):
+            child = self.children[kind].pop(key, None)
+            if child is not None:
+                self.seen.pop(child["metadata"].get("uid", ""), None)
+
+    def finished(self, key: Key) -> bool:
+        return self.phases.get(key) in ("Succeeded", "Failed")
 
     def sweep(self, kind: str, namespaces: set[str] | None, live_uids: set[str], listed_at: float) -> set[Key]:
         """Drop objects of ``kind`` that a list begun at ``listed_at`` did not show (deleted while a

@@ -3,6 +3,7 @@ the status writer. Kopf's handlers find it in ``memo.ctx``."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from .settings import OperatorSettings
 from .writer import StatusWriter
 
 log = logging.getLogger("sft_operator")
+MANAGE_CONCURRENCY = 32
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Context:
     scheduler: Scheduler = field(default_factory=Scheduler)
     writer: StatusWriter = field(init=False)
     render_version: int = 0  # bumped when render_options change (a rotated CA): every ConfigMap is checked
+    # Reconciles running at once: a burst of 1,000 new SFTJobs would otherwise hold 1,000 rendered sets of
+    # children in memory while they queue for the API; the client's slots are the real limit anyway.
+    manage_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MANAGE_CONCURRENCY))
 
     def __post_init__(self) -> None:
         self.writer = StatusWriter(self)

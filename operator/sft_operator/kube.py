@@ -15,9 +15,12 @@ creation backlog). ``oldest_wait_seconds`` tells liveness when calls stop gettin
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import ssl
+import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from . import GROUP, PLURAL, VERSION
 
@@ -119,6 +123,24 @@ class Credentials:
         return context
 
 
+def connection_info(credentials: Credentials) -> Any:
+    """The same credentials for Kopf's own client (its watches): one login for the whole operator."""
+    import kopf
+
+    token = credentials.token
+    if credentials.token_file:
+        token = Path(credentials.token_file).read_text().strip()
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        ca_path=credentials.ca_file,
+        insecure=credentials.insecure or None,
+        scheme="Bearer" if token else None,
+        token=token,
+        certificate_path=credentials.cert_file,
+        private_key_path=credentials.key_file,
+    )
+
+
 def in_cluster_credentials() -> Credentials | None:
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
     token = SERVICE_ACCOUNT_DIR / "token"
@@ -128,9 +150,57 @@ def in_cluster_credentials() -> Credentials | None:
     return Credentials(f"https://{host}:{port}", ca_file=str(SERVICE_ACCOUNT_DIR / "ca.crt"), token_file=str(token))
 
 
+def _materialize(data: str, name: str, directory: list[str]) -> str:
+    """A kubeconfig's base64 ``*-data`` as a private file (the ssl module loads client certs from files)."""
+    if not directory:
+        directory.append(tempfile.mkdtemp(prefix="sft-operator-"))
+    path = Path(directory[0]) / name
+    path.write_bytes(base64.b64decode(data))
+    path.chmod(0o600)
+    return str(path)
+
+
 def kubeconfig_credentials(path: str | None = None) -> Credentials:
-    """From a kubeconfig (``$KUBECONFIG`` or ~/.kube/config): the kubernetes library reads it, exec
-    plugins and embedded data included (it is loaded already, Kopf imports it)."""
+    """From a kubeconfig (``path``, else ``$KUBECONFIG``, else ~/.kube/config): the current context's
+    server, CA, client certificate or token. A user that needs an exec plugin or an auth provider is
+    handed to the kubernetes library (imported only then)."""
+    paths = [p for p in (path or os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]
+    current, contexts, clusters, users = None, {}, {}, {}
+    for item in paths:
+        doc = yaml.safe_load(Path(item).expanduser().read_text()) or {}
+        current = current or doc.get("current-context")
+        for table, key in ((contexts, "contexts"), (clusters, "clusters"), (users, "users")):
+            for entry in doc.get(key) or []:
+                table.setdefault(entry["name"], entry.get(key[:-1]) or {})
+    if current is None or current not in contexts:
+        raise ValueError(f"kubeconfig {':'.join(paths)}: no current context")
+    context = contexts[current]
+    cluster, user = clusters[context["cluster"]], users.get(context.get("user"), {})
+    if "exec" in user or "auth-provider" in user:
+        return _library_credentials(path)
+    files: list[str] = []
+
+    def file(key: str, name: str, source: dict[str, Any]) -> str | None:
+        if source.get(f"{key}-data"):
+            return _materialize(source[f"{key}-data"], name, files)
+        return str(Path(source[key]).expanduser()) if source.get(key) else None
+
+    return Credentials(
+        server=cluster["server"],
+        ca_file=file("certificate-authority", "ca.crt", cluster),
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        token=user.get("token"),
+        token_file=user.get("tokenFile"),
+        cert_file=file("client-certificate", "client.crt", user),
+        key_file=file("client-key", "client.key", user),
+    )
+
+
+def _library_credentials(path: str | None) -> Credentials:
+    """Exec plugins and auth providers, through the kubernetes library (the operator's entry point keeps
+    it out of the process otherwise: it costs ~24 MiB)."""
+    if sys.modules.get("kubernetes", False) is None:
+        del sys.modules["kubernetes"]
     from kubernetes import client, config
 
     configuration = client.Configuration()
@@ -138,19 +208,18 @@ def kubeconfig_credentials(path: str | None = None) -> Credentials:
     header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
         "authorization"
     )
-    token = header.split(" ", 1)[-1] if header else None
     return Credentials(
         server=configuration.host,
         ca_file=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl,
-        token=token,
+        token=header.split(" ", 1)[-1] if header else None,
         cert_file=configuration.cert_file,
         key_file=configuration.key_file,
     )
 
 
 def load_credentials(kubeconfig: str | None = None) -> Credentials:
-    """In-cluster when running in a pod, otherwise the kubeconfig."""
+    """In-cluster when running in a pod, otherwise the kubeconfig (``kubeconfig``, $KUBECONFIG, ~/.kube/config)."""
     if kubeconfig is None:
         found = in_cluster_credentials()
         if found is not None:

@@ -55,8 +55,8 @@ class ChildrenBlocked(Exception):
 
 
 async def manage(ctx: Context, key: Key) -> None:
-    started = time.monotonic()
-    async with ctx.scheduler.lock(key, "manage"):
+    async with ctx.scheduler.lock(key, "manage"), ctx.manage_slots:  # in this order: no slot waits on a lock
+        started = time.monotonic()
         try:
             await _manage(ctx, key)
         finally:

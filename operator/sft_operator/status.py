@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -56,9 +56,6 @@ INVALID_SPEC = "InvalidSpec"
 MULTI_ATTACH = "MultiAttach"
 # Child-creation causes that no retry can fix: the job fails with them.
 FINAL_CREATION_REASONS = frozenset({NAME_CONFLICT, INVALID_SPEC})
-# States a job passes through when all is well; the writer may hold them back briefly, since the
-# next state usually follows within seconds (fewer writes in a burst).
-SETTLING_REASONS = frozenset({"Creating", "PodsStarting"})
 MAX_MESSAGE = 2048  # keep status small; the full text is in the pod
 POD_EVENTS_AFTER_SECONDS = 10.0  # a scheduled pod not started this long: read its events (FailedMount, ...)
 JOB_EVENTS_AFTER_SECONDS = 5.0  # a Job without pods this long: read its FailedCreate events
@@ -604,10 +601,36 @@ def derive_status(
     return status
 
 
-def is_settling(status: dict[str, Any]) -> bool:
-    """A state every healthy job passes through on its way to Running (children being created, pods
-    starting): worth holding back for a moment, since the next state usually follows."""
-    return status.get("phase") == PENDING and status.get("reason") in SETTLING_REASONS
+def settle_until(
+    current: dict[str, Any],
+    desired: dict[str, Any],
+    sftjob: dict[str, Any],
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    *,
+    settle_seconds: float,
+    creating_seconds: float,
+) -> datetime | None:
+    """Until when a change may wait unwritten (None: write it now).
+
+    Every healthy job passes through states that last a moment: its children being created, its
+    pods starting, its pods finished while the Job controller has not yet said Complete. The next
+    state usually follows within seconds, so such a state is written only if it lasts; in a burst
+    of new SFTJobs that saves a write per job. Anything a person needs to see (a problem, Running,
+    the end) is written at once.
+    """
+    first = not current.get("phase")
+    if first and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
+        since = parse_time((sftjob.get("metadata") or {}).get("creationTimestamp"))
+        return since + timedelta(seconds=creating_seconds) if since else None
+    if first and desired.get("phase") == PENDING and desired.get("reason") == "PodsStarting":
+        since = parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp"))
+        return since + timedelta(seconds=settle_seconds) if since else None
+    if current.get("phase") == desired.get("phase") == RUNNING and desired.get("reason") == "PodsCompleted":
+        finished = [parse_time(_finished_at(p)) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+        since = max((f for f in finished if f), default=None)
+        return since + timedelta(seconds=settle_seconds) if since else None
+    return None
 
 
 # ---- what the trainer reported -----------------------------------------------------------------

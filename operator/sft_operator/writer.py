@@ -7,9 +7,10 @@ report (at most one per ``progress_min_interval_seconds``) and, once it succeede
 its termination message; write the whole status if it changed, with the SFTJob's uid as a
 precondition; then apply what ``status.transition`` says follows (Events, metrics, stopping a Job).
 
-A healthy job's first moments (children being created, pods starting) are held back for up to
-``settle_seconds``: the next state usually follows at once, and a burst of new SFTJobs then costs
-one write less each.
+States every healthy job passes through within seconds (children being created, pods starting,
+pods finished before the Job says Complete) are held back for up to ``settle_seconds``
+(``status.settle_until``): the next state usually follows, and a burst of new SFTJobs then costs
+a write or two less per job.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from .status import (
     VOLUME_EVENT_REASONS,
     Effects,
     derive_status,
-    is_settling,
     lookups,
     parse_time,
     pod_creation_cause,
     recheck_seconds,
+    settle_until,
     trainer_result,
     transition,
     volume_cause,
@@ -175,9 +176,11 @@ class StatusWriter:
 
             if desired == current:
                 return
-            hold = self._hold_seconds(sftjob, desired, current, job, report)
-            if hold > 0:
-                self.mark(key, hold)
+            until = None if report is not None else settle_until(
+                current, desired, sftjob, job, pods,
+                settle_seconds=ctx.settings.settle_seconds, creating_seconds=CREATING_HOLD_SECONDS)
+            if until is not None and until > now:
+                self.mark(key, (until - now).total_seconds())
                 return
             try:
                 written = await ctx.kube.replace_status(key[0], key[1], uid, desired)
@@ -194,18 +197,6 @@ class StatusWriter:
             effects = transition(current, desired)
         self._apply(key, sftjob, effects)
         metrics.set_phase_counts(ctx.cache.phase_counts())
-
-    def _hold_seconds(self, sftjob: dict[str, Any], desired: dict[str, Any], current: dict[str, Any],
-                      job: dict[str, Any] | None, report: ProgressReport | None) -> float:
-        """How much longer a first, settling state may wait before it is written (0: write now)."""
-        if report is not None or not is_settling(desired) or current.get("phase"):
-            return 0.0
-        if desired.get("reason") == "Creating":  # manage() marks the job again when its children exist
-            since, hold = sftjob["metadata"].get("creationTimestamp"), CREATING_HOLD_SECONDS
-        else:  # pods starting: they usually run within seconds of the Job's creation
-            since, hold = ((job or {}).get("metadata") or {}).get("creationTimestamp"), self.ctx.settings.settle_seconds
-        start = parse_time(since)
-        return 0.0 if start is None else max(0.0, start.timestamp() + hold - time.time())
 
     def _write_failed(self, key: Key, exc: ApiError) -> None:
         if exc.status == 404:  # deleted meanwhile: the watch says so too

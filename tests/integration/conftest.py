@@ -22,6 +22,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 import sft_devcluster as devcluster
+from support import OperatorProcess
+
+from .sftjob_cluster import PULL_GRACE, Cluster
 
 PROCESS_NODE = "sft-local-0"
 # What a pod needs to land on the process-backed node.
@@ -130,3 +133,19 @@ def namespace(control_plane, request) -> str:
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+@pytest.fixture
+def operator(control_plane, namespace, tmp_path):
+    """The operator as a subprocess watching the test's namespace (plaintext progress, short grace)."""
+    op = OperatorProcess.plaintext(control_plane.kubeconfig, tmp_path / f"operator-{namespace}.log", namespace,
+                                   "--pod-start-grace-seconds", str(PULL_GRACE))
+    op.start()
+    yield op
+    op.stop()
+    print(f"--- operator log ({namespace}) ---\n{op.log_tail(200)}")  # shown when the test failed
+
+
+@pytest.fixture
+def k8s(control_plane, namespace) -> Cluster:
+    return Cluster(control_plane, namespace)

@@ -469,3 +469,22 @@ def test_transition_posts_events_only_for_what_a_person_acts_on():
     quota = st.derive_status(sftjob(), None, [], NOW, creation_error=Cause("QuotaExceeded", "exceeded quota: jobs"))
     assert [e.reason for e in st.transition({}, quota).events] == ["QuotaExceeded"]
     assert st.transition(quota, quota).events == ()
+
+
+def test_moments_every_healthy_job_passes_through_may_wait_unwritten():
+    settle = {"settle_seconds": 10, "creating_seconds": 60}
+    fresh_job = job(active=1)
+    fresh_job["metadata"]["creationTimestamp"] = "2026-11-28T11:59:58Z"
+    starting = st.derive_status(sftjob(), fresh_job, [], NOW)
+    assert st.settle_until({}, starting, sftjob(), fresh_job, [], **settle) == st.parse_time("2026-11-28T12:00:08Z")
+    # once anything was written, or when there is something to say, it is written at once
+    assert st.settle_until({"phase": "Pending", "reason": "Creating"}, starting, sftjob(), fresh_job, [], **settle) is None
+    running = st.derive_status(sftjob(), fresh_job, [pod()], NOW)
+    assert st.settle_until({}, running, sftjob(), fresh_job, [pod()], **settle) is None
+    blocked = st.derive_status(sftjob(), fresh_job, [PENDING_UNSCHEDULED], NOW)
+    assert st.settle_until({}, blocked, sftjob(), fresh_job, [PENDING_UNSCHEDULED], **settle) is None
+    # pods done, the Job not yet Complete: the Running already written stays until Succeeded follows
+    done = [pod(phase="Succeeded", state=terminated(0, "Completed"))]
+    completing = st.derive_status(sftjob(status=running), job(active=0), done, NOW)
+    assert completing["reason"] == "PodsCompleted"
+    assert st.settle_until(running, completing, sftjob(), job(), done, **settle) == st.parse_time(T1) + timedelta(seconds=10)

@@ -161,10 +161,10 @@ def test_a_first_pods_starting_state_is_held_back_then_written():
         ctx.writer.mark(KEY)
         await asyncio.sleep(0.3)
         assert ctx.kube.writes == []  # the pods usually run within seconds: no "Pending" write yet
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.7)  # (creationTimestamp has whole seconds: the hold ends 1-2 s from now)
         assert [w[1]["reason"] for w in ctx.kube.writes] == ["PodsStarting"]
 
-    run(test, settle_seconds=1.0)
+    run(test, settle_seconds=2.0)
 
 
 def test_a_failure_posts_one_warning_event_and_a_success_none():

@@ -1,4 +1,4 @@
-"""The operator as tests and benchmarks run it: `python -m sft_operator.main` in a subprocess with its
+"""The operator as tests and benchmarks run it: `python -m sft_operator` in a subprocess with its
 own free ports, against a dev cluster's kubeconfig. A development tool (never in an image)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class OperatorProcess:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "sft_operator.main", *self.args]
+        return [sys.executable, "-m", "sft_operator", *self.args]
 
     def start(self, wait: bool = True, timeout: float = 40) -> None:
         with open(self.log_path, "a") as log:
