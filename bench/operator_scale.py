@@ -37,8 +37,12 @@ BENCHMARKS.md under "## Operator: SFTJobs at scale" (only that section is touche
     python bench/operator_scale.py                # 1000 SFTJobs on 127 kwok nodes, ~10 min
     python bench/operator_scale.py --jobs 200 --profile-operator   # + where the operator's CPU goes (py-spy)
 
-The operator runs from this checkout (sft_devcluster.operator_process, the launcher the tests use).
-To measure another commit, run this script from a checkout of that commit.
+The operator runs from this checkout (sft_devcluster.operator_process, the launcher the tests use),
+or from another one with --operator-source, so a before/after pair is measured the same way:
+
+    git worktree add /tmp/sft-before <commit>
+    python bench/operator_scale.py --operator-source /tmp/sft-before --no-write   # before
+    python bench/operator_scale.py                                                # after
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
                    help="where to write the results section (default: the repo's BENCHMARKS.md)")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    p.add_argument("--operator-source", type=Path, default=None, metavar="CHECKOUT",
+                   help="run the operator from another checkout (e.g. `git worktree add /tmp/before <commit>`) to "
+                        "measure it with this script; the bare client and the cluster stay this checkout's")
     p.add_argument("--profile-operator", action="store_true",
                    help="sample the operator with py-spy (on PATH or $PY_SPY) during the burst window and print where "
                         "its CPU goes (functions holding the GIL, inclusive)")
@@ -452,9 +459,9 @@ def diff(after: Counter, before: Counter) -> dict[tuple[str, str], int]:
 class Operator(OperatorProcess):
     """The operator under test: the launcher the integration tests use, watching the wave namespaces."""
 
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path) -> None:
-        me = OperatorProcess.plaintext(kubeconfig, log_path, namespaces)
-        super().__init__(kubeconfig, log_path, me.args)
+    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, source: Path | None = None) -> None:
+        me = OperatorProcess.plaintext(kubeconfig, log_path, namespaces, source=source)
+        super().__init__(kubeconfig, log_path, me.args, source=source)
         self.ports = me.ports
         self.start(wait=False)
 
@@ -710,7 +717,7 @@ async def main_async(args, info, workdir: Path) -> dict[str, Any]:
         result["bare1"] = await run_baseline(api, pids, args.jobs, args, NS_BARE)
 
         # the operator, idle
-        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log")
+        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log", args.operator_source)
         result["operator_cmd"] = " ".join(op.cmd[1:])
         try:
             op.wait_healthy()
@@ -840,6 +847,8 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def heading(args: argparse.Namespace) -> str:
     extra = " (profiled)" if args.profile_operator else ""
+    if args.operator_source:
+        extra += f" (operator from {args.operator_source})"
     return f"### {args.jobs} SFTJobs{extra}"
 
 

@@ -76,8 +76,7 @@ async def _configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
     settings.watching.connect_timeout = 30
     # Kopf keeps one worker per object, holding its newest event, until the object is idle this long;
     # in a burst of 1,000 SFTJobs (5,000 objects) the default 5 s kept most of them alive at once.
-    import os
-    settings.batching.idle_timeout = float(os.environ.get("SFT_KOPF_IDLE", "0.5"))
+    settings.batching.idle_timeout = 1.0
     # Server-side selectors: stream only the objects the renderer labelled.
     for resource in (("batch", "v1", "jobs"), ("v1", "pods"), ("v1", "configmaps"), ("v1", "services")):
         settings.watching.label_selectors[resource] = LABEL_JOB

@@ -58,7 +58,7 @@ MULTI_ATTACH = "MultiAttach"
 FINAL_CREATION_REASONS = frozenset({NAME_CONFLICT, INVALID_SPEC})
 MAX_MESSAGE = 2048  # keep status small; the full text is in the pod
 POD_EVENTS_AFTER_SECONDS = 10.0  # a scheduled pod not started this long: read its events (FailedMount, ...)
-JOB_EVENTS_AFTER_SECONDS = 5.0  # a Job without pods this long: read its FailedCreate events
+JOB_EVENTS_AFTER_SECONDS = 10.0  # a Job without pods this long: read its FailedCreate events
 LOOKUP_AGAIN_SECONDS = 30.0
 
 

@@ -151,10 +151,7 @@ class StatusWriter:
                 pod_creation_error=notes.pod_creation_error,
                 pod_problems=notes.pod_problems,
             )
-            desired = {**current, **derived}
-            for gone in set(current) - set(derived):
-                if gone in ("phase", "reason", "completionTime", "jobName") and current.get("phase") not in TERMINAL_PHASES:
-                    desired.pop(gone, None)
+            desired = {**current, **derived}  # what the trainer reported stays
             report = None
             progress = self.progress.get(key)
             if progress and progress.report is not None and desired.get("phase") not in TERMINAL_PHASES:

@@ -116,9 +116,12 @@ class Cluster:
 
     def wide_reason(self, name: str) -> str:
         """The REASON column of `kubectl get sftjobs -o wide`."""
-        out = self.cp.kubectl("get", "sftjobs", name, "-n", self.ns, "-o", "wide").stdout.splitlines()
-        header, row = out[0].split(), out[1].split()
-        return row[header.index("REASON")] if len(row) == len(header) else "<none>"
+        header, row = self.cp.kubectl("get", "sftjobs", name, "-n", self.ns, "-o", "wide").stdout.splitlines()[:2]
+        start = header.index("REASON")  # columns are aligned; empty cells are blank
+        end = header.index(" ", start + len("REASON")) if " " in header[start:] else len(header)
+        while end < len(header) and header[end] == " ":
+            end += 1
+        return row[start:end].strip() or "<none>"
 
     def deny(self, name: str, operations: list[str], expression: str, message: str, reason: str = "Forbidden") -> None:
         """A ValidatingAdmissionPolicy (built-in CEL admission) denying Job writes in this namespace only."""

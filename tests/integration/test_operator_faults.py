@@ -16,9 +16,6 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.context import Context
-from sft_operator.handlers.handle_lifecycle import relist
-from sft_operator.kube import KubeClient
 from sft_operator.render import LABEL_JOB, RenderOptions
 from sft_operator.settings import OperatorSettings
 
@@ -59,8 +56,8 @@ def test_a_name_taken_by_an_object_we_did_not_create_fails_the_job_and_the_objec
     assert not service.metadata.owner_references and service.metadata.labels == {"app": "chatbot"}
     assert gone(lambda: k8s.job("chatbot"))  # nothing was started under a name it does not own
     k8s.custom.delete_namespaced_custom_object(GROUP, VERSION, k8s.ns, PLURAL, "chatbot")
-    k8s.cp.wait_for(lambda: gone(lambda: k8s.core.read_namespaced_config_map("chatbot-config", k8s.ns)), 30,
-                    "our own ConfigMap garbage-collected")
+    k8s.cp.wait_for(lambda: gone(lambda: k8s.core.read_namespaced_config_map("chatbot-config", k8s.ns)), 90,
+                    "our own ConfigMap garbage-collected")  # (a fresh cluster's GC learns new CRDs within 30 s)
     assert k8s.core.read_namespaced_service("chatbot", k8s.ns).metadata.uid == service.metadata.uid  # survived
 
     # The orphaned children of an earlier SFTJob of the same name (deleted with --cascade=orphan): our
@@ -298,6 +295,10 @@ def test_a_deletion_the_watch_missed_is_forgotten_at_the_next_relist(control_pla
     """A 410 relist reports what exists, not what went: a deleted SFTJob would stay in the cache forever
     (and be billed GPU-seconds). The relist runs against the real API server here, on a cache that
     holds one SFTJob that exists and one whose DELETED event was missed."""
+    from sft_operator.context import Context
+    from sft_operator.handlers.handle_lifecycle import relist
+    from sft_operator.kube import KubeClient
+
     k8s = Cluster(control_plane, namespace)
     alive = k8s.create(manifest("alive", runPolicy={"suspend": True}))
     missed = {**manifest("missed"), "metadata": {"name": "missed", "namespace": namespace, "uid": str(uuid.uuid4())},

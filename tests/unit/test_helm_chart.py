@@ -43,7 +43,7 @@ EVERYTHING = {
                    "rules": {"enabled": True}},
     "grafana": {"dashboard": {"enabled": True, "namespace": "monitoring"}},
     "imagePullSecrets": [{"name": "regcred"}],
-    "operator": {"extraEnv": [{"name": "SFT_IMAGE_PULL_GRACE_SECONDS", "value": "600"}]},
+    "operator": {"extraEnv": [{"name": "SFT_POD_START_GRACE_SECONDS", "value": "600"}]},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
     "nodeSelector": {"kubernetes.io/os": "linux"},
 }

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import kopf
 import pytest
 
-from sft_operator.main import api_calls_flow
 from sft_operator.settings import OperatorSettings
 from support import REPO
 
@@ -35,6 +34,8 @@ def test_a_configuration_that_cannot_work_exits_at_once_with_the_reason(args, me
 
 
 def test_liveness_fails_when_a_kubernetes_call_waits_too_long():
+    from sft_operator.main import api_calls_flow
+
     kube = SimpleNamespace(oldest_wait_seconds=lambda: 12.0)
     memo = SimpleNamespace(get=lambda key: SimpleNamespace(kube=kube, settings=OperatorSettings(stuck_seconds=60)))
     assert api_calls_flow(memo=memo) == 12.0

@@ -365,7 +365,7 @@ def test_events_are_looked_up_for_a_job_without_pods_and_a_scheduled_pod_that_do
     fresh_job = job(active=1)
     fresh_job["metadata"].update(uid="job-1", creationTimestamp="2026-11-28T11:59:58Z")
     (lookup,) = st.lookups(fresh_job, [], NOW)
-    assert (lookup.kind, lookup.uid, lookup.after_seconds) == ("Job", "job-1", 3.0)
+    assert (lookup.kind, lookup.uid, lookup.after_seconds) == ("Job", "job-1", 8.0)
     stuck = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at("2026-11-28T11:59:55Z"))
     stuck["metadata"]["uid"] = "pod-1"
     (lookup,) = st.lookups(fresh_job, [stuck], NOW)

@@ -18,22 +18,26 @@ from .cluster import REPO_ROOT, free_port
 class OperatorProcess:
     """One operator subprocess; `start()` may be called again after `kill()` (crash tests)."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None):
+    def __init__(self, kubeconfig: Path, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None,
+                 source: Path | None = None):
+        """``source``: another checkout to run the operator from (e.g. a benchmark's "before")."""
         self.ports = {"metrics": free_port(), "health": free_port(), "progress": free_port()}
         self.log_path = Path(log_path)
         self.args = list(args)
+        self.source = Path(source) if source else REPO_ROOT
         # Settings come from the flags and env given here only, never from the developer's shell.
         base = {k: v for k, v in os.environ.items() if not k.startswith("SFT_") and k != "KUBERNETES_SERVICE_HOST"}
-        paths = [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image"), base.get("PYTHONPATH", "")]
+        paths = [str(self.source / "operator"), str(self.source / "trainer_image"), base.get("PYTHONPATH", "")]
         self.env = {**base, "PYTHONUNBUFFERED": "1", "KUBECONFIG": str(kubeconfig),
                     "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     @classmethod
-    def plaintext(cls, kubeconfig: Path, log_path: Path, namespaces: str | list[str], *extra: str) -> OperatorProcess:
+    def plaintext(cls, kubeconfig: Path, log_path: Path, namespaces: str | list[str], *extra: str,
+                  source: Path | None = None) -> OperatorProcess:
         """Watching the given namespace(s), progress over plain HTTP on loopback (local development mode)."""
-        op = cls(kubeconfig, log_path)
+        op = cls(kubeconfig, log_path, source=source)
         watched = [namespaces] if isinstance(namespaces, str) else list(namespaces)
         op.args = [
             *[a for ns in watched for a in ("-n", ns)], "--log-format", "plain", "--progress-allow-plaintext",
@@ -48,14 +52,16 @@ class OperatorProcess:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "sft_operator", *self.args]
+        package = self.source / "operator" / "sft_operator"
+        module = "sft_operator" if (package / "__main__.py").exists() else "sft_operator.main"  # older checkouts
+        return [sys.executable, "-m", module, *self.args]
 
     def start(self, wait: bool = True, timeout: float = 40) -> None:
         with open(self.log_path, "a") as log:
             log.write(f"\n===== start {self.starts} =====\n")
             log.flush()
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=REPO_ROOT, start_new_session=True)
+                                         cwd=self.source, start_new_session=True)
         self.starts += 1
         if wait:
             self.wait_healthy(timeout)
