@@ -114,8 +114,9 @@ class Notes:
     creation_error: Cause | None = None  # a child could not be created (quota, conflict, 422)
     pod_creation_error: Cause | None = None  # the Job's FailedCreate event (no pods)
     pod_problems: dict[str, Cause] = field(default_factory=dict)  # pod uid -> FailedMount, Multi-Attach
-    # ((uid, generation, render version), digest of the ConfigMap's data) of the last full reconcile
+    # ((uid, generation, render version), digest of the ConfigMap's data) of the last complete reconcile
     rendered: tuple[tuple[Any, Any, int], str] | None = None
+    finished: tuple[Any, Any, int] | None = None  # (uid, generation, render version) of the finished job's last reconcile
 
 
 @dataclass
@@ -155,6 +156,12 @@ class Cache:
         else:
             self.children[kind][key] = obj
         return key
+
+    def is_echo(self, body: Mapping[str, Any]) -> bool:
+        """Whether an SFTJob event is our own last status write coming back (nothing new in it)."""
+        meta = body.get("metadata") or {}
+        written = self.written.get((meta.get("namespace", ""), meta.get("name", "")))
+        return bool(written and written[0] == meta.get("uid") and written[1] == meta.get("resourceVersion"))
 
     def drop(self, kind: str, body: Mapping[str, Any]) -> Key | None:
         """A DELETED event: forget the object if it is the one we hold (same uid)."""

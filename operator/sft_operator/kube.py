@@ -9,7 +9,8 @@ Every call the operator makes is listed in ``PERMISSIONS`` (verb, API group, res
 outside it fails at once, so the chart's RBAC (tests/unit/test_helm_chart.py) can be checked
 against the table. Calls share ``slots`` connections and wait in two queues: status writes go
 ahead of creates (in a burst a pod that starts is reflected in seconds, not after the whole
-creation backlog). ``oldest_wait_seconds`` tells liveness when calls stop getting through.
+creation backlog), and Events behind everything else. ``stalled_seconds`` tells liveness when
+calls stop getting through.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-STATUS, CREATE = 0, 1  # queue priorities, lower first
+STATUS, CREATE, EVENT = 0, 1, 2  # queue priorities, lower first: Events wait until a burst's creates are done
 DEFAULT_SLOTS = 16  # calls in flight; the benchmark's bare client uses as many
 DEFAULT_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -245,8 +246,9 @@ class PriorityGate:
 
     def __init__(self, slots: int) -> None:
         self.free = slots
-        self.waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque())
+        self.waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque(), deque())
         self._started: dict[int, float] = {}  # id of a call -> when it began waiting
+        self._last_done = time.monotonic()
 
     async def __call__(self, priority: int, call: Any) -> Any:
         token = id(call)
@@ -267,6 +269,7 @@ class PriorityGate:
             try:
                 return await call
             finally:
+                self._last_done = time.monotonic()
                 self._release()
         finally:
             self._started.pop(token, None)
@@ -280,9 +283,12 @@ class PriorityGate:
                     return
         self.free += 1
 
-    def oldest_wait_seconds(self) -> float:
-        """How long the oldest call now waiting or in flight has been at it."""
-        return time.monotonic() - min(self._started.values()) if self._started else 0.0
+    def stalled_seconds(self) -> float:
+        """How long calls have been waiting or in flight without any call finishing (0 when none waits).
+        A long queue in a burst is not a stall: calls keep finishing."""
+        if not self._started:
+            return 0.0
+        return time.monotonic() - max(self._last_done, min(self._started.values()))
 
 
 def _status_error(status: int, text: str) -> ApiError:
@@ -346,8 +352,8 @@ class KubeClient:
             pass
         return self._token[1]
 
-    def oldest_wait_seconds(self) -> float:
-        return self.gate.oldest_wait_seconds()
+    def stalled_seconds(self) -> float:
+        return self.gate.stalled_seconds()
 
     async def request(
         self,
@@ -470,7 +476,8 @@ class KubeClient:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.request("create", "Event", "POST", resource_path("Event", meta["namespace"]), body=event)
+        await self.request("create", "Event", "POST", resource_path("Event", meta["namespace"]), body=event,
+                           priority=EVENT)
 
     async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
         selector = f"involvedObject.kind={kind},involvedObject.name={name},involvedObject.uid={uid}"

@@ -121,17 +121,18 @@ def sftjobs_known(memo: kopf.Memo, **_: Any) -> int:
     return len(ctx.cache.sftjobs) if ctx is not None else 0
 
 
-@kopf.on.probe(id="apiWaitSeconds")
+@kopf.on.probe(id="apiStalledSeconds")
 def api_calls_flow(memo: kopf.Memo, **_: Any) -> float:
-    """Liveness fails (HTTP 500) when a Kubernetes call has waited too long: every call has a
-    timeout, so a call still waiting means the operator is stuck, and a restart is the cure."""
+    """Liveness fails (HTTP 500) when Kubernetes calls have waited too long with none finishing: every
+    call has a timeout, so that means the operator is stuck, and a restart is the cure."""
     ctx = memo.get("ctx")
     if ctx is None:
         return 0.0
-    oldest = ctx.kube.oldest_wait_seconds()
-    if oldest > ctx.settings.stuck_seconds:
-        raise kopf.PermanentError(f"a Kubernetes API call has waited {oldest:.0f}s (limit {ctx.settings.stuck_seconds:.0f}s)")
-    return round(oldest, 1)
+    stalled = ctx.kube.stalled_seconds()
+    if stalled > ctx.settings.stuck_seconds:
+        raise kopf.PermanentError(f"Kubernetes API calls have waited {stalled:.0f}s with none finishing "
+                                  f"(limit {ctx.settings.stuck_seconds:.0f}s)")
+    return round(stalled, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

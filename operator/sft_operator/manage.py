@@ -68,19 +68,16 @@ async def _manage(ctx: Context, key: Key) -> None:
     if sftjob is None or sftjob["metadata"].get("deletionTimestamp"):
         return
     status = ctx.cache.current_status(key)
-    if status.get("phase") in TERMINAL_PHASES:
-        await _finished(ctx, key, sftjob, status)
-        return
     notes = ctx.cache.note(key)
+    if status.get("phase") in TERMINAL_PHASES:
+        if not converged(ctx, key):
+            await _finished(ctx, key, sftjob, status)
+        return
     if notes.creation_error is not None and notes.creation_error.final:
         return  # the writer is about to say Failed
 
-    want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-    rendered_as = (sftjob["metadata"].get("uid"), sftjob["metadata"].get("generation"), ctx.render_version)
-    if notes.rendered is not None and notes.rendered[0] == rendered_as and _children_current(ctx, key, notes.rendered[1]):
-        job = ctx.cache.child("Job", key)
-        if job is not None and suspend_patch(want_suspended, job) is None:
-            return  # the common case (every status write brings the SFTJob back): no parsing, no rendering
+    if converged(ctx, key):
+        return  # the common case (every status write brings the SFTJob back): no parsing, no rendering
     try:
         parsed = SFTJob.model_validate({**sftjob, "status": None})
     except ValidationError as exc:  # the API server's schema should have caught it
@@ -94,7 +91,7 @@ async def _manage(ctx: Context, key: Key) -> None:
     except ApiError as exc:  # patching the Job (suspend) or the ConfigMap failed
         _blocked(ctx, key, Cause("CreateFailed" if exc.status else "Unreachable", str(exc)))
         return
-    notes.rendered = (rendered_as, digest)
+    notes.rendered = (managed_as(ctx, sftjob), digest)
     if notes.creation_error is not None:
         log.info("SFTJob %s/%s: children created after earlier failures", *key)
         notes.creation_error = None
@@ -102,13 +99,29 @@ async def _manage(ctx: Context, key: Key) -> None:
     ctx.writer.mark(key)
 
 
-def _children_current(ctx: Context, key: Key, config_digest: str) -> bool:
-    """Whether the cache shows all three children as ours, the ConfigMap as rendered."""
-    uid = (ctx.cache.sftjobs.get(key) or {}).get("metadata", {}).get("uid")
+def managed_as(ctx: Context, sftjob: dict[str, Any]) -> tuple[Any, Any, int]:
+    """What a reconcile was for: this SFTJob (uid), this spec (generation), these render options."""
+    meta = sftjob["metadata"]
+    return (meta.get("uid"), meta.get("generation"), ctx.render_version)
+
+
+def converged(ctx: Context, key: Key) -> bool:
+    """Whether the cache shows everything a reconcile of ``key`` would make, without running it:
+    the last reconcile was for this spec, all three children are ours (the ConfigMap as rendered)
+    and the Job's suspension is what runPolicy.suspend says."""
+    sftjob, notes = ctx.cache.sftjobs.get(key), ctx.cache.notes.get(key)
+    if sftjob is None or notes is None:
+        return False
+    if ctx.cache.finished(key):  # a finished job: its Job stopped (if it failed), its TTL armed, for this spec
+        return notes.finished == managed_as(ctx, sftjob)
+    if notes.rendered is None or notes.rendered[0] != managed_as(ctx, sftjob):
+        return False
+    uid = sftjob["metadata"].get("uid")
     children = [ctx.cache.child(kind, key) for kind in ("ConfigMap", "Service", "Job")]
     if any(c is None or (c["metadata"].get("ownerReferences") or [{}])[0].get("uid") != uid for c in children):
         return False
-    return children[0].get("dataDigest") == config_digest
+    want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    return children[0].get("dataDigest") == notes.rendered[1] and suspend_patch(want_suspended, children[2]) is None
 
 
 def _blocked(ctx: Context, key: Key, cause: Cause) -> None:
@@ -208,6 +221,8 @@ async def _finished(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict
                 delay = ctx.scheduler.failed(key, "manage")
                 log.warning("SFTJob %s/%s: could not stop its Job (%s); retrying in %.0fs", *key, exc, delay)
                 ctx.kick(key, delay)
+                return
+    ctx.cache.note(key).finished = managed_as(ctx, sftjob)  # done for this spec (a TTL edit changes it)
     ttl = ((sftjob.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     if ttl is None:
         ctx.scheduler.cancel(key, "ttl")

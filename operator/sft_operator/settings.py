@@ -38,7 +38,7 @@ class OperatorSettings:
     reload_seconds: float = 60.0  # re-read the TLS certificate and the progress CA this often
     api_timeout_seconds: float = 30.0  # every Kubernetes call
     api_concurrency: int = 16  # Kubernetes calls in flight
-    stuck_seconds: float = 180.0  # liveness fails when a Kubernetes call waits this long
+    stuck_seconds: float = 120.0  # liveness fails when Kubernetes calls wait this long with none finishing
 
     def render_options(self) -> RenderOptions:
         ca = None

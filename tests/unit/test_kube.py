@@ -30,11 +30,11 @@ def test_status_writes_are_served_before_waiting_creates():
         cancelled = asyncio.ensure_future(gate(STATUS, call("cancelled")))
         status = asyncio.ensure_future(gate(STATUS, call("status")))
         await asyncio.sleep(0.01)
-        assert gate.oldest_wait_seconds() > 0
+        assert gate.stalled_seconds() > 0  # calls wait and none has finished since
         cancelled.cancel()
         release.set()
         results = await asyncio.gather(first, *creates, status)
-        assert gate.free == 1 and gate.oldest_wait_seconds() == 0
+        assert gate.free == 1 and gate.stalled_seconds() == 0
         return results
 
     assert asyncio.run(main()) == ["first", "create0", "create1", "status"]
@@ -78,7 +78,7 @@ def test_a_call_to_a_server_that_never_answers_times_out_and_frees_its_slot(blac
             took = time.monotonic() - started
             with pytest.raises(ApiError):  # the one slot is free again: the next call runs (and times out)
                 await client.get("Job", "a", "demo")
-            return exc.value, took, client.oldest_wait_seconds()
+            return exc.value, took, client.stalled_seconds()
         finally:
             await client.close()
 

@@ -33,12 +33,12 @@ def test_a_configuration_that_cannot_work_exits_at_once_with_the_reason(args, me
     assert message in out.stderr
 
 
-def test_liveness_fails_when_a_kubernetes_call_waits_too_long():
+def test_liveness_fails_when_kubernetes_calls_stop_finishing():
     from sft_operator.main import api_calls_flow
 
-    kube = SimpleNamespace(oldest_wait_seconds=lambda: 12.0)
+    kube = SimpleNamespace(stalled_seconds=lambda: 12.0)
     memo = SimpleNamespace(get=lambda key: SimpleNamespace(kube=kube, settings=OperatorSettings(stuck_seconds=60)))
     assert api_calls_flow(memo=memo) == 12.0
-    kube.oldest_wait_seconds = lambda: 61.0
-    with pytest.raises(kopf.PermanentError, match="waited 61s"):
+    kube.stalled_seconds = lambda: 61.0
+    with pytest.raises(kopf.PermanentError, match="waited 61s with none finishing"):
         api_calls_flow(memo=memo)

@@ -34,7 +34,7 @@ class RecordingKube:
     async def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason))
 
-    def oldest_wait_seconds(self) -> float:
+    def stalled_seconds(self) -> float:
         return 0.0
 
     async def close(self) -> None:

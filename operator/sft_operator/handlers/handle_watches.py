@@ -15,6 +15,7 @@ import kopf
 
 from .. import GROUP, PLURAL, VERSION
 from ..context import Context
+from ..manage import converged
 from ..render import LABEL_JOB
 
 
@@ -27,9 +28,13 @@ async def sftjob_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, 
         if (ctx.cache.sftjobs.get(key) or {}).get("metadata", {}).get("uid") in (uid, None):
             ctx.forget(key)
         return
+    echo = ctx.cache.is_echo(body)  # our own status write: nothing to derive again
     key = ctx.cache.put("SFTJob", body)
-    if key is not None:
+    if key is None:
+        return
+    if not converged(ctx, key):
         ctx.kick(key)
+    if not echo:
         ctx.writer.mark(key)
 
 
