@@ -670,11 +670,12 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
     metrics = Metrics(train_loss=result.train_loss, eval_loss=result.eval_loss, best_eval_loss=result.best_eval_loss,
                       tokens_per_second=result.tokens_per_second, general_loss_before=result.general_loss_before,
                       general_loss_after=result.general_loss_after)
-    total = result.total_steps or result.steps
-    progress = Progress(percent=100, step=result.steps, total_steps=total, epoch=result.epochs, eta_seconds=0)
+    progress = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}  # what the result says wins
+    said = {"step": result.steps, "totalSteps": result.total_steps or result.steps, "epoch": result.epochs}
+    progress.update({k: v for k, v in said.items() if v is not None})
     return {
         **status,
-        "progress": _dump(progress),
+        "progress": _dump(Progress.model_validate(progress)),
         "metrics": {**(status.get("metrics") or {}), **_dump(metrics)},
         "output": {**(status.get("output") or {}), **_dump(output)},
     }

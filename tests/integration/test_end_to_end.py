@@ -22,6 +22,7 @@ import pytest
 from kubernetes import client
 
 from sft_operator import GROUP, PLURAL, VERSION
+from sft_trainer.config import TrainerResult
 
 from .conftest import PROCESS_NODE_PLACEMENT
 from support import OperatorProcess
@@ -149,9 +150,13 @@ def test_tiny_model_trains_end_to_end(control_plane, namespace, operator, tiny_a
     assert {"sft_job_train_loss", "sft_job_progress_ratio"} <= set(metrics_while_running), metrics_while_running
     assert 0 <= metrics_while_running["sft_job_progress_ratio"] <= 1
 
-    # ...the output is recorded and on the claim...
+    # ...the output is recorded and on the claim; the trainer left its result in the pod's termination
+    # message, which is what the operator reads (a lost last progress report would change nothing)...
     output = status.get("output") or {}
     assert output.get("model") == f"pvc://{output_claim}/run/model", context
+    (trainer_pod,) = core.list_namespaced_pod(namespace, label_selector=f"sft.dev/job-name={name}").items
+    result = TrainerResult.model_validate_json(trainer_pod.status.container_statuses[0].state.terminated.message)
+    assert f"pvc://{output_claim}/run" in (result.output_model or result.output_uri or ""), context
     model_dir = control_plane.state_dir / "pvc" / output_claim / "run" / "model"
     assert (model_dir / "config.json").exists(), f"{sorted(p.name for p in model_dir.glob('*'))}\n{context}"
     assert list(model_dir.glob("*.safetensors")), sorted(p.name for p in model_dir.glob("*"))

@@ -422,6 +422,15 @@ def test_the_result_of_rank_zero_is_read_from_its_termination_message():
     assert st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", newer))]).output_model == "pvc://x/model"
 
 
+def test_a_result_without_steps_keeps_the_reported_progress_and_completes_it():
+    reported = {"phase": "Succeeded", "progress": {"percent": 98, "step": 294, "totalSteps": 300, "epoch": 2.9,
+                                                   "etaSeconds": 3}}
+    result = st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", '{"outputUri":"s3://b/run"}'))])
+    status = st.with_result(reported, result)
+    assert status["progress"] == {"percent": 100, "step": 294, "totalSteps": 300, "epoch": 2.9, "etaSeconds": 0}
+    assert status["output"] == {"uri": "s3://b/run"}
+
+
 def test_with_result_completes_output_metrics_and_progress():
     result = st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", RESULT))])
     status = st.with_result({"phase": "Succeeded", "metrics": {"learningRate": 1e-5, "trainLoss": 1.0}}, result)

@@ -37,11 +37,13 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 
 def test_the_message_never_exceeds_what_the_kubelet_keeps():
     longest = TrainerResult(output_model="pvc://m/" + "x" * 1016, output_uri="s3://b/" + "y" * 1017,
-                            best_checkpoint="pvc://m/" + "z" * 1016, mlflow_run_id="r" * 64, steps=10**9,
+                            best_checkpoint="pvc://m/" + "z" * 1016, mlflow_run_id="r" * 64, warning="w" * 1024, steps=10**9,
                             total_steps=10**9, epochs=1e6, train_loss=1e6, eval_loss=1e6, best_eval_loss=1e6,
                             general_loss_before=1e6, general_loss_after=1e6, tokens_per_second=1e12)
-    assert len(termination_message(longest).encode()) <= TERMINATION_LIMIT  # ASCII at every maximum fits whole
-    wide = longest.model_copy(update={"output_model": "pvc://m/" + "é" * 1016, "best_checkpoint": "pvc://m/" + "ü" * 1016})
+    text = termination_message(longest)  # the warning goes first when everything is at its maximum
+    assert len(text.encode()) <= TERMINATION_LIMIT and json.loads(text)["outputModel"] == longest.output_model
+    wide = longest.model_copy(update={"output_model": "pvc://m/" + "é" * 1016, "best_checkpoint": "pvc://m/" + "ü" * 1016,
+                                      "warning": None})
     text = termination_message(wide)  # two-byte characters: optional locations are dropped until it fits
     assert len(text.encode()) <= TERMINATION_LIMIT
     assert json.loads(text)["outputModel"] == wide.output_model and "bestCheckpoint" not in json.loads(text)
@@ -54,3 +56,11 @@ def test_the_result_comes_from_the_final_metrics():
     result = trainer_result(METRICS)
     assert (result.steps, result.total_steps, result.epochs) == (90, 100, 2.7)
     assert result.output_uri is None and result.mlflow_run_id is None  # filled in when uploads/tracking exist
+    exported = trainer_result({**METRICS, "outputUri": "s3://bucket/run", "mlflowRunId": "abc123"})
+    assert (exported.output_uri, exported.mlflow_run_id) == ("s3://bucket/run", "abc123")
+
+
+def test_a_result_without_the_model_location_is_still_read():
+    """An earlier trainer's message (export location and run id only) is still a result."""
+    result = TrainerResult.model_validate_json('{"outputUri":"s3://bucket/run","mlflowRunId":"abc123"}')
+    assert result.output_model is None and result.output_uri == "s3://bucket/run"

@@ -427,18 +427,23 @@ class TrainerResult(ApiModel):
 
     model_config = ApiModel.model_config | {"extra": "ignore"}
 
-    output_model: Annotated[str, Field(min_length=1, max_length=1024)] = Field(
-        description="Where the model was written, in the spec's terms (e.g. pvc://models/run-1/model)."
+    # Every field is optional when read, so that any version's result is read; the trainer always
+    # writes outputModel.
+    output_model: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="Where the model was written, in the spec's terms (e.g. pvc://models/run-1/model)."
     )
     output_uri: Annotated[str, Field(max_length=1024)] | None = Field(
-        default=None, description="The model in object storage (s3://...), when it was uploaded."
+        default=None, description="Where the output is durable (s3://... once uploaded, else the destination)."
     )
     best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
     mlflow_run_id: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
-    steps: int = Field(default=0, ge=0, le=10**9)
-    total_steps: int = Field(default=0, ge=0, le=10**9)
-    epochs: float = Field(default=0.0, ge=0.0, le=1e6)
-    stopped_early: bool = False
+    warning: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Something a person should know about a run that succeeded (e.g. tracking lost)."
+    )
+    steps: int | None = Field(default=None, ge=0, le=10**9)
+    total_steps: int | None = Field(default=None, ge=0, le=10**9)
+    epochs: float | None = Field(default=None, ge=0.0, le=1e6)
+    stopped_early: bool | None = None
     train_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     best_eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)

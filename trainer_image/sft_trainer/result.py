@@ -18,7 +18,7 @@ from .exit_codes import DEFAULT_TERMINATION_LOG
 
 TERMINATION_LIMIT = 4096  # bytes the kubelet reads from the termination message file
 # Dropped in this order until the message fits; outputModel always stays.
-OPTIONAL_STRINGS = ("best_checkpoint", "mlflow_run_id", "output_uri")
+OPTIONAL_STRINGS = ("warning", "best_checkpoint", "mlflow_run_id", "output_uri")
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,11 @@ def trainer_result(metrics: dict[str, Any]) -> TrainerResult:
         output_uri=metrics.get("outputUri"),
         best_checkpoint=metrics.get("bestCheckpoint"),
         mlflow_run_id=metrics.get("mlflowRunId"),
-        steps=metrics.get("steps") or 0,
-        total_steps=metrics.get("totalSteps") or 0,
-        epochs=metrics.get("epochs") or 0.0,
-        stopped_early=bool(metrics.get("stoppedEarly")),
+        warning=metrics.get("warning"),
+        steps=metrics.get("steps"),
+        total_steps=metrics.get("totalSteps"),
+        epochs=metrics.get("epochs"),
+        stopped_early=metrics.get("stoppedEarly"),
         train_loss=metrics.get("trainLoss"),
         eval_loss=metrics.get("evalLoss"),
         best_eval_loss=metrics.get("bestEvalLoss"),
