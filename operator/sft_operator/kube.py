@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,15 @@ PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({
     ("get", "batch", "jobs"),
     ("patch", "", "configmaps"),  # keep config.json and the progress CA current (CA rotation)
     ("patch", "batch", "jobs"),  # spec.suspend: runPolicy.suspend, and stopping a failed job's pods
-    ("list", "", "configmaps"),  # start-up and the periodic relist (missed deletions)
+    ("list", "", "configmaps"),  # the children's watches (sft_operator.watch) list, then watch
     ("list", "", "services"),
     ("list", "batch", "jobs"),
     ("list", "", "pods"),
-    ("list", GROUP, PLURAL),
+    ("watch", "", "configmaps"),
+    ("watch", "", "services"),
+    ("watch", "batch", "jobs"),
+    ("watch", "", "pods"),
+    ("list", GROUP, PLURAL),  # the periodic relist (deletions Kopf's watch missed)
     ("get", "", "pods"),  # the progress endpoint: the calling pod
     ("get", GROUP, PLURAL),  # the progress endpoint: the SFTJob it reports for
     ("patch", GROUP, f"{PLURAL}/status"),  # the one status writer
@@ -320,6 +325,7 @@ class KubeClient:
         self.slots = slots
         self.field_manager = field_manager
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self._token: tuple[float, str | None] = (-1.0, credentials.token)
 
     @classmethod
@@ -328,9 +334,10 @@ class KubeClient:
         return cls(load_credentials(path), refresh=lambda: load_credentials(path), **kwargs)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -339,6 +346,14 @@ class KubeClient:
                 self.credentials.server, connector=connector, timeout=self.timeout, json_serialize=json.dumps
             )
         return self._session
+
+    def _watch_session_now(self) -> aiohttp.ClientSession:
+        """Watches are long-lived: their own connections, never counted against the call slots."""
+        if self._watch_session is None or self._watch_session.closed:
+            self._watch_session = aiohttp.ClientSession(
+                self.credentials.server, connector=aiohttp.TCPConnector(ssl=self.credentials.ssl_context(), limit=0)
+            )
+        return self._watch_session
 
     def _bearer(self) -> str | None:
         path = self.credentials.token_file
@@ -402,9 +417,10 @@ class KubeClient:
     async def _reauthenticate(self) -> None:
         self.credentials = await asyncio.to_thread(self.refresh)
         self._token = (-1.0, self.credentials.token)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
 
     # ---- objects ----
 
@@ -433,6 +449,46 @@ class KubeClient:
         out = await self.request("list", kind, "GET", resource_path(kind, namespace), params=params,
                                  accept=METADATA_LIST if metadata_only else JSON)
         return out.get("items") or []
+
+    async def list_with_version(self, kind: str, namespace: str | None, *, label_selector: str | None = None
+                                ) -> tuple[list[dict[str, Any]], str]:
+        """Every object, and the resourceVersion to watch from."""
+        params = {"labelSelector": label_selector} if label_selector else None
+        out = await self.request("list", kind, "GET", resource_path(kind, namespace), params=params)
+        return out.get("items") or [], str((out.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, kind: str, namespace: str | None, *, resource_version: str,
+                    label_selector: str | None = None, timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """Watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) until the server ends the stream.
+
+        Each event is decoded and handed over before the next is read: a consumer that falls behind
+        slows the stream down (TCP) instead of piling decoded objects up in memory."""
+        group, _, plural = RESOURCES[kind]
+        if ("watch", group, plural) not in PERMISSIONS:
+            raise PermissionError(f"watch {plural}.{group or 'core'} is not in kube.PERMISSIONS")
+        params = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds),
+                  "resourceVersion": resource_version}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        headers = {"Accept": JSON}
+        token = self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_SECONDS, sock_read=timeout_seconds + 30)
+        path = resource_path(kind, namespace)
+        try:
+            async with self._watch_session_now().get(path, params=params, headers=headers, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise _status_error(resp.status, await resp.text())
+                buffer = b""
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            yield json.loads(line)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(0, "Unreachable", f"watch {path}: {type(exc).__name__}: {exc}") from exc
 
     # ---- SFTJobs ----
 

@@ -19,15 +19,16 @@ import kopf
 from . import __version__
 from . import handlers  # noqa: F401  (registers the handlers)
 from .context import Context
-from .handlers.handle_lifecycle import prime, resync_loop, watch_ca_file
+from .handlers.handle_lifecycle import resync_loop, watch_ca_file
 from .kube import KubeClient, connection_info, load_credentials
-from .render import LABEL_JOB
+from .watch import start_watchers
 from .settings import OperatorSettings, add_arguments, from_args
 
 PREFIX = "sft.dev"
 FINALIZER = f"{PREFIX}/finalizer"
 WATCH_SERVER_TIMEOUT = 300  # the API server ends each watch after this; Kopf reconnects
 WATCH_CLIENT_TIMEOUT = 330  # a stalled watch (kopf#585, #957) is dropped after this
+PRIME_TIMEOUT_SECONDS = 60
 log = logging.getLogger("sft_operator")
 
 EPILOG = """Every flag also reads an environment variable (shown in each help line).
@@ -77,9 +78,6 @@ async def _configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
     # Kopf keeps one worker per object, holding its newest event, until the object is idle this long;
     # in a burst of 1,000 SFTJobs (5,000 objects) the default 5 s kept most of them alive at once.
     settings.batching.idle_timeout = 1.0
-    # Server-side selectors: stream only the objects the renderer labelled.
-    for resource in (("batch", "v1", "jobs"), ("v1", "pods"), ("v1", "configmaps"), ("v1", "services")):
-        settings.watching.label_selectors[resource] = LABEL_JOB
     # Events are ours alone (Context.post_event): Kopf posts none, not even for handler log lines.
     settings.posting.enabled = False
 
@@ -92,7 +90,14 @@ async def _configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
     metrics.start_metrics_server(ours.metrics_port)
     logger.info("metrics on :%d/metrics, liveness on :%d/healthz", ours.metrics_port, ours.health_port)
     await progress.start_progress_server(ctx, logger)
-    await prime(ctx)
+    # The children and pods first: the first status derived after a restart sees the pods (a Running
+    # job is never reported Pending for a moment), the first reconcile finds its children.
+    watchers = start_watchers(ctx)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.listed.wait() for w in watchers)), PRIME_TIMEOUT_SECONDS)
+    except TimeoutError:
+        logger.warning("the children's first lists took over %ds; going on, the watches will fill the cache",
+                       PRIME_TIMEOUT_SECONDS)
     ctx.scheduler.spawn(resync_loop(ctx, ours.resync_seconds, max(1, round(ours.relist_seconds / ours.resync_seconds))),
                         name="resync")
     ctx.scheduler.spawn(watch_ca_file(ctx, ours.reload_seconds), name="progress CA")
