@@ -108,6 +108,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
                    help="where to write the results section (default: the repo's BENCHMARKS.md)")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    p.add_argument("--operator-arg", action="append", default=[], metavar="ARG",
+                   help="an extra command-line argument for the operator (repeat), e.g. --operator-arg=--api-concurrency=32")
     p.add_argument("--operator-source", type=Path, default=None, metavar="CHECKOUT",
                    help="run the operator from another checkout (e.g. `git worktree add /tmp/before <commit>`) to "
                         "measure it with this script; the bare client and the cluster stay this checkout's")
@@ -459,8 +461,9 @@ def diff(after: Counter, before: Counter) -> dict[tuple[str, str], int]:
 class Operator(OperatorProcess):
     """The operator under test: the launcher the integration tests use, watching the wave namespaces."""
 
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, source: Path | None = None) -> None:
-        me = OperatorProcess.plaintext(kubeconfig, log_path, namespaces, source=source)
+    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, source: Path | None = None,
+                 extra: list[str] = ()) -> None:
+        me = OperatorProcess.plaintext(kubeconfig, log_path, namespaces, *extra, source=source)
         super().__init__(kubeconfig, log_path, me.args, source=source)
         self.ports = me.ports
         self.start(wait=False)
@@ -719,7 +722,7 @@ async def main_async(args, info, workdir: Path) -> dict[str, Any]:
         result["bare1"] = await run_baseline(api, pids, args.jobs, args, NS_BARE)
 
         # the operator, idle
-        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log", args.operator_source)
+        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log", args.operator_source, args.operator_arg)
         result["operator_cmd"] = " ".join(op.cmd[1:])
         try:
             op.wait_healthy()
@@ -851,6 +854,8 @@ def heading(args: argparse.Namespace) -> str:
     extra = " (profiled)" if args.profile_operator else ""
     if args.operator_source:
         extra += f" (operator from {args.operator_source})"
+    if args.operator_arg:
+        extra += f" (operator {' '.join(args.operator_arg)})"
     return f"### {args.jobs} SFTJobs{extra}"
 
 
@@ -908,7 +913,9 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     state_dir = workdir / "cluster"
     print(f"starting a dev cluster in {state_dir} with {args.gpu_nodes} kwok GPU nodes ...", flush=True)
-    info = devcluster.up(state_dir, gpu_nodes=args.gpu_nodes, timeout=300,
+    # The SFTJob CRD of the operator under test: a newer CRD's defaults are fields an older operator refuses.
+    crds = (args.operator_source / "crds") if args.operator_source else None
+    info = devcluster.up(state_dir, gpu_nodes=args.gpu_nodes, timeout=300, crds_dir=crds,
                          stop_with_pid=None if args.keep_cluster else os.getpid())
     print(f"cluster up in {info.startup_seconds} s: {info.server}", flush=True)
     try:

@@ -116,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-read the TLS certificate and the progress CA this often (env SFT_RELOAD_SECONDS)")
     parser.add_argument("--api-timeout-seconds", type=float, default=float(env("SFT_API_TIMEOUT_SECONDS", "30")),
                         help="timeout of every Kubernetes API call (env SFT_API_TIMEOUT_SECONDS)")
+    parser.add_argument("--api-concurrency", type=int, default=int(env("SFT_API_CONCURRENCY", "16")),
+                        help="Kubernetes API calls in flight at once (env SFT_API_CONCURRENCY)")
 
 
 def from_args(args: argparse.Namespace) -> OperatorSettings:
@@ -136,6 +138,7 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         relist_seconds=args.relist_seconds,
         reload_seconds=args.reload_seconds,
         api_timeout_seconds=args.api_timeout_seconds,
+        api_concurrency=args.api_concurrency,
     )
     problems = settings.problems()
     if problems:
