@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .api import TERMINAL_PHASES, Phase
 from .render import LABEL_JOB
 from .status import Cause
 
@@ -214,7 +215,7 @@ class Cache:
                 self.seen.pop(child["metadata"].get("uid", ""), None)
 
     def finished(self, key: Key) -> bool:
-        return self.phases.get(key) in ("Succeeded", "Failed")
+        return self.phases.get(key) in TERMINAL_PHASES
 
     def sweep(self, kind: str, namespaces: set[str] | None, live_uids: set[str], listed_at: float) -> set[Key]:
         """Drop objects of ``kind`` that a list begun at ``listed_at`` did not show (deleted while a
@@ -270,5 +271,5 @@ class Cache:
         if old is not None:
             self.counts[old] -= 1
         if key in self.sftjobs:
-            phase = self.phases[key] = self.current_status(key).get("phase") or "Pending"
+            phase = self.phases[key] = self.current_status(key).get("phase") or Phase.pending.value
             self.counts[phase] += 1

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from . import metrics
 from .advice import advise
-from .api import TERMINAL_PHASES, SFTJob
+from .api import TERMINAL_PHASES, Phase, SFTJob
 from .cache import Key, data_digest
 from .kube import ApiError
 from .reconcile import (
@@ -209,7 +209,7 @@ async def _shared_claims(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob) -
 
 async def _finished(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict[str, Any]) -> None:
     """A finished SFTJob: its failed Job keeps no pods; ttlSecondsAfterFinished is (re-)armed."""
-    if status.get("phase") == "Failed":
+    if status.get("phase") == Phase.failed.value:
         reason = (condition(status, "Failed") or {}).get("reason", "Failed")
         patch = stop_patch(ctx.cache.job_of(key), reason)
         if patch is not None:

@@ -30,6 +30,7 @@ from .cache import Key
 from .kube import ApiError
 from .status import (
     LOOKUP_AGAIN_SECONDS,
+    SUCCEEDED,
     VOLUME_EVENT_REASONS,
     Effects,
     derive_status,
@@ -161,7 +162,7 @@ class StatusWriter:
                     desired = with_progress(desired, report)
                 else:
                     self.mark(key, wait)
-            if desired.get("phase") == "Succeeded" and current.get("phase") != "Succeeded":
+            if desired.get("phase") == SUCCEEDED and current.get("phase") != SUCCEEDED:
                 result = trainer_result(pods)
                 if result is not None:
                     desired = with_result(desired, result)
