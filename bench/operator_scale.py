@@ -8,19 +8,23 @@ One run, one throw-away dev cluster (its own temp state dir and free ports, kwok
                     exact objects the operator creates, ownerReferences to real SFTJobs that no
                     operator watches) POSTed by an asyncio/aiohttp client with --concurrency
                     requests in flight; time until all 3N creates returned
-  (b) operator      `python -m sft_operator.main` (subprocess, the cluster's admin kubeconfig,
+  (b) operator      `python -m sft_operator` (subprocess, the cluster's admin kubeconfig,
                     --progress-allow-plaintext, free ports) and N SFTJobs POSTed at once by the
                     same client; time from the first SFTJob create until a watch has seen all 3N
                     children; ratio b / a
   (c) status        per job, the time from the benchmark's own watch seeing the pod Running (and
                     the Job Complete) to it seeing the SFTJob's status.phase reflect it
-                    (Running-or-later, Succeeded); p50 / p90 / max
+                    (Running-or-later, Succeeded); p50 / p90 / p99 / max
   (d) memory        operator RSS at idle, after a warm-up wave of N/10 SFTJobs, after the N more;
                     bytes per job on each step (flat per job = both slopes alike, small)
 
+  (e) writes        API writes per SFTJob over its whole life (first POST until every SFTJob
+                    Succeeded): children created or patched (the API server's request counters),
+                    status writes (watch MODIFIED events of the SFTJobs; the operator writes
+                    nothing else on them) and Events about SFTJobs (only the operator posts those)
+
 Also recorded, to explain the numbers: API server request counts by verb and resource in each
-window (from the API server's /metrics), CPU seconds of every component, and the number of
-writes each SFTJob received (watch MODIFIED events).
+window (from the API server's /metrics) and CPU seconds of every component.
 
 Order: bare client (namespace opbench-bare) -> operator start -> warm-up wave N/10 (opbench-warm)
 -> the N burst (opbench-op) -> operator stop -> bare client again (opbench-bare-again); the ratio
@@ -32,6 +36,13 @@ BENCHMARKS.md under "## Operator: SFTJobs at scale" (only that section is touche
     python bench/operator_scale.py --jobs 200     # quick: about 2 min on 2 cores
     python bench/operator_scale.py                # 1000 SFTJobs on 127 kwok nodes, ~10 min
     python bench/operator_scale.py --jobs 200 --profile-operator   # + where the operator's CPU goes (py-spy)
+
+The operator runs from this checkout (sft_devcluster.operator_process, the launcher the tests use),
+or from another one with --operator-source, so a before/after pair is measured the same way:
+
+    git worktree add /tmp/sft-before <commit>
+    python bench/operator_scale.py --operator-source /tmp/sft-before --no-write   # before
+    python bench/operator_scale.py                                                # after
 """
 
 from __future__ import annotations
@@ -45,26 +56,25 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image"), str(ROOT / "tools")]
 
 import aiohttp
 import psutil
 import yaml
 import sft_devcluster as devcluster
+from sft_devcluster.operator_process import OperatorProcess
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.reconcile import prepare_job
 from sft_operator.render import LABEL_JOB, render_children
@@ -98,14 +108,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
                    help="where to write the results section (default: the repo's BENCHMARKS.md)")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    p.add_argument("--operator-arg", action="append", default=[], metavar="ARG",
+                   help="an extra command-line argument for the operator (repeat), e.g. --operator-arg=--api-concurrency=32")
+    p.add_argument("--operator-source", type=Path, default=None, metavar="CHECKOUT",
+                   help="run the operator from another checkout (e.g. `git worktree add /tmp/before <commit>`) to "
+                        "measure it with this script; the bare client and the cluster stay this checkout's")
     p.add_argument("--profile-operator", action="store_true",
                    help="sample the operator with py-spy (on PATH or $PY_SPY) during the burst window and print where "
                         "its CPU goes (functions holding the GIL, inclusive)")
-    p.add_argument("--operator-threads", type=int, default=None, metavar="N",
-                   help="EXPERIMENT, not what ships: run the operator through a wrapper that gives asyncio.to_thread "
-                        "an N-thread pool (the default pool has min(32, cores + 4) threads) and the Kubernetes "
-                        "client an N-connection pool; shows how much of the gap is the operator's blocking-call "
-                        "concurrency. No operator code changes.")
     args = p.parse_args(argv)
     if args.gpu_nodes is None:
         args.gpu_nodes = math.ceil(args.jobs * args.gpus_per_job / GPUS_PER_NODE) + 2
@@ -113,12 +123,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- small helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -454,84 +458,25 @@ def diff(after: Counter, before: Counter) -> dict[tuple[str, str], int]:
 # ---------------------------------------------------------------------------- the operator
 
 
-WRAPPER = """\
-# bench/operator_scale.py --operator-threads: the operator, unchanged, with bigger thread/connection pools.
-import asyncio, concurrent.futures, contextvars, functools, runpy, sys
-N = int(sys.argv.pop(1))
-_pool = concurrent.futures.ThreadPoolExecutor(N, thread_name_prefix="to_thread")
-async def _to_thread(func, /, *args, **kwargs):
-    ctx = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(_pool, functools.partial(ctx.run, func, *args, **kwargs))
-asyncio.to_thread = _to_thread
-from kubernetes.client import configuration as _c
-_init = _c.Configuration.__init__
-def _patched(self, *a, **k):
-    _init(self, *a, **k)
-    self.connection_pool_maxsize = N
-_c.Configuration.__init__ = _patched
-runpy.run_module("sft_operator.main", run_name="__main__", alter_sys=True)
-"""
+class Operator(OperatorProcess):
+    """The operator under test: the launcher the integration tests use, watching the wave namespaces."""
 
+    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, source: Path | None = None,
+                 extra: list[str] = ()) -> None:
+        me = OperatorProcess.plaintext(kubeconfig, log_path, namespaces, *extra, source=source)
+        super().__init__(kubeconfig, log_path, me.args, source=source)
+        self.ports = me.ports
+        self.start(wait=False)
 
-class Operator:
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, threads: int | None = None) -> None:
-        self.ports = {k: free_port() for k in ("metrics", "health", "progress")}
-        self.log_path = log_path
-        args = [sys.executable, "-m", "sft_operator.main"]
-        if threads:
-            wrapper = log_path.parent / "operator_wrapper.py"
-            wrapper.write_text(WRAPPER)
-            args = [sys.executable, str(wrapper), str(threads)]
-        for ns in namespaces:
-            args += ["-n", ns]
-        args += [
-            "--metrics-port", str(self.ports["metrics"]), "--health-port", str(self.ports["health"]),
-            "--progress-port", str(self.ports["progress"]), "--progress-allow-plaintext",
-            "--progress-url", f"http://127.0.0.1:{self.ports['progress']}", "--log-format", "plain",
-        ]
-        self.cmd = args
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "operator"), str(ROOT / "trainer_image"),
-                                                          env.get("PYTHONPATH")]))
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                         start_new_session=True)
+    @property
+    def cmd(self) -> list[str]:
+        return self.command
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the operator exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the operator was not healthy after {timeout}s:\n{self.log_tail()}")
-
-    def metrics(self) -> str:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as resp:
-                return resp.read().decode()
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-n:])
-        except OSError:
-            return ""
+            super().wait_healthy(timeout)
+        except AssertionError as exc:
+            raise RuntimeError(str(exc)) from None
 
 
 def reconcile_stats(metrics_text: str) -> tuple[float | None, int | None]:
@@ -566,6 +511,8 @@ class Wave:
     cpu: dict = field(default_factory=dict)
     reconcile: tuple = (None, None)
     profile: str = ""
+    life_requests: dict = field(default_factory=dict)  # first POST until every SFTJob Succeeded (+2 s)
+    events: Counter = field(default_factory=Counter)
 
     def latencies(self) -> dict[str, list[float]]:
         s = self.seen
@@ -693,11 +640,38 @@ async def run_wave(api: Api, op: Operator, pids: dict[str, int], ns: str, n: int
     else:
         print(f"[{label}] TIMEOUT: {wave.seen.count_phase(names, 'Succeeded')}/{n} SFTJobs Succeeded", flush=True)
     wave.reconcile = reconcile_stats(op.metrics())
-    await asyncio.sleep(1.0)  # trailing writes counted
+    await asyncio.sleep(2.0)  # trailing writes counted
+    wave.life_requests = diff(await apiserver_requests(api), req0)
+    wave.events = await sftjob_events(api, ns)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return wave
+
+
+async def sftjob_events(api: Api, ns: str) -> Counter:
+    """Events about SFTJobs in ``ns`` by reason (only the operator posts those)."""
+    status, out = await api.request("GET", f"/api/v1/namespaces/{ns}/events",
+                                    fieldSelector="involvedObject.kind=SFTJob")
+    items = (out or {}).get("items", []) if status == 200 else []
+    return Counter(e.get("reason", "") for e in items for _ in range(max(1, int(e.get("count") or 1))))
+
+
+# The operator's writes in a wave's life, from the API server's counters (verb, resource): children
+# created and patched (nothing else creates or patches these in the benchmark's namespaces). Writes
+# on the SFTJobs (status, and metadata for an operator that patches it) are counted exactly from the
+# watch's MODIFIED events, and Events from the Events about SFTJobs.
+CHILD_WRITES = (("POST", "configmaps"), ("POST", "services"), ("POST", "jobs"), ("PATCH", "configmaps"),
+                ("PATCH", "services"), ("PATCH", "jobs"))
+
+
+def writes_per_job(wave: Wave) -> dict[str, float]:
+    n = len(wave.names)
+    children = sum(wave.life_requests.get(k, 0) for k in CHILD_WRITES)
+    status = sum(wave.seen.sft_writes.values())
+    events = sum(wave.events.values())
+    return {"children": children / n, "status": status / n, "events": events / n,
+            "total": (children + status + events) / n, "status_max": max(wave.seen.sft_writes.values(), default=0)}
 
 
 async def run_baseline(api: Api, pids: dict[str, int], n: int, args, ns: str) -> dict[str, Any]:
@@ -748,7 +722,7 @@ async def main_async(args, info, workdir: Path) -> dict[str, Any]:
         result["bare1"] = await run_baseline(api, pids, args.jobs, args, NS_BARE)
 
         # the operator, idle
-        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log", args.operator_threads)
+        op = Operator(kubeconfig, [NS_WARM, NS_OP], workdir / "operator.log", args.operator_source, args.operator_arg)
         result["operator_cmd"] = " ".join(op.cmd[1:])
         try:
             op.wait_healthy()
@@ -803,11 +777,6 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     lines = []
     lines.append(f"{n} SFTJobs x {args['gpus_per_job']} GPU, {args['gpu_nodes']} kwok nodes x 8 GPUs, "
                  f"client concurrency {args['concurrency']}, {os.cpu_count()} CPU cores; cluster up in {r['startup']} s")
-    if args.get("operator_threads"):
-        lines.append("")
-        lines.append(f"EXPERIMENT (--operator-threads {args['operator_threads']}): the unchanged operator run through "
-                     f"a wrapper that gives asyncio.to_thread a {args['operator_threads']}-thread pool and the "
-                     "Kubernetes client as many connections. Not what ships.")
     lines.append("")
     lines.append("| | bare client | operator | ratio |")
     lines.append("|---|---:|---:|---:|")
@@ -821,13 +790,25 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                  f"{r['bare2']['seconds']:.2f} s | | the {which} (faster) is used |")
     lines.append(f"| every Job Complete / every SFTJob Succeeded | {fmt_s(bare['jobs_complete'])} | {fmt_s(burst.all_done)} | |")
     lines.append("")
+    per = writes_per_job(burst)
+    lags = burst.latencies()
+    lag99 = max((pct(xs, .99) or 0.0) for what, xs in lags.items() if not what.startswith("pod Succeeded"))
+    lines.append("| target (DESIGN.md, issue #12) | measured | goal |")
+    lines.append("|---|---:|---:|")
+    lines.append(f"| API writes per SFTJob over its life | {per['total']:.2f} (children {per['children']:.2f}, on the "
+                 f"SFTJob {per['status']:.2f}, Events {per['events']:.2f}) | <= 6 (3 + 2 + 1) |")
+    lines.append(f"| all children created, operator / bare client | {f'{ratio:.2f}x' if ratio else 'n/a'} | <= 2x |")
+    lines.append(f"| status lag p99 (pod Running, Job Complete) | {fmt_s(lag99)} | <= 2 s |")
+    lines.append(f"| operator RSS after the burst | {fmt_mib(rss['all'])} | <= 150 MiB |")
+    lines.append("")
     lines.append("Status latency (the benchmark's own watch: pod/Job change seen -> SFTJob status.phase seen):")
     lines.append("")
-    lines.append("| wave | transition | jobs | p50 | p90 | max |")
-    lines.append("|---|---|---:|---:|---:|---:|")
+    lines.append("| wave | transition | jobs | p50 | p90 | p99 | max |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
     for label, wave in ((f"warm-up {n_warm}", warm), (f"burst {n}", burst)):
         for what, xs in wave.latencies().items():
             lines.append(f"| {label} | {what} | {len(xs)} | {fmt_s(pct(xs, .5))} | {fmt_s(pct(xs, .9))} | "
+                         f"{fmt_s(pct(xs, .99))} | "
                          f"{fmt_s(max(xs) if xs else None)} |")
     lines.append("")
     per_warm = (rss["warm"] - rss["idle"]) / n_warm
@@ -841,7 +822,6 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     lines.append(f"| after the burst | {n_warm + n} | {fmt_mib(rss['all'])} | {per_burst / 1024:.1f} KiB |")
     lines.append(f"| peak during the run | | {fmt_mib(rss['peak'])} | |")
     lines.append("")
-    writes = list(burst.seen.sft_writes.values())
     lines.append("Where the time goes (burst window: first SFTJob POST until the last child was seen):")
     lines.append("")
     lines.append(f"| API server writes | bare client window ({which} pass) | operator burst window |")
@@ -856,21 +836,26 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         lines.append(f"| {k} | {bare['cpu'].get(k, 0):.1f} | {burst.cpu.get(k, 0):.1f} |")
     lines.append("")
     rsum, rcount = burst.reconcile
-    lines.append(f"Writes per SFTJob over its whole life (watch MODIFIED events, burst): "
-                 f"mean {sum(writes) / max(1, len(writes)):.1f}, max {max(writes) if writes else 0}. "
-                 + (f"Operator reconcile handler (create): {rcount} runs, mean {rsum / rcount:.2f} s "
-                    f"(cumulative over both waves). " if rcount else "")
+    per = writes_per_job(burst)
+    lines.append(f"API writes per SFTJob over its whole life (burst, first POST until all Succeeded): "
+                 f"**{per['total']:.2f}** = children {per['children']:.2f} + writes on the SFTJob (status, "
+                 f"metadata) {per['status']:.2f} (max {per['status_max']} for one job) + Events {per['events']:.2f} "
+                 f"({', '.join(f'{r} {c}' for r, c in burst.events.most_common()) or 'none'}). "
+                 + (f"Reconcile runs: {rcount}, mean {rsum / rcount * 1000:.1f} ms (both waves). " if rcount else "")
                  + f"Operator log: {r['operator_log_lines']} lines, {r['operator_log_warnings']} warnings/errors.")
     if burst.profile:
         lines += ["", "Operator CPU profile, burst window (`--profile-operator`):", "", burst.profile]
     keynums = {"ratio": ratio, "bare": bare["seconds"], "operator": burst.children,
-               "lat": burst.latencies(), "per_warm": per_warm, "per_burst": per_burst}
+               "lat": burst.latencies(), "per_warm": per_warm, "per_burst": per_burst, "writes": per}
     return "\n".join(lines), keynums
 
 
 def heading(args: argparse.Namespace) -> str:
-    extra = f" (experiment: --operator-threads {args.operator_threads})" if args.operator_threads else ""
-    extra += " (profiled)" if args.profile_operator else ""
+    extra = " (profiled)" if args.profile_operator else ""
+    if args.operator_source:
+        extra += f" (operator from {args.operator_source})"
+    if args.operator_arg:
+        extra += f" (operator {' '.join(args.operator_arg)})"
     return f"### {args.jobs} SFTJobs{extra}"
 
 
@@ -881,7 +866,7 @@ def write_section(path: Path, head: str, body: str, command: str) -> None:
         "Measured by `bench/operator_scale.py` in one run on a throw-away dev cluster (etcd, kube-apiserver,\n"
         "kube-controller-manager, kube-scheduler, kwok GPU nodes), all on the same machine. The bare client\n"
         "is an aiohttp client POSTing the very children `render_children` gives (real ownerReferences) with\n"
-        "the same concurrency the benchmark applies SFTJobs with; the operator is `python -m sft_operator.main`\n"
+        "the same concurrency the benchmark applies SFTJobs with; the operator is `python -m sft_operator`\n"
         "as a subprocess. Latencies are between the benchmark's own watch events. Ratios, not absolute times,\n"
         "are the point: on 2 cores the API server, etcd, the controllers and the operator share the CPU.\n"
     )
@@ -928,7 +913,9 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     state_dir = workdir / "cluster"
     print(f"starting a dev cluster in {state_dir} with {args.gpu_nodes} kwok GPU nodes ...", flush=True)
-    info = devcluster.up(state_dir, gpu_nodes=args.gpu_nodes, timeout=300,
+    # The SFTJob CRD of the operator under test: a newer CRD's defaults are fields an older operator refuses.
+    crds = (args.operator_source / "crds") if args.operator_source else None
+    info = devcluster.up(state_dir, gpu_nodes=args.gpu_nodes, timeout=300, crds_dir=crds,
                          stop_with_pid=None if args.keep_cluster else os.getpid())
     print(f"cluster up in {info.startup_seconds} s: {info.server}", flush=True)
     try:

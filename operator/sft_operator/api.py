@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from sft_trainer.config import TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules
 
 from . import API_VERSION, KIND
@@ -24,8 +24,12 @@ DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Long enough for real names, short enough that "<name>-config", "<name>-<index>" pod hostnames and
 # the Job's label values (63) always fit.
 MAX_NAME_LENGTH = 48
-# A resource.Quantity, e.g. 500m, 4, 16Gi, 1e3.
-QUANTITY = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# A resource.Quantity as the API server parses it (e.g. 500m, 4, 16Gi, 1e3), never negative:
+# the pattern Kubernetes' own OpenAPI uses for quantities, so "64Gii" fails at apply, not at Job creation.
+QUANTITY = (
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY)]
@@ -63,14 +67,42 @@ class Resources(ApiModel):
         description="Memory of one GPU, for the memory estimate that `sftctl validate` and the operator's advice "
         "print. The trainer measures the real GPU at start, checks again and resolves `distributed.strategy: auto`.",
     )
+    scratch_size: Annotated[Quantity, AfterValidator(_nonzero_quantity)] = Field(
+        default="64Gi",
+        description="Size limit of the /tmp scratch volume (Hugging Face downloads, temporary files); "
+        "the kubelet evicts a pod that writes more.",
+    )
 
 
 class Toleration(ApiModel):
-    key: Annotated[str, Field(max_length=317)] | None = None
+    """A pod toleration, with the rules the API server applies to pods (checked at apply)."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel_rules(
+            cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "a toleration without a key must use operator Exists", ".operator"),
+            cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "operator Exists takes no value", ".value"),
+            cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds needs effect NoExecute", ".tolerationSeconds"),
+        )
+    }
+
+    key: Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)] | None = None
     operator: Literal["Exists", "Equal"] | None = None
-    value: Annotated[str, Field(max_length=63)] | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = Field(default=None, ge=0, le=10**9)
+
+    @model_validator(mode="after")
+    def _as_the_api_server_checks(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator: a toleration without a key must use operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value: operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds: needs effect NoExecute")
+        return self
 
 
 class Scheduling(ApiModel):
@@ -206,11 +238,28 @@ class Condition(ApiModel):
 
 
 class Phase(str, Enum):
+    """status.phase: a summary for people. The one list of phase names (status, metrics, sftctl)."""
+
     pending = "Pending"
     queued = "Queued"
     running = "Running"
     restarting = "Restarting"
     suspended = "Suspended"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.succeeded.value, Phase.failed.value})
+
+
+class ConditionType(str, Enum):
+    """status.conditions[].type, in the order they appear (adjectives or past tense)."""
+
+    created = "Created"
+    queued = "Queued"
+    suspended = "Suspended"
+    running = "Running"
+    restarting = "Restarting"
     succeeded = "Succeeded"
     failed = "Failed"
 
@@ -234,13 +283,20 @@ class Metrics(ApiModel):
 
 
 class OutputStatus(ApiModel):
-    model: Annotated[str, Field(max_length=1024)] | None = None
+    model: Annotated[str, Field(max_length=1024)] | None = Field(default=None, description="Where the model was written.")
+    uri: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="The model's location in object storage, when it was uploaded."
+    )
     best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
+    mlflow_run_id: Annotated[str, Field(max_length=64)] | None = Field(default=None, description="The tracked MLflow run.")
 
 
 class SFTJobStatus(ApiModel):
     observed_generation: int | None = Field(default=None, ge=0)
     phase: Phase | None = Field(default=None, description="A summary for people; automation reads conditions.")
+    reason: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None, description="Why the job is in its phase, one CamelCase word (e.g. Unschedulable, OOMKilled)."
+    )
     conditions: Annotated[list[Condition], Field(max_length=16)] | None = None
     start_time: datetime | None = None
     completion_time: datetime | None = None

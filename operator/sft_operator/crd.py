@@ -24,7 +24,7 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "Percent done"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "description": "Latest train loss"},
     {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.metrics.evalLoss", "priority": 1},
-    {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Failed\")].reason", "priority": 1},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

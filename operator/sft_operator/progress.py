@@ -9,14 +9,17 @@ Training code never gets write access to the API server. A trainer pod POSTs a
    pod named in the token (uid matching) carries ``sft.dev/job-name={name}`` and is owned by
    the Job that the SFTJob ``{ns}/{name}`` controls (uids checked along the chain),
 3. validates the size-bounded payload,
-4. coalesces reports per job and writes at most one status merge patch per
-   ``progress_min_interval_seconds`` (a final report is written at once), and exports the
-   per-job Prometheus gauges.
+4. hands the report to the status writer (``sft_operator.writer``), which refuses it for a
+   finished SFTJob or one re-created under the same name (uid), and writes at most one status
+   update with progress per ``progress_min_interval_seconds`` per job, final reports included.
 
-A rejected request never reaches the coalescer, so it never changes status.
+A rejected request never reaches the writer, so it never changes status. Verifications are
+cached (successes for a minute, refusals for ``FAILURE_TTL_SECONDS``), at most
+``VERIFY_CONCURRENCY`` run at once and at most ``VERIFY_QUEUE`` wait; beyond that the endpoint
+answers 503 at once, so no caller can make it run unbounded TokenReviews.
 
 ``build_app(verifier, sink)`` is pure wiring, testable with fakes; ``start_progress_server``
-binds it to the real API server.
+binds it to the operator's client, cache and writer.
 """
 
 from __future__ import annotations
@@ -26,32 +29,37 @@ import base64
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import ValidationError
-from sft_trainer.config import ProgressReport
+from sft_trainer.config import PROGRESS_PATH, ProgressReport
 
-from . import GROUP, KIND, PLURAL, VERSION, metrics
+from . import GROUP, KIND, VERSION
+from .kube import ApiError, KubeClient
 from .render import LABEL_JOB
+from .writer import ProgressRefused
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .context import Context
 
 MAX_BODY_BYTES = 16 * 1024
 CACHE_TTL_SECONDS = 60.0
+FAILURE_TTL_SECONDS = 10.0  # a refused token is refused again without a TokenReview for this long
 CACHE_MAX_ENTRIES = 4096
-WRITE_ATTEMPTS = 3
+VERIFY_CONCURRENCY = 4  # TokenReviews (and reads) in flight for the endpoint; the rest of the slots write status
+VERIFY_QUEUE = 64  # verifications allowed to wait; more get 503 at once
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
-PROGRESS_PATH = "/v1/namespaces/{namespace}/sftjobs/{name}/progress"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_TERMINAL_PHASES = ("Succeeded", "Failed")
 
 log = logging.getLogger(__name__)
 
@@ -76,64 +84,16 @@ class Caller:
     pod_uid: str
     username: str
     expires_at: float | None = None  # the token's `exp` (epoch seconds), when known
+    sftjob_uid: str = ""  # the SFTJob the pod belongs to: a report never reaches a re-created one
 
 
 # (token, namespace, sftjob name) -> the verified caller, or raise Rejected.
 Verifier = Callable[[str, str, str], Awaitable[Caller]]
-# (namespace, sftjob name, report) -> None; writes status. Raising makes the coalescer retry.
-Sink = Callable[[str, str, ProgressReport], Awaitable[None]]
+# (caller, report) -> None: hands the report to the status writer, or raises Rejected.
+Sink = Callable[[Caller, ProgressReport], None]
 
 
 # ---- pure parts -------------------------------------------------------------------------------
-
-
-def is_final(report: ProgressReport) -> bool:
-    """The last report of a run: written at once, not held back by the rate limit."""
-    return report.output_model is not None or (report.total_steps > 0 and report.step >= report.total_steps)
-
-
-def merge_reports(older: ProgressReport | None, newer: ProgressReport) -> ProgressReport:
-    """Coalesce: the newer report wins field by field; fields it lacks keep the older value
-    (an eval loss reported between two writes is not lost)."""
-    if older is None:
-        return newer
-    data = older.model_dump(exclude_none=True)
-    data.update(newer.model_dump(exclude_none=True))
-    return ProgressReport.model_validate(data)
-
-
-def status_patch(report: ProgressReport) -> dict[str, Any]:
-    """The merge patch of `status` for one report. Absent optional values are left untouched,
-    except the ETA, which is cleared rather than left stale (and 0 once the run is complete)."""
-    eta = report.eta_seconds
-    if eta is None and report.total_steps > 0 and report.step >= report.total_steps:
-        eta = 0
-    progress = {
-        "percent": report.percent,
-        "step": report.step,
-        "totalSteps": report.total_steps,
-        "epoch": report.epoch,
-        "etaSeconds": eta,
-    }
-    metric_values = {
-        "trainLoss": report.train_loss,
-        "evalLoss": report.eval_loss,
-        "bestEvalLoss": report.best_eval_loss,
-        "learningRate": report.learning_rate,
-        "tokensPerSecond": report.tokens_per_second,
-        "generalLossBefore": report.general_loss_before,
-        "generalLossAfter": report.general_loss_after,
-    }
-    status: dict[str, Any] = {"progress": progress}
-    present = {k: v for k, v in metric_values.items() if v is not None}
-    if present:
-        status["metrics"] = present
-    output = {k: v for k, v in {"model": report.output_model, "bestCheckpoint": report.best_checkpoint}.items() if v}
-    if output:
-        status["output"] = output
-    if report.effective_batch_size is not None:
-        status["effectiveBatchSize"] = report.effective_batch_size
-    return {"status": status}
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -172,19 +132,28 @@ def token_audiences(token: str) -> list[str]:
 
 class VerificationCache:
     """Token hash -> verified caller for a short TTL, so steady reporting costs no TokenReview per
-    post. Only successes are cached, never past the token's expiry; bounded in size."""
+    post; a refusal is remembered for ``failure_ttl``. Never past the token's expiry; bounded in
+    size. At most ``concurrency`` verifications run at once and ``queue`` wait (503 beyond)."""
 
     def __init__(
         self,
         ttl_seconds: float = CACHE_TTL_SECONDS,
         max_entries: int = CACHE_MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
+        failure_ttl_seconds: float = FAILURE_TTL_SECONDS,
+        concurrency: int = VERIFY_CONCURRENCY,
+        queue: int = VERIFY_QUEUE,
     ) -> None:
         self.ttl = ttl_seconds
+        self.failure_ttl = failure_ttl_seconds
         self.max_entries = max_entries
         self.clock = clock
+        self.queue = queue
         self._entries: dict[str, tuple[Caller, float]] = {}
+        self._refused: dict[tuple[str, str, str], tuple[Rejected, float]] = {}
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Caller]] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+        self._waiting = 0
 
     def get(self, key: str, namespace: str, name: str) -> Caller | None:
         entry = self._entries.get(key)
@@ -198,134 +167,63 @@ class VerificationCache:
             return None  # a verified token used for another job: verify (and reject) afresh
         return caller
 
+    def _bounded(self, table: dict[Any, Any]) -> None:
+        if len(table) >= self.max_entries:
+            now = self.clock()
+            for stale in [k for k, (_, t) in table.items() if t <= now]:
+                del table[stale]
+            while len(table) >= self.max_entries:
+                del table[next(iter(table))]  # oldest first
+
     def put(self, key: str, caller: Caller) -> None:
         until = self.clock() + self.ttl
         if caller.expires_at is not None:
             until = min(until, caller.expires_at)
-        if len(self._entries) >= self.max_entries:
-            now = self.clock()
-            for stale in [k for k, (_, t) in self._entries.items() if t <= now]:
-                del self._entries[stale]
-            while len(self._entries) >= self.max_entries:
-                del self._entries[next(iter(self._entries))]  # oldest first
+        self._bounded(self._entries)
         self._entries[key] = (caller, until)
+
+    def forget(self, token: str) -> None:
+        self._entries.pop(token_hash(token), None)
 
     async def verify(self, verifier: Verifier, token: str, namespace: str, name: str) -> Caller:
         key = token_hash(token)
         cached = self.get(key, namespace, name)
         if cached is not None:
             return cached
-        # Concurrent posts with one token share one TokenReview.
         flight_key = (key, namespace, name)
+        refused = self._refused.get(flight_key)
+        if refused is not None:
+            if self.clock() < refused[1]:
+                raise refused[0]
+            del self._refused[flight_key]
+        # Concurrent posts with one token share one TokenReview.
         pending = self._inflight.get(flight_key)
         if pending is not None:
             return await asyncio.shield(pending)
+        if self._waiting >= self.queue:
+            raise Rejected(503, "Busy", "too many progress reports are being verified; retry later")
         future: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
         self._inflight[flight_key] = future
+        self._waiting += 1
         try:
-            caller = await verifier(token, namespace, name)
+            async with self._slots:
+                caller = await verifier(token, namespace, name)
         except asyncio.CancelledError:
             future.cancel()
             raise
         except Exception as exc:
+            if isinstance(exc, Rejected) and exc.status in (401, 403, 404):
+                self._bounded(self._refused)
+                self._refused[flight_key] = (exc, self.clock() + self.failure_ttl)
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
             raise
         finally:
+            self._waiting -= 1
             self._inflight.pop(flight_key, None)
         future.set_result(caller)
         self.put(key, caller)
         return caller
-
-
-# ---- per-job coalescing and rate limit ---------------------------------------------------------
-
-
-@dataclass
-class _JobState:
-    pending: ProgressReport | None = None
-    last_write: float = -math.inf
-    failures: int = 0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-
-class Coalescer:
-    """Keeps the latest report per job and writes at most once per `min_interval` seconds.
-
-    The first report of an idle job is written at once; reports arriving within the interval
-    are merged and written when it has passed; a final report is written as soon as the write
-    in flight (if any) is done. A job's state is dropped after an idle interval, so memory is
-    bounded by the jobs reporting now.
-    """
-
-    def __init__(self, sink: Sink, min_interval: float, logger: logging.Logger | None = None) -> None:
-        self.sink = sink
-        self.min_interval = max(0.0, min_interval)
-        self.log = logger or log
-        self._jobs: dict[tuple[str, str], _JobState] = {}
-
-    def submit(self, namespace: str, name: str, report: ProgressReport) -> None:
-        key = (namespace, name)
-        state = self._jobs.get(key)
-        if state is None:
-            state = self._jobs[key] = _JobState()
-        state.pending = merge_reports(state.pending, report)
-        state.wake.set()
-        if state.task is None or state.task.done():
-            state.task = asyncio.get_running_loop().create_task(self._run(key, state), name=f"progress {key}")
-
-    @property
-    def active_jobs(self) -> int:
-        return len(self._jobs)
-
-    async def _run(self, key: tuple[str, str], state: _JobState) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                while True:
-                    remaining = state.last_write + self.min_interval - loop.time()
-                    final = state.pending is not None and is_final(state.pending) and not state.failures
-                    if remaining <= 0 or final:  # a retry always waits the interval
-                        break
-                    state.wake.clear()
-                    try:
-                        await asyncio.wait_for(state.wake.wait(), remaining)
-                    except TimeoutError:
-                        pass
-                if state.pending is None:
-                    return  # a whole interval without reports: forget the job
-                report, state.pending = state.pending, None
-                state.last_write = loop.time()
-                await self._write(key, state, report)
-        finally:
-            if self._jobs.get(key) is state and state.pending is None:
-                del self._jobs[key]
-
-    async def _write(self, key: tuple[str, str], state: _JobState, report: ProgressReport) -> None:
-        namespace, name = key
-        try:
-            await self.sink(namespace, name, report)
-            state.failures = 0
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the API server is the sink: keep serving, retry a few times
-            state.failures += 1
-            permanent = getattr(exc, "status", None) in (400, 404, 422)
-            if permanent or state.failures >= WRITE_ATTEMPTS:
-                self.log.warning("progress of %s/%s dropped after %d failed writes: %s",
-                                 namespace, name, state.failures, exc)
-                state.failures = 0
-            else:
-                self.log.info("progress write for %s/%s failed (will retry): %s", namespace, name, exc)
-                state.pending = merge_reports(report, state.pending) if state.pending else report
-
-    async def close(self) -> None:
-        tasks = [s.task for s in self._jobs.values() if s.task is not None and not s.task.done()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._jobs.clear()
 
 
 # ---- HTTP -------------------------------------------------------------------------------------
@@ -345,7 +243,6 @@ def _bearer_token(request: web.Request) -> str | None:
     return token
 
 
-APP_COALESCER = web.AppKey("coalescer", Coalescer)
 APP_CACHE = web.AppKey("cache", VerificationCache)
 
 
@@ -353,14 +250,12 @@ def build_app(
     verifier: Verifier,
     sink: Sink,
     *,
-    min_interval_seconds: float = 2.0,
     max_body_bytes: int = MAX_BODY_BYTES,
     cache: VerificationCache | None = None,
     logger: logging.Logger | None = None,
 ) -> web.Application:
     """The progress endpoint as an aiohttp app; `verifier` and `sink` are the I/O edges."""
     logger = logger or log
-    coalescer = Coalescer(sink, min_interval_seconds, logger)
     cache = cache or VerificationCache()
 
     async def progress(request: web.Request) -> web.Response:
@@ -391,23 +286,24 @@ def build_app(
             report = ProgressReport.model_validate(data)
         except ValidationError as exc:
             return _error(422, "Invalid", "the progress report is invalid", errors=validation_errors(exc))
-        coalescer.submit(namespace, name, report)
+        try:
+            sink(caller, report)
+        except Rejected as exc:
+            if exc.reason == "Recreated":  # the cached verification speaks for a deleted SFTJob
+                cache.forget(token)
+            logger.info("progress for %s/%s refused: %s %s", namespace, name, exc.status, exc.message)
+            return _error(exc.status, exc.reason, exc.message)
         logger.debug("progress for %s/%s from pod %s: step %d", namespace, name, caller.pod_name, report.step)
         return web.json_response({"accepted": True}, status=202)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    async def close(app: web.Application) -> None:
-        await coalescer.close()
-
     # Bodies are read only after authentication; aiohttp's own cap stops oversized chunked ones.
     app = web.Application(client_max_size=max_body_bytes)
-    app[APP_COALESCER] = coalescer
     app[APP_CACHE] = cache
     app.router.add_post(PROGRESS_PATH, progress)
     app.router.add_get("/healthz", healthz)
-    app.on_cleanup.append(close)
     return app
 
 
@@ -418,116 +314,111 @@ def _one(values: list[str] | None) -> str | None:
     return values[0] if values and len(values) == 1 and values[0] else None
 
 
-def _controller_ref(obj: Any) -> Any | None:
-    for ref in obj.metadata.owner_references or []:
-        if ref.controller:
+def _controller_ref(obj: dict[str, Any]) -> dict[str, Any] | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
             return ref
     return None
 
 
 class KubernetesVerifier:
-    """TokenReview + ownership chain pod -> Job -> SFTJob, against the real API server."""
+    """TokenReview + ownership chain pod -> Job -> SFTJob. The objects come from the operator's
+    cache when it has them (the watches are ours), otherwise from the API server."""
 
-    def __init__(self, api_client: Any, audience: str) -> None:
-        from kubernetes import client
-
+    def __init__(self, kube: KubeClient, audience: str, cache: Cache | None = None) -> None:
+        self.kube = kube
         self.audience = audience
-        self._client = client
-        self._auth = client.AuthenticationV1Api(api_client)
-        self._core = client.CoreV1Api(api_client)
-        self._batch = client.BatchV1Api(api_client)
-        self._custom = client.CustomObjectsApi(api_client)
+        self.cache = cache
+
+    async def _get(self, kind: str, namespace: str, name: str, missing: Rejected) -> dict[str, Any]:
+        try:
+            return await self.kube.get(kind, namespace, name)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise missing from None
+            log.error("progress verification: reading %s %s/%s failed: %s", kind, namespace, name, exc)
+            raise Rejected(503, "Unavailable", "the operator cannot verify the request now") from None
+
+    def _cached(self, kind: str, namespace: str, name: str, uid: str | None = None) -> dict[str, Any] | None:
+        if self.cache is None:
+            return None
+        key = (namespace, name)
+        if kind == "SFTJob":
+            return self.cache.sftjobs.get(key)
+        if kind == "Job":
+            job = self.cache.child("Job", key)
+            return job if job is not None and job["metadata"].get("uid") == uid else None
+        for pods in self.cache.pods.values():
+            pod = pods.get(uid or "")
+            if pod is not None and pod["metadata"].get("namespace") == namespace:
+                return pod
+        return None
 
     async def __call__(self, token: str, namespace: str, name: str) -> Caller:
-        return await asyncio.to_thread(self.verify, token, namespace, name)
-
-    def _call(self, fn: Callable[..., Any], *args: Any, missing: Rejected | None = None) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            return fn(*args)
-        except ApiException as exc:
-            if exc.status == 404 and missing is not None:
-                raise missing from None
-            log.error("progress verification: API call %s failed: %s %s", fn.__name__, exc.status, exc.reason)
+            status = await self.kube.token_review(token, [self.audience])
+        except ApiError as exc:
+            log.error("progress verification: TokenReview failed: %s", exc)
             raise Rejected(503, "Unavailable", "the operator cannot verify the request now") from None
-        except Exception as exc:  # connection errors: the caller may retry later
-            log.error("progress verification: API call %s failed: %s", fn.__name__, exc)
-            raise Rejected(503, "Unavailable", "the operator cannot verify the request now") from None
-
-    def verify(self, token: str, namespace: str, name: str) -> Caller:
-        c = self._client
-        review = self._call(
-            self._auth.create_token_review,
-            c.V1TokenReview(spec=c.V1TokenReviewSpec(token=token, audiences=[self.audience])),
-        )
-        status = review.status
-        if status is None or not status.authenticated:
+        if not status.get("authenticated"):
             audiences = token_audiences(token)
             if audiences and self.audience not in audiences:  # a real token, minted for someone else
                 raise Rejected(403, "WrongAudience", f"the token's audience is not {self.audience}")
-            raise Rejected(401, "Unauthenticated", (status.error if status else None) or "the token is not valid")
-        if self.audience not in (status.audiences or []):
+            raise Rejected(401, "Unauthenticated", status.get("error") or "the token is not valid")
+        if self.audience not in (status.get("audiences") or []):
             raise Rejected(403, "WrongAudience", f"the token's audience is not {self.audience}")
-        user = status.user
-        username = (user.username if user else None) or ""
+        user = status.get("user") or {}
+        username = user.get("username") or ""
         sa_namespace, _, sa_name = username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")
         if not username.startswith(SERVICE_ACCOUNT_PREFIX) or sa_namespace != namespace or not sa_name:
             raise Rejected(403, "Forbidden", f"only service accounts of namespace {namespace} may report here")
-        extra = (user.extra if user else None) or {}
+        extra = user.get("extra") or {}
         pod_name, pod_uid = _one(extra.get(POD_NAME_EXTRA)), _one(extra.get(POD_UID_EXTRA))
         if not pod_name or not pod_uid:
             raise Rejected(403, "Forbidden", "the token is not bound to a pod")
 
-        sftjob = self._call(
-            self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
-            missing=Rejected(404, "NotFound", f"SFTJob {namespace}/{name} not found"),
-        )
+        sftjob = self._cached("SFTJob", namespace, name) or await self._get(
+            "SFTJob", namespace, name, Rejected(404, "NotFound", f"SFTJob {namespace}/{name} not found"))
         sftjob_uid = sftjob.get("metadata", {}).get("uid")
         wrong_job = Rejected(403, "Forbidden", f"the calling pod does not belong to SFTJob {namespace}/{name}")
-        pod = self._call(self._core.read_namespaced_pod, pod_name, namespace, missing=wrong_job)
-        if pod.metadata.uid != pod_uid or (pod.metadata.labels or {}).get(LABEL_JOB) != name:
+        pod = self._cached("Pod", namespace, pod_name, pod_uid) or await self._get("Pod", namespace, pod_name, wrong_job)
+        meta = pod.get("metadata") or {}
+        if meta.get("uid") != pod_uid or meta.get("name") != pod_name or (meta.get("labels") or {}).get(LABEL_JOB) != name:
             raise wrong_job
-        if ((pod.spec.service_account_name if pod.spec else None) or "default") != sa_name:
+        if ((pod.get("spec") or {}).get("serviceAccountName") or "default") != sa_name:
             raise wrong_job
         job_ref = _controller_ref(pod)
-        if job_ref is None or job_ref.kind != "Job" or job_ref.api_version != "batch/v1":
+        if job_ref is None or job_ref.get("kind") != "Job" or job_ref.get("apiVersion") != "batch/v1":
             raise wrong_job
-        job = self._call(self._batch.read_namespaced_job, job_ref.name, namespace, missing=wrong_job)
-        if job.metadata.uid != job_ref.uid:
+        job = self._cached("Job", namespace, job_ref.get("name", ""), job_ref.get("uid")) or await self._get(
+            "Job", namespace, job_ref.get("name", ""), wrong_job)
+        if (job.get("metadata") or {}).get("uid") != job_ref.get("uid"):
             raise wrong_job
         owner = _controller_ref(job)
         if (
             owner is None
-            or owner.kind != KIND
-            or owner.api_version != f"{GROUP}/{VERSION}"
-            or owner.name != name
+            or owner.get("kind") != KIND
+            or owner.get("apiVersion") != f"{GROUP}/{VERSION}"
+            or owner.get("name") != name
             or not sftjob_uid
-            or owner.uid != sftjob_uid
+            or owner.get("uid") != sftjob_uid
         ):
             raise wrong_job
         exp = unverified_claims(token).get("exp")  # verified by the TokenReview above
         return Caller(namespace, name, pod_name, pod_uid, username,
-                      float(exp) if isinstance(exp, (int, float)) else None)
+                      float(exp) if isinstance(exp, (int, float)) else None, sftjob_uid)
 
 
-class KubernetesStatusSink:
-    """Writes a report as a merge patch of the SFTJob's status subresource, then the gauges."""
+def writer_sink(ctx: Context) -> Sink:
+    """Reports go to the status writer, for the SFTJob (by uid) the caller was verified for."""
 
-    def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
+    def sink(caller: Caller, report: ProgressReport) -> None:
+        try:
+            ctx.writer.offer(caller.namespace, caller.job, caller.sftjob_uid, report)
+        except ProgressRefused as exc:
+            raise Rejected(exc.status, exc.reason, exc.message) from None
 
-        self._custom = client.CustomObjectsApi(api_client)
-
-    async def __call__(self, namespace: str, name: str, report: ProgressReport) -> None:
-        obj = await asyncio.to_thread(
-            self._custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, status_patch(report),
-        )
-        phase = ((obj or {}).get("status") or {}).get("phase")
-        # A late report of a finished job must not resurrect series that remove_job dropped.
-        if phase not in _TERMINAL_PHASES:
-            metrics.set_job_metrics(namespace, name, report)
+    return sink
 
 
 def ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -562,53 +453,31 @@ async def reload_certificates(
             logger.warning("progress endpoint: TLS certificate not reloaded yet: %s", exc)
 
 
-def _default_api_client() -> Any:
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
-
-
 _runners: list[web.AppRunner] = []
 _background: list[asyncio.Task[None]] = []
 
 
 async def start_progress_server(
-    settings: Any,
+    ctx: Context,
     logger: logging.Logger | None = None,
     *,
     verifier: Verifier | None = None,
     sink: Sink | None = None,
-    api_client: Any = None,
     host: str | None = None,
 ) -> None:
-    """Serve the progress endpoint on `settings.progress_port` in the running loop.
-
-    TLS with `progress_tls_cert`/`progress_tls_key`; without them it refuses to start unless
-    `progress_allow_plaintext` (local development only). Returns once listening.
-    """
+    """Serve the progress endpoint on `settings.progress_port` in the running loop: TLS with
+    `progress_tls_cert`/`progress_tls_key`, plaintext only with `progress_allow_plaintext`
+    (checked before start-up, ``OperatorSettings.problems``). Returns once listening."""
     logger = logger or log
+    settings = ctx.settings
     context = None
     if settings.progress_tls_cert and settings.progress_tls_key:
         context = ssl_context(settings.progress_tls_cert, settings.progress_tls_key)
     elif not settings.progress_allow_plaintext:
-        raise RuntimeError(
-            "the progress endpoint needs --progress-tls-cert and --progress-tls-key "
-            "(or --progress-allow-plaintext, for local development only)"
-        )
-    if verifier is None or sink is None:
-        api_client = api_client or _default_api_client()
-        verifier = verifier or KubernetesVerifier(api_client, settings.token_audience)
-        sink = sink or KubernetesStatusSink(api_client)
-    app = build_app(
-        verifier,
-        sink,
-        min_interval_seconds=getattr(settings, "progress_min_interval_seconds", 2.0),
-        logger=logger,
-    )
+        raise RuntimeError("the progress endpoint needs --progress-tls-cert and --progress-tls-key "
+                           "(or --progress-allow-plaintext, for local development only)")
+    verifier = verifier or KubernetesVerifier(ctx.kube, settings.token_audience, ctx.cache)
+    app = build_app(verifier, sink or writer_sink(ctx), logger=logger)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=settings.progress_port, ssl_context=context)
@@ -616,7 +485,8 @@ async def start_progress_server(
     _runners.append(runner)
     if context is not None:
         _background.append(asyncio.get_running_loop().create_task(
-            reload_certificates(context, settings.progress_tls_cert, settings.progress_tls_key, logger),
+            reload_certificates(context, settings.progress_tls_cert, settings.progress_tls_key, logger,
+                                settings.reload_seconds),
             name="progress TLS reload",
         ))
     logger.info("progress endpoint listening on port %d (%s)", settings.progress_port,

@@ -1,23 +1,33 @@
-"""Pure decisions of the reconcile loop: adoption, suspension, API errors (no I/O).
+"""Pure decisions of reconciling: whose a child is, what to patch, what an API error means (no I/O).
 
-The handlers in ``sft_operator.handlers`` fetch and write; these functions decide.
+``sft_operator.manage`` fetches and writes; these functions decide.
+
+The operator adopts nothing. A child name that is taken by an object this SFTJob does not control
+is a ``NameConflict``, and the object is never touched: it may be someone's production Service
+(deleting the SFTJob would garbage-collect an adopted one), or the orphaned child of an earlier
+SFTJob of the same name (its old config or its old Complete condition would be reused). Adopting
+would also need ``delete`` on ConfigMaps, Services and Jobs under OwnerReferencesPermissionEnforcement.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from . import API_VERSION, KIND
-from .render import LABEL_KUEUE_QUEUE
-from .status import Cause
+from .cache import controller_of
+from .render import CA_KEY, LABEL_KUEUE_QUEUE
+from .status import INVALID_SPEC, NAME_CONFLICT, Cause, job_condition
 
 # On a Job the operator suspended: only then does it resume the Job (a queue controller such as
 # Kueue suspends and resumes queued Jobs itself, and the operator must not overrule it).
 ANNOTATION_SUSPENDED_BY = "sft.dev/suspended-by"
 SUSPENDED_BY_OPERATOR = "sft-operator"
-# Set when the operator stops a Job whose SFTJob it declared Failed (an image that never pulls).
+# Set when the operator stops the Job of an SFTJob it declared Failed (e.g. an image that never pulls).
 ANNOTATION_STOPPED_REASON = "sft.dev/stopped-reason"
+AWAITING_GC = "AwaitingGarbageCollection"
+CONFIG_MAP_KEYS = ("config.json", CA_KEY)  # every key the renderer may write
+
+OURS, PREVIOUS, FOREIGN = "ours", "previous", "foreign"
 
 
 def owner_reference(sftjob: dict[str, Any]) -> dict[str, Any]:
@@ -32,35 +42,41 @@ def owner_reference(sftjob: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def controller_of(obj: dict[str, Any]) -> dict[str, Any] | None:
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref
-    return None
+def ownership(child: dict[str, Any], sftjob: dict[str, Any]) -> str:
+    """OURS: this SFTJob controls it. PREVIOUS: a deleted SFTJob of the same name controls it, and
+    garbage collection will remove it. FOREIGN: anything else (no controller, another controller)."""
+    ref = controller_of(child)
+    meta = sftjob["metadata"]
+    if ref is None:
+        return FOREIGN
+    if ref.get("uid") == meta.get("uid"):
+        return OURS
+    if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION and ref.get("name") == meta["name"]:
+        return PREVIOUS
+    return FOREIGN
 
 
-def adoption_patch(child: dict[str, Any], sftjob: dict[str, Any]) -> dict[str, Any] | None:
-    """The metadata patch that makes ``sftjob`` the controller of an existing ``child``.
-
-    None when it already is. Raises ChildConflict when another object controls the child
-    (e.g. the Job of a deleted SFTJob of the same name that garbage collection has not removed yet).
-    """
-    ours = owner_reference(sftjob)
-    current = controller_of(child)
-    if current is not None:
-        if current.get("uid") == ours["uid"]:
-            return None
-        raise ChildConflict(
-            f"{child.get('kind', 'object')} {child['metadata']['name']} is controlled by "
-            f"{current.get('kind')} {current.get('name')} (uid {current.get('uid')}); waiting for it to go"
-        )
-    refs = list((child.get("metadata") or {}).get("ownerReferences") or [])
-    refs = [r for r in refs if r.get("uid") != ours["uid"]] + [ours]
-    return {"metadata": {"ownerReferences": refs}}
+def conflict_cause(kind: str, child: dict[str, Any], sftjob: dict[str, Any]) -> Cause:
+    """Why an existing object with a child's name stops this SFTJob (final) or makes it wait."""
+    meta = child.get("metadata") or {}
+    where = f"{kind} {meta.get('namespace', '')}/{meta.get('name', '')}"
+    if ownership(child, sftjob) == PREVIOUS:
+        old = controller_of(child) or {}
+        return Cause(AWAITING_GC, f"{where} still belongs to an earlier SFTJob of this name (uid {old.get('uid')}); "
+                                  "waiting for garbage collection to remove it")
+    ref = controller_of(child)
+    owner = f"controlled by {ref.get('kind')} {ref.get('name')}" if ref else "not created by this SFTJob"
+    return Cause(NAME_CONFLICT, f"{where} already exists and is {owner}; the operator leaves it alone. "
+                                "Rename or delete it, or give the SFTJob another name")
 
 
-class ChildConflict(Exception):
-    """A child of ours exists under another controller."""
+def config_map_patch(existing: dict[str, Any], rendered: dict[str, Any], digest: str) -> dict[str, Any] | None:
+    """The patch that brings our ConfigMap's data back to what the renderer says (a rotated CA, an edit);
+    None when the digests agree."""
+    if existing.get("dataDigest") == digest:
+        return None
+    data = dict(rendered.get("data") or {})
+    return {"data": {**{k: None for k in CONFIG_MAP_KEYS if k not in data}, **data}}
 
 
 def suspend_patch(want_suspended: bool, job: dict[str, Any]) -> dict[str, Any] | None:
@@ -89,6 +105,19 @@ def suspend_patch(want_suspended: bool, job: dict[str, Any]) -> dict[str, Any] |
     return {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}
 
 
+def stop_patch(job: dict[str, Any] | None, reason: str) -> dict[str, Any] | None:
+    """For the Job of a Failed SFTJob: suspend it so that its pods (and GPUs) go; None when the Job
+    has finished or is stopped already. The Job controller never gives up on, e.g., an image pull."""
+    if job is None or job_condition(job, "Complete") or job_condition(job, "Failed"):
+        return None
+    if (job.get("spec") or {}).get("suspend"):
+        return None
+    return {
+        "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: SUSPENDED_BY_OPERATOR, ANNOTATION_STOPPED_REASON: reason}},
+        "spec": {"suspend": True},
+    }
+
+
 def prepare_job(job: dict[str, Any]) -> dict[str, Any]:
     """A rendered Job ready to create: when it starts suspended, mark the suspension as ours."""
     if (job.get("spec") or {}).get("suspend"):
@@ -97,27 +126,18 @@ def prepare_job(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def api_error_cause(status: int | None, body: str | bytes | None, kind: str, name: str) -> Cause:
-    """A failed create call as a status reason and the API server's own message."""
-    message = ""
-    try:
-        message = json.loads(body or "{}").get("message", "")
-    except (ValueError, AttributeError):
-        message = (body.decode() if isinstance(body, bytes) else body or "").strip()
+def api_error_cause(status: int, message: str, kind: str, name: str) -> Cause:
+    """A failed create as a status reason with the API server's own message. 422 (the server says
+    the object is invalid) is final: no retry makes it valid."""
     message = message or f"HTTP {status}"
     if status == 403 and "exceeded quota" in message:
         reason = "QuotaExceeded"
     elif status == 403:
         reason = "Forbidden"
     elif status == 422:
-        reason = "Invalid"
+        reason = INVALID_SPEC
     elif status == 404:
         reason = "NotFound"
     else:
         reason = "CreateFailed"
     return Cause(reason, f"creating {kind} {name}: {message}")
-
-
-def retry_delay(retry: int) -> float:
-    """Back-off for failed child creation: 5 s doubling to 5 minutes."""
-    return float(min(300, 5 * 2 ** min(retry, 6)))

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sft_trainer.exit_codes import NON_RETRIABLE
+from sft_trainer.config import PROGRESS_PATH
+from sft_trainer.exit_codes import NON_RETRIABLE, ExitCode
 
 from . import API_VERSION, KIND
 from .advice import grace_period_seconds
@@ -52,14 +53,6 @@ def service_name(job_name: str) -> str:
 
 def trainer_job_name(job_name: str) -> str:
     return job_name
-
-
-def child_names(job_name: str) -> dict[str, str]:
-    return {
-        "ConfigMap": config_map_name(job_name),
-        "Service": service_name(job_name),
-        "Job": trainer_job_name(job_name),
-    }
 
 
 def pvc_claim(source: str) -> str | None:
@@ -167,7 +160,7 @@ def _env(job: SFTJob, options: RenderOptions) -> list[dict[str, Any]]:
     ]
     if options.progress_base_url:
         ns = namespace or "$(SFT_JOB_NAMESPACE)"
-        url = f"{options.progress_base_url.rstrip('/')}/v1/namespaces/{ns}/sftjobs/{name}/progress"
+        url = options.progress_base_url.rstrip("/") + PROGRESS_PATH.format(namespace=ns, name=name)
         env.append({"name": "SFT_PROGRESS_URL", "value": url})
     if options.progress_ca_pem:
         env.append({"name": "SFT_PROGRESS_CA_FILE", "value": f"{CONFIG_DIR}/{CA_KEY}"})
@@ -209,7 +202,7 @@ def _volumes(job: SFTJob, options: RenderOptions) -> tuple[list[dict[str, Any]],
                 ]
             },
         },
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -249,7 +242,12 @@ def container_security_context() -> dict[str, Any]:
 
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Data and config errors fail the job at once; node disruptions never count against backoffLimit."""
+    """Data and config errors fail the job at once; disruptions never count against backoffLimit.
+
+    A disruption is a pod with the DisruptionTarget condition (evicted, preempted), or a trainer that
+    exited 75 (Interrupted: SIGTERM, checkpoint saved). In a multi-node run every rank exits 75 when
+    one pod is evicted, but only that pod carries DisruptionTarget.
+    """
     return {
         "rules": [
             {
@@ -259,6 +257,10 @@ def pod_failure_policy() -> dict[str, Any]:
                     "operator": "In",
                     "values": sorted(int(code) for code in NON_RETRIABLE),
                 },
+            },
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [int(ExitCode.INTERRUPTED)]},
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]

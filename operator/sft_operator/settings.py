@@ -1,4 +1,8 @@
-"""Operator settings: one frozen object, read from flags or SFT_* environment variables."""
+"""Operator settings: one frozen object, read from flags or SFT_* environment variables.
+
+``from_args`` also checks what would otherwise fail only after start-up (TLS files, the CA file),
+so a misconfigured operator exits at once with the reason instead of looking alive.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +29,16 @@ class OperatorSettings:
     progress_ca_file: str | None = None  # CA bundle handed to trainer pods (ConfigMap key ca.crt)
     progress_allow_plaintext: bool = False  # local development only
     token_audience: str = DEFAULT_TOKEN_AUDIENCE
-    image_pull_grace_seconds: int = 300
-    progress_min_interval_seconds: float = 2.0  # per-job coalescing window for status writes
+    pod_start_grace_seconds: int = 300  # an image pull, container config or volume failing this long fails the job
+    progress_min_interval_seconds: float = 2.0  # at most one progress write per job per interval
+    status_window_seconds: float = 0.5  # changes within this window become one status write
+    settle_seconds: float = 10.0  # a moment every healthy job passes through is written only if it lasts this long
+    resync_seconds: float = 30.0  # reconcile and re-derive every SFTJob this often
+    relist_seconds: float = 300.0  # list everything this often to catch deletions a watch missed
+    reload_seconds: float = 60.0  # re-read the TLS certificate and the progress CA this often
+    api_timeout_seconds: float = 30.0  # every Kubernetes call
+    api_concurrency: int = 16  # Kubernetes calls in flight
+    stuck_seconds: float = 120.0  # liveness fails when Kubernetes calls wait this long with none finishing
 
     def render_options(self) -> RenderOptions:
         ca = None
@@ -39,6 +51,20 @@ class OperatorSettings:
             progress_ca_pem=ca,
             token_audience=self.token_audience,
         )
+
+    def problems(self) -> list[str]:
+        """What keeps this configuration from working, for a person to fix before start."""
+        out = []
+        if (self.progress_tls_cert is None) != (self.progress_tls_key is None):
+            out.append("--progress-tls-cert and --progress-tls-key go together")
+        elif self.progress_tls_cert is None and not self.progress_allow_plaintext:
+            out.append("the progress endpoint needs --progress-tls-cert and --progress-tls-key "
+                       "(or --progress-allow-plaintext, for local development only)")
+        for flag, path in (("--progress-tls-cert", self.progress_tls_cert), ("--progress-tls-key", self.progress_tls_key),
+                           ("--progress-ca-file", self.progress_ca_file)):
+            if path is not None and not os.access(path, os.R_OK):
+                out.append(f"{flag} {path}: not a readable file")
+        return out
 
 
 def _env_bool(value: str | None) -> bool:
@@ -76,15 +102,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve progress over plain HTTP; local development only (env SFT_PROGRESS_ALLOW_PLAINTEXT)")
     parser.add_argument("--token-audience", default=env("SFT_TOKEN_AUDIENCE", DEFAULT_TOKEN_AUDIENCE),
                         help="audience of trainer pods' projected tokens (env SFT_TOKEN_AUDIENCE)")
-    parser.add_argument("--image-pull-grace-seconds", type=int,
-                        default=int(env("SFT_IMAGE_PULL_GRACE_SECONDS", "300")),
-                        help="how long an image pull may fail before the job fails (env SFT_IMAGE_PULL_GRACE_SECONDS)")
+    parser.add_argument("--pod-start-grace-seconds", "--image-pull-grace-seconds", type=int,
+                        dest="pod_start_grace_seconds",
+                        default=int(env("SFT_POD_START_GRACE_SECONDS", env("SFT_IMAGE_PULL_GRACE_SECONDS", "300"))),
+                        help="how long a trainer pod may fail to start (image pull, container config, volume "
+                             "mount) before the job fails (env SFT_POD_START_GRACE_SECONDS)")
+    parser.add_argument("--resync-seconds", type=float, default=float(env("SFT_RESYNC_SECONDS", "30")),
+                        help="reconcile every SFTJob this often, a safety net for missed events (env SFT_RESYNC_SECONDS)")
+    parser.add_argument("--relist-seconds", type=float, default=float(env("SFT_RELIST_SECONDS", "300")),
+                        help="list everything this often to drop objects whose deletion a watch missed "
+                             "(env SFT_RELIST_SECONDS)")
+    parser.add_argument("--reload-seconds", type=float, default=float(env("SFT_RELOAD_SECONDS", "60")),
+                        help="re-read the TLS certificate and the progress CA this often (env SFT_RELOAD_SECONDS)")
+    parser.add_argument("--api-timeout-seconds", type=float, default=float(env("SFT_API_TIMEOUT_SECONDS", "30")),
+                        help="timeout of every Kubernetes API call (env SFT_API_TIMEOUT_SECONDS)")
+    parser.add_argument("--api-concurrency", type=int, default=int(env("SFT_API_CONCURRENCY", "16")),
+                        help="Kubernetes API calls in flight at once (env SFT_API_CONCURRENCY)")
 
 
 def from_args(args: argparse.Namespace) -> OperatorSettings:
-    if (args.progress_tls_cert is None) != (args.progress_tls_key is None):
-        raise SystemExit("--progress-tls-cert and --progress-tls-key go together")
-    return OperatorSettings(
+    settings = OperatorSettings(
         namespaces=tuple(dict.fromkeys(args.namespaces)),
         trainer_image=args.trainer_image,
         metrics_port=args.metrics_port,
@@ -96,5 +133,14 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         progress_ca_file=args.progress_ca_file,
         progress_allow_plaintext=args.progress_allow_plaintext,
         token_audience=args.token_audience,
-        image_pull_grace_seconds=args.image_pull_grace_seconds,
+        pod_start_grace_seconds=args.pod_start_grace_seconds,
+        resync_seconds=args.resync_seconds,
+        relist_seconds=args.relist_seconds,
+        reload_seconds=args.reload_seconds,
+        api_timeout_seconds=args.api_timeout_seconds,
+        api_concurrency=args.api_concurrency,
     )
+    problems = settings.problems()
+    if problems:
+        raise SystemExit("sft-operator: " + "; ".join(problems))
+    return settings

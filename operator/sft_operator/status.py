@@ -1,8 +1,10 @@
-"""An SFTJob's status, derived from its Job and pods (pure functions, no I/O).
+"""An SFTJob's status, derived from its Job and pods, and what follows a change (pure functions, no I/O).
 
-The handlers feed in what the watches saw; these functions say what `status` should be.
-The operator owns the fields in ``OWNED_FIELDS``; ``status.progress``, ``status.metrics`` and
-``status.output`` belong to the progress endpoint and are never touched here.
+``derive_status`` says what the cluster-derived part of ``status`` should be (``OWNED_FIELDS``);
+``with_progress`` and ``with_result`` add what the trainer reported (``status.progress``,
+``status.metrics``, ``status.output``), built from the API models; ``transition`` says which
+Events, metric records and Job stops follow a change from one status to the next. The status
+writer (``sft_operator.writer``) feeds them the cache and applies what they return.
 
 Phases are a convenience for people; automation reads the conditions. Terminal phases stick:
 once an SFTJob is Succeeded or Failed, later observations (its Job deleted, pods garbage
@@ -11,17 +13,22 @@ collected) never move it back.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sft_trainer.exit_codes import NON_RETRIABLE, REASONS
+from pydantic import ValidationError
+from sft_trainer.config import ProgressReport, TrainerResult
+from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, ExitCode
 
+from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, Progress
 from .render import TRAINER_CONTAINER
 
 OWNED_FIELDS = (
     "observedGeneration",
     "phase",
+    "reason",
     "conditions",
     "startTime",
     "completionTime",
@@ -29,41 +36,30 @@ OWNED_FIELDS = (
     "effectiveBatchSize",
     "jobName",
 )
-PROGRESS_FIELDS = ("progress", "metrics", "output")  # written by the progress endpoint
-# Also reported by the trainer through the progress endpoint: we fill it in, never overwrite it.
-SET_ONCE_FIELDS = ("effectiveBatchSize",)
 
-PENDING, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
-    "Pending",
-    "Queued",
-    "Running",
-    "Restarting",
-    "Suspended",
-    "Succeeded",
-    "Failed",
-)
-TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
-PHASES = (PENDING, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED)
-
-# Condition types, in the order they appear in status (adjectives or past tense).
-CREATED, QUEUED_C, SUSPENDED_C, RUNNING_C, RESTARTING_C, SUCCEEDED_C, FAILED_C = (
-    "Created",
-    "Queued",
-    "Suspended",
-    "Running",
-    "Restarting",
-    "Succeeded",
-    "Failed",
-)
-CONDITION_TYPES = (CREATED, QUEUED_C, SUSPENDED_C, RUNNING_C, RESTARTING_C, SUCCEEDED_C, FAILED_C)
+PENDING, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (p.value for p in Phase)
+CONDITION_TYPES = tuple(c.value for c in ConditionType)
+CREATED, QUEUED_C, SUSPENDED_C, RUNNING_C, RESTARTING_C, SUCCEEDED_C, FAILED_C = CONDITION_TYPES
 
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+# A container the kubelet cannot create (e.g. a secretKeyRef naming a missing key): it never starts.
+CONTAINER_CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
+# Pod events that keep a scheduled pod in ContainerCreating: a volume that cannot be mounted or attached.
+VOLUME_EVENT_REASONS = frozenset({"FailedMount", "FailedAttachVolume"})
 OOM_KILLED = "OOMKilled"
 IMAGE_PULL_FAILED = "ImagePullFailed"
 UNSCHEDULABLE = "Unschedulable"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+NAME_CONFLICT = "NameConflict"
+INVALID_SPEC = "InvalidSpec"
+MULTI_ATTACH = "MultiAttach"
+# Child-creation causes that no retry can fix: the job fails with them.
+FINAL_CREATION_REASONS = frozenset({NAME_CONFLICT, INVALID_SPEC})
 MAX_MESSAGE = 2048  # keep status small; the full text is in the pod
+POD_EVENTS_AFTER_SECONDS = 10.0  # a scheduled pod not started this long: read its events (FailedMount, ...)
+JOB_EVENTS_AFTER_SECONDS = 10.0  # a Job without pods this long: read its FailedCreate events
+LOOKUP_AGAIN_SECONDS = 30.0
 
 
 # ---- time ------------------------------------------------------------------------------------
@@ -123,6 +119,17 @@ def is_disrupted(pod: dict[str, Any]) -> bool:
     return bool(cond and cond.get("status") == "True")
 
 
+def is_interrupted(pod: dict[str, Any]) -> bool:
+    """The trainer exited 75 (SIGTERM, checkpoint saved): the Job ignores it (podFailurePolicy). In a
+    multi-node run every rank exits 75 when one pod is evicted, and only that pod is a disruption."""
+    return (terminated_state(pod) or {}).get("exitCode") == ExitCode.INTERRUPTED
+
+
+def is_ignored_failure(pod: dict[str, Any]) -> bool:
+    """A failed pod that the podFailurePolicy does not count against backoffLimit."""
+    return is_disrupted(pod) or is_interrupted(pod)
+
+
 def _finished_at(pod: dict[str, Any]) -> str:
     state = terminated_state(pod) or {}
     return state.get("finishedAt") or pod.get("metadata", {}).get("creationTimestamp") or ""
@@ -147,6 +154,10 @@ class Cause:
 
     reason: str
     message: str
+
+    @property
+    def final(self) -> bool:
+        return self.reason in FINAL_CREATION_REASONS
 
 
 def pod_failure(pod: dict[str, Any]) -> Cause | None:
@@ -211,32 +222,62 @@ def unschedulable(pods: list[dict[str, Any]]) -> Cause | None:
 
 
 @dataclass(frozen=True)
-class PullProblem:
-    reason: str  # ErrImagePull, ImagePullBackOff, ...
+class StartProblem:
+    """Why a scheduled pod's trainer does not start, and for how long."""
+
+    reason: str  # as the kubelet says it: ErrImagePull, CreateContainerConfigError, FailedMount, MultiAttach, ...
+    failed_reason: str  # the reason once the grace period is over: ImagePullFailed, or the same
     message: str
-    seconds: float  # how long the pod has been waiting for its image
+    seconds: float  # how long the pod has been scheduled without starting
 
 
-def image_pull_problem(pods: list[dict[str, Any]], now: datetime) -> PullProblem | None:
-    """The longest-lasting image pull failure among active pods."""
-    worst: PullProblem | None = None
+def _scheduled_since(pod: dict[str, Any]) -> datetime | None:
+    scheduled = pod_condition(pod, "PodScheduled") or {}
+    return parse_time(scheduled.get("lastTransitionTime")) or parse_time(pod.get("metadata", {}).get("creationTimestamp"))
+
+
+def volume_cause(reason: str, message: str) -> Cause:
+    """A FailedMount / FailedAttachVolume pod event as a reason (Multi-Attach named as such)."""
+    if reason == "FailedAttachVolume" and "Multi-Attach" in message:
+        reason = MULTI_ATTACH
+    return Cause(reason, _clip(message))
+
+
+def start_problem(
+    pods: list[dict[str, Any]], now: datetime, pod_problems: dict[str, Cause] | None = None
+) -> StartProblem | None:
+    """The longest-lasting reason an active pod cannot start its trainer: an image that does not pull,
+    a container the kubelet cannot create, or a volume it cannot mount (``pod_problems``, by pod uid,
+    read from the pod's events)."""
+    worst: StartProblem | None = None
     for pod in pods:
-        if not is_active(pod):
+        if not is_active(pod) or (pod.get("status") or {}).get("phase") == "Running":
             continue
+        since = _scheduled_since(pod)
+        seconds = max(0.0, (now - since).total_seconds()) if since else 0.0
+        found: StartProblem | None = None
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (status.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") not in IMAGE_PULL_REASONS:
-                continue
-            scheduled = pod_condition(pod, "PodScheduled") or {}
-            since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(
-                pod.get("metadata", {}).get("creationTimestamp")
-            )
-            seconds = max(0.0, (now - since).total_seconds()) if since else 0.0
-            image = status.get("image", "")
-            message = _clip(f"image {image}: {waiting.get('message') or waiting['reason']}")
-            if worst is None or seconds > worst.seconds:
-                worst = PullProblem(waiting["reason"], message, seconds)
+            reason = waiting.get("reason")
+            if reason in IMAGE_PULL_REASONS:
+                image = status.get("image", "")
+                found = StartProblem(reason, IMAGE_PULL_FAILED, _clip(f"image {image}: {waiting.get('message') or reason}"),
+                                     seconds)
+            elif reason in CONTAINER_CONFIG_REASONS:
+                name = pod.get("metadata", {}).get("name", "?")
+                found = StartProblem(reason, reason, _clip(f"pod {name}: {waiting.get('message') or reason}"), seconds)
+        event = (pod_problems or {}).get(pod.get("metadata", {}).get("uid", ""))
+        if found is None and event is not None:
+            found = StartProblem(event.reason, event.reason, event.message, seconds)
+        if found is not None and (worst is None or found.seconds > worst.seconds):
+            worst = found
     return worst
+
+
+def image_pull_problem(pods: list[dict[str, Any]], now: datetime) -> StartProblem | None:
+    """The longest-lasting image pull failure among active pods."""
+    problem = start_problem(pods, now)
+    return problem if problem is not None and problem.failed_reason == IMAGE_PULL_FAILED else None
 
 
 def _newer(pod: dict[str, Any], others: list[dict[str, Any]]) -> bool:
@@ -249,14 +290,14 @@ def _int(value: Any) -> int:
 
 
 def count_restarts(job: dict[str, Any] | None, pods: list[dict[str, Any]], previous: int = 0) -> int:
-    """Pods the Job controller had to replace: failures it counted plus disruptions it ignored.
+    """Pods the Job controller had to replace: failures it counted plus those it ignored (disruptions, exit 75).
 
     Never goes down: replaced pods disappear from the cluster, the count must not.
     At the end a failed Job's last failure is not a restart (nothing replaced that pod).
     """
     status = (job or {}).get("status") or {}
     failed = _int(status.get("failed"))
-    disrupted = sum(1 for p in failed_pods(pods) if is_disrupted(p))
+    disrupted = sum(1 for p in failed_pods(pods) if is_ignored_failure(p))
     cond = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
     if cond is None:
         now = failed + disrupted
@@ -312,13 +353,16 @@ def observe(
     pods: list[dict[str, Any]],
     now: datetime,
     *,
-    image_pull_grace_seconds: float,
+    start_grace_seconds: float,
     creation_error: Cause | None = None,
     pod_creation_error: Cause | None = None,
+    pod_problems: dict[str, Cause] | None = None,
 ) -> Observation:
     """Phase, reason and message from the Job and its pods (not terminal-latched; see derive_status)."""
     previous = sftjob.get("status") or {}
     restarts = count_restarts(job, pods, _int(previous.get("restarts")))
+    if creation_error is not None and creation_error.final:
+        return Observation(FAILED, creation_error.reason, creation_error.message, restarts, creation_error)
     if job is None:
         if creation_error is not None:
             return Observation(PENDING, creation_error.reason, creation_error.message, restarts, creation_error)
@@ -340,20 +384,21 @@ def observe(
 
     active = [p for p in pods if is_active(p)]
     waiting_phase = RESTARTING if restarts else PENDING
-    if not active and pod_creation_error is not None and not job_condition(job, "Complete"):
+    if not active and pod_creation_error is not None:
         # The Job exists but cannot create its pods (a GPU ResourceQuota, admission): say why.
         return Observation(waiting_phase, pod_creation_error.reason, pod_creation_error.message, restarts)
-    pull = image_pull_problem(active, now)
-    if pull is not None:
-        if pull.seconds >= image_pull_grace_seconds:
+    problem = start_problem(active, now, pod_problems)
+    if problem is not None:
+        if problem.seconds >= start_grace_seconds:
             return Observation(
                 FAILED,
-                IMAGE_PULL_FAILED,
-                f"{pull.message} (failing for {int(pull.seconds)}s, grace {int(image_pull_grace_seconds)}s)",
+                problem.failed_reason,
+                f"{problem.message} (failing for {int(problem.seconds)}s, grace {int(start_grace_seconds)}s)",
                 restarts,
             )
-        left = int(image_pull_grace_seconds - pull.seconds)
-        return Observation(waiting_phase, pull.reason, f"{pull.message}; the job fails if it lasts {left}s more", restarts)
+        left = int(start_grace_seconds - problem.seconds)
+        return Observation(waiting_phase, problem.reason, f"{problem.message}; the job fails if it lasts {left}s more",
+                           restarts)
     blocked = unschedulable(active)
     if blocked is not None:
         return Observation(waiting_phase, blocked.reason, blocked.message, restarts)
@@ -363,7 +408,7 @@ def observe(
     if not active and pods:  # every pod ended; the Job controller has not decided yet
         finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
         ended = failed_pods(pods)
-        if finished and not any(not is_disrupted(p) and _newer(p, finished) for p in ended):
+        if finished and not any(not is_ignored_failure(p) and _newer(p, finished) for p in ended):
             return Observation(RUNNING, "PodsCompleted", "the trainer pods finished; the Job is completing", restarts)
         if previous.get("phase") in (RUNNING, RESTARTING) and ended:
             cause = pod_failure(ended[-1])
@@ -378,6 +423,45 @@ def observe(
         last = f": {failures[-1].message}" if failures else ""
         return Observation(RESTARTING, "Restarting", f"replacing a trainer pod (restart {restarts}){last}", restarts)
     return Observation(PENDING, "PodsStarting", "waiting for the trainer pods to start", restarts)
+
+
+def recheck_seconds(pods: list[dict[str, Any]], now: datetime, grace_seconds: float,
+                    pod_problems: dict[str, Cause] | None = None) -> float | None:
+    """When a pod that cannot start runs out of its grace period: derive again then."""
+    problem = start_problem([p for p in pods if is_active(p)], now, pod_problems)
+    return None if problem is None else max(0.0, grace_seconds - problem.seconds)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """An object whose events would explain a stuck job, and in how many seconds to read them."""
+
+    kind: str  # "Job" (FailedCreate: no pods) or "Pod" (FailedMount, FailedAttachVolume)
+    name: str
+    uid: str
+    after_seconds: float
+
+
+def lookups(job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime) -> list[Lookup]:
+    """Events worth reading: a running Job without pods, a scheduled pod whose trainer has not started."""
+    if job is None or (job.get("spec") or {}).get("suspend") or job_condition(job, "Complete") or job_condition(job, "Failed"):
+        return []
+    meta = job.get("metadata") or {}
+    out: list[Lookup] = []
+    active = [p for p in pods if is_active(p)]
+    if not active:
+        created = parse_time(meta.get("creationTimestamp"))
+        age = (now - created).total_seconds() if created else JOB_EVENTS_AFTER_SECONDS
+        out.append(Lookup("Job", meta.get("name", ""), meta.get("uid", ""), max(0.0, JOB_EVENTS_AFTER_SECONDS - age)))
+    for pod in active:
+        scheduled = pod_condition(pod, "PodScheduled") or {}
+        if (pod.get("status") or {}).get("phase") != "Pending" or scheduled.get("status") != "True":
+            continue
+        since = _scheduled_since(pod)
+        age = (now - since).total_seconds() if since else 0.0
+        pmeta = pod.get("metadata") or {}
+        out.append(Lookup("Pod", pmeta.get("name", ""), pmeta.get("uid", ""), max(0.0, POD_EVENTS_AFTER_SECONDS - age)))
+    return out
 
 
 # ---- conditions -------------------------------------------------------------------------------
@@ -447,7 +531,7 @@ def merge_conditions(
 
 
 def owned(status: dict[str, Any] | None) -> dict[str, Any]:
-    """The operator's part of a status (without the progress endpoint's fields)."""
+    """The cluster-derived part of a status (without what the trainer reported)."""
     return {k: v for k, v in (status or {}).items() if k in OWNED_FIELDS and v is not None}
 
 
@@ -457,12 +541,13 @@ def derive_status(
     pods: list[dict[str, Any]],
     now: datetime,
     *,
-    image_pull_grace_seconds: float = 300,
+    start_grace_seconds: float = 300,
     effective_batch_size: int | None = None,
     creation_error: Cause | None = None,
     pod_creation_error: Cause | None = None,
+    pod_problems: dict[str, Cause] | None = None,
 ) -> dict[str, Any]:
-    """The operator-owned status fields for an SFTJob, given its Job and that Job's pods."""
+    """The cluster-derived status fields (``OWNED_FIELDS``) of an SFTJob, given its Job and that Job's pods."""
     meta = sftjob.get("metadata") or {}
     generation = meta.get("generation")
     previous = owned(sftjob.get("status"))
@@ -480,12 +565,14 @@ def derive_status(
         job,
         pods,
         now,
-        image_pull_grace_seconds=image_pull_grace_seconds,
+        start_grace_seconds=start_grace_seconds,
         creation_error=creation_error,
-        pod_creation_error=pod_creation_error,
+        pod_creation_error=pod_creation_error if job is not None and not [p for p in pods if is_active(p)] else None,
+        pod_problems=pod_problems,
     )
     status: dict[str, Any] = {
         "phase": obs.phase,
+        "reason": obs.reason,
         "conditions": merge_conditions(previous.get("conditions"), conditions_for(obs), now, generation),
         "restarts": obs.restarts,
     }
@@ -495,7 +582,9 @@ def derive_status(
         status["jobName"] = (job.get("metadata") or {}).get("name", name)
     elif previous.get("jobName"):
         status["jobName"] = previous["jobName"]
-    if effective_batch_size is not None:
+    if previous.get("effectiveBatchSize") is not None:  # the trainer's own report wins over the spec's
+        status["effectiveBatchSize"] = previous["effectiveBatchSize"]
+    elif effective_batch_size is not None:
         status["effectiveBatchSize"] = effective_batch_size
 
     start = previous.get("startTime") or trainer_start_time(pods)
@@ -512,20 +601,164 @@ def derive_status(
     return status
 
 
-def status_patch(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any] | None:
-    """The merge patch that takes the operator's part of ``current`` to ``desired``; None if equal.
+def settle_until(
+    current: dict[str, Any],
+    desired: dict[str, Any],
+    sftjob: dict[str, Any],
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    *,
+    settle_seconds: float,
+    creating_seconds: float,
+) -> datetime | None:
+    """Until when a change may wait unwritten (None: write it now).
 
-    Fields outside OWNED_FIELDS (progress, metrics, output) are never in the patch, and
-    SET_ONCE_FIELDS only when absent.
+    Every healthy job passes through states that last a moment: its children being created, its
+    pods starting, its pods finished while the Job controller has not yet said Complete. The next
+    state usually follows within seconds, so such a state is written only if it lasts; in a burst
+    of new SFTJobs that saves a write per job. Anything a person needs to see (a problem, Running,
+    the end) is written at once.
     """
-    have = owned(current)
-    patch: dict[str, Any] = {}
-    for key in OWNED_FIELDS:
-        if key in SET_ONCE_FIELDS and have.get(key) is not None:
+    first = not current.get("phase")
+    if first and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
+        since = parse_time((sftjob.get("metadata") or {}).get("creationTimestamp"))
+        return since + timedelta(seconds=creating_seconds) if since else None
+    if first and desired.get("phase") == PENDING and desired.get("reason") == "PodsStarting":
+        since = parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp"))
+        return since + timedelta(seconds=settle_seconds) if since else None
+    if current.get("phase") == desired.get("phase") == RUNNING and desired.get("reason") == "PodsCompleted":
+        finished = [parse_time(_finished_at(p)) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+        since = max((f for f in finished if f), default=None)
+        return since + timedelta(seconds=settle_seconds) if since else None
+    return None
+
+
+# ---- what the trainer reported -----------------------------------------------------------------
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, Any]:
+    """``status`` with a progress report applied: progress replaced, the report's metrics and output
+    over the earlier ones (an eval loss from an earlier report is kept). The ETA is cleared rather
+    than left stale, and 0 once the run is complete."""
+    eta = report.eta_seconds
+    if eta is None and report.total_steps > 0 and report.step >= report.total_steps:
+        eta = 0
+    progress = Progress(percent=report.percent, step=report.step, total_steps=report.total_steps,
+                        epoch=report.epoch, eta_seconds=eta)
+    metrics = Metrics(train_loss=report.train_loss, eval_loss=report.eval_loss, best_eval_loss=report.best_eval_loss,
+                      learning_rate=report.learning_rate, tokens_per_second=report.tokens_per_second,
+                      general_loss_before=report.general_loss_before, general_loss_after=report.general_loss_after)
+    output = OutputStatus(model=report.output_model or None, best_checkpoint=report.best_checkpoint or None)
+    out = {**status, "progress": _dump(progress)}
+    if _dump(metrics):
+        out["metrics"] = {**(status.get("metrics") or {}), **_dump(metrics)}
+    if _dump(output):
+        out["output"] = {**(status.get("output") or {}), **_dump(output)}
+    if report.effective_batch_size is not None:
+        out["effectiveBatchSize"] = report.effective_batch_size
+    return out
+
+
+def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]:
+    """``status`` with a finished run's result (its termination message): output, final metrics, 100 %."""
+    output = OutputStatus(model=result.output_model, uri=result.output_uri, best_checkpoint=result.best_checkpoint,
+                          mlflow_run_id=result.mlflow_run_id)
+    metrics = Metrics(train_loss=result.train_loss, eval_loss=result.eval_loss, best_eval_loss=result.best_eval_loss,
+                      tokens_per_second=result.tokens_per_second, general_loss_before=result.general_loss_before,
+                      general_loss_after=result.general_loss_after)
+    progress = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}  # what the result says wins
+    said = {"step": result.steps, "totalSteps": result.total_steps or result.steps, "epoch": result.epochs}
+    progress.update({k: v for k, v in said.items() if v is not None})
+    return {
+        **status,
+        "progress": _dump(Progress.model_validate(progress)),
+        "metrics": {**(status.get("metrics") or {}), **_dump(metrics)},
+        "output": {**(status.get("output") or {}), **_dump(output)},
+    }
+
+
+def completion_index(pod: dict[str, Any]) -> str | None:
+    meta = pod.get("metadata") or {}
+    key = "batch.kubernetes.io/job-completion-index"
+    return (meta.get("labels") or {}).get(key) or (meta.get("annotations") or {}).get(key)
+
+
+def trainer_result(pods: list[dict[str, Any]]) -> TrainerResult | None:
+    """The result rank 0 left in its termination message when it succeeded (the newest such pod)."""
+    done = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded" and completion_index(p) in ("0", None)]
+    for pod in sorted(done, key=_finished_at, reverse=True):
+        state = terminated_state(pod) or {}
+        message = (state.get("message") or "").strip()
+        if state.get("exitCode") != 0 or not message.startswith("{"):
             continue
-        if have.get(key) != desired.get(key):
-            patch[key] = desired.get(key)  # None deletes the field (merge patch)
-    return patch or None
+        try:
+            return TrainerResult.model_validate(json.loads(message))
+        except (ValueError, ValidationError):
+            continue
+    return None
+
+
+# ---- what follows a change --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event for a person to act on."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What follows one status change; the writer applies it."""
+
+    events: tuple[Event, ...] = ()
+    log: str | None = None  # one line for the operator log
+    started: bool = False  # first Running: record the time to running
+    finished: tuple[str, str, float | None] | None = None  # (result, reason, seconds)
+    stop_job: bool = False  # failed: the Job must not keep pods (and GPUs)
+
+
+# Creation causes a person acts on (a quota, RBAC, a name taken); not the normal "Creating".
+_CREATION_WARNINGS = frozenset({"QuotaExceeded", "Forbidden", "NotFound", "CreateFailed", "AwaitingGarbageCollection"})
+
+
+def transition(before: dict[str, Any], after: dict[str, Any]) -> Effects:
+    """The Events, metric records and Job stop that follow a status change (pure).
+
+    Events are only for what a person acts on: a failure, a pod replaced, children that cannot be
+    created. Progress is in status and `kubectl wait`; no Event says "created" or "started".
+    """
+    old_phase, phase = before.get("phase"), after.get("phase")
+    events: list[Event] = []
+    log = f"{old_phase or '-'} -> {phase} ({after.get('reason', '')})" if phase != old_phase else None
+    restarts, old_restarts = _int(after.get("restarts")), _int(before.get("restarts"))
+    if restarts > old_restarts:
+        cond = condition(after, RESTARTING_C) or {}
+        events.append(Event("Warning", "Restarted", f"trainer pod replaced (restart {restarts})"
+                            + (f": {cond['message']}" if cond.get("message") else "")))
+    created, old_created = condition(after, CREATED) or {}, condition(before, CREATED) or {}
+    if created.get("reason") in _CREATION_WARNINGS and (created.get("reason"), created.get("message")) != (
+        old_created.get("reason"), old_created.get("message")
+    ):
+        events.append(Event("Warning", created["reason"], created.get("message", "")))
+    started = phase == RUNNING and old_phase != RUNNING and not before.get("startTime")
+    finished = None
+    stop = False
+    if phase in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
+        cond = condition(after, phase) or {}
+        reason = cond.get("reason", phase)
+        finished = (phase, reason, duration_seconds(after))
+        if phase == FAILED:
+            events.append(Event("Warning", "Failed", f"{reason}: {cond.get('message', '')}"))
+            stop = True
+    return Effects(tuple(events), log, started, finished, stop)
 
 
 def condition(status: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:

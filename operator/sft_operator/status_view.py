@@ -11,16 +11,16 @@ from rich.table import Table
 from rich.text import Text
 
 from . import GROUP, PLURAL, VERSION
-from .status import TERMINAL_PHASES
+from .api import TERMINAL_PHASES, Phase
 
 PHASE_STYLE = {
-    "Succeeded": "bold green",
-    "Failed": "bold red",
-    "Running": "bold cyan",
-    "Restarting": "bold yellow",
-    "Suspended": "yellow",
-    "Queued": "yellow",
-    "Pending": "white",
+    Phase.succeeded.value: "bold green",
+    Phase.failed.value: "bold red",
+    Phase.running.value: "bold cyan",
+    Phase.restarting.value: "bold yellow",
+    Phase.suspended.value: "yellow",
+    Phase.queued.value: "yellow",
+    Phase.pending.value: "white",
 }
 
 
@@ -44,7 +44,7 @@ def render(sftjob: dict[str, Any]) -> Group:
     progress = status.get("progress") or {}
     metrics = status.get("metrics") or {}
     output = status.get("output") or {}
-    phase = status.get("phase") or "Pending"
+    phase = status.get("phase") or Phase.pending.value
 
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")
@@ -84,7 +84,7 @@ def render(sftjob: dict[str, Any]) -> Group:
 
 
 def exit_code(sftjob: dict[str, Any]) -> int:
-    return 1 if (sftjob.get("status") or {}).get("phase") == "Failed" else 0
+    return 1 if (sftjob.get("status") or {}).get("phase") == Phase.failed.value else 0
 
 
 def _client(kubeconfig: str | None):

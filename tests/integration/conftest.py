@@ -30,6 +30,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 import sft_devcluster as devcluster
+from support import OperatorProcess
+
+from .sftjob_cluster import PULL_GRACE, Cluster
 
 from .host_snapshot import host_snapshot
 
@@ -185,3 +188,19 @@ def _fresh_namespace(cluster: ControlPlane, request, labels: dict | None = None)
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+@pytest.fixture
+def operator(control_plane, namespace, tmp_path):
+    """The operator as a subprocess watching the test's namespace (plaintext progress, short grace)."""
+    op = OperatorProcess.plaintext(control_plane.kubeconfig, tmp_path / f"operator-{namespace}.log", namespace,
+                                   "--pod-start-grace-seconds", str(PULL_GRACE))
+    op.start()
+    yield op
+    op.stop()
+    print(f"--- operator log ({namespace}) ---\n{op.log_tail(200)}")  # shown when the test failed
+
+
+@pytest.fixture
+def k8s(control_plane, namespace) -> Cluster:
+    return Cluster(control_plane, namespace)

@@ -33,6 +33,7 @@ import sft_devcluster as devcluster
 from sft_devcluster import node as realnode
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
+from sft_trainer.config import TrainerResult
 
 from .conftest import ControlPlane
 from .test_helm_install import CHART, RESTRICTED, Release, delete_namespace, make_namespace
@@ -234,6 +235,10 @@ def test_tiny_sftjob_trains_in_the_trainer_image_and_reports_progress_through_th
         sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert unreadable_by_others(out / "model") == []
     assert status["output"]["model"] == f"pvc://models/{name}/model"
+    # The trainer left its result in the pod's termination message, which is what the operator reads
+    # (an operator restart or a lost last progress report changes nothing).
+    result = TrainerResult.model_validate_json(pod.status.container_statuses[0].state.terminated.message)
+    assert result.output_model == f"pvc://models/{name}/model" and result.steps == 200
 
     # kubectl logs shows the trainer's lines: its plan, and one progress line per step.
     logs = installed.logs(pod.metadata.name)

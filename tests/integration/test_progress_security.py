@@ -1,27 +1,25 @@
 """Progress endpoint security against the real API server (KEP-2779 style).
 
-The progress server runs in this process over TLS (a self-signed cert made here) and talks
-to the test control plane: TokenReview with our audience, then pod -> Job -> SFTJob
-ownership. Tokens are real projected service-account tokens from TokenRequest, bound to
-the Job controller's pods. A token of the job's own pod is accepted and status moves;
-every other caller is rejected and status stays exactly as it was.
+The operator runs as a subprocess with TLS (a self-signed cert made here) and talks to the test
+control plane: TokenReview with our audience, then pod -> Job -> SFTJob ownership. Tokens are real
+projected service-account tokens from TokenRequest, bound to the Job controller's pods. A token of
+the job's own pod is accepted and status moves; every other caller is rejected and the progress in
+status stays exactly as it was.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
+import re
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from kubernetes import client, config
+from kubernetes import client
 
-from sft_operator import GROUP, PLURAL, VERSION, metrics, progress
-from sft_operator.settings import OperatorSettings
+from sft_operator import GROUP, PLURAL, VERSION
+from support import OperatorProcess
 from tls_certs import self_signed
 
 pytestmark = pytest.mark.cluster
@@ -31,40 +29,23 @@ AUDIENCE = "sft.dev/progress"
 NOWHERE = {"sft.dev/test-nowhere": "true"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ProgressServer:
-    """The real progress server (TokenReview verifier, status sink) in a thread with its own loop."""
+    """The operator, serving the progress endpoint over TLS for one namespace."""
 
-    def __init__(self, kubeconfig: Path, tmp: Path) -> None:
+    def __init__(self, kubeconfig: Path, tmp: Path, namespace: str) -> None:
         self.cert, key = self_signed(tmp)
-        self.port = _free_port()
-        self.settings = OperatorSettings(
-            progress_port=self.port,
-            progress_tls_cert=str(self.cert),
-            progress_tls_key=str(key),
-            token_audience=AUDIENCE,
-            progress_min_interval_seconds=0.0,
-        )
-        self.api = config.new_client_from_config(config_file=str(kubeconfig))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.op = OperatorProcess(kubeconfig, tmp / "operator.log")
+        self.port = self.op.ports["progress"]
+        self.op.args = ["-n", namespace, "--log-format", "plain", "--progress-tls-cert", str(self.cert),
+                        "--progress-tls-key", str(key), "--token-audience", AUDIENCE,
+                        "--progress-port", str(self.port), "--metrics-port", str(self.op.ports["metrics"]),
+                        "--health-port", str(self.op.ports["health"])]
 
     def start(self) -> None:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(
-            progress.start_progress_server(self.settings, api_client=self.api, host="127.0.0.1"), self.loop
-        ).result(30)
+        self.op.start()
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(progress.stop_progress_server(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.api.close()
+        self.op.stop()
 
     def url(self, namespace: str, name: str) -> str:
         return f"https://127.0.0.1:{self.port}/v1/namespaces/{namespace}/sftjobs/{name}/progress"
@@ -76,15 +57,21 @@ class ProgressServer:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         return requests.post(self.url(namespace, name), data=data, headers=headers, verify=str(self.cert), timeout=30)
 
+    def gauge(self, name: str, namespace: str, job: str) -> float | None:
+        pattern = rf'^{name}\{{namespace="{namespace}",sftjob="{job}"\}} (\S+)$'
+        found = re.search(pattern, self.op.metrics(), re.MULTILINE)
+        return float(found.group(1)) if found else None
+
 
 @pytest.fixture
-def server(control_plane, tmp_path):
-    srv = ProgressServer(control_plane.kubeconfig, tmp_path)
+def server(control_plane, namespace, tmp_path):
+    srv = ProgressServer(control_plane.kubeconfig, tmp_path, namespace)
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
+        print(f"--- operator log ---\n{srv.op.log_tail(100)}")
 
 
 def sftjob(name: str) -> dict:
@@ -164,6 +151,11 @@ class Cluster:
         obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
         return obj.get("status") or {}
 
+    def reported(self, name: str) -> dict:
+        """What the trainer reported into status (the operator derives the rest)."""
+        status = self.status(name)
+        return {k: status.get(k) for k in ("progress", "metrics", "output")}
+
 
 def progress_report(step: int, loss: float) -> dict:
     return {"step": step, "totalSteps": 100, "epoch": step / 50, "trainLoss": loss, "learningRate": 2e-5,
@@ -183,12 +175,12 @@ def test_progress_security(control_plane, namespace, server):
         lambda: (s := k.status("job-a")).get("progress", {}).get("step") == 7 and s, 30, "status.progress of job-a")
     assert status["progress"] == {"percent": 7, "step": 7, "totalSteps": 100, "epoch": 0.14, "etaSeconds": 60}
     assert status["metrics"] == {"trainLoss": 1.75, "learningRate": 2e-5, "tokensPerSecond": 1500.0}
-    assert _gauge("sft_job_train_loss", namespace, "job-a") == 1.75
+    assert server.gauge("sft_job_train_loss", namespace, "job-a") == 1.75
 
     # A second report from the same pod (served from the verification cache) moves it again.
     assert server.post(namespace, "job-a", token=own_token, body=progress_report(9, 1.5)).status_code == 202
     control_plane.wait_for(lambda: k.status("job-a").get("progress", {}).get("step") == 9, 30, "step 9")
-    before_a, before_b = k.status("job-a"), k.status("job-b")
+    before_a, before_b = k.reported("job-a"), k.reported("job-b")
 
     foreign_pod_token = k.token(audiences=[AUDIENCE], pod=pod_b)
     wrong_audience_token = k.token(audiences=["https://kubernetes.default.svc.cluster.local"], pod=pod_a)
@@ -212,21 +204,15 @@ def test_progress_security(control_plane, namespace, server):
     for what, (response, expected) in rejected.items():
         assert response.status_code in expected, f"{what}: {response.status_code} {response.text}"
 
-    time.sleep(1.0)  # longer than the coalescing window (0 s here): a write would have landed
-    assert k.status("job-a") == before_a
-    assert k.status("job-b") == before_b
-    assert "progress" not in before_b
-    assert _gauge("sft_job_train_loss", namespace, "job-a") == 1.5
-    assert _gauge("sft_job_train_loss", namespace, "job-b") is None
+    time.sleep(3.0)  # longer than the rate limit (2 s): a write would have landed
+    assert k.reported("job-a") == before_a
+    assert k.reported("job-b") == before_b
+    assert before_b["progress"] is None
+    assert server.gauge("sft_job_train_loss", namespace, "job-a") == 1.5
+    assert server.gauge("sft_job_train_loss", namespace, "job-b") is None
 
     # Control: the other job's pod is accepted for its own job, so the refusals above were specific.
     response = server.post(namespace, "job-b", token=foreign_pod_token, body=progress_report(1, 2.0))
     assert response.status_code == 202, response.text
     control_plane.wait_for(lambda: k.status("job-b").get("progress", {}).get("step") == 1, 30, "job-b's own progress")
-    assert k.status("job-a") == before_a
-    metrics.remove_job(namespace, "job-a")
-    metrics.remove_job(namespace, "job-b")
-
-
-def _gauge(name: str, namespace: str, job: str) -> float | None:
-    return metrics.REGISTRY.get_sample_value(name, {"namespace": namespace, "sftjob": job})
+    assert k.reported("job-a") == before_a

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sft_operator import metrics
 from sft_trainer.config import ProgressReport
+from support import free_port
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -156,14 +156,8 @@ def test_per_job_cardinality_is_bounded_by_active_jobs():
     assert not [key for key in _samples() if ("namespace", "churn") in key[1]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_metrics_endpoint_serves_our_registry():
-    port = _free_port()
+    port = free_port()
     metrics.start_metrics_server(port)
     metrics.start_metrics_server(port)  # idempotent: a second call does not try to bind again
     metrics.set_job_metrics("scrape", "job", ProgressReport(step=3, total_steps=4, epoch=0, train_loss=0.75))

@@ -52,6 +52,6 @@ def test_installs_the_base_package_only_and_runs_the_console_script():
     assert installs and not [i for i in installs if "[" in i or "torch" in i], installs
     (entrypoint,) = re.findall(r"^ENTRYPOINT \[\"([^\"]+)\"\]$", text, re.M)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[entrypoint] == "sft_operator.main:run"
+    assert scripts[entrypoint] == "sft_operator.__main__:run"
     assert not any(dep.startswith("torch") for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())
                    ["project"]["dependencies"])

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import aiohttp
 import aiohttp.web
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from sft_operator import progress
-from sft_operator.progress import Caller, Rejected, build_app, status_patch
+from sft_operator.progress import Caller, Rejected, build_app
 from sft_operator.settings import OperatorSettings
 from sft_trainer.config import ProgressReport
+from support import free_port
 from tls_certs import self_signed
 
 NS, JOB = "team-a", "llama"
@@ -45,19 +46,20 @@ class FakeVerifier:
             raise Rejected(404, "NotFound", "SFTJob not found")
         if (namespace, name) != (NS, JOB):
             raise Rejected(403, "Forbidden", "the calling pod does not belong to this SFTJob")
-        return Caller(NS, JOB, "llama-0-abcde", "uid-1", f"system:serviceaccount:{NS}:default")
+        return Caller(NS, JOB, "llama-0-abcde", "uid-1", f"system:serviceaccount:{NS}:default", sftjob_uid="sftjob-uid")
 
 
 class FakeSink:
-    def __init__(self, fail_times: int = 0) -> None:
-        self.writes: list[tuple[str, str, ProgressReport, float]] = []
-        self.fail_times = fail_times
+    """Stands in for the status writer: takes reports, or refuses them like a finished job's."""
 
-    async def __call__(self, namespace: str, name: str, report: ProgressReport) -> None:
-        if self.fail_times:
-            self.fail_times -= 1
-            raise ConnectionError("API server unavailable")
-        self.writes.append((namespace, name, report, asyncio.get_running_loop().time()))
+    def __init__(self, refuse: Rejected | None = None) -> None:
+        self.writes: list[tuple[str, str, ProgressReport]] = []
+        self.refuse = refuse
+
+    def __call__(self, caller: Caller, report: ProgressReport) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.writes.append((caller.namespace, caller.job, report))
 
     @property
     def steps(self) -> list[int]:
@@ -73,12 +75,12 @@ def auth(token: str = GOOD) -> dict[str, str]:
 
 
 def scenario(test: Callable[[TestClient, FakeVerifier, FakeSink], Awaitable[None]], *,
-             interval: float = 0.0, sink: FakeSink | None = None, max_body: int = progress.MAX_BODY_BYTES) -> None:
+             sink: FakeSink | None = None, max_body: int = progress.MAX_BODY_BYTES, verifier=None) -> None:
     async def main() -> None:
-        verifier, fake_sink = FakeVerifier(), sink or FakeSink()
-        app = build_app(verifier, fake_sink, min_interval_seconds=interval, max_body_bytes=max_body)
+        fake_verifier, fake_sink = verifier or FakeVerifier(), sink or FakeSink()
+        app = build_app(fake_verifier, fake_sink, max_body_bytes=max_body)
         async with TestClient(TestServer(app)) as client:
-            await test(client, verifier, fake_sink)
+            await test(client, fake_verifier, fake_sink)
 
     asyncio.run(main())
 
@@ -96,7 +98,7 @@ def test_valid_report_is_accepted_quickly_and_written():
         assert response.status == 202
         await settle()
         assert len(sink.writes) == 1
-        ns, name, written, _ = sink.writes[0]
+        ns, name, written = sink.writes[0]
         assert (ns, name) == (NS, JOB)
         assert written.step == 10 and written.eval_loss == 1.7
 
@@ -234,11 +236,60 @@ def test_successful_verification_is_cached():
         for step in range(5):
             assert (await client.post(URL, json=report(step), headers=auth())).status == 202
         assert len(verifier.calls) == 1
-        for _ in range(3):  # failures are not cached
+        for _ in range(3):  # a refusal is remembered too: one TokenReview, not three
             assert (await client.post(URL, json=report(1), headers=auth("forged"))).status == 401
-        assert len(verifier.calls) == 4
+        assert len(verifier.calls) == 2
 
     scenario(test)
+
+
+def test_a_refusal_is_remembered_briefly_then_verified_again():
+    now = [1000.0]
+
+    async def main():
+        verifier = FakeVerifier()
+        cache = progress.VerificationCache(clock=lambda: now[0], failure_ttl_seconds=10)
+        for _ in range(5):
+            with pytest.raises(Rejected):
+                await cache.verify(verifier, "forged", NS, JOB)
+        assert len(verifier.calls) == 1
+        now[0] += 11
+        with pytest.raises(Rejected):
+            await cache.verify(verifier, "forged", NS, JOB)
+        assert len(verifier.calls) == 2
+
+    asyncio.run(main())
+
+
+def test_verification_is_capped_and_excess_callers_get_503_at_once():
+    release = asyncio.Event
+
+    class SlowVerifier(FakeVerifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.running = self.peak = 0
+            self.gate = release()
+
+        async def __call__(self, token, namespace, name):
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await self.gate.wait()
+            self.running -= 1
+            return await super().__call__(GOOD, namespace, name)
+
+    async def main():
+        verifier = SlowVerifier()
+        cache = progress.VerificationCache(concurrency=2, queue=5)
+        tasks = [asyncio.ensure_future(cache.verify(verifier, f"token-{i}", NS, JOB)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        busy = [t for t in tasks if t.done()]
+        assert len(busy) == 3 and all(isinstance(t.exception(), Rejected) and t.exception().status == 503 for t in busy)
+        assert verifier.peak == 2  # at most two TokenReviews in flight
+        verifier.gate.set()
+        done = await asyncio.gather(*[t for t in tasks if t not in busy])
+        assert len(done) == 5 and verifier.peak == 2
+
+    asyncio.run(main())
 
 
 def test_concurrent_posts_share_one_verification():
@@ -273,143 +324,54 @@ def test_cache_is_bounded():
     assert cache.get("k99", NS, JOB) is not None
 
 
-# ---- coalescing and rate limit ----------------------------------------------------------------
+# ---- what the writer refuses reaches the trainer ----------------------------------------------
 
 
-def test_reports_within_the_interval_are_coalesced_into_one_write():
+@pytest.mark.parametrize(("status", "reason"), [(409, "Finished"), (409, "Recreated"), (404, "NotFound")])
+def test_a_report_the_writer_refuses_is_answered_with_its_reason(status, reason):
+    async def test(client, verifier, sink):
+        response = await client.post(URL, json=report(3), headers=auth())
+        assert response.status == status
+        assert (await response.json())["reason"] == reason
+        assert sink.writes == []
+
+    scenario(test, sink=FakeSink(refuse=Rejected(status, reason, "refused")))
+
+
+def test_a_recreated_sftjob_drops_the_cached_verification():
     async def test(client, verifier, sink):
         assert (await client.post(URL, json=report(1), headers=auth())).status == 202
-        await settle()
-        assert sink.steps == [1]  # an idle job's first report is written at once
-        for step in (2, 3, 4, 5):
-            extra = {"evalLoss": 1.25} if step == 3 else {}
-            assert (await client.post(URL, json=report(step, **extra), headers=auth())).status == 202
-        await settle()
-        assert sink.steps == [1]  # held back by the rate limit
-        await asyncio.sleep(1.2)
-        assert sink.steps == [1, 5]  # one write with the latest step...
-        assert sink.writes[1][2].eval_loss == 1.25  # ...keeping the eval loss reported in between
-        assert sink.writes[1][3] - sink.writes[0][3] >= 1.0 * 0.99
+        sink.refuse = Rejected(409, "Recreated", "SFTJob team-a/llama was deleted and created again")
+        assert (await client.post(URL, json=report(2), headers=auth())).status == 409
+        sink.refuse = None
+        assert (await client.post(URL, json=report(3), headers=auth())).status == 202
+        assert len(verifier.calls) == 2  # verified afresh against the new SFTJob
 
-    scenario(test, interval=1.0)
-
-
-def test_writes_are_rate_limited_per_job_not_globally():
-    async def test(client, verifier, sink):
-        start = asyncio.get_running_loop().time()
-        for step in range(1, 40):
-            assert (await client.post(URL, json=report(step), headers=auth())).status == 202
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.35)
-        elapsed = asyncio.get_running_loop().time() - start
-        times = [w[3] for w in sink.writes]
-        gaps = [b - a for a, b in zip(times, times[1:])]
-        assert all(g >= 0.3 * 0.99 for g in gaps), gaps
-        assert len(sink.writes) <= elapsed / 0.3 + 1
-        assert sink.steps[-1] == 39  # the latest report always lands
-
-    scenario(test, interval=0.3)
-
-
-def test_a_final_report_is_written_promptly():
-    async def test(client, verifier, sink):
-        assert (await client.post(URL, json=report(10), headers=auth())).status == 202
-        await settle()
-        assert (await client.post(URL, json=report(11), headers=auth())).status == 202
-        final = report(100, outputModel="pvc://models/llama", bestCheckpoint="pvc://models/llama/checkpoint-90")
-        assert (await client.post(URL, json=final, headers=auth())).status == 202
-        await settle(0.2)
-        assert sink.steps == [10, 100]  # not held back for the 30 s interval
-        assert sink.writes[-1][2].output_model == "pvc://models/llama"
-
-    scenario(test, interval=30)
-
-
-def test_a_failed_write_is_retried_with_the_latest_report():
-    async def test(client, verifier, sink):
-        assert (await client.post(URL, json=report(1), headers=auth())).status == 202
-        await asyncio.sleep(1.0)
-        assert sink.steps == [1]
-
-    scenario(test, interval=0.1, sink=FakeSink(fail_times=2))
-
-
-def test_idle_jobs_are_forgotten():
-    async def test(client, verifier, sink):
-        assert (await client.post(URL, json=report(1), headers=auth())).status == 202
-        coalescer = client.server.app[progress.APP_COALESCER]
-        await settle()
-        assert coalescer.active_jobs == 1
-        await asyncio.sleep(1.5)
-        assert coalescer.active_jobs == 0
-
-    scenario(test, interval=0.5)
-
-
-# ---- the status patch --------------------------------------------------------------------------
-
-
-def test_status_patch_maps_report_to_status_fields():
-    r = ProgressReport.model_validate(
-        report(50, evalLoss=1.1, bestEvalLoss=1.0, learningRate=2e-5, tokensPerSecond=900.0, etaSeconds=120,
-               effectiveBatchSize=16, generalLossBefore=2.5, generalLossAfter=2.6)
-    )
-    assert status_patch(r) == {
-        "status": {
-            "progress": {"percent": 50, "step": 50, "totalSteps": 100, "epoch": 1.0, "etaSeconds": 120},
-            "metrics": {
-                "trainLoss": 1.5,
-                "evalLoss": 1.1,
-                "bestEvalLoss": 1.0,
-                "learningRate": 2e-5,
-                "tokensPerSecond": 900.0,
-                "generalLossBefore": 2.5,
-                "generalLossAfter": 2.6,
-            },
-            "effectiveBatchSize": 16,
-        }
-    }
-
-
-def test_status_patch_leaves_unknown_metrics_alone_and_completes_the_eta():
-    r = ProgressReport.model_validate({"step": 100, "totalSteps": 100, "epoch": 3, "outputModel": "pvc://m/out"})
-    patch = status_patch(r)["status"]
-    assert patch["progress"]["percent"] == 100 and patch["progress"]["etaSeconds"] == 0
-    assert "metrics" not in patch  # a merge patch without them keeps the last known losses
-    assert patch["output"] == {"model": "pvc://m/out"}
-
-
-def test_status_patch_fits_the_crd_schema():
-    from sft_operator.api import SFTJobStatus
-
-    r = ProgressReport.model_validate(report(7, etaSeconds=3, outputModel="pvc://a/b", bestCheckpoint="pvc://a/c"))
-    SFTJobStatus.model_validate(status_patch(r)["status"])
+    scenario(test)
 
 
 # ---- TLS and startup ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ctx(settings: OperatorSettings) -> SimpleNamespace:
+    """What start_progress_server reads from the operator's context."""
+    return SimpleNamespace(settings=settings, kube=None, cache=None, writer=None)
 
 
 def test_refuses_plaintext_unless_allowed():
-    settings = OperatorSettings(progress_port=_free_port())
+    settings = OperatorSettings(progress_port=free_port())
     with pytest.raises(RuntimeError, match="progress-tls-cert"):
-        asyncio.run(progress.start_progress_server(settings, verifier=FakeVerifier(), sink=FakeSink()))
+        asyncio.run(progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink()))
 
 
 def test_serves_tls_with_the_configured_cert(tmp_path):
     cert, key = self_signed(tmp_path)
-    port = _free_port()
-    settings = OperatorSettings(progress_port=port, progress_tls_cert=str(cert), progress_tls_key=str(key),
-                                progress_min_interval_seconds=0)
+    port = free_port()
+    settings = OperatorSettings(progress_port=port, progress_tls_cert=str(cert), progress_tls_key=str(key))
     sink = FakeSink()
 
     async def main():
-        await progress.start_progress_server(settings, verifier=FakeVerifier(), sink=sink, host="127.0.0.1")
+        await progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=sink, host="127.0.0.1")
         try:
             context = ssl.create_default_context(cafile=str(cert))
             async with aiohttp.ClientSession() as session:
@@ -420,7 +382,6 @@ def test_serves_tls_with_the_configured_cert(tmp_path):
                     async with session.post(f"http://127.0.0.1:{port}{URL}", json=report(3), headers=auth()) as r:
                         assert r.status >= 400
                         raise aiohttp.ClientError("rejected")
-            await settle()
             assert sink.steps == [3]
         finally:
             await progress.stop_progress_server()
@@ -436,7 +397,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
     first.mkdir(), second.mkdir()
     cert, key = self_signed(first)
     new_cert, new_key = self_signed(second)
-    port = _free_port()
+    port = free_port()
 
     async def main():
         context = progress.ssl_context(str(cert), str(key))
@@ -464,11 +425,11 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
 
 
 def test_plaintext_when_explicitly_allowed():
-    port = _free_port()
+    port = free_port()
     settings = OperatorSettings(progress_port=port, progress_allow_plaintext=True)
 
     async def main():
-        await progress.start_progress_server(settings, verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
+        await progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
         try:
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
@@ -493,68 +454,51 @@ def test_unverified_audience_peek_handles_garbage():
 # ---- the Kubernetes verifier's decision logic, with fake API objects ---------------------------
 
 
-class _FakeApis:
-    """Just enough of the kubernetes client APIs for KubernetesVerifier, as real model objects."""
+class _FakeKube:
+    """Just enough of KubeClient for KubernetesVerifier: a TokenReview and reads, as the API server answers."""
 
     def __init__(self) -> None:
-        from kubernetes import client
-
-        self.c = client
-        self.review_status = client.V1TokenReviewStatus(
-            authenticated=True,
-            audiences=["sft.dev/progress"],
-            user=client.V1UserInfo(
-                username=f"system:serviceaccount:{NS}:default",
-                extra={progress.POD_NAME_EXTRA: ["llama-0-abcde"], progress.POD_UID_EXTRA: ["pod-uid"]},
-            ),
-        )
-        self.sftjobs = {JOB: {"metadata": {"name": JOB, "uid": "sftjob-uid"}}}
-        self.pod = client.V1Pod(
-            metadata=client.V1ObjectMeta(
-                name="llama-0-abcde", namespace=NS, uid="pod-uid", labels={"sft.dev/job-name": JOB},
-                owner_references=[client.V1OwnerReference(api_version="batch/v1", kind="Job", name=JOB,
-                                                          uid="job-uid", controller=True)],
-            ),
-            spec=client.V1PodSpec(containers=[client.V1Container(name="trainer")], service_account_name="default"),
-        )
-        self.job = client.V1Job(
-            metadata=client.V1ObjectMeta(
-                name=JOB, namespace=NS, uid="job-uid",
-                owner_references=[client.V1OwnerReference(api_version="sft.dev/v1alpha1", kind="SFTJob", name=JOB,
-                                                          uid="sftjob-uid", controller=True)],
-            )
-        )
+        self.review_status = {
+            "authenticated": True,
+            "audiences": ["sft.dev/progress"],
+            "user": {"username": f"system:serviceaccount:{NS}:default",
+                     "extra": {progress.POD_NAME_EXTRA: ["llama-0-abcde"], progress.POD_UID_EXTRA: ["pod-uid"]}},
+        }
+        self.objects = {
+            ("SFTJob", JOB): {"metadata": {"name": JOB, "uid": "sftjob-uid"}},
+            ("Pod", "llama-0-abcde"): {
+                "metadata": {"name": "llama-0-abcde", "namespace": NS, "uid": "pod-uid", "labels": {"sft.dev/job-name": JOB},
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": JOB, "uid": "job-uid",
+                                                  "controller": True}]},
+                "spec": {"serviceAccountName": "default"},
+            },
+            ("Job", JOB): {"metadata": {"name": JOB, "namespace": NS, "uid": "job-uid", "ownerReferences": [
+                {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": JOB, "uid": "sftjob-uid", "controller": True}]}},
+        }
         self.reviews: list = []
+        self.fail_reads: int | None = None
 
-    def _not_found(self):
-        from kubernetes.client.exceptions import ApiException
+    @property
+    def pod(self) -> dict:
+        return self.objects[("Pod", "llama-0-abcde")]
 
-        return ApiException(status=404, reason="Not Found")
+    @property
+    def job(self) -> dict:
+        return self.objects[("Job", JOB)]
 
-    def create_token_review(self, body):
-        self.reviews.append(body)
-        return self.c.V1TokenReview(spec=body.spec, status=self.review_status)
+    async def token_review(self, token, audiences):
+        self.reviews.append(audiences)
+        return self.review_status
 
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        if namespace != NS or name not in self.sftjobs:
-            raise self._not_found()
-        return self.sftjobs[name]
+    async def get(self, kind, namespace, name):
+        from sft_operator.kube import ApiError
 
-    def read_namespaced_pod(self, name, namespace):
-        if (name, namespace) != (self.pod.metadata.name, NS):
-            raise self._not_found()
-        return self.pod
-
-    def read_namespaced_job(self, name, namespace):
-        if (name, namespace) != (self.job.metadata.name, NS):
-            raise self._not_found()
-        return self.job
-
-
-def _verifier(apis: _FakeApis) -> progress.KubernetesVerifier:
-    verifier = progress.KubernetesVerifier(None, "sft.dev/progress")
-    verifier._auth = verifier._core = verifier._batch = verifier._custom = apis
-    return verifier
+        if self.fail_reads is not None:
+            raise ApiError(self.fail_reads, "Forbidden", "no")
+        obj = self.objects.get((kind, name)) if namespace == NS else None
+        if obj is None or obj["metadata"].get("name") != name:
+            raise ApiError(404, "NotFound", f"{kind} {name} not found")
+        return obj
 
 
 def _jwt(aud: list[str]) -> str:
@@ -562,60 +506,66 @@ def _jwt(aud: list[str]) -> str:
     return f"e30.{enc}.sig"
 
 
+def _verify(kube: _FakeKube, token: str | None = None) -> Caller:
+    verifier = progress.KubernetesVerifier(kube, "sft.dev/progress")
+    return asyncio.run(verifier(token or _jwt(["sft.dev/progress"]), NS, JOB))
+
+
 def test_kubernetes_verifier_accepts_the_jobs_own_pod():
-    apis = _FakeApis()
-    caller = _verifier(apis).verify(_jwt(["sft.dev/progress"]), NS, JOB)
+    kube = _FakeKube()
+    caller = _verify(kube)
     assert (caller.namespace, caller.job, caller.pod_name, caller.pod_uid) == (NS, JOB, "llama-0-abcde", "pod-uid")
     assert caller.expires_at == 4102444800
-    assert apis.reviews[0].spec.audiences == ["sft.dev/progress"]  # the review is bound to our audience
+    assert caller.sftjob_uid == "sftjob-uid"
+    assert kube.reviews[0] == ["sft.dev/progress"]  # the review is bound to our audience
 
 
 def _mutations():
-    def unauthenticated(a):
-        a.review_status.authenticated = False
-        a.review_status.error = "token expired"
+    def unauthenticated(k):
+        k.review_status["authenticated"] = False
+        k.review_status["error"] = "token expired"
 
-    def other_audience_returned(a):
-        a.review_status.audiences = ["https://kubernetes.default.svc"]
+    def other_audience_returned(k):
+        k.review_status["audiences"] = ["https://kubernetes.default.svc"]
 
-    def user_not_sa(a):
-        a.review_status.user.username = "alice"
+    def user_not_sa(k):
+        k.review_status["user"]["username"] = "alice"
 
-    def sa_of_other_namespace(a):
-        a.review_status.user.username = "system:serviceaccount:team-b:default"
+    def sa_of_other_namespace(k):
+        k.review_status["user"]["username"] = "system:serviceaccount:team-b:default"
 
-    def not_pod_bound(a):
-        a.review_status.user.extra = {}
+    def not_pod_bound(k):
+        k.review_status["user"]["extra"] = {}
 
-    def pod_uid_mismatch(a):
-        a.pod.metadata.uid = "recreated-pod"
+    def pod_uid_mismatch(k):
+        k.pod["metadata"]["uid"] = "recreated-pod"
 
-    def pod_gone(a):
-        a.pod.metadata.name = "someone-else"
+    def pod_gone(k):
+        k.pod["metadata"]["name"] = "someone-else"
 
-    def label_of_other_job(a):
-        a.pod.metadata.labels = {"sft.dev/job-name": "other"}
+    def label_of_other_job(k):
+        k.pod["metadata"]["labels"] = {"sft.dev/job-name": "other"}
 
-    def other_service_account(a):
-        a.pod.spec.service_account_name = "builder"
+    def other_service_account(k):
+        k.pod["spec"]["serviceAccountName"] = "builder"
 
-    def pod_not_owned_by_job(a):
-        a.pod.metadata.owner_references = None
+    def pod_not_owned_by_job(k):
+        k.pod["metadata"]["ownerReferences"] = None
 
-    def job_uid_mismatch(a):
-        a.job.metadata.uid = "another-job"
+    def job_uid_mismatch(k):
+        k.job["metadata"]["uid"] = "another-job"
 
-    def job_owned_by_other_sftjob(a):
-        a.job.metadata.owner_references[0].name = "other"
+    def job_owned_by_other_sftjob(k):
+        k.job["metadata"]["ownerReferences"][0]["name"] = "other"
 
-    def job_owner_uid_mismatch(a):  # an SFTJob deleted and recreated with the same name
-        a.job.metadata.owner_references[0].uid = "old-sftjob-uid"
+    def job_owner_uid_mismatch(k):  # an SFTJob deleted and recreated with the same name
+        k.job["metadata"]["ownerReferences"][0]["uid"] = "old-sftjob-uid"
 
-    def job_not_controlled(a):
-        a.job.metadata.owner_references[0].controller = False
+    def job_not_controlled(k):
+        k.job["metadata"]["ownerReferences"][0]["controller"] = False
 
-    def sftjob_missing(a):
-        a.sftjobs.clear()
+    def sftjob_missing(k):
+        del k.objects[("SFTJob", JOB)]
 
     return [
         (unauthenticated, 401), (other_audience_returned, 403), (user_not_sa, 403), (sa_of_other_namespace, 403),
@@ -628,64 +578,32 @@ def _mutations():
 
 @pytest.mark.parametrize(("mutate", "status"), _mutations(), ids=lambda v: getattr(v, "__name__", str(v)))
 def test_kubernetes_verifier_rejects(mutate, status):
-    apis = _FakeApis()
-    mutate(apis)
+    kube = _FakeKube()
+    mutate(kube)
     with pytest.raises(Rejected) as exc:
-        _verifier(apis).verify(_jwt(["sft.dev/progress"]), NS, JOB)
+        _verify(kube)
     assert exc.value.status == status
 
 
 def test_kubernetes_verifier_names_a_wrong_audience():
-    apis = _FakeApis()
-    apis.review_status.authenticated = False
+    kube = _FakeKube()
+    kube.review_status["authenticated"] = False
     with pytest.raises(Rejected) as exc:
-        _verifier(apis).verify(_jwt(["https://kubernetes.default.svc"]), NS, JOB)
+        _verify(kube, _jwt(["https://kubernetes.default.svc"]))
     assert (exc.value.status, exc.value.reason) == (403, "WrongAudience")
 
 
 def test_kubernetes_verifier_treats_garbage_as_unauthenticated():
-    apis = _FakeApis()
-    apis.review_status.authenticated = False
+    kube = _FakeKube()
+    kube.review_status["authenticated"] = False
     with pytest.raises(Rejected) as exc:
-        _verifier(apis).verify("not.a.token", NS, JOB)
+        _verify(kube, "not.a.token")
     assert exc.value.status == 401
 
 
 def test_kubernetes_verifier_reports_api_trouble_as_unavailable():
-    from kubernetes.client.exceptions import ApiException
-
-    apis = _FakeApis()
-
-    def forbidden(*args):
-        raise ApiException(status=403, reason="Forbidden")  # the operator's own RBAC is missing
-
-    apis.read_namespaced_pod = forbidden
+    kube = _FakeKube()
+    kube.fail_reads = 403  # the operator's own RBAC is missing
     with pytest.raises(Rejected) as exc:
-        _verifier(apis).verify(_jwt(["sft.dev/progress"]), NS, JOB)
+        _verify(kube)
     assert exc.value.status == 503
-
-
-def test_status_sink_patches_status_and_skips_gauges_of_finished_jobs():
-    from sft_operator import metrics
-
-    calls = []
-
-    class FakeCustom:
-        phase = "Running"
-
-        def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, body):
-            calls.append((group, version, namespace, plural, name, body))
-            return {"status": {"phase": self.phase}}
-
-    sink = progress.KubernetesStatusSink(None)
-    sink._custom = FakeCustom()
-    r = ProgressReport.model_validate(report(10))
-    asyncio.run(sink(NS, "sink-job", r))
-    assert calls[0][:5] == ("sft.dev", "v1alpha1", NS, "sftjobs", "sink-job")
-    assert calls[0][5] == status_patch(r)
-    sample = {"namespace": NS, "sftjob": "sink-job"}
-    assert metrics.REGISTRY.get_sample_value("sft_job_train_loss", sample) == 1.9
-    metrics.remove_job(NS, "sink-job")
-    sink._custom.phase = "Succeeded"
-    asyncio.run(sink(NS, "sink-job", r))
-    assert metrics.REGISTRY.get_sample_value("sft_job_train_loss", sample) is None

@@ -1,20 +1,26 @@
-"""Reconcile decisions: adoption, suspension in both directions (and Kueue's say), API errors."""
+"""Reconcile decisions: whose a child is, suspension in both directions (and Kueue's say), stopping a
+failed job, ConfigMap drift, API errors."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from sft_operator.cache import data_digest, slim
 from sft_operator.reconcile import (
+    ANNOTATION_STOPPED_REASON,
     ANNOTATION_SUSPENDED_BY,
-    ChildConflict,
-    adoption_patch,
+    FOREIGN,
+    OURS as OWNED,
+    PREVIOUS,
     api_error_cause,
+    config_map_patch,
+    conflict_cause,
+    ownership,
     prepare_job,
-    retry_delay,
+    stop_patch,
     suspend_patch,
 )
+from sft_operator.scheduler import backoff_delay
 
 SFTJOB = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": "demo", "namespace": "a", "uid": "u-1"}}
 OURS = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": "demo", "uid": "u-1", "controller": True,
@@ -26,20 +32,57 @@ def job(suspend: bool, annotations: dict | None = None, labels: dict | None = No
             "spec": {"suspend": suspend}}
 
 
-def test_adoption_of_an_orphan_keeps_other_owners():
-    other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u-9"}
-    child = {"kind": "Job", "metadata": {"name": "demo", "ownerReferences": [other]}}
-    assert adoption_patch(child, SFTJOB) == {"metadata": {"ownerReferences": [other, OURS]}}
+def child(*refs: dict, labels: dict | None = None) -> dict:
+    return {"kind": "Service", "metadata": {"name": "demo", "namespace": "a", "labels": labels or {},
+                                            "ownerReferences": list(refs)}}
 
 
-def test_adoption_is_a_no_op_when_already_ours():
-    assert adoption_patch({"kind": "Job", "metadata": {"name": "demo", "ownerReferences": [OURS]}}, SFTJOB) is None
+def test_only_a_child_this_sftjob_controls_is_ours():
+    assert ownership(child(OURS), SFTJOB) == OWNED
+    assert ownership(child({**OURS, "uid": "u-old"}), SFTJOB) == PREVIOUS  # a deleted SFTJob of the same name
+    # Never adopted: a production Service, the orphan of an earlier SFTJob (our labels, no controller),
+    # an object another controller owns.
+    assert ownership(child(), SFTJOB) == FOREIGN
+    assert ownership(child(labels={"sft.dev/job-name": "demo", "app.kubernetes.io/managed-by": "sft-operator"}),
+                     SFTJOB) == FOREIGN
+    assert ownership(child({**OURS, "controller": False}), SFTJOB) == FOREIGN
+    assert ownership(child({"apiVersion": "apps/v1", "kind": "Deployment", "name": "demo", "uid": "d-1",
+                            "controller": True}), SFTJOB) == FOREIGN
 
 
-def test_a_child_of_another_controller_is_a_conflict():
-    theirs = {**OURS, "uid": "u-old"}
-    with pytest.raises(ChildConflict, match="u-old"):
-        adoption_patch({"kind": "Job", "metadata": {"name": "demo", "ownerReferences": [theirs]}}, SFTJOB)
+def test_a_foreign_object_is_a_final_name_conflict_naming_it():
+    cause = conflict_cause("Service", child(), SFTJOB)
+    assert cause.reason == "NameConflict" and cause.final
+    assert "Service a/demo" in cause.message and "leaves it alone" in cause.message
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "d-1", "controller": True}
+    assert "controlled by Deployment web" in conflict_cause("Service", child(deployment), SFTJOB).message
+
+
+def test_a_previous_sftjobs_child_is_waited_for():
+    cause = conflict_cause("Job", child({**OURS, "uid": "u-old"}), SFTJOB)
+    assert cause.reason == "AwaitingGarbageCollection" and not cause.final and "u-old" in cause.message
+
+
+def test_config_map_drift_is_patched_back_including_a_removed_ca():
+    rendered = {"data": {"config.json": "{}", "ca.crt": "NEW"}}
+    cached = slim("ConfigMap", {"metadata": {"name": "demo-config"}, "data": {"config.json": "{}", "ca.crt": "OLD"}})
+    assert config_map_patch(cached, rendered, data_digest(rendered["data"])) == {"data": rendered["data"]}
+    current = slim("ConfigMap", {"metadata": {"name": "demo-config"}, "data": rendered["data"]})
+    assert config_map_patch(current, rendered, data_digest(rendered["data"])) is None
+    without_ca = {"data": {"config.json": "{}"}}
+    assert config_map_patch(cached, without_ca, data_digest(without_ca["data"])) == {
+        "data": {"ca.crt": None, "config.json": "{}"}}
+
+
+def test_the_job_of_a_failed_sftjob_is_stopped_once():
+    patch = stop_patch(job(False), "ImagePullFailed")
+    assert patch == {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: "sft-operator",
+                                                  ANNOTATION_STOPPED_REASON: "ImagePullFailed"}},
+                     "spec": {"suspend": True}}
+    assert stop_patch(job(True), "ImagePullFailed") is None
+    finished = {**job(False), "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    assert stop_patch(finished, "BackoffLimitExceeded") is None
+    assert stop_patch(None, "NameConflict") is None
 
 
 MINE = {ANNOTATION_SUSPENDED_BY: "sft-operator"}
@@ -79,25 +122,25 @@ def test_prepare_job_marks_a_suspended_job_as_ours():
 
 
 @pytest.mark.parametrize(
-    "status,message,reason",
+    "status,message,reason,final",
     [
-        (403, 'jobs.batch "demo" is forbidden: exceeded quota: gpu, requested: requests.nvidia.com/gpu=16, used: 0, limited: 8', "QuotaExceeded"),
-        (403, 'jobs.batch is forbidden: User "system:serviceaccount:x:y" cannot create resource "jobs"', "Forbidden"),
-        (422, 'Job.batch "demo" is invalid: spec.template.spec.containers[0].image: Required value', "Invalid"),
-        (500, "etcdserver: request timed out", "CreateFailed"),
+        (403, 'jobs.batch "demo" is forbidden: exceeded quota: gpu, requested: requests.nvidia.com/gpu=16, used: 0, limited: 8',
+         "QuotaExceeded", False),
+        (403, 'jobs.batch is forbidden: User "system:serviceaccount:x:y" cannot create resource "jobs"', "Forbidden", False),
+        (422, 'Job.batch "demo" is invalid: spec.template.spec.containers[0].resources.limits: Invalid value: "64Gii"',
+         "InvalidSpec", True),
+        (500, "etcdserver: request timed out", "CreateFailed", False),
     ],
 )
-def test_api_error_cause_keeps_the_api_message(status, message, reason):
-    body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status})
-    cause = api_error_cause(status, body, "Job", "demo")
-    assert cause.reason == reason
+def test_api_error_cause_keeps_the_api_message(status, message, reason, final):
+    cause = api_error_cause(status, message, "Job", "demo")
+    assert (cause.reason, cause.final) == (reason, final)
     assert message in cause.message and cause.message.startswith("creating Job demo")
 
 
-def test_api_error_cause_without_json_body():
-    assert "HTTP 503" in api_error_cause(503, None, "Job", "demo").message
-    assert "gateway down" in api_error_cause(502, b"gateway down", "Job", "demo").message
+def test_api_error_cause_without_a_message():
+    assert "HTTP 503" in api_error_cause(503, "", "Job", "demo").message
 
 
-def test_retry_delay_backs_off_to_five_minutes():
-    assert [retry_delay(r) for r in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+def test_back_off_doubles_from_five_seconds_to_five_minutes():
+    assert [backoff_delay(n) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]

@@ -53,8 +53,19 @@ def test_pod_failure_policy_fails_fast_on_trainer_codes_and_ignores_disruptions(
     policy = _job(manifest())["spec"]["podFailurePolicy"]["rules"]
     assert policy[0]["action"] == "FailJob"
     assert policy[0]["onExitCodes"]["values"] == sorted(int(c) for c in NON_RETRIABLE)
-    assert policy[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # exit 75 (Interrupted, checkpoint saved) from any rank is a disruption: every rank of a multi-node
+    # run exits 75 when one pod is evicted, but only that pod carries DisruptionTarget
+    assert policy[1] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}}
+    assert policy[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert _job(manifest())["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_the_tmp_scratch_volume_is_bounded_and_overridable():
+    def tmp(doc):
+        return next(v for v in _job(doc)["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp")
+
+    assert tmp(manifest()) == {"name": "tmp", "emptyDir": {"sizeLimit": "64Gi"}}
+    assert tmp(manifest(resources={"scratchSize": "200Gi"}))["emptyDir"] == {"sizeLimit": "200Gi"}
 
 
 def test_pvc_sources_are_mounted_and_only_output_is_writable():
@@ -92,9 +103,9 @@ def test_config_map_holds_the_training_part_only():
 
     data = json.loads(_by_kind(render_children(manifest(resources={"nodes": 3})))["ConfigMap"]["data"]["config.json"])
     assert data["model"]["source"] == "Qwen/Qwen2.5-0.5B" and "resources" not in data
-    from sft_trainer.config import load_training_spec
+    from sft_trainer.config import TrainingSpec
 
-    assert load_training_spec(data).hyperparameters.learning_rate == 2e-5
+    assert TrainingSpec.model_validate(data).hyperparameters.learning_rate == 2e-5
 
 
 def test_run_policy_reaches_the_job():

@@ -138,7 +138,7 @@ CASES: list[tuple[str, dict, dict | None, list, str, str, str]] = [
 
 @pytest.mark.parametrize("doc,job_,pods,phase,reason,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_phase_reason_message(doc, job_, pods, phase, reason, fragment):
-    status = st.derive_status(doc, job_, pods, NOW, image_pull_grace_seconds=300)
+    status = st.derive_status(doc, job_, pods, NOW, start_grace_seconds=300)
     assert status["phase"] == phase
     summary = {"Succeeded": "Succeeded", "Failed": "Failed", "Suspended": "Suspended", "Queued": "Queued",
                "Running": "Running", "Restarting": "Restarting"}.get(phase, "Running")
@@ -168,7 +168,6 @@ def test_last_transition_time_kept_while_status_unchanged():
     later = NOW + timedelta(minutes=5)
     second = st.derive_status(sftjob(status=first), job(active=1), [pod()], later)
     assert second == first  # nothing changed: same times, so no write
-    assert st.status_patch(first, second) is None
     done = job([jcond("Complete")], succeeded=1, completionTime="2026-11-28T12:05:00Z")
     third = st.derive_status(sftjob(status=second), done, [pod(phase="Succeeded", state=terminated(0, "Completed"))], later)
     assert st.condition(third, "Running")["status"] == "False"
@@ -207,7 +206,7 @@ def test_creation_error_is_reported_with_the_api_message():
 def test_terminal_phase_sticks_after_the_job_is_gone():
     failed = st.derive_status(sftjob(), job(active=1), [pod(phase="Pending", state=waiting("ImagePullBackOff"),
                               conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": T0}])],
-                              NOW, image_pull_grace_seconds=60)
+                              NOW, start_grace_seconds=60)
     assert (failed["phase"], st.condition(failed, "Failed")["reason"]) == ("Failed", "ImagePullFailed")
     again = st.derive_status(sftjob(status=failed), None, [], NOW + timedelta(minutes=1))
     assert again == failed
@@ -235,15 +234,6 @@ def test_count_restarts(job_, pods, previous, expected):
 def test_restarts_are_carried_into_status():
     status = st.derive_status(sftjob(status={"restarts": 2}), job(active=1), [pod()], NOW)
     assert status["restarts"] == 2
-
-
-def test_status_patch_ignores_progress_fields_and_writes_only_changes():
-    current = {"phase": "Running", "restarts": 0, "progress": {"percent": 40}, "metrics": {"trainLoss": 1.2}}
-    desired = {"phase": "Running", "restarts": 0}
-    assert st.status_patch(current, desired) is None
-    patch = st.status_patch(current, {"phase": "Succeeded", "restarts": 0, "completionTime": T1})
-    assert patch == {"phase": "Succeeded", "completionTime": T1}
-    assert "progress" not in patch and "metrics" not in patch
 
 
 def test_pod_failure_reads_termination_message_and_codes():
@@ -291,9 +281,10 @@ def test_time_round_trip():
     assert st.parse_time(None) is None
 
 
-def test_effective_batch_size_is_filled_in_but_never_overwritten():
-    assert st.status_patch({"phase": "Running"}, {"phase": "Running", "effectiveBatchSize": 16}) == {"effectiveBatchSize": 16}
-    assert st.status_patch({"phase": "Running", "effectiveBatchSize": 32}, {"phase": "Running", "effectiveBatchSize": 16}) is None
+def test_effective_batch_size_comes_from_the_spec_unless_the_trainer_reported_one():
+    assert st.derive_status(sftjob(), job(active=1), [pod()], NOW, effective_batch_size=16)["effectiveBatchSize"] == 16
+    reported = sftjob(status={"phase": "Running", "effectiveBatchSize": 32})
+    assert st.derive_status(reported, job(active=1), [pod()], NOW, effective_batch_size=16)["effectiveBatchSize"] == 32
 
 
 def test_pods_finished_before_the_job_completes_stay_running():
@@ -324,3 +315,185 @@ def test_pods_the_job_cannot_create_are_reported_with_the_quota_message():
     assert st.derive_status(sftjob(), job(active=1), [pod()], NOW, pod_creation_error=cause)["phase"] == "Running"
     assert st.pod_creation_cause("Error creating: pods is forbidden: PodSecurity").reason == "Forbidden"
     assert st.pod_creation_cause("Error creating: Internal error").reason == "FailedCreate"
+
+
+# ---- defect 3: pods that never start are named, then failed after the grace period -------------
+
+
+def scheduled_at(when: str) -> list[dict[str, Any]]:
+    return [{"type": "PodScheduled", "status": "True", "lastTransitionTime": when}]
+
+
+@pytest.mark.parametrize("reason", ["CreateContainerConfigError", "CreateContainerError"])
+def test_a_container_the_kubelet_cannot_create_is_named_then_fails(reason):
+    message = "couldn't find key tokn in Secret team-a/hf-token"
+    young = pod(phase="Pending", state=waiting(reason, message), conditions=scheduled_at("2026-11-28T11:59:00Z"))
+    status = st.derive_status(sftjob(), job(active=1), [young], NOW, start_grace_seconds=300)
+    running = st.condition(status, "Running")
+    assert (status["phase"], status["reason"], running["reason"]) == ("Pending", reason, reason)
+    assert "couldn't find key tokn" in running["message"] and "240s more" in running["message"]
+    assert st.recheck_seconds([young], NOW, 300) == 240
+    old = pod(phase="Pending", state=waiting(reason, message), conditions=scheduled_at(T0))
+    failed = st.derive_status(sftjob(), job(active=1), [old], NOW, start_grace_seconds=300)
+    assert (failed["phase"], st.condition(failed, "Failed")["reason"]) == ("Failed", reason)
+    assert "hf-token" in st.condition(failed, "Failed")["message"]
+
+
+@pytest.mark.parametrize(
+    ("event_reason", "message", "reason"),
+    [
+        ("FailedMount", 'MountVolume.SetUp failed for volume "config" : configmap "demo-config" not found', "FailedMount"),
+        ("FailedAttachVolume", 'Multi-Attach error for volume "pvc-1" Volume is already used by pod(s) demo-0-x',
+         "MultiAttach"),
+    ],
+)
+def test_a_volume_that_cannot_be_mounted_is_named_then_fails(event_reason, message, reason):
+    stuck = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at("2026-11-28T11:58:00Z"))
+    stuck["metadata"]["uid"] = "pod-1"
+    problems = {"pod-1": st.volume_cause(event_reason, message)}
+    status = st.derive_status(sftjob(), job(active=1), [stuck], NOW, start_grace_seconds=300, pod_problems=problems)
+    assert (status["phase"], status["reason"]) == ("Pending", reason)
+    assert message[:20] in st.condition(status, "Running")["message"]
+    later = NOW + timedelta(minutes=4)
+    failed = st.derive_status(sftjob(), job(active=1), [stuck], later, start_grace_seconds=300, pod_problems=problems)
+    assert (failed["phase"], st.condition(failed, "Failed")["reason"]) == ("Failed", reason)
+    # without the event it is just a pod starting
+    assert st.derive_status(sftjob(), job(active=1), [stuck], later)["reason"] == "PodsStarting"
+
+
+def test_events_are_looked_up_for_a_job_without_pods_and_a_scheduled_pod_that_does_not_start():
+    fresh_job = job(active=1)
+    fresh_job["metadata"].update(uid="job-1", creationTimestamp="2026-11-28T11:59:58Z")
+    (lookup,) = st.lookups(fresh_job, [], NOW)
+    assert (lookup.kind, lookup.uid, lookup.after_seconds) == ("Job", "job-1", 8.0)
+    stuck = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at("2026-11-28T11:59:55Z"))
+    stuck["metadata"]["uid"] = "pod-1"
+    (lookup,) = st.lookups(fresh_job, [stuck], NOW)
+    assert (lookup.kind, lookup.uid, lookup.after_seconds) == ("Pod", "pod-1", 5.0)
+    assert st.lookups(fresh_job, [pod()], NOW) == []  # running: nothing to explain
+    assert st.lookups(job([jcond("Complete")]), [], NOW) == []
+
+
+# ---- defect 1 and 7: what no retry fixes fails the job -----------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["NameConflict", "InvalidSpec"])
+def test_a_final_creation_error_fails_the_job_with_its_reason(reason):
+    error = Cause(reason, "Service team-a/demo already exists and is not created by this SFTJob")
+    status = st.derive_status(sftjob(), None, [], NOW, creation_error=error)
+    assert (status["phase"], status["reason"]) == ("Failed", reason)
+    failed = st.condition(status, "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", reason) and "Service team-a/demo" in failed["message"]
+    assert st.condition(status, "Created")["status"] == "False"
+
+
+# ---- defect 9: exit 75 from any rank is a disruption -------------------------------------------
+
+
+def test_interrupted_ranks_count_as_restarts_not_failures():
+    interrupted = [pod(f"demo-{i}-a", "Failed", terminated(75, "Error", "interrupted: checkpoint saved")) for i in range(3)]
+    replacements = [pod(f"demo-{i}-b", phase="Pending", state=waiting("ContainerCreating")) for i in range(3)]
+    assert st.count_restarts(job(active=3), interrupted) == 3
+    status = st.derive_status(sftjob(), job(active=3), interrupted + replacements, NOW)
+    assert (status["phase"], status["restarts"]) == ("Restarting", 3)
+
+
+def test_the_column_reason_says_why_the_job_waits():
+    status = st.derive_status(sftjob(), job(active=1), [PENDING_UNSCHEDULED], NOW)
+    assert (status["phase"], status["reason"]) == ("Pending", "Unschedulable")
+
+
+# ---- defect 5: the result in the termination message -------------------------------------------
+
+
+RESULT = ('{"outputModel":"pvc://models/demo/model","bestCheckpoint":"pvc://models/demo/checkpoints/checkpoint-90",'
+          '"steps":100,"totalSteps":100,"epochs":3.0,"trainLoss":0.8,"evalLoss":0.9,"bestEvalLoss":0.85}')
+
+
+def test_the_result_of_rank_zero_is_read_from_its_termination_message():
+    done = pod(phase="Succeeded", state=terminated(0, "Completed", RESULT))
+    result = st.trainer_result([done])
+    assert (result.output_model, result.best_eval_loss) == ("pvc://models/demo/model", 0.85)
+    other_rank = copy.deepcopy(done)
+    other_rank["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] = "1"
+    assert st.trainer_result([other_rank]) is None
+    assert st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", "done"))]) is None
+    newer = '{"outputModel":"pvc://x/model","futureField":1}'  # a newer trainer's extra field is ignored
+    assert st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", newer))]).output_model == "pvc://x/model"
+
+
+def test_a_result_without_steps_keeps_the_reported_progress_and_completes_it():
+    reported = {"phase": "Succeeded", "progress": {"percent": 98, "step": 294, "totalSteps": 300, "epoch": 2.9,
+                                                   "etaSeconds": 3}}
+    result = st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", '{"outputUri":"s3://b/run"}'))])
+    status = st.with_result(reported, result)
+    assert status["progress"] == {"percent": 100, "step": 294, "totalSteps": 300, "epoch": 2.9, "etaSeconds": 0}
+    assert status["output"] == {"uri": "s3://b/run"}
+
+
+def test_with_result_completes_output_metrics_and_progress():
+    result = st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", RESULT))])
+    status = st.with_result({"phase": "Succeeded", "metrics": {"learningRate": 1e-5, "trainLoss": 1.0}}, result)
+    assert status["output"] == {"model": "pvc://models/demo/model", "bestCheckpoint": "pvc://models/demo/checkpoints/checkpoint-90"}
+    assert status["metrics"] == {"learningRate": 1e-5, "trainLoss": 0.8, "evalLoss": 0.9, "bestEvalLoss": 0.85}
+    assert status["progress"] == {"percent": 100, "step": 100, "totalSteps": 100, "epoch": 3.0, "etaSeconds": 0}
+
+
+def test_with_progress_maps_a_report_onto_status_keeping_earlier_metrics():
+    from sft_trainer.config import ProgressReport
+
+    first = st.with_progress({"phase": "Running"}, ProgressReport.model_validate(
+        {"step": 50, "totalSteps": 100, "epoch": 1.0, "trainLoss": 1.5, "evalLoss": 1.1, "etaSeconds": 120,
+         "effectiveBatchSize": 16}))
+    assert first == {"phase": "Running", "progress": {"percent": 50, "step": 50, "totalSteps": 100, "epoch": 1.0,
+                                                      "etaSeconds": 120},
+                     "metrics": {"trainLoss": 1.5, "evalLoss": 1.1}, "effectiveBatchSize": 16}
+    second = st.with_progress(first, ProgressReport.model_validate({"step": 100, "totalSteps": 100, "epoch": 2.0,
+                                                                    "outputModel": "pvc://m/out"}))
+    assert second["progress"]["etaSeconds"] == 0 and second["metrics"] == {"trainLoss": 1.5, "evalLoss": 1.1}
+    assert second["output"] == {"model": "pvc://m/out"}
+    from sft_operator.api import SFTJobStatus
+
+    SFTJobStatus.model_validate(second)  # fits the CRD's schema
+
+
+# ---- transition: what follows a change ----------------------------------------------------------
+
+
+def test_transition_posts_events_only_for_what_a_person_acts_on():
+    pending = st.derive_status(sftjob(), job(active=1), [], NOW)
+    running = st.derive_status(sftjob(status=pending), job(active=1), [pod()], NOW)
+    effects = st.transition(pending, running)
+    assert effects.events == () and effects.started and not effects.stop_job
+    done = st.derive_status(sftjob(status=running), job([jcond("Complete")], completionTime=T1),
+                            [pod(phase="Succeeded", state=terminated(0, "Completed"))], NOW)
+    effects = st.transition(running, done)
+    assert effects.events == () and effects.finished[:2] == ("Succeeded", "Completed") and not effects.stop_job
+    failed = st.derive_status(sftjob(status=running), job([jcond("Failed", "BackoffLimitExceeded")], failed=1),
+                              [pod(phase="Failed", state=terminated(137, "OOMKilled"))], NOW)
+    effects = st.transition(running, failed)
+    assert [(e.type, e.reason) for e in effects.events] == [("Warning", "Failed")]
+    assert "OOMKilled" in effects.events[0].message and effects.stop_job
+    assert st.transition(failed, failed) == st.Effects()  # nothing changed, nothing follows
+    quota = st.derive_status(sftjob(), None, [], NOW, creation_error=Cause("QuotaExceeded", "exceeded quota: jobs"))
+    assert [e.reason for e in st.transition({}, quota).events] == ["QuotaExceeded"]
+    assert st.transition(quota, quota).events == ()
+
+
+def test_moments_every_healthy_job_passes_through_may_wait_unwritten():
+    settle = {"settle_seconds": 10, "creating_seconds": 60}
+    fresh_job = job(active=1)
+    fresh_job["metadata"]["creationTimestamp"] = "2026-11-28T11:59:58Z"
+    starting = st.derive_status(sftjob(), fresh_job, [], NOW)
+    assert st.settle_until({}, starting, sftjob(), fresh_job, [], **settle) == st.parse_time("2026-11-28T12:00:08Z")
+    # once anything was written, or when there is something to say, it is written at once
+    assert st.settle_until({"phase": "Pending", "reason": "Creating"}, starting, sftjob(), fresh_job, [], **settle) is None
+    running = st.derive_status(sftjob(), fresh_job, [pod()], NOW)
+    assert st.settle_until({}, running, sftjob(), fresh_job, [pod()], **settle) is None
+    blocked = st.derive_status(sftjob(), fresh_job, [PENDING_UNSCHEDULED], NOW)
+    assert st.settle_until({}, blocked, sftjob(), fresh_job, [PENDING_UNSCHEDULED], **settle) is None
+    # pods done, the Job not yet Complete: the Running already written stays until Succeeded follows
+    done = [pod(phase="Succeeded", state=terminated(0, "Completed"))]
+    completing = st.derive_status(sftjob(status=running), job(active=0), done, NOW)
+    assert completing["reason"] == "PodsCompleted"
+    assert st.settle_until(running, completing, sftjob(), job(), done, **settle) == st.parse_time(T1) + timedelta(seconds=10)

@@ -214,7 +214,7 @@ def component_commands(
             f"--client-ca-file={pki.ca_crt}",
             "--authorization-mode=Node,RBAC",
             # PodSecurity is on by default; listed to make the dependency explicit.
-            "--enable-admission-plugins=PodSecurity,ServiceAccount,NamespaceLifecycle,LimitRanger,ResourceQuota",
+            "--enable-admission-plugins=PodSecurity,ServiceAccount,NamespaceLifecycle,LimitRanger,ResourceQuota,OwnerReferencesPermissionEnforcement",
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",

@@ -3,7 +3,8 @@
 Works unchanged under torchrun (it reads RANK/WORLD_SIZE/LOCAL_RANK). The config is the TrainingSpec as
 camelCase JSON (the operator's ConfigMap); YAML is accepted too, and so is a whole SFTJob manifest (its
 ``spec`` is used). ``--config`` defaults to ``$SFT_CONFIG``, then ``/etc/sft/config.json``.
-On failure a one-line reason goes to ``$SFT_TERMINATION_LOG`` (default /dev/termination-log).
+On failure a one-line reason goes to ``$SFT_TERMINATION_LOG`` (default /dev/termination-log); on success
+rank 0 writes the run's result there as JSON (``sft_trainer.result``), where the operator reads it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pydantic import ValidationError
 from .config import TRAINING_FIELDS, TrainingSpec
 from .errors import ConfigError, TrainerError
 from .exit_codes import DEFAULT_TERMINATION_LOG, ExitCode
+from .result import TERMINATION_LIMIT, write_result
 
 DEFAULT_CONFIG = "/etc/sft/config.json"
-TERMINATION_LIMIT = 4096  # the kubelet reads at most 4 KiB
 
 
 def write_termination_log(reason: str) -> None:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as e:
             hooks.failed(e)
             raise
-        hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the run, the result for the operator
+        done = hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the MLflow run
+        write_result(metrics | (done.fields() if done else {}))  # rank 0: the result the operator reads
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)

@@ -564,6 +564,10 @@ TRAINING_SPEC_CEL = [
 ]
 
 
+# Where a trainer POSTs its ProgressReport, below the operator's progress URL (the one copy of it).
+PROGRESS_PATH = "/v1/namespaces/{namespace}/sftjobs/{name}/progress"
+
+
 class ProgressReport(ApiModel):
     """What the trainer pushes to the operator's progress endpoint (size-bounded)."""
 
@@ -597,6 +601,39 @@ class ProgressReport(ApiModel):
         return min(100, int(100 * self.step / self.total_steps))
 
 
-def load_training_spec(data: dict[str, Any]) -> TrainingSpec:
-    """Validate a training config (camelCase JSON as written to the trainer's ConfigMap)."""
-    return TrainingSpec.model_validate(data)
+
+class TrainerResult(ApiModel):
+    """What a finished run leaves behind for the operator: rank 0 writes it as JSON to its termination
+    message (``$SFT_TERMINATION_LOG``), the kubelet keeps it in the pod's terminated state, and the
+    operator derives ``status.output``, the final ``status.metrics`` and 100 % progress from it. So an
+    operator restart, or a lost final progress report, loses nothing.
+
+    The kubelet keeps at most 4096 bytes; ``sft_trainer.result.termination_message`` enforces it.
+    Unknown fields are ignored when reading, so an older operator reads a newer trainer's result.
+    """
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    # Every field is optional when read, so that any version's result is read; the trainer always
+    # writes outputModel.
+    output_model: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="Where the model was written, in the spec's terms (e.g. pvc://models/run-1/model)."
+    )
+    output_uri: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Where the output is durable (s3://... once uploaded, else the destination)."
+    )
+    best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
+    mlflow_run_id: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    warning: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Something a person should know about a run that succeeded (e.g. tracking lost)."
+    )
+    steps: int | None = Field(default=None, ge=0, le=10**9)
+    total_steps: int | None = Field(default=None, ge=0, le=10**9)
+    epochs: float | None = Field(default=None, ge=0.0, le=1e6)
+    stopped_early: bool | None = None
+    train_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    best_eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    general_loss_before: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    general_loss_after: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
+    tokens_per_second: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e12)

@@ -86,7 +86,7 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
         except BaseException as e:
             hooks.failed(e)
             raise
-        result = hooks.succeeded(metrics, reporter=ProgressReporter(None, stdout=None), termination_log=False)
+        result = hooks.succeeded(metrics, reporter=ProgressReporter(None, stdout=None))
         metrics.update({"outputUri": result.output_uri, "mlflowRunId": result.mlflow_run_id})
     except TrainerError as e:
         console.print(f"[red]{ExitCode(e.code).name}[/red] (exit {int(e.code)}): {e.reason}")

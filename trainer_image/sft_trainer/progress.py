@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, TextIO
 
-from .config import ProgressReport
+from .config import PROGRESS_PATH, ProgressReport
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def progress_url() -> str | None:
         return None
     ns, name = os.environ.get("SFT_JOB_NAMESPACE"), os.environ.get("SFT_JOB_NAME")
     if not url.rstrip("/").endswith("/progress") and ns and name:
-        url = f"{url.rstrip('/')}/v1/namespaces/{ns}/sftjobs/{name}/progress"
+        url = url.rstrip("/") + PROGRESS_PATH.format(namespace=ns, name=name)
     return url
 
 

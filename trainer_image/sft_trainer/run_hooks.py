@@ -5,13 +5,12 @@
     result = hooks.succeeded(metrics)    # rank 0: upload to s3://, COMPLETE last; end the run; report the result
 
 Only rank 0 tracks and exports; on other ranks every method does nothing. The result (the output URI once
-it is durable, the MLflow run id, a tracking warning) goes into a final progress report and, as one JSON
-line, into the termination message, where the operator reads it from the finished pod.
+it is durable, the MLflow run id, a tracking warning) goes into a final progress report; ``__main__`` adds
+it to the run's result in the termination message (``sft_trainer.result``), where the operator reads it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,10 +32,10 @@ class RunResult:
     mlflow_run_id: str | None = None
     warning: str | None = None
 
-    def message(self) -> str:
-        """The termination message of a successful run (one JSON line)."""
+    def fields(self) -> dict[str, str]:
+        """As keys of the run's metrics (``sft_trainer.result.trainer_result`` reads them)."""
         doc = {"outputUri": self.output_uri, "mlflowRunId": self.mlflow_run_id, "warning": self.warning}
-        return json.dumps({k: v for k, v in doc.items() if v is not None})
+        return {k: v for k, v in doc.items() if v is not None}
 
 
 class RunHooks:
@@ -64,9 +63,9 @@ class RunHooks:
         hooks.follower = LogFollower(hooks.out_dir / outputs.LOG, hooks.tracker).start()
         return hooks
 
-    def succeeded(self, metrics: dict[str, Any], *, reporter=None, termination_log: bool = True) -> RunResult | None:
-        """Rank 0: export to s3:// (COMPLETE last), end the MLflow run, report the result (a final progress
-        report; with ``termination_log``, the termination message). Export errors raise."""
+    def succeeded(self, metrics: dict[str, Any], *, reporter=None) -> RunResult | None:
+        """Rank 0: export to s3:// (COMPLETE last), end the MLflow run, report the result in a final progress
+        report. Export errors raise."""
         if self.rank != 0:
             return None
         from .progress import ProgressReporter
@@ -78,10 +77,6 @@ class RunHooks:
         finally:
             if own:
                 reporter.close()
-        if termination_log:
-            from .__main__ import write_termination_log
-
-            write_termination_log(result.message())
         return result
 
     def _finish(self, metrics: dict[str, Any], reporter) -> RunResult:

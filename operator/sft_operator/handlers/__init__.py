@@ -1,3 +1,3 @@
 """Kopf handlers; importing this package registers them (sft_operator.main does)."""
 
-from . import handle_children, handle_lifecycle, handle_reconcile  # noqa: F401  (registration)
+from . import handle_lifecycle, handle_watches  # noqa: F401  (registration)

@@ -1,0 +1,275 @@
+"""What the watches saw: SFTJobs and the children and pods labelled with their name (no I/O).
+
+Status is derived from this cache, never from a fresh LIST per event, so a pod event costs one
+pure computation and, only when something changed, one status write. Objects are kept slim:
+only the fields that status derivation and reconciling read (a pod spec or a Job's pod template
+is never kept; a ConfigMap is kept as a digest of its data).
+
+A watch can miss a deletion (a 410 Gone relist reports only what exists); ``sweep`` drops what a
+fresh list no longer shows, so a deleted job stops counting GPU-seconds and phase gauges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .api import TERMINAL_PHASES, Phase
+from .render import LABEL_JOB
+from .status import Cause
+
+Key = tuple[str, str]  # (namespace, SFTJob name)
+CHILD_KINDS = ("ConfigMap", "Service", "Job")
+
+_META = ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "ownerReferences", "resourceVersion")
+_META_KEEP = {
+    "SFTJob": (*_META, "generation"),
+    "Job": (*_META, "labels", "annotations"),
+    "Pod": (*_META, "labels", "annotations"),
+    "ConfigMap": _META,
+    "Service": _META,
+}
+_JOB_SPEC_KEEP = ("suspend", "completions", "parallelism", "activeDeadlineSeconds", "backoffLimit")
+_POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
+_POD_STATUS_KEEP = ("phase", "reason", "message", "startTime")
+_CONTAINER_STATUS_KEEP = ("name", "image", "state", "lastState")
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy of decoded JSON (dicts, lists, scalars): much cheaper than copy.deepcopy."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def data_digest(data: Mapping[str, Any] | None) -> str:
+    """A short fingerprint of a ConfigMap's data: the renderer's and the cluster's compare equal."""
+    return hashlib.sha256(json.dumps(dict(data or {}), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain-dict copy of the parts this operator reads; trims before copying."""
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {"metadata": {k: _plain(meta[k]) for k in _META_KEEP[kind] if k in meta}}
+    if kind == "SFTJob":
+        out.update(apiVersion=body.get("apiVersion"), kind=body.get("kind"),
+                   spec=_plain(body.get("spec") or {}), status=_plain(body.get("status") or {}))
+    elif kind == "Job":
+        spec = body.get("spec") or {}
+        out["spec"] = {k: _plain(spec[k]) for k in _JOB_SPEC_KEEP if k in spec}
+        out["status"] = _plain(body.get("status") or {})
+    elif kind == "Pod":
+        status = body.get("status") or {}
+        slimmed = {k: status[k] for k in _POD_STATUS_KEEP if k in status}
+        slimmed["conditions"] = [_plain(c) for c in status.get("conditions") or [] if c.get("type") in _POD_CONDITIONS]
+        slimmed["containerStatuses"] = [{k: _plain(c[k]) for k in _CONTAINER_STATUS_KEEP if k in c}
+                                        for c in status.get("containerStatuses") or []]
+        out["status"] = slimmed
+        account = (body.get("spec") or {}).get("serviceAccountName")
+        out["spec"] = {"serviceAccountName": account} if account else {}
+    elif kind == "ConfigMap":
+        out["dataDigest"] = data_digest(body.get("data"))
+    return out
+
+
+def key_of(kind: str, body: Mapping[str, Any]) -> Key | None:
+    """The SFTJob an object belongs to: itself, or the one named by its ``sft.dev/job-name`` label."""
+    meta = body.get("metadata") or {}
+    if kind == "SFTJob":
+        return (meta.get("namespace", ""), meta.get("name", ""))
+    label = (meta.get("labels") or {}).get(LABEL_JOB)
+    return (meta.get("namespace", ""), label) if label else None
+
+
+def controller_of(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    for ref in ((obj or {}).get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref
+    return None
+
+
+def controlled_by(obj: Mapping[str, Any] | None, uid: str | None) -> bool:
+    ref = controller_of(obj)
+    return bool(ref and uid and ref.get("uid") == uid)
+
+
+def _newer_or_same(version: str | None, than: str | None) -> bool:
+    """resourceVersion order: etcd's are integers; anything else counts as newer (the watch wins)."""
+    try:
+        return int(version or 0) >= int(than or 0)
+    except ValueError:
+        return True
+
+
+@dataclass
+class Notes:
+    """What the operator learned about one SFTJob outside the watched objects."""
+
+    creation_error: Cause | None = None  # a child could not be created (quota, conflict, 422)
+    pod_creation_error: Cause | None = None  # the Job's FailedCreate event (no pods)
+    pod_problems: dict[str, Cause] = field(default_factory=dict)  # pod uid -> FailedMount, Multi-Attach
+    # ((uid, generation, render version), digest of the ConfigMap's data) of the last complete reconcile
+    rendered: tuple[tuple[Any, Any, int], str] | None = None
+    finished: tuple[Any, Any, int] | None = None  # (uid, generation, render version) of the finished job's last reconcile
+
+
+@dataclass
+class Cache:
+    sftjobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    children: dict[str, dict[Key, dict[str, Any]]] = field(default_factory=lambda: {k: {} for k in CHILD_KINDS})
+    pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)  # key -> pod uid -> pod
+    # The status we last wrote, by key: (SFTJob uid, resourceVersion of our write, status). A watch event
+    # older than our write would otherwise take the cache back in time.
+    written: dict[Key, tuple[str, str, dict[str, Any]]] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)  # uid -> when the watch last reported it
+    notes: dict[Key, Notes] = field(default_factory=dict)
+    phases: dict[Key, str] = field(default_factory=dict)  # phase per SFTJob, for the sft_jobs gauge
+    counts: Counter = field(default_factory=Counter)
+
+    # ---- feeding ----
+
+    def put(self, kind: str, body: Mapping[str, Any]) -> Key | None:
+        key = key_of(kind, body)
+        if key is None:
+            return None
+        if kind in ("Pod", "ConfigMap", "Service") and self.finished(key):
+            return key  # nothing reads them once the job is over (its Job is kept, to stop it)
+        obj = slim(kind, body)
+        uid = obj["metadata"].get("uid", "")
+        self.seen[uid] = time.monotonic()
+        if kind == "SFTJob":
+            self.sftjobs[key] = obj
+            written = self.written.get(key)
+            if written and (written[0] != uid or _newer_or_same(obj["metadata"].get("resourceVersion"), written[1])):
+                del self.written[key]
+            self._count_phase(key)
+            if self.finished(key):
+                self._drop_details(key)
+        elif kind == "Pod":
+            self.pods.setdefault(key, {})[uid] = obj
+        else:
+            self.children[kind][key] = obj
+        return key
+
+    def is_echo(self, body: Mapping[str, Any]) -> bool:
+        """Whether an SFTJob event is our own last status write coming back (nothing new in it)."""
+        meta = body.get("metadata") or {}
+        written = self.written.get((meta.get("namespace", ""), meta.get("name", "")))
+        return bool(written and written[0] == meta.get("uid") and written[1] == meta.get("resourceVersion"))
+
+    def drop(self, kind: str, body: Mapping[str, Any]) -> Key | None:
+        """A DELETED event: forget the object if it is the one we hold (same uid)."""
+        key = key_of(kind, body)
+        if key is None:
+            return None
+        uid = (body.get("metadata") or {}).get("uid")
+        self.seen.pop(uid or "", None)
+        if kind == "SFTJob":
+            if (self.sftjobs.get(key) or {}).get("metadata", {}).get("uid") in (uid, None):
+                self.forget(key)
+        elif kind == "Pod":
+            pods = self.pods.get(key)
+            if pods is not None:
+                pods.pop(uid or "", None)
+                if not pods:
+                    del self.pods[key]
+        elif (self.children[kind].get(key) or {}).get("metadata", {}).get("uid") == uid:
+            del self.children[kind][key]
+        return key
+
+    def forget(self, key: Key) -> None:
+        sftjob = self.sftjobs.pop(key, None)
+        if sftjob is not None:
+            self.seen.pop(sftjob["metadata"].get("uid", ""), None)
+        self.written.pop(key, None)
+        self.notes.pop(key, None)
+        self._count_phase(key)
+
+    def note(self, key: Key) -> Notes:
+        notes = self.notes.get(key)
+        if notes is None:
+            notes = self.notes[key] = Notes()
+        return notes
+
+    def record_write(self, key: Key, written: Mapping[str, Any]) -> None:
+        """Our own status write (the API server's answer): newer than anything the watch has shown."""
+        meta = written.get("metadata") or {}
+        self.written[key] = (meta.get("uid", ""), meta.get("resourceVersion", ""), _plain(written.get("status") or {}))
+        self._count_phase(key)
+        if self.finished(key):  # the final status is written: the pods have said all they had to say
+            self._drop_details(key)
+
+    def _drop_details(self, key: Key) -> None:
+        for pod in (self.pods.pop(key, None) or {}).values():
+            self.seen.pop(pod["metadata"].get("uid", ""), None)
+        for kind in ("ConfigMap", "Service"):
+            child = self.children[kind].pop(key, None)
+            if child is not None:
+                self.seen.pop(child["metadata"].get("uid", ""), None)
+
+    def finished(self, key: Key) -> bool:
+        return self.phases.get(key) in TERMINAL_PHASES
+
+    def sweep(self, kind: str, namespaces: set[str] | None, live_uids: set[str], listed_at: float) -> set[Key]:
+        """Drop objects of ``kind`` that a list begun at ``listed_at`` did not show (deleted while a
+        watch was away). Objects the watch reported after the list began are kept."""
+        gone: list[tuple[Key, str]] = []
+
+        def stale(key: Key, obj: Mapping[str, Any]) -> bool:
+            uid = obj["metadata"].get("uid", "")
+            in_scope = namespaces is None or key[0] in namespaces
+            return in_scope and uid not in live_uids and self.seen.get(uid, 0.0) < listed_at
+
+        if kind == "SFTJob":
+            gone = [(k, o["metadata"].get("uid", "")) for k, o in self.sftjobs.items() if stale(k, o)]
+        elif kind == "Pod":
+            gone = [(k, o["metadata"].get("uid", "")) for k, pods in self.pods.items() for o in pods.values()
+                    if stale(k, o)]
+        else:
+            gone = [(k, o["metadata"].get("uid", "")) for k, o in self.children[kind].items() if stale(k, o)]
+        for key, uid in gone:
+            self.drop(kind, {"metadata": {"namespace": key[0], "name": key[1], "uid": uid,
+                                          "labels": {LABEL_JOB: key[1]}}})
+        return {key for key, _ in gone}
+
+    # ---- reading ----
+
+    def child(self, kind: str, key: Key) -> dict[str, Any] | None:
+        return self.children[kind].get(key)
+
+    def job_of(self, key: Key) -> dict[str, Any] | None:
+        """This SFTJob's Job: one it controls (a same-named Job of an earlier SFTJob is not)."""
+        job = self.children["Job"].get(key)
+        uid = (self.sftjobs.get(key) or {}).get("metadata", {}).get("uid")
+        return job if controlled_by(job, uid) else None
+
+    def pods_of(self, key: Key, job_uid: str | None) -> list[dict[str, Any]]:
+        """Pods of this key's Job (pods of an earlier Job of the same name are ignored)."""
+        pods = list((self.pods.get(key) or {}).values())
+        return [p for p in pods if controlled_by(p, job_uid)] if job_uid else []
+
+    def current_status(self, key: Key) -> dict[str, Any]:
+        """The SFTJob's status: our last write if the watch has not caught up with it yet."""
+        sftjob = self.sftjobs.get(key) or {}
+        written = self.written.get(key)
+        if written and written[0] == (sftjob.get("metadata") or {}).get("uid"):
+            return written[2]
+        return sftjob.get("status") or {}
+
+    def phase_counts(self) -> dict[str, int]:
+        return {phase: n for phase, n in self.counts.items() if n > 0}
+
+    def _count_phase(self, key: Key) -> None:
+        old = self.phases.pop(key, None)
+        if old is not None:
+            self.counts[old] -= 1
+        if key in self.sftjobs:
+            phase = self.phases[key] = self.current_status(key).get("phase") or Phase.pending.value
+            self.counts[phase] += 1

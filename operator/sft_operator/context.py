@@ -1,0 +1,69 @@
+"""Everything a running operator holds, in one place: settings, the client, the cache, the scheduler,
+the status writer. Kopf's handlers find it in ``memo.ctx``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .cache import Cache, Key
+from .kube import ApiError, KubeClient
+from .render import RenderOptions
+from .scheduler import Scheduler
+from .settings import OperatorSettings
+from .writer import StatusWriter
+
+log = logging.getLogger("sft_operator")
+MANAGE_CONCURRENCY = 32
+
+
+@dataclass
+class Context:
+    settings: OperatorSettings
+    kube: KubeClient
+    render_options: RenderOptions
+    cache: Cache = field(default_factory=Cache)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    writer: StatusWriter = field(init=False)
+    render_version: int = 0  # bumped when render_options change (a rotated CA): every ConfigMap is checked
+    # Reconciles running at once: a burst of 1,000 new SFTJobs would otherwise hold 1,000 rendered sets of
+    # children in memory while they queue for the API; the client's slots are the real limit anyway.
+    manage_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MANAGE_CONCURRENCY))
+
+    def __post_init__(self) -> None:
+        self.writer = StatusWriter(self)
+
+    def set_render_options(self, options: RenderOptions) -> None:
+        """New options (e.g. the progress CA was rotated): reconcile every unfinished job against them."""
+        self.render_options = options
+        self.render_version += 1
+        for key in list(self.cache.sftjobs):
+            self.kick(key)
+
+    def kick(self, key: Key, delay: float = 0.0) -> None:
+        """Reconcile ``key``'s children (soon, once: repeated kicks share one run)."""
+        from .manage import manage  # manage needs the context; the context only schedules it
+
+        self.scheduler.at(key, "manage", delay, lambda: manage(self, key))
+
+    def forget(self, key: Key) -> None:
+        self.cache.forget(key)
+        self.scheduler.forget(key)
+        self.writer.forget(key)
+        metrics.remove_job(*key)
+        metrics.set_phase_counts(self.cache.phase_counts())
+
+    async def post_event(self, sftjob: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """An Event on the SFTJob; losing one is logged, never fatal."""
+        try:
+            await self.kube.post_event(sftjob, kind, reason, message)
+        except ApiError as exc:
+            log.warning("Event %s on SFTJob %s/%s not posted: %s", reason, sftjob["metadata"].get("namespace"),
+                        sftjob["metadata"].get("name"), exc)
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        await self.kube.close()

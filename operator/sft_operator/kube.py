@@ -1,0 +1,546 @@
+"""The operator's one Kubernetes client: asyncio + aiohttp, plain dicts in and out, a timeout on every call.
+
+Measured before choosing (BENCHMARKS.md, "Kubernetes client"): creating 600 ConfigMaps with 16 in
+flight, aiohttp costs 0.55 ms of client CPU per create, kubernetes_asyncio 1.3 ms and the
+kubernetes client in threads (what this replaced) 1.9 ms, and it adds no thread pool. Kopf already
+depends on aiohttp; its watches keep their own connections.
+
+Every call the operator makes is listed in ``PERMISSIONS`` (verb, API group, resource); a call
+outside it fails at once, so the chart's RBAC (tests/unit/test_helm_chart.py) can be checked
+against the table. Calls share ``slots`` connections and wait in two queues: status writes go
+ahead of creates (in a burst a pod that starts is reflected in seconds, not after the whole
+creation backlog), and Events behind everything else. ``stalled_seconds`` tells liveness when
+calls stop getting through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import ssl
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from . import GROUP, PLURAL, VERSION
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+STATUS, CREATE, EVENT = 0, 1, 2  # queue priorities, lower first: Events wait until a burst's creates are done
+DEFAULT_SLOTS = 16  # calls in flight; the benchmark's bare client uses as many
+DEFAULT_TIMEOUT_SECONDS = 30.0
+CONNECT_TIMEOUT_SECONDS = 10.0
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+# kind -> (API group, version, plural)
+RESOURCES: dict[str, tuple[str, str, str]] = {
+    "SFTJob": (GROUP, VERSION, PLURAL),
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Service": ("", "v1", "services"),
+    "Job": ("batch", "v1", "jobs"),
+    "Pod": ("", "v1", "pods"),
+    "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
+    "Event": ("", "v1", "events"),
+    "TokenReview": ("authentication.k8s.io", "v1", "tokenreviews"),
+}
+
+# (verb, API group, resource): every call this client makes, and why.
+PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({
+    ("create", "", "configmaps"),  # children
+    ("create", "", "services"),
+    ("create", "batch", "jobs"),
+    ("get", "", "configmaps"),  # on 409: ours, or a name conflict?
+    ("get", "", "services"),
+    ("get", "batch", "jobs"),
+    ("patch", "", "configmaps"),  # keep config.json and the progress CA current (CA rotation)
+    ("patch", "batch", "jobs"),  # spec.suspend: runPolicy.suspend, and stopping a failed job's pods
+    ("list", "", "configmaps"),  # the children's watches (sft_operator.watch) list, then watch
+    ("list", "", "services"),
+    ("list", "batch", "jobs"),
+    ("list", "", "pods"),
+    ("watch", "", "configmaps"),
+    ("watch", "", "services"),
+    ("watch", "batch", "jobs"),
+    ("watch", "", "pods"),
+    ("list", GROUP, PLURAL),  # the periodic relist (deletions Kopf's watch missed)
+    ("get", "", "pods"),  # the progress endpoint: the calling pod
+    ("get", GROUP, PLURAL),  # the progress endpoint: the SFTJob it reports for
+    ("patch", GROUP, f"{PLURAL}/status"),  # the one status writer
+    ("delete", GROUP, PLURAL),  # ttlSecondsAfterFinished
+    ("get", "", "persistentvolumeclaims"),  # warn when nodes > 1 share a ReadWriteOnce claim
+    ("create", "", "events"),  # Warning events a person acts on
+    ("list", "", "events"),  # why pods are not created (FailedCreate) or stuck (FailedMount, Multi-Attach)
+    ("create", "authentication.k8s.io", "tokenreviews"),  # progress endpoint authentication
+})
+
+# Not a call: under OwnerReferencesPermissionEnforcement (on by default in OpenShift) creating a child
+# whose ownerReference sets blockOwnerDeletion needs update on the owner's finalizers subresource.
+OWNER_REFERENCE_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({("update", GROUP, f"{PLURAL}/finalizers")})
+
+
+class ApiError(Exception):
+    """An API call that failed: the HTTP status (0 when the server was not reached), the Status
+    object's reason (e.g. AlreadyExists, Invalid) and the server's message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def temporary(self) -> bool:
+        """Worth retrying: unreachable, throttled, a server error, a timeout."""
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API server is and how to authenticate, in plain files and strings."""
+
+    server: str
+    ca_file: str | None = None
+    insecure: bool = False
+    token: str | None = None
+    token_file: str | None = None  # re-read when it changes (projected tokens rotate)
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        if not self.server.startswith("https"):
+            return False
+        if self.insecure:
+            return False
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file and self.key_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def connection_info(credentials: Credentials) -> Any:
+    """The same credentials for Kopf's own client (its watches): one login for the whole operator."""
+    import kopf
+
+    token = credentials.token
+    if credentials.token_file:
+        token = Path(credentials.token_file).read_text().strip()
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        ca_path=credentials.ca_file,
+        insecure=credentials.insecure or None,
+        scheme="Bearer" if token else None,
+        token=token,
+        certificate_path=credentials.cert_file,
+        private_key_path=credentials.key_file,
+    )
+
+
+def in_cluster_credentials() -> Credentials | None:
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    token = SERVICE_ACCOUNT_DIR / "token"
+    if not host or not port or not token.exists():
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return Credentials(f"https://{host}:{port}", ca_file=str(SERVICE_ACCOUNT_DIR / "ca.crt"), token_file=str(token))
+
+
+def _materialize(data: str, name: str, directory: list[str]) -> str:
+    """A kubeconfig's base64 ``*-data`` as a private file (the ssl module loads client certs from files)."""
+    if not directory:
+        directory.append(tempfile.mkdtemp(prefix="sft-operator-"))
+    path = Path(directory[0]) / name
+    path.write_bytes(base64.b64decode(data))
+    path.chmod(0o600)
+    return str(path)
+
+
+def kubeconfig_credentials(path: str | None = None) -> Credentials:
+    """From a kubeconfig (``path``, else ``$KUBECONFIG``, else ~/.kube/config): the current context's
+    server, CA, client certificate or token. A user that needs an exec plugin or an auth provider is
+    handed to the kubernetes library (imported only then)."""
+    paths = [p for p in (path or os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]
+    current, contexts, clusters, users = None, {}, {}, {}
+    for item in paths:
+        doc = yaml.safe_load(Path(item).expanduser().read_text()) or {}
+        current = current or doc.get("current-context")
+        for table, key in ((contexts, "contexts"), (clusters, "clusters"), (users, "users")):
+            for entry in doc.get(key) or []:
+                table.setdefault(entry["name"], entry.get(key[:-1]) or {})
+    if current is None or current not in contexts:
+        raise ValueError(f"kubeconfig {':'.join(paths)}: no current context")
+    context = contexts[current]
+    cluster, user = clusters[context["cluster"]], users.get(context.get("user"), {})
+    if "exec" in user or "auth-provider" in user:
+        return _library_credentials(path)
+    files: list[str] = []
+
+    def file(key: str, name: str, source: dict[str, Any]) -> str | None:
+        if source.get(f"{key}-data"):
+            return _materialize(source[f"{key}-data"], name, files)
+        return str(Path(source[key]).expanduser()) if source.get(key) else None
+
+    return Credentials(
+        server=cluster["server"],
+        ca_file=file("certificate-authority", "ca.crt", cluster),
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        token=user.get("token"),
+        token_file=user.get("tokenFile"),
+        cert_file=file("client-certificate", "client.crt", user),
+        key_file=file("client-key", "client.key", user),
+    )
+
+
+def _library_credentials(path: str | None) -> Credentials:
+    """Exec plugins and auth providers, through the kubernetes library (the operator's entry point keeps
+    it out of the process otherwise: it costs ~24 MiB)."""
+    if sys.modules.get("kubernetes", False) is None:
+        del sys.modules["kubernetes"]
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=path, client_configuration=configuration)
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    return Credentials(
+        server=configuration.host,
+        ca_file=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        token=header.split(" ", 1)[-1] if header else None,
+        cert_file=configuration.cert_file,
+        key_file=configuration.key_file,
+    )
+
+
+def load_credentials(kubeconfig: str | None = None) -> Credentials:
+    """In-cluster when running in a pod, otherwise the kubeconfig (``kubeconfig``, $KUBECONFIG, ~/.kube/config)."""
+    if kubeconfig is None:
+        found = in_cluster_credentials()
+        if found is not None:
+            return found
+    return kubeconfig_credentials(kubeconfig)
+
+
+def resource_path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    group, version, plural = RESOURCES[kind]
+    path = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+    if namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+class PriorityGate:
+    """At most ``slots`` calls in flight; waiters are served by priority, then in arrival order."""
+
+    def __init__(self, slots: int) -> None:
+        self.free = slots
+        self.waiting: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque(), deque())
+        self._started: dict[int, float] = {}  # id of a call -> when it began waiting
+        self._last_done = time.monotonic()
+
+    async def __call__(self, priority: int, call: Any) -> Any:
+        token = id(call)
+        self._started[token] = time.monotonic()
+        try:
+            if self.free > 0 and not any(self.waiting):
+                self.free -= 1
+            else:
+                turn = asyncio.get_running_loop().create_future()
+                self.waiting[priority].append(turn)
+                try:
+                    await turn
+                except asyncio.CancelledError:
+                    if turn.done() and not turn.cancelled():  # the slot was ours already: pass it on
+                        self._release()
+                    call.close()  # never started
+                    raise
+            try:
+                return await call
+            finally:
+                self._last_done = time.monotonic()
+                self._release()
+        finally:
+            self._started.pop(token, None)
+
+    def _release(self) -> None:
+        for queue in self.waiting:
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self.free += 1
+
+    def stalled_seconds(self) -> float:
+        """How long calls have been waiting or in flight without any call finishing (0 when none waits).
+        A long queue in a burst is not a stall: calls keep finishing."""
+        if not self._started:
+            return 0.0
+        return time.monotonic() - max(self._last_done, min(self._started.values()))
+
+
+def _status_error(status: int, text: str) -> ApiError:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return ApiError(status, str(body.get("reason") or ""), str(body.get("message") or text.strip() or f"HTTP {status}"))
+
+
+class KubeClient:
+    """Plain-dict calls to the API server; every call carries a timeout and a ``PERMISSIONS`` check."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        slots: int = DEFAULT_SLOTS,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        field_manager: str = "sft-operator",
+        refresh: Any = None,
+    ) -> None:
+        self.credentials = credentials
+        self.refresh = refresh  # () -> Credentials, tried once on 401 (e.g. an exec plugin's token expired)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=CONNECT_TIMEOUT_SECONDS)
+        self.gate = PriorityGate(slots)
+        self.slots = slots
+        self.field_manager = field_manager
+        self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
+        self._token: tuple[float, str | None] = (-1.0, credentials.token)
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | None = None, **kwargs: Any) -> KubeClient:
+        """In-cluster credentials in a pod, otherwise the kubeconfig (``path``, $KUBECONFIG, ~/.kube/config)."""
+        return cls(load_credentials(path), refresh=lambda: load_credentials(path), **kwargs)
+
+    async def close(self) -> None:
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context(), limit=self.slots + 4)
+            self._session = aiohttp.ClientSession(
+                self.credentials.server, connector=connector, timeout=self.timeout, json_serialize=json.dumps
+            )
+        return self._session
+
+    def _watch_session_now(self) -> aiohttp.ClientSession:
+        """Watches are long-lived: their own connections, never counted against the call slots."""
+        if self._watch_session is None or self._watch_session.closed:
+            self._watch_session = aiohttp.ClientSession(
+                self.credentials.server, connector=aiohttp.TCPConnector(ssl=self.credentials.ssl_context(), limit=0)
+            )
+        return self._watch_session
+
+    def _bearer(self) -> str | None:
+        path = self.credentials.token_file
+        if not path:
+            return self.credentials.token
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime != self._token[0]:
+                self._token = (mtime, Path(path).read_text().strip())
+        except OSError:
+            pass
+        return self._token[1]
+
+    def stalled_seconds(self) -> float:
+        return self.gate.stalled_seconds()
+
+    async def request(
+        self,
+        verb: str,
+        kind: str,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        content_type: str = JSON,
+        accept: str = JSON,
+        priority: int = CREATE,
+        subresource: str | None = None,
+    ) -> Any:
+        group, _, plural = RESOURCES[kind]
+        resource = f"{plural}/{subresource}" if subresource else plural
+        if (verb, group, resource) not in PERMISSIONS:
+            raise PermissionError(f"{verb} {resource}.{group or 'core'} is not in kube.PERMISSIONS")
+        data = json.dumps(body).encode() if body is not None else None
+
+        async def call() -> Any:
+            headers = {"Accept": accept}
+            if body is not None:
+                headers["Content-Type"] = content_type
+            token = self._bearer()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                async with self._session_now().request(method, path, data=data, params=params, headers=headers) as resp:
+                    text = await resp.text()
+                    if resp.status >= 400:
+                        raise _status_error(resp.status, text)
+                    return json.loads(text) if text else {}
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ApiError(0, "Unreachable", f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+
+        try:
+            return await self.gate(priority, call())
+        except ApiError as exc:
+            if exc.status != 401 or self.refresh is None:
+                raise
+            await self._reauthenticate()
+            return await self.gate(priority, call())
+
+    async def _reauthenticate(self) -> None:
+        self.credentials = await asyncio.to_thread(self.refresh)
+        self._token = (-1.0, self.credentials.token)
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
+
+    # ---- objects ----
+
+    async def create(self, obj: dict[str, Any], *, priority: int = CREATE) -> dict[str, Any]:
+        """Create ``obj``; raises ApiError (409 AlreadyExists included)."""
+        kind, namespace = obj["kind"], obj["metadata"].get("namespace")
+        return await self.request("create", kind, "POST", resource_path(kind, namespace), body=obj,
+                                  params={"fieldManager": self.field_manager}, priority=priority)
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return await self.request("get", kind, "GET", resource_path(kind, namespace, name))
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("patch", kind, "PATCH", resource_path(kind, namespace, name), body=patch,
+                                  params={"fieldManager": self.field_manager}, content_type=MERGE_PATCH)
+
+    async def list(
+        self, kind: str, namespace: str | None, *, label_selector: str | None = None, metadata_only: bool = False,
+        field_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        params = {}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        out = await self.request("list", kind, "GET", resource_path(kind, namespace), params=params,
+                                 accept=METADATA_LIST if metadata_only else JSON)
+        return out.get("items") or []
+
+    async def list_with_version(self, kind: str, namespace: str | None, *, label_selector: str | None = None
+                                ) -> tuple[list[dict[str, Any]], str]:
+        """Every object, and the resourceVersion to watch from."""
+        params = {"labelSelector": label_selector} if label_selector else None
+        out = await self.request("list", kind, "GET", resource_path(kind, namespace), params=params)
+        return out.get("items") or [], str((out.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, kind: str, namespace: str | None, *, resource_version: str,
+                    label_selector: str | None = None, timeout_seconds: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """Watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) until the server ends the stream.
+
+        Each event is decoded and handed over before the next is read: a consumer that falls behind
+        slows the stream down (TCP) instead of piling decoded objects up in memory."""
+        group, _, plural = RESOURCES[kind]
+        if ("watch", group, plural) not in PERMISSIONS:
+            raise PermissionError(f"watch {plural}.{group or 'core'} is not in kube.PERMISSIONS")
+        params = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds),
+                  "resourceVersion": resource_version}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        headers = {"Accept": JSON}
+        token = self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_SECONDS, sock_read=timeout_seconds + 30)
+        path = resource_path(kind, namespace)
+        try:
+            async with self._watch_session_now().get(path, params=params, headers=headers, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise _status_error(resp.status, await resp.text())
+                buffer = b""
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            yield json.loads(line)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(0, "Unreachable", f"watch {path}: {type(exc).__name__}: {exc}") from exc
+
+    # ---- SFTJobs ----
+
+    async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Write the whole status of exactly this SFTJob: a JSON patch whose first operation tests the
+        uid, so a write meant for a deleted SFTJob never lands on a new one of the same name (422)."""
+        patch = [{"op": "test", "path": "/metadata/uid", "value": uid}, {"op": "add", "path": "/status", "value": status}]
+        return await self.request("patch", "SFTJob", "PATCH", resource_path("SFTJob", namespace, name, "status"),
+                                  body=patch, params={"fieldManager": self.field_manager}, content_type=JSON_PATCH,
+                                  priority=STATUS, subresource="status")
+
+    async def delete_sftjob(self, namespace: str, name: str, uid: str) -> None:
+        """Delete exactly this SFTJob (uid precondition): a re-created one of the same name survives."""
+        try:
+            await self.request("delete", "SFTJob", "DELETE", resource_path("SFTJob", namespace, name),
+                               body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"})
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    # ---- events and reviews ----
+
+    async def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str,
+                         component: str = "sft-operator") -> None:
+        """A core/v1 Event about ``involved`` (an object with apiVersion, kind and metadata)."""
+        meta = involved["metadata"]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.request("create", "Event", "POST", resource_path("Event", meta["namespace"]), body=event,
+                           priority=EVENT)
+
+    async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
+        selector = f"involvedObject.kind={kind},involvedObject.name={name},involvedObject.uid={uid}"
+        return await self.list("Event", namespace, field_selector=selector)
+
+    async def token_review(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                  "spec": {"token": token, "audiences": audiences}}
+        out = await self.request("create", "TokenReview", "POST", resource_path("TokenReview", None), body=review)
+        return out.get("status") or {}

@@ -1,0 +1,244 @@
+"""Converge one SFTJob's children to its spec: ``manage()``, level-triggered and idempotent.
+
+Every path runs it: an SFTJob seen (created, changed, or listed at start), a child deleted, the
+periodic resync, a retry after a failure (back-off 5 s doubling to 5 minutes). It acts on what
+the cache shows, not on the event: create what is missing (409 AlreadyExists is success when
+the object is ours; names are deterministic, so a crash at any point followed by a rerun never
+duplicates), bring our ConfigMap's data back to what the renderer says (a rotated CA), apply
+``runPolicy.suspend`` to the Job. For a finished SFTJob it only stops a failed run's Job and arms
+``ttlSecondsAfterFinished``; a deleted Job of a finished run is never recreated (it would train again).
+
+It never writes the SFTJob's spec and never touches a Job field other than ``spec.suspend``, nor
+an object it did not create (``reconcile.ownership``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from . import metrics
+from .advice import advise
+from .api import TERMINAL_PHASES, Phase, SFTJob
+from .cache import Key, data_digest
+from .kube import ApiError
+from .reconcile import (
+    OURS,
+    api_error_cause,
+    config_map_patch,
+    conflict_cause,
+    ownership,
+    prepare_job,
+    stop_patch,
+    suspend_patch,
+)
+from .render import pvc_claims, render_children
+from .status import INVALID_SPEC, Cause, condition, parse_time
+
+if TYPE_CHECKING:
+    from .context import Context
+
+log = logging.getLogger("sft_operator.manage")
+READ_WRITE_ONCE = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
+
+
+class ChildrenBlocked(Exception):
+    """A child cannot be created now (``cause.final``: ever)."""
+
+    def __init__(self, cause: Cause) -> None:
+        super().__init__(f"{cause.reason}: {cause.message}")
+        self.cause = cause
+
+
+async def manage(ctx: Context, key: Key) -> None:
+    async with ctx.scheduler.lock(key, "manage"), ctx.manage_slots:  # in this order: no slot waits on a lock
+        started = time.monotonic()
+        try:
+            await _manage(ctx, key)
+        finally:
+            metrics.observe_reconcile(time.monotonic() - started)
+
+
+async def _manage(ctx: Context, key: Key) -> None:
+    sftjob = ctx.cache.sftjobs.get(key)
+    if sftjob is None or sftjob["metadata"].get("deletionTimestamp"):
+        return
+    status = ctx.cache.current_status(key)
+    notes = ctx.cache.note(key)
+    if status.get("phase") in TERMINAL_PHASES:
+        if not converged(ctx, key):
+            await _finished(ctx, key, sftjob, status)
+        return
+    if notes.creation_error is not None and notes.creation_error.final:
+        return  # the writer is about to say Failed
+
+    if converged(ctx, key):
+        return  # the common case (every status write brings the SFTJob back): no parsing, no rendering
+    try:
+        parsed = SFTJob.model_validate({**sftjob, "status": None})
+    except ValidationError as exc:  # the API server's schema should have caught it
+        _blocked(ctx, key, Cause(INVALID_SPEC, str(exc)[:2048]))
+        return
+    try:
+        digest = await _ensure_children(ctx, key, sftjob, parsed)
+    except ChildrenBlocked as exc:
+        _blocked(ctx, key, exc.cause)
+        return
+    except ApiError as exc:  # patching the Job (suspend) or the ConfigMap failed
+        _blocked(ctx, key, Cause("CreateFailed" if exc.status else "Unreachable", str(exc)))
+        return
+    notes.rendered = (managed_as(ctx, sftjob), digest)
+    if notes.creation_error is not None:
+        log.info("SFTJob %s/%s: children created after earlier failures", *key)
+        notes.creation_error = None
+    ctx.scheduler.succeeded(key, "manage")
+    ctx.writer.mark(key)
+
+
+def managed_as(ctx: Context, sftjob: dict[str, Any]) -> tuple[Any, Any, int]:
+    """What a reconcile was for: this SFTJob (uid), this spec (generation), these render options."""
+    meta = sftjob["metadata"]
+    return (meta.get("uid"), meta.get("generation"), ctx.render_version)
+
+
+def converged(ctx: Context, key: Key) -> bool:
+    """Whether the cache shows everything a reconcile of ``key`` would make, without running it:
+    the last reconcile was for this spec, all three children are ours (the ConfigMap as rendered)
+    and the Job's suspension is what runPolicy.suspend says."""
+    sftjob, notes = ctx.cache.sftjobs.get(key), ctx.cache.notes.get(key)
+    if sftjob is None or notes is None:
+        return False
+    if ctx.cache.finished(key):  # a finished job: its Job stopped (if it failed), its TTL armed, for this spec
+        return notes.finished == managed_as(ctx, sftjob)
+    if notes.rendered is None or notes.rendered[0] != managed_as(ctx, sftjob):
+        return False
+    uid = sftjob["metadata"].get("uid")
+    children = [ctx.cache.child(kind, key) for kind in ("ConfigMap", "Service", "Job")]
+    if any(c is None or (c["metadata"].get("ownerReferences") or [{}])[0].get("uid") != uid for c in children):
+        return False
+    want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    return children[0].get("dataDigest") == notes.rendered[1] and suspend_patch(want_suspended, children[2]) is None
+
+
+def _blocked(ctx: Context, key: Key, cause: Cause) -> None:
+    """Say why in status; retry with back-off unless no retry can help."""
+    notes = ctx.cache.note(key)
+    if notes.creation_error != cause:
+        log.warning("SFTJob %s/%s: %s: %s", *key, cause.reason, cause.message)
+    notes.creation_error = cause
+    metrics.record_reconcile_error()
+    if not cause.final:
+        ctx.kick(key, ctx.scheduler.failed(key, "manage"))
+    ctx.writer.mark(key, 0.0)
+
+
+async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parsed: SFTJob) -> str:
+    """Create what is missing, correct what drifted; the digest of the ConfigMap's rendered data."""
+    config_map, service, job = render_children(parsed, ctx.render_options)
+    await asyncio.gather(_ensure(ctx, key, sftjob, config_map), _ensure(ctx, key, sftjob, service))
+    created = await _ensure(ctx, key, sftjob, prepare_job(job))
+    job_now = ctx.cache.child("Job", key)
+    if job_now is not None:
+        patch = suspend_patch(parsed.spec.run_policy.suspend, job_now)
+        if patch is not None:
+            ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
+    if created:
+        ctx.scheduler.spawn(_announce(ctx, sftjob, parsed), name=f"advice {key}")
+    return data_digest(config_map.get("data"))
+
+
+async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[str, Any]) -> bool:
+    """Make ``child`` exist as ours; True when this call created it."""
+    kind, name = child["kind"], child["metadata"]["name"]
+    existing = ctx.cache.child(kind, key)
+    if existing is None:
+        try:
+            ctx.cache.put(kind, await ctx.kube.create(child))
+            return True
+        except ApiError as exc:
+            if exc.status != 409:
+                cause = api_error_cause(exc.status, exc.message, kind, name)
+                raise ChildrenBlocked(cause) from exc
+        try:
+            existing = await ctx.kube.get(kind, key[0], name)
+        except ApiError as exc:  # deleted between the 409 and the read: the next run creates it
+            raise ChildrenBlocked(api_error_cause(exc.status, exc.message, kind, name)) from exc
+        if ownership(existing, sftjob) == OURS:
+            ctx.cache.put(kind, existing)
+            existing = ctx.cache.child(kind, key)
+    if ownership(existing, sftjob) != OURS:
+        raise ChildrenBlocked(conflict_cause(kind, existing, sftjob))
+    if kind == "ConfigMap":
+        patch = config_map_patch(existing, child, data_digest(child.get("data")))
+        if patch is not None:
+            log.info("SFTJob %s/%s: ConfigMap %s brought up to date", *key, name)
+            ctx.cache.put(kind, await ctx.kube.patch(kind, key[0], name, patch))
+    return False
+
+
+async def _announce(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob) -> None:
+    """On creating the Job: count it, and give the advice a person acts on as one Warning Event."""
+    metrics.record_created(sftjob["metadata"]["namespace"])
+    items = [str(a) for a in advise(parsed.spec)]
+    items += await _shared_claims(ctx, sftjob, parsed)
+    if items:
+        await ctx.post_event(sftjob, "Warning", "Advice", "; ".join(items))
+
+
+async def _shared_claims(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob) -> list[str]:
+    """Multi-node runs mount their claims on every node: a ReadWriteOnce claim fails with Multi-Attach."""
+    if parsed.spec.resources.nodes < 2:
+        return []
+    out = []
+    for claim in pvc_claims(parsed):
+        try:
+            pvc = await ctx.kube.get("PersistentVolumeClaim", sftjob["metadata"]["namespace"], claim)
+        except ApiError:
+            continue  # missing: the pod says Unschedulable with the scheduler's message
+        modes = set((pvc.get("spec") or {}).get("accessModes") or [])
+        if modes and modes <= READ_WRITE_ONCE:
+            out.append(f"spec.resources.nodes: {parsed.spec.resources.nodes} nodes share PersistentVolumeClaim {claim}, "
+                       f"which is {'/'.join(sorted(modes))}: the pods on other nodes cannot attach it (Multi-Attach); "
+                       "use a ReadWriteMany claim")
+    return out
+
+
+async def _finished(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict[str, Any]) -> None:
+    """A finished SFTJob: its failed Job keeps no pods; ttlSecondsAfterFinished is (re-)armed."""
+    if status.get("phase") == Phase.failed.value:
+        reason = (condition(status, "Failed") or {}).get("reason", "Failed")
+        patch = stop_patch(ctx.cache.job_of(key), reason)
+        if patch is not None:
+            try:
+                ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], ctx.cache.job_of(key)["metadata"]["name"], patch))
+                log.info("SFTJob %s/%s failed (%s): its Job is suspended, so its pods release their GPUs", *key, reason)
+                ctx.scheduler.succeeded(key, "manage")
+            except ApiError as exc:
+                delay = ctx.scheduler.failed(key, "manage")
+                log.warning("SFTJob %s/%s: could not stop its Job (%s); retrying in %.0fs", *key, exc, delay)
+                ctx.kick(key, delay)
+                return
+    ctx.cache.note(key).finished = managed_as(ctx, sftjob)  # done for this spec (a TTL edit changes it)
+    ttl = ((sftjob.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    if ttl is None:
+        ctx.scheduler.cancel(key, "ttl")
+        return
+    finished = parse_time(status.get("completionTime"))
+    delay = max(0.0, (finished.timestamp() if finished else time.time()) + ttl - time.time())
+    uid = sftjob["metadata"]["uid"]
+    ctx.scheduler.at(key, "ttl", delay, lambda: _delete_after_ttl(ctx, key, uid), earliest=False)
+
+
+async def _delete_after_ttl(ctx: Context, key: Key, uid: str) -> None:
+    log.info("SFTJob %s/%s: ttlSecondsAfterFinished passed, deleting it", *key)
+    try:
+        await ctx.kube.delete_sftjob(key[0], key[1], uid)
+    except ApiError as exc:
+        delay = ctx.scheduler.failed(key, "manage")
+        log.warning("SFTJob %s/%s: delete after TTL failed (%s); retrying in %.0fs", *key, exc, delay)
+        ctx.scheduler.at(key, "ttl", delay, lambda: _delete_after_ttl(ctx, key, uid), earliest=False)
+

@@ -1,0 +1,267 @@
+"""The one status writer: the watches and the progress endpoint mark an SFTJob, the writer writes.
+
+A mark asks for a write after a short window (``status_window_seconds``), so the changes of a
+burst (pod Running, pod Succeeded, Job Complete) become one write. A write is: lock the SFTJob,
+derive its status from the cache (``status.derive_status``), add the trainer's newest progress
+report (at most one per ``progress_min_interval_seconds``) and, once it succeeded, the result in
+its termination message; write the whole status if it changed, with the SFTJob's uid as a
+precondition; then apply what ``status.transition`` says follows (Events, metrics, stopping a Job).
+
+States every healthy job passes through within seconds (children being created, pods starting,
+pods finished before the Job says Complete) are held back for up to ``settle_seconds``
+(``status.settle_until``): the next state usually follows, and a burst of new SFTJobs then costs
+a write or two less per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+from sft_trainer.config import ProgressReport
+
+from . import metrics
+from .api import TERMINAL_PHASES, SFTJobSpec
+from .cache import Key
+from .kube import ApiError
+from .status import (
+    LOOKUP_AGAIN_SECONDS,
+    SUCCEEDED,
+    VOLUME_EVENT_REASONS,
+    Effects,
+    derive_status,
+    lookups,
+    parse_time,
+    pod_creation_cause,
+    recheck_seconds,
+    settle_until,
+    trainer_result,
+    transition,
+    volume_cause,
+    with_progress,
+    with_result,
+)
+
+if TYPE_CHECKING:
+    from .context import Context
+
+log = logging.getLogger("sft_operator.status")
+CREATING_HOLD_SECONDS = 60.0  # children being created in a burst: no status until they exist (or fail)
+
+
+class ProgressRefused(Exception):
+    """A progress report the writer will not take: `status` is the HTTP status, `reason` one word."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def merge_reports(older: ProgressReport | None, newer: ProgressReport) -> ProgressReport:
+    """Coalesce: the newer report wins field by field; fields it lacks keep the older value
+    (an eval loss reported between two writes is not lost)."""
+    if older is None:
+        return newer
+    data = older.model_dump(exclude_none=True)
+    data.update(newer.model_dump(exclude_none=True))
+    return ProgressReport.model_validate(data)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class _Progress:
+    report: ProgressReport | None = None  # waiting to be written
+    last_write: float = -1e9  # monotonic time of the last write that carried a report
+
+
+class StatusWriter:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.progress: dict[Key, _Progress] = {}
+        self.looked_up: dict[tuple[Key, str], float] = {}  # (key, object uid) -> when its events were read
+        self._effective_batch: dict[tuple[str, int], int | None] = {}
+
+    # ---- feeding ----
+
+    def mark(self, key: Key, delay: float | None = None) -> None:
+        """Something about ``key`` changed: write its status after the window (or ``delay``)."""
+        window = self.ctx.settings.status_window_seconds if delay is None else delay
+        self.ctx.scheduler.at(key, "status", window, lambda: self.write(key))
+
+    def offer(self, namespace: str, name: str, uid: str, report: ProgressReport) -> None:
+        """A verified trainer's report for the SFTJob with this uid; raises ProgressRefused."""
+        key = (namespace, name)
+        sftjob = self.ctx.cache.sftjobs.get(key)
+        if sftjob is None:
+            raise ProgressRefused(404, "NotFound", f"SFTJob {namespace}/{name} not found")
+        if sftjob["metadata"].get("uid") != uid:
+            raise ProgressRefused(409, "Recreated", f"SFTJob {namespace}/{name} was deleted and created again")
+        if self.ctx.cache.current_status(key).get("phase") in TERMINAL_PHASES:
+            raise ProgressRefused(409, "Finished", f"SFTJob {namespace}/{name} has finished; its status is final")
+        state = self.progress.setdefault(key, _Progress())
+        state.report = merge_reports(state.report, report)
+        wait = state.last_write + self.ctx.settings.progress_min_interval_seconds - time.monotonic()
+        self.mark(key, max(wait, self.ctx.settings.status_window_seconds))
+
+    def forget(self, key: Key) -> None:
+        self.progress.pop(key, None)
+        for seen in [k for k in self.looked_up if k[0] == key]:
+            del self.looked_up[seen]
+
+    # ---- writing ----
+
+    def effective_batch_size(self, sftjob: dict[str, Any]) -> int | None:
+        meta = sftjob.get("metadata") or {}
+        cache_key = (meta.get("uid", ""), meta.get("generation", 0))
+        if cache_key not in self._effective_batch:
+            if len(self._effective_batch) > 4 * len(self.ctx.cache.sftjobs) + 64:
+                self._effective_batch.clear()
+            try:
+                size = SFTJobSpec.model_validate(sftjob.get("spec") or {}).effective_batch_size
+            except ValidationError:
+                size = None
+            self._effective_batch[cache_key] = size
+        return self._effective_batch[cache_key]
+
+    async def write(self, key: Key) -> None:
+        ctx = self.ctx
+        async with ctx.scheduler.lock(key):
+            sftjob = ctx.cache.sftjobs.get(key)
+            if sftjob is None or sftjob["metadata"].get("deletionTimestamp"):
+                self.progress.pop(key, None)
+                return
+            uid = sftjob["metadata"]["uid"]
+            current = ctx.cache.current_status(key)
+            job = ctx.cache.job_of(key)
+            pods = ctx.cache.pods_of(key, (job or {}).get("metadata", {}).get("uid"))
+            notes = ctx.cache.note(key)
+            now = _now()
+            grace = ctx.settings.pod_start_grace_seconds
+            derived = derive_status(
+                {**sftjob, "status": current}, job, pods, now,
+                start_grace_seconds=grace,
+                effective_batch_size=self.effective_batch_size(sftjob),
+                creation_error=notes.creation_error,
+                pod_creation_error=notes.pod_creation_error,
+                pod_problems=notes.pod_problems,
+            )
+            desired = {**current, **derived}  # what the trainer reported stays
+            report = None
+            progress = self.progress.get(key)
+            if progress and progress.report is not None and desired.get("phase") not in TERMINAL_PHASES:
+                wait = progress.last_write + ctx.settings.progress_min_interval_seconds - time.monotonic()
+                if wait <= 0:
+                    report = progress.report
+                    desired = with_progress(desired, report)
+                else:
+                    self.mark(key, wait)
+            if desired.get("phase") == SUCCEEDED and current.get("phase") != SUCCEEDED:
+                result = trainer_result(pods)
+                if result is not None:
+                    desired = with_result(desired, result)
+
+            self._schedule_lookups(key, job, pods, now)
+            recheck = recheck_seconds(pods, now, grace, notes.pod_problems) if desired.get("phase") not in TERMINAL_PHASES else None
+            if recheck is not None:
+                self.mark(key, recheck + 0.5)
+
+            if desired == current:
+                return
+            until = None if report is not None else settle_until(
+                current, desired, sftjob, job, pods,
+                settle_seconds=ctx.settings.settle_seconds, creating_seconds=CREATING_HOLD_SECONDS)
+            if until is not None and until > now:
+                self.mark(key, (until - now).total_seconds())
+                return
+            try:
+                written = await ctx.kube.replace_status(key[0], key[1], uid, desired)
+            except ApiError as exc:
+                self._write_failed(key, exc)
+                return
+            ctx.scheduler.succeeded(key, "status")
+            ctx.cache.record_write(key, written)
+            if report is not None and progress is not None:
+                progress.last_write = time.monotonic()
+                if progress.report is report:
+                    progress.report = None
+                metrics.set_job_metrics(key[0], key[1], report)
+            effects = transition(current, desired)
+        self._apply(key, sftjob, effects)
+        metrics.set_phase_counts(ctx.cache.phase_counts())
+
+    def _write_failed(self, key: Key, exc: ApiError) -> None:
+        if exc.status == 404:  # deleted meanwhile: the watch says so too
+            return
+        metrics.record_reconcile_error()
+        if exc.status == 422:  # the uid test failed (re-created) or the status broke the schema: not retried
+            log.warning("SFTJob %s/%s: status write refused: %s", *key, exc.message)
+            return
+        delay = self.ctx.scheduler.failed(key, "status")
+        log.warning("SFTJob %s/%s: status write failed (%s); retrying in %.0fs", *key, exc, delay)
+        self.mark(key, delay)
+
+    def _apply(self, key: Key, sftjob: dict[str, Any], effects: Effects) -> None:
+        ctx = self.ctx
+        namespace = key[0]
+        if effects.log:
+            log.info("SFTJob %s/%s: %s", *key, effects.log)
+        for event in effects.events:
+            ctx.scheduler.spawn(ctx.post_event(sftjob, event.type, event.reason, event.message), name=f"event {key}")
+        if effects.started:
+            created = parse_time(sftjob["metadata"].get("creationTimestamp"))
+            if created:
+                metrics.record_running(namespace, (_now() - created).total_seconds())
+        if effects.finished:
+            result, reason, seconds = effects.finished
+            metrics.record_finished(namespace, result, reason, seconds)
+            metrics.remove_job(*key)  # per-job series live only while the job runs
+            self.progress.pop(key, None)
+            ctx.kick(key)  # stop the Job of a failed run, arm ttlSecondsAfterFinished
+
+    # ---- reading events that explain a stuck job ----
+
+    def _schedule_lookups(self, key: Key, job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime) -> None:
+        notes = self.ctx.cache.note(key)
+        if notes.pod_creation_error is not None and [p for p in pods if p.get("status", {}).get("phase") != "Failed"]:
+            notes.pod_creation_error = None  # pods exist: the old FailedCreate no longer speaks for them
+        live = {p["metadata"].get("uid") for p in pods}
+        for uid in [u for u in notes.pod_problems if u not in live]:
+            del notes.pod_problems[uid]
+        for lookup in lookups(job, pods, now):
+            last = self.looked_up.get((key, lookup.uid))
+            delay = lookup.after_seconds if last is None else max(lookup.after_seconds,
+                                                                   last + LOOKUP_AGAIN_SECONDS - time.monotonic())
+            self.ctx.scheduler.at(key, f"events {lookup.uid}", delay,
+                                  lambda lookup=lookup: self._read_events(key, lookup.kind, lookup.name, lookup.uid))
+
+    async def _read_events(self, key: Key, kind: str, name: str, uid: str) -> None:
+        self.looked_up[(key, uid)] = time.monotonic()
+        try:
+            events = await self.ctx.kube.events_of(key[0], kind, name, uid)
+        except ApiError as exc:  # e.g. no RBAC to list events: status just says less
+            log.debug("cannot list events of %s %s/%s: %s", kind, key[0], name, exc)
+            return
+        notes = self.ctx.cache.note(key)
+        newest = sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+        if kind == "Job":
+            failed = [e for e in newest if e.get("reason") == "FailedCreate"]
+            cause = pod_creation_cause(failed[-1].get("message", "")) if failed else None
+            changed = cause is not None and cause != notes.pod_creation_error
+            if cause is not None:
+                notes.pod_creation_error = cause
+        else:
+            volume = [e for e in newest if e.get("reason") in VOLUME_EVENT_REASONS and e.get("type") == "Warning"]
+            cause = volume_cause(volume[-1]["reason"], volume[-1].get("message", "")) if volume else None
+            changed = cause is not None and notes.pod_problems.get(uid) != cause
+            if cause is not None:
+                notes.pod_problems[uid] = cause
+        if changed:
+            log.warning("SFTJob %s/%s: %s: %s", *key, cause.reason, cause.message)
+        self.mark(key, 0.0)

@@ -1,0 +1,112 @@
+"""The cache the watches feed: slim copies, pods of the current Job only, our writes ahead of the
+watch, and a sweep that forgets what a relist no longer shows."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import kopf
+
+from sft_operator.cache import Cache, slim
+
+
+def sftjob(uid: str, phase: str | None = None, rv: str = "1", name: str = "demo") -> dict:
+    return {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob",
+            "metadata": {"name": name, "namespace": "a", "uid": uid, "resourceVersion": rv},
+            "spec": {}, "status": {"phase": phase} if phase else {}}
+
+
+def pod(uid: str, job_uid: str, name: str = "demo") -> dict:
+    return {"metadata": {"name": f"{name}-0-{uid}", "namespace": "a", "uid": uid,
+                         "labels": {"sft.dev/job-name": name}, "ownerReferences": [{"uid": job_uid, "controller": True}]},
+            "status": {"phase": "Running"}}
+
+
+def test_slim_keeps_what_status_derivation_reads_and_drops_the_pod_template():
+    job = kopf.Body({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "demo", "namespace": "a", "uid": "j1", "labels": {"x": "y"}, "managedFields": [{"big": 1}]},
+        "spec": {"suspend": True, "completions": 1, "template": {"spec": {"containers": [{"name": "trainer"}]}}},
+        "status": {"active": 1},
+    })
+    out = slim("Job", job)
+    assert out["spec"] == {"suspend": True, "completions": 1}
+    assert "managedFields" not in out["metadata"] and out["metadata"]["labels"] == {"x": "y"}
+    assert out["status"] == {"active": 1}
+    out["status"]["active"] = 2
+    assert job["status"]["active"] == 1  # a copy, not a view
+
+
+def test_slim_pods_keep_status_and_service_account_and_config_maps_only_a_digest():
+    body = kopf.Body({
+        "metadata": {"name": "p", "uid": "p1", "managedFields": [{"big": 1}], "ownerReferences": [{"uid": "j1"}]},
+        "spec": {"containers": [{"name": "trainer", "env": [{"name": "X", "value": "y" * 1000}]}],
+                 "serviceAccountName": "trainer"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"},
+                                                       {"type": "PodScheduled", "status": "True"}]},
+    })
+    out = slim("Pod", body)
+    assert out["spec"] == {"serviceAccountName": "trainer"} and "managedFields" not in out["metadata"]
+    assert [c["type"] for c in out["status"]["conditions"]] == ["PodScheduled"]  # what derivation reads
+    out["metadata"]["ownerReferences"][0]["uid"] = "x"
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "j1"  # a deep copy
+    config = slim("ConfigMap", {"metadata": {"name": "c"}, "data": {"config.json": "{" + " " * 5000 + "}"}})
+    assert set(config) == {"metadata", "dataDigest"} and len(config["dataDigest"]) == 32
+
+
+def test_pods_of_ignores_pods_of_an_earlier_job_with_the_same_name():
+    cache = Cache()
+    cache.put("Pod", pod("p1", "old-job"))
+    cache.put("Pod", pod("p2", "new-job"))
+    assert [p["metadata"]["uid"] for p in cache.pods_of(("a", "demo"), "new-job")] == ["p2"]
+    cache.drop("Pod", pod("p1", "old-job"))
+    cache.drop("Pod", pod("p2", "new-job"))
+    assert ("a", "demo") not in cache.pods
+
+
+def test_our_write_is_the_status_until_the_watch_catches_up_for_the_same_uid_only():
+    cache = Cache()
+    key = ("a", "demo")
+    cache.put("SFTJob", sftjob("u1", "Pending", rv="10"))
+    cache.record_write(key, {"metadata": {"uid": "u1", "resourceVersion": "12"}, "status": {"phase": "Running"}})
+    assert cache.current_status(key) == {"phase": "Running"}
+    cache.put("SFTJob", sftjob("u1", "Pending", rv="11"))  # an older event arriving late
+    assert cache.current_status(key) == {"phase": "Running"}
+    cache.put("SFTJob", sftjob("u1", "Running", rv="12"))  # the watch saw our write
+    assert key not in cache.written
+    cache.record_write(key, {"metadata": {"uid": "u1", "resourceVersion": "13"}, "status": {"phase": "Succeeded"}})
+    cache.put("SFTJob", sftjob("u2", "Pending", rv="14"))  # deleted and re-created
+    assert cache.current_status(key) == {"phase": "Pending"}
+    cache.forget(key)
+    assert key not in cache.sftjobs and key not in cache.written
+
+
+def test_phase_counts_are_kept_incrementally():
+    cache = Cache()
+    a, b = ("a", "one"), ("a", "two")
+    cache.put("SFTJob", sftjob("ua", name="one"))
+    cache.put("SFTJob", sftjob("ub", "Running", name="two"))
+    assert cache.phase_counts() == {"Pending": 1, "Running": 1}
+    cache.record_write(a, {"metadata": {"uid": "ua", "resourceVersion": "5"}, "status": {"phase": "Running"}})
+    assert cache.phase_counts() == {"Running": 2}
+    cache.record_write(b, {"metadata": {"uid": "ub", "resourceVersion": "6"}, "status": {"phase": "Succeeded"}})
+    cache.forget(a)
+    assert cache.phase_counts() == {"Succeeded": 1}
+    assert cache.phase_counts() == dict(collections.Counter(
+        cache.current_status(k).get("phase") or "Pending" for k in cache.sftjobs))
+
+
+def test_sweep_forgets_what_a_relist_no_longer_shows_but_keeps_what_came_after_it():
+    cache = Cache()
+    cache.put("SFTJob", sftjob("gone", "Running", name="deleted"))  # its DELETED event was missed
+    cache.put("SFTJob", sftjob("alive", "Running", name="kept"))
+    cache.put("Pod", pod("p-gone", "j", name="kept"))
+    listed_at = time.monotonic()
+    cache.put("SFTJob", sftjob("new", name="newer"))  # created after the list began
+    assert cache.sweep("SFTJob", {"a"}, {"alive"}, listed_at) == {("a", "deleted")}
+    assert set(cache.sftjobs) == {("a", "kept"), ("a", "newer")}
+    assert cache.phase_counts() == {"Running": 1, "Pending": 1}
+    assert cache.sweep("SFTJob", {"other-namespace"}, set(), time.monotonic()) == set()  # out of scope
+    assert cache.sweep("Pod", None, set(), time.monotonic()) == {("a", "kept")}
+    assert ("a", "kept") not in cache.pods

@@ -1,0 +1,183 @@
+"""The one status writer: coalescing, the progress rate limit for every report, refusals once a job
+is finished or re-created, and the durable result. The Kubernetes client is a recording fake; the
+real API server is in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sft_operator.context import Context
+from sft_operator.render import RenderOptions
+from sft_operator.settings import OperatorSettings
+from sft_operator.writer import ProgressRefused
+from sft_trainer.config import ProgressReport
+
+KEY = ("team-a", "demo")
+
+
+class RecordingKube:
+    """Answers status writes like the API server (the object back, a new resourceVersion)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, dict[str, Any]]] = []
+        self.events: list[tuple[str, str]] = []
+        self.version = 100
+
+    async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        self.writes.append((asyncio.get_running_loop().time(), status))
+        return {"metadata": {"uid": uid, "resourceVersion": str(self.version)}, "status": status}
+
+    async def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason))
+
+    def stalled_seconds(self) -> float:
+        return 0.0
+
+    async def close(self) -> None:
+        pass
+
+
+def sftjob(uid: str = "u-1") -> dict[str, Any]:
+    return {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob",
+            "metadata": {"name": "demo", "namespace": "team-a", "uid": uid, "generation": 1, "resourceVersion": "1",
+                         "creationTimestamp": "2020-01-01T00:00:00Z"},
+            "spec": {"model": {"source": "Qwen/Qwen2.5-0.5B"}, "dataset": {"train": {"source": "/d.jsonl"}},
+                     "output": {"destination": "/tmp/out"}}}
+
+
+def job(**status: Any) -> dict[str, Any]:
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "demo", "namespace": "team-a", "uid": "j-1", "labels": {"sft.dev/job-name": "demo"},
+                         "creationTimestamp": "2020-01-01T00:00:01Z",
+                         "ownerReferences": [{"uid": "u-1", "controller": True, "kind": "SFTJob", "name": "demo"}]},
+            "spec": {"suspend": False}, "status": status}
+
+
+def pod(phase: str = "Running", state: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": "demo-0-x", "namespace": "team-a", "uid": "p-1", "creationTimestamp": "2020-01-01T00:00:02Z",
+                         "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"},
+                         "ownerReferences": [{"uid": "j-1", "controller": True}]},
+            "status": {"phase": phase, "conditions": [{"type": "PodScheduled", "status": "True"}],
+                       "containerStatuses": [{"name": "trainer", "state": state or {"running": {"startedAt": "2020-01-01T00:00:03Z"}}}]}}
+
+
+def report(step: int, **extra: Any) -> ProgressReport:
+    return ProgressReport.model_validate({"step": step, "totalSteps": 100, "epoch": step / 50, "trainLoss": 1.0, **extra})
+
+
+def run(test, **settings: Any) -> RecordingKube:
+    kube = RecordingKube()
+
+    async def main() -> None:
+        ctx = Context(OperatorSettings(**{"status_window_seconds": 0.05, **settings}), kube, RenderOptions())
+        ctx.kick = lambda key, delay=0.0: None  # no reconciling here: the cache is set up by hand
+        ctx.cache.put("SFTJob", sftjob())
+        try:
+            await test(ctx)
+        finally:
+            await ctx.scheduler.close()
+
+    asyncio.run(main())
+    return kube
+
+
+def test_changes_within_the_window_become_one_write():
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.writer.mark(KEY)
+        ctx.cache.put("Pod", pod())
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        assert [w[1]["phase"] for w in ctx.kube.writes] == ["Running"]
+        ctx.writer.mark(KEY)  # nothing new: no write
+        await asyncio.sleep(0.2)
+        assert len(ctx.kube.writes) == 1
+
+    run(test)
+
+
+def test_every_report_is_rate_limited_final_ones_too():
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.cache.put("Pod", pod())
+        for step in range(1, 60):  # 172 reports a second in the review; here as fast as the loop goes
+            final = {"outputModel": "pvc://m/out"} if step % 2 else {}
+            ctx.writer.offer("team-a", "demo", "u-1", report(step, **final))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.7)
+        times = [t for t, w in ctx.kube.writes if "progress" in w]
+        assert len(times) <= 3, times  # ~0.9 s of reports at one write per 0.4 s
+        assert all(b - a >= 0.39 for a, b in zip(times, times[1:]))
+        assert ctx.kube.writes[-1][1]["progress"]["step"] == 59  # the newest report always lands
+
+    run(test, progress_min_interval_seconds=0.4)
+
+
+def test_reports_are_refused_once_the_job_finished_or_was_recreated():
+    async def test(ctx):
+        with pytest.raises(ProgressRefused) as refused:
+            ctx.writer.offer("team-a", "demo", "u-old", report(1))
+        assert (refused.value.status, refused.value.reason) == (409, "Recreated")
+        with pytest.raises(ProgressRefused) as refused:
+            ctx.writer.offer("team-a", "other", "u-1", report(1))
+        assert refused.value.status == 404
+        ctx.cache.put("Job", job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2020-01-01T00:01:00Z"))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.2)
+        assert ctx.kube.writes[-1][1]["phase"] == "Succeeded"
+        with pytest.raises(ProgressRefused) as refused:
+            ctx.writer.offer("team-a", "demo", "u-1", report(100))
+        assert (refused.value.status, refused.value.reason) == (409, "Finished")
+
+    run(test)
+
+
+def test_the_result_in_the_termination_message_becomes_status_output():
+    message = '{"outputModel":"pvc://models/demo/model","steps":100,"totalSteps":100,"epochs":2.0,"trainLoss":0.5}'
+
+    async def test(ctx):
+        ctx.cache.put("Job", job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2020-01-01T00:01:00Z"))
+        ctx.cache.put("Pod", pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+                                                             "finishedAt": "2020-01-01T00:00:59Z"}}))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.2)
+        (_, written), = ctx.kube.writes
+        assert written["phase"] == "Succeeded"
+        assert written["output"] == {"model": "pvc://models/demo/model"}
+        assert written["progress"]["percent"] == 100 and written["metrics"]["trainLoss"] == 0.5
+
+    run(test)
+
+
+def test_a_first_pods_starting_state_is_held_back_then_written():
+    async def test(ctx):
+        fresh = job(active=1)
+        fresh["metadata"]["creationTimestamp"] = ctx_now()
+        ctx.cache.put("Job", fresh)
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        assert ctx.kube.writes == []  # the pods usually run within seconds: no "Pending" write yet
+        await asyncio.sleep(2.7)  # (creationTimestamp has whole seconds: the hold ends 1-2 s from now)
+        assert [w[1]["reason"] for w in ctx.kube.writes] == ["PodsStarting"]
+
+    run(test, settle_seconds=2.0)
+
+
+def test_a_failure_posts_one_warning_event_and_a_success_none():
+    async def test(ctx):
+        ctx.cache.put("Job", job(conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.2)
+        assert ctx.kube.events == [("Warning", "Failed")]
+
+    run(test)
+
+
+def ctx_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
