@@ -4,10 +4,13 @@
 Every contender trains the same model (``--model``: the tiny Llama-style model of ``sft_trainer.tiny``,
 a larger tied one, or a ~0.5B config for GPUs) on the same generated long-tailed instruction data
 (median ~37 tokens, a tail past 250) with the same hyperparameters (learning rate, epochs, batch,
-accumulation, warmup, scheduler, weight decay, clipping, seed, fp32, no gradient checkpointing), each
-in its own subprocess so that peak RSS is measured fairly, and each with its own default CPU threads
-(torch's default, every core, for TRL and classic; ours: the available cores per process) unless
-``--threads`` sets them all:
+accumulation, warmup, scheduler, weight decay, clipping, seed), each in its own subprocess so that peak
+RSS is measured fairly. Engine settings stay at each contender's own defaults, as a user gets them:
+CPU threads (torch's default, every core, for TRL and classic; ours: the available cores per process)
+unless ``--threads`` sets them all; precision and gradient checkpointing (TRL's SFTConfig turns both
+bf16 autocast and gradient checkpointing on; transformers' Trainer neither; ours: bf16 on GPUs that
+have it, else fp32, and no checkpointing) unless ``--precision`` / ``--gradient-checkpointing`` set
+them for all:
 
   classic   transformers Trainer, every row padded to 512, pad = eos, labels = input_ids
   trl       TRL SFTTrainer, its defaults otherwise (prompt/completion rows: completion-only loss,
@@ -78,8 +81,11 @@ def parse(argv=None):
                         "hidden-1024 Llama config with random weights, ~0.48B parameters, the tiny tokenizer)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where every contender trains (default cpu; cpu hides the GPUs from all of them)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 autocast over fp32 weights for every contender (GPU)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32, or bf16 autocast over fp32 weights, for every contender (default: each "
+                        "contender's own: TRL bf16, classic fp32, ours bf16 on a GPU that has it, else fp32)")
+    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default=None,
+                   help="for every contender (default: each contender's own: TRL on, classic and ours off)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's dense bf16 peak for MFU with --device cuda (default 989: H100/H200 SXM)")
     p.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)  # the child's role
@@ -160,10 +166,14 @@ def hf_args(args, out: Path, **extra):
         output_dir=str(out), learning_rate=args.lr, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accumulation, warmup_steps=HP["warmup_ratio"], weight_decay=HP["weight_decay"],
         max_grad_norm=HP["max_grad_norm"], seed=args.seed, lr_scheduler_type=HP["scheduler"],
-        use_cpu=args.device == "cpu", bf16=args.precision == "bf16",
+        use_cpu=args.device == "cpu",
         save_strategy="no", eval_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True,
-        gradient_checkpointing=False,
     )
+    # Engine settings only when forced: otherwise each trainer's config class keeps its own default.
+    if args.precision:
+        common["bf16"] = args.precision == "bf16"
+    if args.gradient_checkpointing:
+        common["gradient_checkpointing"] = args.gradient_checkpointing == "on"
     common.update(extra)
     return common
 
@@ -226,7 +236,8 @@ def run_ours(args, assets: Path, out: Path, packing: bool) -> tuple[float, float
         "hyperparameters": {"learningRate": args.lr, "numEpochs": args.epochs, "perDeviceBatchSize": args.batch,
                             "gradientAccumulationSteps": args.accumulation, "warmupRatio": HP["warmup_ratio"],
                             "weightDecay": HP["weight_decay"], "maxGradNorm": HP["max_grad_norm"], "seed": args.seed,
-                            "lrScheduler": HP["scheduler"], "precision": args.precision},
+                            "lrScheduler": HP["scheduler"], "precision": args.precision or "auto",
+                            "gradientCheckpointing": args.gradient_checkpointing == "on"},
         "evaluation": {"strategy": "no"},
         "output": {"destination": str(out)},
     })
@@ -339,7 +350,8 @@ def main(argv=None) -> int:
     assets = tiny.ensure(work / "tiny")
     n_params = non_embedding_parameters(ensure_model(args))
     tokens, held, stats = real_tokens_and_eval_set(args, assets)
-    print(f"model: {args.model}, {n_params / 1e6:.1f}M non-embedding parameters; {args.device}, {args.precision}")
+    print(f"model: {args.model}, {n_params / 1e6:.1f}M non-embedding parameters; {args.device}, precision "
+          f"{args.precision or 'each default'}, gradient checkpointing {args.gradient_checkpointing or 'each default'}")
     print(f"data: {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
           f"{tokens:,} real tokens over {args.epochs} epoch(s); padded to {SEQ}: {args.rows * SEQ * args.epochs:,}")
     plan = [(seed, name) for seed in args.seeds for name in args.only]
@@ -378,18 +390,18 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
 
-    def ratio(name, key, base, inverse=False):
+    def ratio(name, key, base, inverse=False) -> str:
         if base not in results:
-            return float("nan")
+            return "n/a"
         a, b = results[name][key], results[base][key]
-        return b / a if inverse else a / b
+        return f"{b / a if inverse else a / b:.2f}x"
 
     for name, r in results.items():
         spread = f" ± {r['evalLossStdev']:.3f}" if seeds > 1 else ""
         print(f"{name:<9} {r['trainSeconds']:>8.1f} {r['tokensPerSecond']:>8,.0f} "
-              f"{ratio(name, 'tokensPerSecond', 'classic'):>9.2f}x {ratio(name, 'tokensPerSecond', 'trl'):>6.2f}x "
-              f"{r['processSeconds']:>9.1f} {ratio(name, 'processSeconds', 'trl', inverse=True):>6.2f}x "
-              f"{r['trainCpuSeconds']:>7.1f} {ratio(name, 'tokensPerCpuSecond', 'trl'):>9.2f}x "
+              f"{ratio(name, 'tokensPerSecond', 'classic'):>10} {ratio(name, 'tokensPerSecond', 'trl'):>7} "
+              f"{r['processSeconds']:>9.1f} {ratio(name, 'processSeconds', 'trl', inverse=True):>7} "
+              f"{r['trainCpuSeconds']:>7.1f} {ratio(name, 'tokensPerCpuSecond', 'trl'):>10} "
               f"{r['peakRssMb']:>12.0f} {r['evalLoss']:>9.4f}{spread:>7}")
     if args.device == "cuda":
         print("MFU: " + ", ".join(f"{n} {r['mfu']:.1%}" for n, r in results.items() if "mfu" in r)
