@@ -293,8 +293,8 @@ def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
     A disruption is a pod with the DisruptionTarget condition (evicted, preempted), or a trainer that
     exited 75 (Interrupted: SIGTERM, checkpoint saved). In a multi-node run every rank exits 75 when
     one pod is evicted, but only that pod carries DisruptionTarget. With a fetch stage (``fetch``),
-    its terminal codes (NotFound, AccessDenied, CacheTooSmall) fail the job too: the Job API matches
-    init containers by name as well.
+    its terminal codes (NotFound, AccessDenied, CacheTooSmall) fail the job too, and its 75 (SIGTERM
+    mid-download) is ignored as the trainer's: the Job API matches init containers by name as well.
     """
     fail = sorted(int(code) for code in NON_RETRIABLE)
     containers = [TRAINER_CONTAINER, FETCH_CONTAINER] if fetch else [TRAINER_CONTAINER]
@@ -302,10 +302,9 @@ def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
         "rules": [
             *({"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": fail}}
               for name in containers),
-            {
-                "action": "Ignore",
-                "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [int(ExitCode.INTERRUPTED)]},
-            },
+            *({"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In",
+                                                   "values": [int(ExitCode.INTERRUPTED)]}}
+              for name in containers),
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
     }

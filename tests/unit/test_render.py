@@ -57,14 +57,16 @@ def test_pod_failure_policy_fails_fast_on_trainer_and_fetch_codes_and_ignores_di
     assert {68, 73, 77} <= set(fail)  # NotFound, CacheTooSmall, AccessDenied: no retry can fix them
     assert policy[:2] == [{"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": fail}}
                           for name in ("trainer", "fetch")]
-    # exit 75 (Interrupted, checkpoint saved) from any rank is a disruption: every rank of a multi-node
-    # run exits 75 when one pod is evicted, but only that pod carries DisruptionTarget
-    assert policy[2] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}}
-    assert policy[3] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # exit 75 (Interrupted: SIGTERM, checkpoint saved, or mid-transfer) from any rank or the fetch stage is a
+    # disruption: every rank of a multi-node run exits 75 when one pod is evicted, but only that pod carries
+    # DisruptionTarget, and a pod deleted by a person carries none
+    assert policy[2:4] == [{"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In", "values": [75]}}
+                           for name in ("trainer", "fetch")]
+    assert policy[4] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert _job(manifest())["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     local = manifest(model={"source": "pvc://models/base"})  # nothing to fetch: no fetch rule
-    assert [r["onExitCodes"]["containerName"] for r in _job(local)["spec"]["podFailurePolicy"]["rules"][:2]] == \
-        ["trainer", "trainer"]
+    assert [r.get("onExitCodes", {}).get("containerName") for r in _job(local)["spec"]["podFailurePolicy"]["rules"]] == \
+        ["trainer", "trainer", None]
 
 
 def test_the_tmp_scratch_volume_is_bounded_and_overridable():

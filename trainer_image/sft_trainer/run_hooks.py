@@ -12,10 +12,8 @@ it to the run's result in the termination message (``sft_trainer.result``), wher
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 from . import outputs, paths
 from .config import ProgressReport, TrainingSpec, is_s3
-from .errors import Interrupted, TrainerError
+from .errors import TrainerError, sigterm_interrupts
 from .exit_codes import ExitCode
 
 log = logging.getLogger("sft_trainer")
@@ -39,25 +37,6 @@ class RunResult:
         """As keys of the run's metrics (``sft_trainer.result.trainer_result`` reads them)."""
         doc = {"outputUri": self.output_uri, "mlflowRunId": self.mlflow_run_id, "warning": self.warning}
         return {k: v for k, v in doc.items() if v is not None}
-
-
-@contextlib.contextmanager
-def sigterm_interrupts(what: str):
-    """SIGTERM (a pod deleted, evicted, preempted) ends the process as Interrupted (75), which the Job retries
-    without counting it; the retry resumes the upload (``s3.upload``). Outside the main thread: no change."""
-
-    def handle(signum, frame):
-        raise Interrupted(f"{signal.Signals(signum).name} during {what}; a retry resumes it")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handle)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class RunHooks:
