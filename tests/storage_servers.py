@@ -1,6 +1,9 @@
 """Real servers on loopback for the storage tests: an S3 server (moto in server mode, with IAM auth on), an
 MLflow tracking server (SQLite backend, local artifact root), a hub-like HTTP server, and a TCP proxy that
-injects network faults. Imported by name (tests/ folders are not packages)."""
+injects network faults. Imported by name (tests/ folders are not packages).
+
+Each binds one address, loopback unless told otherwise: the real node's pods reach this machine only at
+the node's bridge address (tests/integration/test_storage_end_to_end.py binds them there alone)."""
 
 from __future__ import annotations
 
@@ -21,22 +24,26 @@ from pathlib import Path
 REQUEST_LINE = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/1\.[01]" (\d{3})')
 
 
-def free_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0, log: Path | None = None) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0, log: Path | None = None,
+                  host: str = LOOPBACK) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -66,10 +73,11 @@ class S3Server:
     log: Path
     access_key: str = ""
     secret_key: str = ""
+    host: str = LOOPBACK
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def env(self, **extra: str) -> dict[str, str]:
         """The variables the renderer would set from credentialsSecretRef."""
@@ -99,22 +107,22 @@ class S3Server:
         return out
 
 
-def start_s3(tmp: Path, *, auth: bool = False) -> S3Server:
-    """moto in server mode. With ``auth`` it checks signatures and IAM policies (an admin user is created
-    and its keys kept); moto then rejects the signature of a ListObjects with a ``/`` in the prefix, so
-    tests that list prefixes use a server without auth (any keys accepted)."""
-    port = free_port()
+def start_s3(tmp: Path, *, auth: bool = False, host: str = LOOPBACK) -> S3Server:
+    """moto in server mode on ``host``. With ``auth`` it checks signatures and IAM policies (an admin user is
+    created and its keys kept); moto then rejects the signature of a ListObjects with a ``/`` in the prefix,
+    so tests that list prefixes use a server without auth (any keys accepted)."""
+    port = free_port(host)
     log = tmp / "moto.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
     )
-    server = S3Server(proc, port, log, "test-key-id", "test-secret")
+    server = S3Server(proc, port, log, "test-key-id", "test-secret", host)
     try:
-        wait_for_port(port, proc, log=log)
+        wait_for_port(port, proc, log=log, host=host)
         if auth:
             # The first three requests go through unauthenticated: an admin user, its key, its policy.
             iam = server.client("iam", access_key="bootstrap", secret_key="bootstrap")
@@ -134,10 +142,11 @@ class MlflowServer:
     proc: subprocess.Popen
     port: int
     log: Path
+    host: str = LOOPBACK
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -145,20 +154,20 @@ class MlflowServer:
         return MlflowClient(tracking_uri=self.uri)
 
 
-def start_mlflow(tmp: Path) -> MlflowServer:
-    port = free_port()
+def start_mlflow(tmp: Path, host: str = LOOPBACK) -> MlflowServer:
+    port = free_port(host)
     log = tmp / "mlflow.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp,
     )
     try:
-        wait_for_port(port, proc, timeout=120, log=log)
+        wait_for_port(port, proc, timeout=120, log=log, host=host)
     except BaseException:
         stop(proc)
         raise
-    return MlflowServer(proc, port, log)
+    return MlflowServer(proc, port, log, host)
 
 
 # ---------------------------------------------------------------- a hub-like server
@@ -287,22 +296,23 @@ class FaultyProxy:
     ``n`` response bytes went through; ``rate`` limits bytes per second both ways (to interrupt a transfer
     mid-way); ``refuse(times)`` closes the next connections at once. ``bytes_down`` counts response bytes."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, host: str = LOOPBACK):
         self.target_port = target_port
+        self.host = host
         self.rate: float | None = None
         self._cuts: list[int] = []
         self._refusals = 0
         self.connections = 0
         self.bytes_down = 0
         self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock = socket.create_server((host, 0))
         self.port = self._sock.getsockname()[1]
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def cut_after(self, n: int, times: int = 1) -> None:
         with self._lock:
@@ -330,7 +340,7 @@ class FaultyProxy:
                     continue
                 cut = self._cuts.pop(0) if self._cuts else None
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                upstream = socket.create_connection((self.host, self.target_port))
             except OSError:
                 client.close()
                 continue

@@ -264,12 +264,23 @@ class ConditionType(str, Enum):
     failed = "Failed"
 
 
+class Stage(str, Enum):
+    """status.progress.stage: what the pods are doing (from the trainer's reports)."""
+
+    fetching = "Fetching"  # the fetch stage downloads the model and data into the cache
+    training = "Training"
+    exporting = "Exporting"  # rank 0 uploads the output to s3://
+
+
 class Progress(ApiModel):
-    percent: int = Field(default=0, ge=0, le=100)
+    percent: int = Field(default=0, ge=0, le=100, description="Training steps done, in percent.")
     step: int = Field(default=0, ge=0)
     total_steps: int = Field(default=0, ge=0)
     epoch: float = Field(default=0.0, ge=0)
     eta_seconds: int | None = Field(default=None, ge=0)
+    stage: Stage | None = Field(default=None, description="Fetching, Training or Exporting; absent once the job ended.")
+    bytes_done: int | None = Field(default=None, ge=0, description="Fetching or Exporting: bytes transferred so far.")
+    bytes_total: int | None = Field(default=None, ge=0, description="Fetching or Exporting: bytes to transfer in all.")
 
 
 class Metrics(ApiModel):

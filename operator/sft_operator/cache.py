@@ -24,7 +24,7 @@ from .render import LABEL_JOB
 from .status import Cause
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
-CHILD_KINDS = ("ConfigMap", "Service", "Job")
+CHILD_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", "Job")  # the cache claim only when we create it
 
 _META = ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "ownerReferences", "resourceVersion")
 _META_KEEP = {
@@ -33,10 +33,12 @@ _META_KEEP = {
     "Pod": (*_META, "labels", "annotations"),
     "ConfigMap": _META,
     "Service": _META,
+    "PersistentVolumeClaim": _META,
 }
 _JOB_SPEC_KEEP = ("suspend", "completions", "parallelism", "activeDeadlineSeconds", "backoffLimit")
 _POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 _POD_STATUS_KEEP = ("phase", "reason", "message", "startTime")
+_CONTAINER_STATUSES = ("initContainerStatuses", "containerStatuses")  # the fetch stage is an init container
 _CONTAINER_STATUS_KEEP = ("name", "image", "state", "lastState")
 
 
@@ -69,8 +71,11 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         status = body.get("status") or {}
         slimmed = {k: status[k] for k in _POD_STATUS_KEEP if k in status}
         slimmed["conditions"] = [_plain(c) for c in status.get("conditions") or [] if c.get("type") in _POD_CONDITIONS]
-        slimmed["containerStatuses"] = [{k: _plain(c[k]) for k in _CONTAINER_STATUS_KEEP if k in c}
-                                        for c in status.get("containerStatuses") or []]
+        for field_name in _CONTAINER_STATUSES:
+            if status.get(field_name):
+                slimmed[field_name] = [{k: _plain(c[k]) for k in _CONTAINER_STATUS_KEEP if k in c}
+                                       for c in status[field_name]]
+        slimmed.setdefault("containerStatuses", [])
         out["status"] = slimmed
         account = (body.get("spec") or {}).get("serviceAccountName")
         out["spec"] = {"serviceAccountName": account} if account else {}
@@ -115,8 +120,9 @@ class Notes:
     creation_error: Cause | None = None  # a child could not be created (quota, conflict, 422)
     pod_creation_error: Cause | None = None  # the Job's FailedCreate event (no pods)
     pod_problems: dict[str, Cause] = field(default_factory=dict)  # pod uid -> FailedMount, Multi-Attach
-    # ((uid, generation, render version), digest of the ConfigMap's data) of the last complete reconcile
-    rendered: tuple[tuple[Any, Any, int], str] | None = None
+    # ((uid, generation, render version), digest of the ConfigMap's data, the children's kinds) of the last
+    # complete reconcile
+    rendered: tuple[tuple[Any, Any, int], str, tuple[str, ...]] | None = None
     finished: tuple[Any, Any, int] | None = None  # (uid, generation, render version) of the finished job's last reconcile
 
 
@@ -139,7 +145,7 @@ class Cache:
         key = key_of(kind, body)
         if key is None:
             return None
-        if kind in ("Pod", "ConfigMap", "Service") and self.finished(key):
+        if kind in ("Pod", "ConfigMap", "Service", "PersistentVolumeClaim") and self.finished(key):
             return key  # nothing reads them once the job is over (its Job is kept, to stop it)
         obj = slim(kind, body)
         uid = obj["metadata"].get("uid", "")
@@ -209,7 +215,7 @@ class Cache:
     def _drop_details(self, key: Key) -> None:
         for pod in (self.pods.pop(key, None) or {}).values():
             self.seen.pop(pod["metadata"].get("uid", ""), None)
-        for kind in ("ConfigMap", "Service"):
+        for kind in ("ConfigMap", "Service", "PersistentVolumeClaim"):
             child = self.children[kind].pop(key, None)
             if child is not None:
                 self.seen.pop(child["metadata"].get("uid", ""), None)

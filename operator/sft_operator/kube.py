@@ -79,7 +79,10 @@ PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({
     ("get", GROUP, PLURAL),  # the progress endpoint: the SFTJob it reports for
     ("patch", GROUP, f"{PLURAL}/status"),  # the one status writer
     ("delete", GROUP, PLURAL),  # ttlSecondsAfterFinished
-    ("get", "", "persistentvolumeclaims"),  # warn when nodes > 1 share a ReadWriteOnce claim
+    ("create", "", "persistentvolumeclaims"),  # the cache claim <job>-cache (docs/storage.md)
+    ("list", "", "persistentvolumeclaims"),  # ... watched like the other children
+    ("watch", "", "persistentvolumeclaims"),
+    ("get", "", "persistentvolumeclaims"),  # nodes > 1: a ReadWriteOnce claim; on 409: ours?
     ("create", "", "events"),  # Warning events a person acts on
     ("list", "", "events"),  # why pods are not created (FailedCreate) or stuck (FailedMount, Multi-Attach)
     ("create", "authentication.k8s.io", "tokenreviews"),  # progress endpoint authentication

@@ -5,7 +5,8 @@ periodic resync, a retry after a failure (back-off 5 s doubling to 5 minutes). I
 the cache shows, not on the event: create what is missing (409 AlreadyExists is success when
 the object is ours; names are deterministic, so a crash at any point followed by a rerun never
 duplicates), bring our ConfigMap's data back to what the renderer says (a rotated CA), apply
-``runPolicy.suspend`` to the Job. For a finished SFTJob it only stops a failed run's Job and arms
+``runPolicy.suspend`` to the Job. Before the Job exists it refuses what cannot work in a cluster:
+a local output path, and a ReadWriteOnce claim that the pods of several nodes would write. For a finished SFTJob it only stops a failed run's Job and arms
 ``ttlSecondsAfterFinished``; a deleted Job of a finished run is never recreated (it would train again).
 
 It never writes the SFTJob's spec and never touches a Job field other than ``spec.suspend``, nor
@@ -31,19 +32,20 @@ from .reconcile import (
     api_error_cause,
     config_map_patch,
     conflict_cause,
+    local_output_cause,
     ownership,
     prepare_job,
+    shared_claims_check,
     stop_patch,
     suspend_patch,
 )
-from .render import pvc_claims, render_children
+from .render import cache_claim, pvc_claims, render_children
 from .status import INVALID_SPEC, Cause, condition, parse_time
 
 if TYPE_CHECKING:
     from .context import Context
 
 log = logging.getLogger("sft_operator.manage")
-READ_WRITE_ONCE = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
 
 
 class ChildrenBlocked(Exception):
@@ -83,15 +85,19 @@ async def _manage(ctx: Context, key: Key) -> None:
     except ValidationError as exc:  # the API server's schema should have caught it
         _blocked(ctx, key, Cause(INVALID_SPEC, str(exc)[:2048]))
         return
+    refused = local_output_cause(parsed.spec)
+    if refused is not None:
+        _blocked(ctx, key, refused)
+        return
     try:
-        digest = await _ensure_children(ctx, key, sftjob, parsed)
+        digest, kinds = await _ensure_children(ctx, key, sftjob, parsed)
     except ChildrenBlocked as exc:
         _blocked(ctx, key, exc.cause)
         return
     except ApiError as exc:  # patching the Job (suspend) or the ConfigMap failed
         _blocked(ctx, key, Cause("CreateFailed" if exc.status else "Unreachable", str(exc)))
         return
-    notes.rendered = (managed_as(ctx, sftjob), digest)
+    notes.rendered = (managed_as(ctx, sftjob), digest, kinds)
     if notes.creation_error is not None:
         log.info("SFTJob %s/%s: children created after earlier failures", *key)
         notes.creation_error = None
@@ -107,7 +113,7 @@ def managed_as(ctx: Context, sftjob: dict[str, Any]) -> tuple[Any, Any, int]:
 
 def converged(ctx: Context, key: Key) -> bool:
     """Whether the cache shows everything a reconcile of ``key`` would make, without running it:
-    the last reconcile was for this spec, all three children are ours (the ConfigMap as rendered)
+    the last reconcile was for this spec, all its children are ours (the ConfigMap as rendered)
     and the Job's suspension is what runPolicy.suspend says."""
     sftjob, notes = ctx.cache.sftjobs.get(key), ctx.cache.notes.get(key)
     if sftjob is None or notes is None:
@@ -117,11 +123,12 @@ def converged(ctx: Context, key: Key) -> bool:
     if notes.rendered is None or notes.rendered[0] != managed_as(ctx, sftjob):
         return False
     uid = sftjob["metadata"].get("uid")
-    children = [ctx.cache.child(kind, key) for kind in ("ConfigMap", "Service", "Job")]
+    children = [ctx.cache.child(kind, key) for kind in notes.rendered[2]]
     if any(c is None or (c["metadata"].get("ownerReferences") or [{}])[0].get("uid") != uid for c in children):
         return False
+    config_map, job = ctx.cache.child("ConfigMap", key), ctx.cache.child("Job", key)
     want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-    return children[0].get("dataDigest") == notes.rendered[1] and suspend_patch(want_suspended, children[2]) is None
+    return config_map.get("dataDigest") == notes.rendered[1] and suspend_patch(want_suspended, job) is None
 
 
 def _blocked(ctx: Context, key: Key, cause: Cause) -> None:
@@ -136,10 +143,16 @@ def _blocked(ctx: Context, key: Key, cause: Cause) -> None:
     ctx.writer.mark(key, 0.0)
 
 
-async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parsed: SFTJob) -> str:
-    """Create what is missing, correct what drifted; the digest of the ConfigMap's rendered data."""
-    config_map, service, job = render_children(parsed, ctx.render_options)
-    await asyncio.gather(_ensure(ctx, key, sftjob, config_map), _ensure(ctx, key, sftjob, service))
+async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parsed: SFTJob) -> tuple[str, tuple[str, ...]]:
+    """Create what is missing, correct what drifted; the digest of the ConfigMap's rendered data and the
+    kinds of the children."""
+    children = render_children(parsed, ctx.render_options)
+    config_map, service, claims, job = children[0], children[1], children[2:-1], children[-1]
+    await asyncio.gather(_ensure(ctx, key, sftjob, config_map), _ensure(ctx, key, sftjob, service),
+                         *(_ensure(ctx, key, sftjob, claim) for claim in claims))
+    warnings: list[str] = []
+    if ctx.cache.child("Job", key) is None:  # before any pod starts: can every node mount what it writes?
+        warnings = await _check_shared_claims(ctx, sftjob, parsed)
     created = await _ensure(ctx, key, sftjob, prepare_job(job))
     job_now = ctx.cache.child("Job", key)
     if job_now is not None:
@@ -147,8 +160,8 @@ async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parse
         if patch is not None:
             ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
     if created:
-        ctx.scheduler.spawn(_announce(ctx, sftjob, parsed), name=f"advice {key}")
-    return data_digest(config_map.get("data"))
+        ctx.scheduler.spawn(_announce(ctx, sftjob, parsed, warnings), name=f"advice {key}")
+    return data_digest(config_map.get("data")), tuple(child["kind"] for child in children)
 
 
 async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[str, Any]) -> bool:
@@ -180,31 +193,31 @@ async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[st
     return False
 
 
-async def _announce(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob) -> None:
+async def _announce(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob, warnings: list[str]) -> None:
     """On creating the Job: count it, and give the advice a person acts on as one Warning Event."""
     metrics.record_created(sftjob["metadata"]["namespace"])
-    items = [str(a) for a in advise(parsed.spec)]
-    items += await _shared_claims(ctx, sftjob, parsed)
+    items = [str(a) for a in advise(parsed.spec)] + warnings
     if items:
         await ctx.post_event(sftjob, "Warning", "Advice", "; ".join(items))
 
 
-async def _shared_claims(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob) -> list[str]:
-    """Multi-node runs mount their claims on every node: a ReadWriteOnce claim fails with Multi-Attach."""
+async def _check_shared_claims(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob) -> list[str]:
+    """Multi-node runs mount their claims on every node. A ReadWriteOnce claim they write (the output, a
+    named cache) cannot work: ChildrenBlocked, final. One they only read is warned about (Multi-Attach
+    on most storage). Missing claims are left to the scheduler (Unschedulable, with its message)."""
     if parsed.spec.resources.nodes < 2:
-        return []
-    out = []
-    for claim in pvc_claims(parsed):
+        return []  # (no read needed)
+    names = set(pvc_claims(parsed)) | {cache_claim(parsed)} - {None}
+    found = {}
+    for claim in sorted(names):
         try:
-            pvc = await ctx.kube.get("PersistentVolumeClaim", sftjob["metadata"]["namespace"], claim)
+            found[claim] = await ctx.kube.get("PersistentVolumeClaim", sftjob["metadata"]["namespace"], claim)
         except ApiError:
-            continue  # missing: the pod says Unschedulable with the scheduler's message
-        modes = set((pvc.get("spec") or {}).get("accessModes") or [])
-        if modes and modes <= READ_WRITE_ONCE:
-            out.append(f"spec.resources.nodes: {parsed.spec.resources.nodes} nodes share PersistentVolumeClaim {claim}, "
-                       f"which is {'/'.join(sorted(modes))}: the pods on other nodes cannot attach it (Multi-Attach); "
-                       "use a ReadWriteMany claim")
-    return out
+            continue
+    failure, warnings = shared_claims_check(parsed, found)
+    if failure is not None:
+        raise ChildrenBlocked(failure)
+    return warnings
 
 
 async def _finished(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict[str, Any]) -> None:

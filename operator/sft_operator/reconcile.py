@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sft_trainer.config import cluster_problems
+
 from . import API_VERSION, KIND
+from .api import SFTJob, SFTJobSpec
 from .cache import controller_of
-from .render import CA_KEY, LABEL_KUEUE_QUEUE
-from .status import INVALID_SPEC, NAME_CONFLICT, Cause, job_condition
+from .render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, pvc_claim, pvc_claims
+from .status import INVALID_SPEC, NAME_CONFLICT, READ_WRITE_ONCE_CLAIM, Cause, job_condition
 
 # On a Job the operator suspended: only then does it resume the Job (a queue controller such as
 # Kueue suspends and resumes queued Jobs itself, and the operator must not overrule it).
@@ -28,6 +31,7 @@ AWAITING_GC = "AwaitingGarbageCollection"
 CONFIG_MAP_KEYS = ("config.json", CA_KEY)  # every key the renderer may write
 
 OURS, PREVIOUS, FOREIGN = "ours", "previous", "foreign"
+READ_WRITE_ONCE = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
 
 
 def owner_reference(sftjob: dict[str, Any]) -> dict[str, Any]:
@@ -141,3 +145,56 @@ def api_error_cause(status: int, message: str, kind: str, name: str) -> Cause:
     else:
         reason = "CreateFailed"
     return Cause(reason, f"creating {kind} {name}: {message}")
+
+
+def local_output_cause(spec: SFTJobSpec) -> Cause | None:
+    """A local output path would land in the pod's scratch space and vanish with it: refused (final).
+    Not a CRD rule, since the same manifest is right for ``sftctl run`` on a laptop."""
+    problems = cluster_problems(spec)
+    if not problems:
+        return None
+    return Cause(INVALID_SPEC, "; ".join(f"{field}: {message}" for field, message in problems))
+
+
+def access_modes(claim: dict[str, Any]) -> set[str]:
+    """What a claim can do: its bound volume's modes, else what it asks for."""
+    return set((claim.get("status") or {}).get("accessModes") or (claim.get("spec") or {}).get("accessModes") or [])
+
+
+def shared_claims_check(job: SFTJob, claims: dict[str, dict[str, Any]]) -> tuple[Cause | None, list[str]]:
+    """For a multi-node run and the claims it mounts (name -> the claim as read; missing ones left out):
+    the failure for a ReadWriteOnce claim its pods write (the output, a named cache), and warnings for
+    ReadWriteOnce claims they only read. Pods on other nodes cannot attach a ReadWriteOnce volume."""
+    spec = job.spec
+    nodes = spec.resources.nodes
+    if nodes < 2:
+        return None, []
+    written: dict[str, str] = {}
+    out_claim = pvc_claim(spec.output.destination)
+    if out_claim:
+        written[out_claim] = "spec.output.destination"
+    cache = cache_claim(job)
+    if cache and spec.storage and spec.storage.cache and spec.storage.cache.claim_name == cache:
+        written.setdefault(cache, "spec.storage.cache.claimName")
+    fixes = {
+        "spec.output.destination": "or write the output to s3://<bucket>/<prefix>",
+        "spec.storage.cache.claimName": "or set spec.storage.cache.size instead, and the operator creates a "
+                                        "ReadWriteMany cache claim for the job",
+    }
+    failures, warnings = [], []
+    for name in sorted(set(pvc_claims(job)) | set(written)):
+        claim = claims.get(name)
+        modes = access_modes(claim) if claim is not None else set()
+        if not modes or not modes <= READ_WRITE_ONCE:
+            continue
+        shown = "/".join(sorted(modes))
+        if name in written:
+            field = written[name]
+            failures.append(f"{field}: PersistentVolumeClaim {name} is {shown}, but spec.resources.nodes is {nodes} "
+                            f"and the pods on every node write to it; use a ReadWriteMany claim, {fixes[field]}")
+        else:
+            warnings.append(f"spec.resources.nodes: {nodes} nodes share PersistentVolumeClaim {name}, which is "
+                            f"{shown}: the pods on other nodes cannot attach it (Multi-Attach); use a ReadWriteMany "
+                            "(or ReadOnlyMany) claim")
+    failure = Cause(READ_WRITE_ONCE_CLAIM, "; ".join(failures)) if failures else None
+    return failure, warnings

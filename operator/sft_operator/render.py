@@ -10,20 +10,23 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sft_trainer.config import PROGRESS_PATH
+from sft_trainer.config import DEFAULT_CACHE_SIZE, PROGRESS_PATH, is_s3
 from sft_trainer.exit_codes import NON_RETRIABLE, ExitCode
+from sft_trainer.fetch import remote_sources
 
 from . import API_VERSION, KIND
 from .advice import grace_period_seconds
 from .api import SFTJob
 
 TRAINER_CONTAINER = "trainer"
+FETCH_CONTAINER = "fetch"  # the init container that fills the cache (python -m sft_trainer.fetch)
 CONFIG_DIR = "/etc/sft"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 CA_KEY = "ca.crt"
 TOKEN_DIR = "/var/run/secrets/sft.dev/progress"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
 PVC_ROOT = "/mnt/pvc"
+CACHE_DIR = "/mnt/sft-cache"  # the cache volume: fetched sources, s3:// outputs staged (SFT_CACHE_DIR)
 RENDEZVOUS_PORT = 29500
 TRAINER_UID = 1000
 
@@ -53,6 +56,26 @@ def service_name(job_name: str) -> str:
 
 def trainer_job_name(job_name: str) -> str:
     return job_name
+
+
+def cache_claim_name(job_name: str) -> str:
+    """The cache claim the operator creates when the spec names none."""
+    return f"{job_name}-cache"
+
+
+def needs_cache(job: SFTJob) -> bool:
+    """A cache volume is mounted when there is something to fetch (hub or s3:// sources), an s3:// output to
+    stage, or the spec asks for one."""
+    spec = job.spec
+    return bool(remote_sources(spec)) or is_s3(spec.output.destination) or bool(spec.storage and spec.storage.cache)
+
+
+def cache_claim(job: SFTJob) -> str | None:
+    """The claim mounted at CACHE_DIR: the spec's ``storage.cache.claimName``, ours, or None (no cache)."""
+    if not needs_cache(job):
+        return None
+    cache = job.spec.storage.cache if job.spec.storage else None
+    return cache.claim_name if cache and cache.claim_name else cache_claim_name(job.metadata.name)
 
 
 def pvc_claim(source: str) -> str | None:
@@ -155,9 +178,12 @@ def _env(job: SFTJob, options: RenderOptions) -> list[dict[str, Any]]:
         {"name": "SFT_PVC_ROOT", "value": PVC_ROOT},
         {"name": "SFT_PROGRESS_TOKEN_FILE", "value": TOKEN_PATH},
         {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if cache_claim(job):  # everything downloaded lands on the cache volume, never in /tmp
+        env += [{"name": "SFT_CACHE_DIR", "value": CACHE_DIR}, {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"}]
+    else:
+        env.append({"name": "HF_HOME", "value": "/tmp/hf"})
     if options.progress_base_url:
         ns = namespace or "$(SFT_JOB_NAMESPACE)"
         url = options.progress_base_url.rstrip("/") + PROGRESS_PATH.format(namespace=ns, name=name)
@@ -169,14 +195,28 @@ def _env(job: SFTJob, options: RenderOptions) -> list[dict[str, Any]]:
         env.append({"name": "SFT_RUN_ID", "value": uid})
     ref = job.spec.model.token_secret_ref
     if ref:  # referenced, never inlined
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append(_secret_env("HF_TOKEN", ref.name, ref.key))
+    s3 = job.spec.storage.s3 if job.spec.storage else None
+    creds = s3.credentials_secret_ref if s3 else None
+    if creds:  # without a reference the SDK's default chain applies (workload identity)
+        env += [_secret_env("AWS_ACCESS_KEY_ID", creds.name, creds.access_key_id_key),
+                _secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key)]
+        if creds.session_token_key:
+            env.append(_secret_env("AWS_SESSION_TOKEN", creds.name, creds.session_token_key))
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    if mlflow and mlflow.token_secret_ref:
+        env.append(_secret_env("MLFLOW_TRACKING_TOKEN", mlflow.token_secret_ref.name, mlflow.token_secret_ref.key))
     return env
 
 
-def _resources(job: SFTJob) -> dict[str, Any]:
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _resources(job: SFTJob, gpus: bool = True) -> dict[str, Any]:
     res = job.spec.resources
     amounts: dict[str, str] = {}
-    if res.gpus_per_node:
+    if res.gpus_per_node and gpus:
         amounts[res.gpu_resource_name] = str(res.gpus_per_node)
     if res.cpu:
         amounts["cpu"] = res.cpu
@@ -209,6 +249,10 @@ def _volumes(job: SFTJob, options: RenderOptions) -> tuple[list[dict[str, Any]],
         {"name": "progress-token", "mountPath": TOKEN_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    claim = cache_claim(job)
+    if claim:
+        volumes.append({"name": "cache", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "cache", "mountPath": CACHE_DIR})
     shm = job.spec.resources.shared_memory
     if shm:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
@@ -227,6 +271,8 @@ def pod_security_context() -> dict[str, Any]:
         "runAsUser": TRAINER_UID,
         "runAsGroup": TRAINER_UID,
         "fsGroup": TRAINER_UID,
+        # A cache or output volume holds many GiB: chown it on mount only when its top is not ours yet.
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -241,29 +287,64 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def pod_failure_policy() -> dict[str, Any]:
+def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
     """Data and config errors fail the job at once; disruptions never count against backoffLimit.
 
     A disruption is a pod with the DisruptionTarget condition (evicted, preempted), or a trainer that
     exited 75 (Interrupted: SIGTERM, checkpoint saved). In a multi-node run every rank exits 75 when
-    one pod is evicted, but only that pod carries DisruptionTarget.
+    one pod is evicted, but only that pod carries DisruptionTarget. With a fetch stage (``fetch``),
+    its terminal codes (NotFound, AccessDenied, CacheTooSmall) fail the job too, and its 75 (SIGTERM
+    mid-download) is ignored as the trainer's: the Job API matches init containers by name as well.
     """
+    fail = sorted(int(code) for code in NON_RETRIABLE)
+    containers = [TRAINER_CONTAINER, FETCH_CONTAINER] if fetch else [TRAINER_CONTAINER]
     return {
         "rules": [
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": TRAINER_CONTAINER,
-                    "operator": "In",
-                    "values": sorted(int(code) for code in NON_RETRIABLE),
-                },
-            },
-            {
-                "action": "Ignore",
-                "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [int(ExitCode.INTERRUPTED)]},
-            },
+            *({"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": fail}}
+              for name in containers),
+            *({"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In",
+                                                   "values": [int(ExitCode.INTERRUPTED)]}}
+              for name in containers),
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
+    }
+
+
+def build_cache_claim(job: SFTJob) -> dict[str, Any] | None:
+    """The cache claim the operator creates (``<job>-cache``), or None when the spec names one or needs none.
+    ReadWriteMany when several nodes share it; deleted with the SFTJob (ownerReference)."""
+    if cache_claim(job) != cache_claim_name(job.metadata.name):
+        return None
+    cache = job.spec.storage.cache if job.spec.storage else None
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany" if job.spec.resources.nodes > 1 else "ReadWriteOnce"],
+        "resources": {"requests": {"storage": (cache.size if cache and cache.size else DEFAULT_CACHE_SIZE)}},
+    }
+    if cache and cache.storage_class_name:
+        spec["storageClassName"] = cache.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(job, cache_claim_name(job.metadata.name)),
+        "spec": spec,
+    }
+
+
+def fetch_container(job: SFTJob, image: str, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The init container that downloads hub and s3:// sources into the cache once, before any rank starts."""
+    keep = {CONFIG_DIR, TOKEN_DIR, "/tmp", CACHE_DIR}
+    return {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "sft_trainer.fetch"],
+        "args": ["--config", CONFIG_PATH],
+        "env": env,
+        # No GPUs: init containers run before the trainer, and the pod's request is the larger of the two.
+        "resources": _resources(job, gpus=False),
+        "volumeMounts": [m for m in mounts if m["mountPath"] in keep],
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 
@@ -274,13 +355,16 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
     queue = spec.scheduling.queue_name if spec.scheduling else None
     job_labels = {LABEL_KUEUE_QUEUE: queue} if queue else {}
     volumes, mounts = _volumes(job, options)
+    image = spec.image or options.default_image
+    env = _env(job, options)
+    fetch = bool(remote_sources(spec))
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
-        "image": spec.image or options.default_image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "sft_trainer.launch"],
         "args": launch_args(job),
-        "env": _env(job, options),
+        "env": env,
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
         "resources": _resources(job),
         "volumeMounts": mounts,
@@ -298,6 +382,8 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
         "containers": [container],
         "volumes": volumes,
     }
+    if fetch:
+        pod_spec["initContainers"] = [fetch_container(job, image, env, mounts)]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.scheduling:
@@ -314,7 +400,7 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
         "parallelism": nodes,
         "backoffLimit": spec.run_policy.backoff_limit,
         "suspend": spec.run_policy.suspend,
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy(fetch),
         "template": {"metadata": {"labels": _labels(job)}, "spec": pod_spec},
     }
     if spec.run_policy.active_deadline_seconds:
@@ -328,7 +414,9 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
 
 
 def render_children(sftjob: SFTJob | dict[str, Any], options: RenderOptions | None = None) -> list[dict[str, Any]]:
-    """The ConfigMap, headless Service and Indexed Job for one SFTJob, in creation order."""
+    """The ConfigMap, headless Service, cache claim (when the operator creates one) and Indexed Job for one
+    SFTJob, in creation order (the Job last: its pods need the rest)."""
     job = sftjob if isinstance(sftjob, SFTJob) else SFTJob.model_validate(sftjob)
     options = options or RenderOptions()
-    return [build_config_map(job, options), build_service(job), build_job(job, options)]
+    claim = build_cache_claim(job)
+    return [build_config_map(job, options), build_service(job), *([claim] if claim else []), build_job(job, options)]

@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from sft_trainer.config import ProgressReport, TrainerResult
 from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, ExitCode
 
-from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, Progress
-from .render import TRAINER_CONTAINER
+from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, Progress, Stage
+from .render import FETCH_CONTAINER, TRAINER_CONTAINER
 
 OWNED_FIELDS = (
     "observedGeneration",
@@ -54,8 +54,11 @@ BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 NAME_CONFLICT = "NameConflict"
 INVALID_SPEC = "InvalidSpec"
 MULTI_ATTACH = "MultiAttach"
+READ_WRITE_ONCE_CLAIM = "ReadWriteOnceClaim"  # nodes > 1 would write a claim only one node can mount
+FETCHING = "Fetching"  # the fetch stage (init container) fills the cache
+COMPLETED_WITH_WARNING = "CompletedWithWarning"  # the Event for a result's warning
 # Child-creation causes that no retry can fix: the job fails with them.
-FINAL_CREATION_REASONS = frozenset({NAME_CONFLICT, INVALID_SPEC})
+FINAL_CREATION_REASONS = frozenset({NAME_CONFLICT, INVALID_SPEC, READ_WRITE_ONCE_CLAIM})
 MAX_MESSAGE = 2048  # keep status small; the full text is in the pod
 POD_EVENTS_AFTER_SECONDS = 10.0  # a scheduled pod not started this long: read its events (FailedMount, ...)
 JOB_EVENTS_AFTER_SECONDS = 10.0  # a Job without pods this long: read its FailedCreate events
@@ -102,10 +105,45 @@ def trainer_status(pod: dict[str, Any]) -> dict[str, Any] | None:
     return statuses[0] if statuses else None
 
 
+def fetch_status(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The fetch stage's init container status, if the pod has one."""
+    for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if status.get("name") == FETCH_CONTAINER:
+            return status
+    return None
+
+
+def _terminated(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    status = status or {}
+    return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
+
+
+def ended_container(pod: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(container name, terminated state) of what ended the pod: an init container that failed (the trainer
+    never ran), else the trainer."""
+    for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        state = _terminated(status)
+        if state and state.get("exitCode") not in (0, None):
+            return status.get("name", "?"), state
+    trainer = trainer_status(pod)
+    state = _terminated(trainer)
+    return ((trainer or {}).get("name", TRAINER_CONTAINER), state) if state else None
+
+
 def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
-    status = trainer_status(pod) or {}
-    state = (status.get("state") or {}).get("terminated")
-    return state or (status.get("lastState") or {}).get("terminated")
+    ended = ended_container(pod)
+    return ended[1] if ended else None
+
+
+def is_fetching(pod: dict[str, Any]) -> bool:
+    """The fetch stage runs (the trainer waits for it)."""
+    return bool(((fetch_status(pod) or {}).get("state") or {}).get("running"))
+
+
+def past_init(pod: dict[str, Any]) -> bool:
+    """An init container has started: the pod's volumes are mounted."""
+    return any((s.get("state") or {}).get("running") or _terminated(s)
+               for s in (pod.get("status") or {}).get("initContainerStatuses") or [])
 
 
 def is_active(pod: dict[str, Any]) -> bool:
@@ -163,7 +201,8 @@ class Cause:
 def pod_failure(pod: dict[str, Any]) -> Cause | None:
     """Why a terminated trainer container failed: OOMKilled, a trainer exit code, or another code."""
     name = pod.get("metadata", {}).get("name", "?")
-    state = terminated_state(pod)
+    ended = ended_container(pod)
+    container, state = ended if ended else (TRAINER_CONTAINER, None)
     if not state:
         if is_disrupted(pod):
             cond = pod_condition(pod, "DisruptionTarget") or {}
@@ -177,14 +216,15 @@ def pod_failure(pod: dict[str, Any]) -> Cause | None:
     if state.get("reason") == OOM_KILLED:
         return Cause(
             OOM_KILLED,
-            f"container {TRAINER_CONTAINER} of pod {name} ran out of memory (OOMKilled, exit code {code}); "
+            f"container {container} of pod {name} ran out of memory (OOMKilled, exit code {code}); "
             "raise resources.memory or lower hyperparameters.perDeviceBatchSize / maxSeqLength",
         )
+    who = f"pod {name}" if container == TRAINER_CONTAINER else f"the {container} stage of pod {name}"
     if code in REASONS:
-        return Cause(REASONS[code], _clip(f"pod {name} exited with code {code}: {text or REASONS[code]}"))
+        return Cause(REASONS[code], _clip(f"{who} exited with code {code}: {text or REASONS[code]}"))
     if code == 0:
         return None
-    return Cause("Error", _clip(f"pod {name} exited with code {code}" + (f": {text}" if text else "")))
+    return Cause("Error", _clip(f"{who} exited with code {code}" + (f": {text}" if text else "")))
 
 
 def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> Cause | None:
@@ -256,7 +296,8 @@ def start_problem(
         since = _scheduled_since(pod)
         seconds = max(0.0, (now - since).total_seconds()) if since else 0.0
         found: StartProblem | None = None
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        pod_status = pod.get("status") or {}
+        for status in (pod_status.get("initContainerStatuses") or []) + (pod_status.get("containerStatuses") or []):
             waiting = (status.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
             if reason in IMAGE_PULL_REASONS:
@@ -405,6 +446,10 @@ def observe(
     running = [p for p in active if (p.get("status") or {}).get("phase") == "Running"]
     if running and len(running) == len(active):
         return Observation(RUNNING, "PodsRunning", f"{len(running)} trainer pod(s) running", restarts, running_pods=len(running))
+    fetching = [p for p in active if is_fetching(p)]
+    if fetching and len(running) + len(fetching) == len(active):  # the pods hold their GPUs already
+        return Observation(RUNNING, FETCHING, f"{len(fetching)} pod(s) fetching the model and data into the cache "
+                           "(status.progress has the bytes)", restarts, running_pods=len(active))
     if not active and pods:  # every pod ended; the Job controller has not decided yet
         finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
         ended = failed_pods(pods)
@@ -455,7 +500,7 @@ def lookups(job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetim
         out.append(Lookup("Job", meta.get("name", ""), meta.get("uid", ""), max(0.0, JOB_EVENTS_AFTER_SECONDS - age)))
     for pod in active:
         scheduled = pod_condition(pod, "PodScheduled") or {}
-        if (pod.get("status") or {}).get("phase") != "Pending" or scheduled.get("status") != "True":
+        if (pod.get("status") or {}).get("phase") != "Pending" or scheduled.get("status") != "True" or past_init(pod):
             continue
         since = _scheduled_since(pod)
         age = (now - since).total_seconds() if since else 0.0
@@ -640,6 +685,9 @@ def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+STAGES = {"fetching": Stage.fetching, "training": Stage.training, "exporting": Stage.exporting}
+
+
 def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, Any]:
     """``status`` with a progress report applied: progress replaced, the report's metrics and output
     over the earlier ones (an eval loss from an earlier report is kept). The ETA is cleared rather
@@ -648,7 +696,8 @@ def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, A
     if eta is None and report.total_steps > 0 and report.step >= report.total_steps:
         eta = 0
     progress = Progress(percent=report.percent, step=report.step, total_steps=report.total_steps,
-                        epoch=report.epoch, eta_seconds=eta)
+                        epoch=report.epoch, eta_seconds=eta, stage=STAGES[report.stage or "training"],
+                        bytes_done=report.bytes_done, bytes_total=report.bytes_total)
     metrics = Metrics(train_loss=report.train_loss, eval_loss=report.eval_loss, best_eval_loss=report.best_eval_loss,
                       learning_rate=report.learning_rate, tokens_per_second=report.tokens_per_second,
                       general_loss_before=report.general_loss_before, general_loss_after=report.general_loss_after)
@@ -671,14 +720,21 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
                       tokens_per_second=result.tokens_per_second, general_loss_before=result.general_loss_before,
                       general_loss_after=result.general_loss_after)
     progress = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}  # what the result says wins
+    for done in ("stage", "bytesDone", "bytesTotal"):  # the run is over: no stage any more
+        progress.pop(done, None)
     said = {"step": result.steps, "totalSteps": result.total_steps or result.steps, "epoch": result.epochs}
     progress.update({k: v for k, v in said.items() if v is not None})
-    return {
+    out = {
         **status,
         "progress": _dump(Progress.model_validate(progress)),
         "metrics": {**(status.get("metrics") or {}), **_dump(metrics)},
         "output": {**(status.get("output") or {}), **_dump(output)},
     }
+    if result.warning:  # e.g. the tracking server was down: the run succeeded, a person should know
+        out["conditions"] = [{**c, "message": _clip(f"{c.get('message') or 'training finished'}; warning: {result.warning}")}
+                             if c.get("type") == SUCCEEDED_C and c.get("status") == "True" else c
+                             for c in status.get("conditions") or []]
+    return out
 
 
 def completion_index(pod: dict[str, Any]) -> str | None:
@@ -729,11 +785,12 @@ class Effects:
 _CREATION_WARNINGS = frozenset({"QuotaExceeded", "Forbidden", "NotFound", "CreateFailed", "AwaitingGarbageCollection"})
 
 
-def transition(before: dict[str, Any], after: dict[str, Any]) -> Effects:
+def transition(before: dict[str, Any], after: dict[str, Any], result_warning: str | None = None) -> Effects:
     """The Events, metric records and Job stop that follow a status change (pure).
 
     Events are only for what a person acts on: a failure, a pod replaced, children that cannot be
-    created. Progress is in status and `kubectl wait`; no Event says "created" or "started".
+    created, a run that succeeded with a warning in its result (``result_warning``: e.g. its tracking
+    server was down). Progress is in status and `kubectl wait`; no Event says "created" or "started".
     """
     old_phase, phase = before.get("phase"), after.get("phase")
     events: list[Event] = []
@@ -758,6 +815,8 @@ def transition(before: dict[str, Any], after: dict[str, Any]) -> Effects:
         if phase == FAILED:
             events.append(Event("Warning", "Failed", f"{reason}: {cond.get('message', '')}"))
             stop = True
+        if phase == SUCCEEDED and result_warning:
+            events.append(Event("Warning", COMPLETED_WITH_WARNING, result_warning))
     return Effects(tuple(events), log, started, finished, stop)
 
 

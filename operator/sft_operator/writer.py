@@ -61,13 +61,18 @@ class ProgressRefused(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
+# What the pods are doing now: always the newer report's (a training report ends the fetching stage).
+STAGE_FIELDS = ("stage", "bytes_done", "bytes_total")
+
+
 def merge_reports(older: ProgressReport | None, newer: ProgressReport) -> ProgressReport:
     """Coalesce: the newer report wins field by field; fields it lacks keep the older value
-    (an eval loss reported between two writes is not lost)."""
+    (an eval loss reported between two writes is not lost), except the stage and its bytes."""
     if older is None:
         return newer
     data = older.model_dump(exclude_none=True)
     data.update(newer.model_dump(exclude_none=True))
+    data.update({k: getattr(newer, k) for k in STAGE_FIELDS})
     return ProgressReport.model_validate(data)
 
 
@@ -153,7 +158,7 @@ class StatusWriter:
                 pod_problems=notes.pod_problems,
             )
             desired = {**current, **derived}  # what the trainer reported stays
-            report = None
+            report = result = None
             progress = self.progress.get(key)
             if progress and progress.report is not None and desired.get("phase") not in TERMINAL_PHASES:
                 wait = progress.last_write + ctx.settings.progress_min_interval_seconds - time.monotonic()
@@ -192,7 +197,7 @@ class StatusWriter:
                 if progress.report is report:
                     progress.report = None
                 metrics.set_job_metrics(key[0], key[1], report)
-            effects = transition(current, desired)
+            effects = transition(current, desired, result.warning if result is not None else None)
         self._apply(key, sftjob, effects)
         metrics.set_phase_counts(ctx.cache.phase_counts())
 

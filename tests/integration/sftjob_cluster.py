@@ -16,10 +16,12 @@ PULL_GRACE = 4  # --pod-start-grace-seconds of the operator under test
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
+    """An SFTJob whose hub model is fetched into the cache claim the operator creates (`<name>-cache`,
+    bound by kwok's volume stage), as most users' jobs are."""
     base: dict[str, Any] = {
         "model": {"source": "Qwen/Qwen2.5-0.5B"},
         "dataset": {"train": {"source": "/data/train.jsonl"}},
-        "output": {"destination": "/tmp/out"},
+        "output": {"destination": f"s3://models/{name}"},
         "resources": {"gpusPerNode": 8},
         "runPolicy": {"backoffLimit": 0},
     }
@@ -94,7 +96,8 @@ class Cluster:
                 raise
 
     def kubelet_reports_waiting(self, pod: str, reason: str, message: str = "") -> None:
-        """What a kubelet writes for a scheduled pod whose container cannot start (kwok never does)."""
+        """What a kubelet writes for a scheduled pod whose container cannot start (kwok never does). Only for
+        pods without init containers: kwok ends those at once, and an ended one cannot wait again."""
         self.core.patch_namespaced_pod_status(pod, self.ns, {"status": {
             "phase": "Pending",
             "containerStatuses": [{

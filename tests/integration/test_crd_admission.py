@@ -151,6 +151,8 @@ def test_restricted_namespace_admits_the_rendered_job_pods(control_plane, sftjob
                 core.create_namespaced_config_map(ns, child)
             elif kind == "Service":
                 core.create_namespaced_service(ns, child)
+            elif kind == "PersistentVolumeClaim":  # the fetch cache (minimal.yaml names a hub model)
+                core.create_namespaced_persistent_volume_claim(ns, child)
             elif kind == "Job":
                 batch.create_namespaced_job(ns, child)
                 job_name = child["metadata"]["name"]
@@ -160,7 +162,7 @@ def test_restricted_namespace_admits_the_rendered_job_pods(control_plane, sftjob
         pods = control_plane.wait_for(
             lambda: core.list_namespaced_pod(ns, label_selector=f"job-name={job_name}").items, 60,
             "the Job controller to create pods")
-        assert pods
+        assert pods and pods[0].spec.init_containers[0].name == "fetch"  # admitted, fetch stage included
         events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={job_name}").items
         assert not [e.message for e in events if e.reason == "FailedCreate"]
     finally:

@@ -91,8 +91,15 @@ class Installed:
     def pods(self, name: str) -> list:
         return client.CoreV1Api(self.cluster.api).list_namespaced_pod(self.work, label_selector=f"{LABEL_JOB}={name}").items
 
-    def logs(self, pod: str) -> str:
-        return self.cluster.kubectl("logs", "-n", self.work, pod, check=False).stdout
+    def logs(self, pod: str, all_containers: bool = False) -> str:
+        """The trainer's log; with ``all_containers`` the fetch stage's (an init container) first."""
+        return self.cluster.kubectl("logs", "-n", self.work, pod, *(["--all-containers"] if all_containers else []),
+                                    check=False).stdout
+
+    def events(self, name: str) -> list:
+        """The Events on the SFTJob, as `kubectl describe sftjob` shows them."""
+        return [e for e in client.CoreV1Api(self.cluster.api).list_namespaced_event(self.work).items
+                if e.involved_object.kind == "SFTJob" and e.involved_object.name == name]
 
     def follow(self, name: str, applied: float, timeout: float = 600, on_running=None) -> Run:
         """Poll the SFTJob as `kubectl get sftjobs -w` would, until it ends."""
@@ -118,8 +125,8 @@ class Installed:
 
     def explain(self, name: str, status: dict) -> str:
         """Status, the trainer pods' logs and the operator's log, for a failure message."""
-        pods = "\n".join(f"--- {p.metadata.name} ({p.status.phase})\n{self.logs(p.metadata.name)[-4000:]}"
-                         for p in self.pods(name))
+        pods = "\n".join(f"--- {p.metadata.name} ({p.status.phase})\n"
+                         f"{self.logs(p.metadata.name, all_containers=True)[-4000:]}" for p in self.pods(name))
         operator = self.cluster.kubectl("logs", "-n", self.release.namespace, f"deployment/{self.release.fullname}",
                                         "--tail=80", check=False).stdout
         return f"status: {status}\ntrainer pods:\n{pods}\noperator log:\n{operator}"

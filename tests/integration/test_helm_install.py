@@ -231,9 +231,9 @@ def sftjob(name: str) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "SFTJob", "metadata": {"name": name},
         "spec": {
-            "model": {"source": "Qwen/Qwen2.5-0.5B"},
+            "model": {"source": "Qwen/Qwen2.5-0.5B"},  # a hub model: a fetch stage and the cache claim <name>-cache
             "dataset": {"train": {"source": "/data/train.jsonl"}},
-            "output": {"destination": "/tmp/out"},
+            "output": {"destination": "s3://models/rbac-proof"},
             "resources": {"gpusPerNode": 8},  # lands on a kwok GPU node
             "runPolicy": {"suspend": True, "backoffLimit": 0, "ttlSecondsAfterFinished": 3},
         },
@@ -269,7 +269,8 @@ def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restr
                      ["create", "rolebindings.rbac.authorization.k8s.io", "-n", work],
                      ["create", "clusterroles.rbac.authorization.k8s.io"],
                      ["bind", "clusterroles.rbac.authorization.k8s.io"],
-                     ["delete", "jobs.batch", "-n", work], ["delete", "pods", "-n", work]):
+                     ["delete", "jobs.batch", "-n", work], ["delete", "pods", "-n", work],
+                     ["delete", "persistentvolumeclaims", "-n", work]):
             assert not release.can_i(*verb), f"the operator's ServiceAccount can {' '.join(verb)}"
         # ...and can-i answers yes where the chart grants (the checks above can fail).
         assert release.can_i("patch", f"{PLURAL}.{GROUP}", "--subresource=status", "-n", work)
@@ -286,6 +287,8 @@ def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restr
         manifest = sftjob(name)
         apply_server_side(control_plane, work, manifest, tmp_path)
         control_plane.wait_for(lambda: batch.read_namespaced_job(name, work), 30, "the trainer Job")
+        cache = core.read_namespaced_persistent_volume_claim(f"{name}-cache", work)  # created with the chart's RBAC
+        assert cache.metadata.owner_references[0].name == name
         assert core.read_namespaced_config_map(f"{name}-config", work).data["ca.crt"] == release.tls()["ca.crt"].decode()
         # Keep the kwok pod Running long enough to report progress (Kueue may edit a suspended Job's template).
         batch.patch_namespaced_job(name, work, {"spec": {"template": {"metadata": {

@@ -118,12 +118,14 @@ def test_every_deleted_child_comes_back_and_a_failed_recreate_is_retried(operato
 
 @pytest.mark.parametrize("problem", ["CreateContainerConfigError", "FailedMount", "MultiAttach"])
 def test_a_pod_that_cannot_start_is_named_then_failed_and_its_gpus_freed(operator, k8s, problem):
-    spec = {}
-    if problem == "MultiAttach":  # two nodes writing one ReadWriteOnce claim: the second cannot attach it
+    # A model in the image: no fetch stage (kwok would end its init container at once, and a pod whose
+    # init containers ran has mounted its volumes: no FailedMount any more).
+    spec = {"model": {"source": "/models/qwen2.5-0.5b"}}
+    if problem == "MultiAttach":  # two nodes reading one ReadWriteOnce claim: the second cannot attach it
         k8s.core.create_namespaced_persistent_volume_claim(k8s.ns, {
             "metadata": {"name": "shared"},
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
-        spec = {"resources": {"nodes": 2, "gpusPerNode": 1}, "output": {"destination": "pvc://shared/run"}}
+        spec.update(resources={"nodes": 2, "gpusPerNode": 1}, dataset={"train": {"source": "pvc://shared/train.jsonl"}})
     k8s.launch("stuck", {"sft.dev/kwok-hold": "true"}, **spec)
     k8s.wait_phase("stuck", "Running", timeout=40)
     pod = sorted(k8s.pods("stuck"), key=lambda p: p.metadata.name)[-1]
@@ -152,6 +154,41 @@ def test_a_pod_that_cannot_start_is_named_then_failed_and_its_gpus_freed(operato
     if problem == "MultiAttach":
         (advice,) = [e for e in k8s.events("stuck") if e.reason == "Advice"]
         assert advice.type == "Warning" and "ReadWriteOnce" in advice.message and "shared" in advice.message
+
+
+# ---- 4. storage: the cache claim is ours alone; what a cluster cannot run fails before any pod ------
+
+
+def test_storage_a_cluster_cannot_use_fails_before_any_pod_and_the_cache_claim_is_ours_alone(operator, k8s):
+    # The hub model is fetched into the claim the operator creates, owned by the SFTJob (deleted with it).
+    k8s.create(manifest("cached", runPolicy={"suspend": True}))
+    k8s.wait_phase("cached", "Suspended", timeout=30)
+    claim = k8s.core.read_namespaced_persistent_volume_claim("cached-cache", k8s.ns)
+    assert owner_uid(claim) == k8s.get("cached")["metadata"]["uid"]
+    assert claim.spec.access_modes == ["ReadWriteOnce"] and claim.spec.resources.requests["storage"] == "50Gi"
+    assert k8s.job("cached").spec.template.spec.init_containers[0].name == "fetch"
+
+    # A claim named like ours that we did not create is never used (it may hold someone else's data).
+    k8s.core.create_namespaced_persistent_volume_claim(k8s.ns, {"metadata": {"name": "taken-cache"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    k8s.create(manifest("taken"))
+    # A local output path would vanish with the pod; two nodes cannot both write a ReadWriteOnce claim.
+    k8s.create(manifest("local", output={"destination": "/tmp/out"}))
+    k8s.core.create_namespaced_persistent_volume_claim(k8s.ns, {"metadata": {"name": "models"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    k8s.create(manifest("rwo", resources={"nodes": 2, "gpusPerNode": 1}, output={"destination": "pvc://models/rwo"}))
+    expected = {
+        "taken": ("NameConflict", f"PersistentVolumeClaim {k8s.ns}/taken-cache already exists"),
+        "local": ("InvalidSpec", "spec.output.destination: '/tmp/out' is a local path"),
+        "rwo": ("ReadWriteOnceClaim", "PersistentVolumeClaim models is ReadWriteOnce, but spec.resources.nodes is 2"),
+    }
+    for name, (reason, message) in expected.items():
+        failed = cond(k8s.wait_phase(name, "Failed", timeout=30), "Failed")
+        assert failed["reason"] == reason and message in failed["message"], failed
+        assert k8s.wide_reason(name) == reason
+        assert gone(lambda: k8s.job(name))  # no pod ever held a GPU
+    assert "use a ReadWriteMany claim, or write the output to s3://" in cond(k8s.status("rwo"), "Failed")["message"]
+    assert not k8s.core.read_namespaced_persistent_volume_claim("taken-cache", k8s.ns).metadata.owner_references
 
 
 # ---- 5. the final outcome survives an operator restart ----------------------------------------------

@@ -112,6 +112,41 @@ def test_an_export_killed_mid_upload_is_finished_by_the_next_attempt(s3_server, 
     assert "COMPLETE" in objects
 
 
+def test_sigterm_during_the_export_stops_it_at_once_as_interrupted(s3_server, bucket, tmp_path):
+    """A pod deleted mid-upload: the trainer exits 75 (the Job retries it uncounted) instead of finishing the
+    upload in its grace period or being killed with an unknown code. botocore catches exceptions around its
+    I/O and retries, so the signal must not arrive as one of those."""
+    outputs(tmp_path / "out", weights=4 << 20)  # below the part size: one PUT, in the main thread
+    proxy = FaultyProxy(s3_server.port)
+    proxy.rate = 200_000  # bytes/s: the weights take ~20 s
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from sft_trainer.config import S3Spec\n"
+        "from sft_trainer.errors import TrainerError, sigterm_interrupts\n"
+        "from sft_trainer.export import export\n"
+        "try:\n"
+        "    with sigterm_interrupts('the export'):\n"
+        f"        export(Path({str(tmp_path / 'out')!r}), 's3://{bucket}/runs/r5', S3Spec(endpoint={proxy.endpoint!r}))\n"
+        "except TrainerError as e:\n"
+        "    print(e.reason, file=sys.stderr)\n"
+        "    sys.exit(e.code)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env(s3_server), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "model/config.json" not in stored(s3_server.client(), bucket, "runs/r5"):  # the weights are on their way
+        assert proc.poll() is None and time.monotonic() < deadline, "the export ended or stalled before the signal"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    proxy.close()
+    assert proc.returncode == 75, err
+    assert "SIGTERM during the export; a retry resumes it" in err
+    left = stored(s3_server.client(), bucket, "runs/r5")
+    assert "COMPLETE" not in left and "model/model.safetensors" not in left  # it stopped mid-upload
+
+
 def test_a_changed_output_replaces_the_marker_only_after_the_new_files(s3_server, bucket, tmp_path):
     outputs(tmp_path / "out", weights=1 << 20)
     cmd = export_cmd(tmp_path / "out", f"s3://{bucket}/runs/r3", s3_server.endpoint)

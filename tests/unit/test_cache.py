@@ -51,6 +51,9 @@ def test_slim_pods_keep_status_and_service_account_and_config_maps_only_a_digest
     assert [c["type"] for c in out["status"]["conditions"]] == ["PodScheduled"]  # what derivation reads
     out["metadata"]["ownerReferences"][0]["uid"] = "x"
     assert body["metadata"]["ownerReferences"][0]["uid"] == "j1"  # a deep copy
+    fetching = slim("Pod", {"metadata": {"name": "p"}, "status": {"phase": "Pending", "initContainerStatuses": [
+        {"name": "fetch", "state": {"running": {}}, "imageID": "sha256:x"}]}})
+    assert fetching["status"]["initContainerStatuses"] == [{"name": "fetch", "state": {"running": {}}}]  # the fetch stage
     config = slim("ConfigMap", {"metadata": {"name": "c"}, "data": {"config.json": "{" + " " * 5000 + "}"}})
     assert set(config) == {"metadata", "dataDigest"} and len(config["dataDigest"]) == 32
 

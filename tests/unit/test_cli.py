@@ -39,11 +39,11 @@ def test_validate_prints_advice_as_warnings():
     assert out.returncode == 0 and "warning: spec.dataset.general" in out.stdout
 
 
-def test_render_prints_three_children():
+def test_render_prints_the_children_in_creation_order():
     out = sftctl("render", str(ROOT / "examples" / "multi-node-lora.yaml"))
     assert out.returncode == 0, out.stderr
     kinds = [doc["kind"] for doc in yaml.safe_load_all(out.stdout)]
-    assert kinds == ["ConfigMap", "Service", "Job"]
+    assert kinds == ["ConfigMap", "Service", "PersistentVolumeClaim", "Job"]  # a hub model: the fetch cache
 
 
 def test_render_refuses_an_invalid_manifest():

@@ -113,6 +113,16 @@ def test_local_volumes_are_pre_bound_to_their_claim_on_the_real_node():
     term = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
     assert term["values"] == [realnode.NODE_NAME]
     assert cluster.LOCAL_STORAGE_CLASS["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
+    # one node: every pod of a multi-node job mounts it there, so several may write it
+    assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_spare_volumes_are_unclaimed_so_any_claim_of_the_default_class_binds_to_one():
+    pv = cluster.spare_volume(Path("/state"), 3)
+    assert "claimRef" not in pv["spec"] and pv["spec"]["local"]["path"] == "/state/spare-volumes/3"
+    assert pv["spec"]["storageClassName"] == cluster.LOCAL_STORAGE_CLASS["metadata"]["name"]
+    assert {"ReadWriteOnce", "ReadWriteMany"} <= set(pv["spec"]["accessModes"])  # a cache for one node or several
+    assert pv["spec"]["capacity"]["storage"] == "100Gi"  # the operator's default cache (50Gi) fits
 
 
 def test_node_rbac_lets_the_api_server_reach_the_kubelet_and_coredns_watch():

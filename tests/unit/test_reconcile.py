@@ -144,3 +144,63 @@ def test_api_error_cause_without_a_message():
 
 def test_back_off_doubles_from_five_seconds_to_five_minutes():
     assert [backoff_delay(n) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]
+
+
+# ---- what a cluster refuses before any pod starts ------------------------------------------------
+
+
+def _spec(**spec):
+    from sft_operator.api import SFTJob
+
+    base = {"model": {"source": "pvc://datasets/base"}, "dataset": {"train": {"source": "pvc://datasets/train.jsonl"}},
+            "output": {"destination": "pvc://models/run"}, **spec}
+    return SFTJob.model_validate({"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob",
+                                  "metadata": {"name": "demo", "namespace": "a"}, "spec": base})
+
+
+def test_a_local_output_path_is_refused_with_the_way_out_and_cluster_destinations_are_not():
+    from sft_operator.reconcile import local_output_cause
+
+    cause = local_output_cause(_spec(output={"destination": "/tmp/out"}).spec)
+    assert cause.reason == "InvalidSpec" and cause.final
+    assert cause.message.startswith("spec.output.destination: '/tmp/out' is a local path")
+    assert "pvc://<claim>/<path> or s3://<bucket>/<prefix>" in cause.message
+    assert local_output_cause(_spec().spec) is None
+    assert local_output_cause(_spec(output={"destination": "s3://models/run"}).spec) is None
+
+
+def pvc(name: str, *modes: str, bound: tuple[str, ...] = ()) -> dict:
+    claim = {"metadata": {"name": name}, "spec": {"accessModes": list(modes)}}
+    if bound:
+        claim["status"] = {"phase": "Bound", "accessModes": list(bound)}
+    return claim
+
+
+def test_several_nodes_writing_a_read_write_once_claim_fail_early_saying_how_to_fix_it():
+    from sft_operator.reconcile import shared_claims_check
+
+    job = _spec(resources={"nodes": 2})
+    failure, warnings = shared_claims_check(job, {"models": pvc("models", "ReadWriteOnce"),
+                                                  "datasets": pvc("datasets", "ReadWriteOnce")})
+    assert failure.reason == "ReadWriteOnceClaim" and failure.final
+    assert failure.message.startswith("spec.output.destination: PersistentVolumeClaim models is ReadWriteOnce")
+    assert "use a ReadWriteMany claim, or write the output to s3://<bucket>/<prefix>" in failure.message
+    (warning,) = warnings  # only read: Multi-Attach on most storage, warned about
+    assert "datasets" in warning and "ReadWriteMany" in warning
+    # a claim asking for ReadWriteOnce but bound to a ReadWriteMany volume can be shared
+    assert shared_claims_check(job, {"models": pvc("models", "ReadWriteOnce", bound=("ReadWriteMany",))}) == (None, [])
+    # one node: nothing to share; a claim that does not exist: the scheduler says so
+    assert shared_claims_check(_spec(), {"models": pvc("models", "ReadWriteOnce")}) == (None, [])
+    assert shared_claims_check(job, {}) == (None, [])
+
+
+def test_a_named_read_write_once_cache_fails_early_too_and_an_operator_made_one_is_never_checked():
+    from sft_operator.reconcile import shared_claims_check
+
+    named = _spec(resources={"nodes": 2}, model={"source": "s3://models/base"},
+                  storage={"cache": {"claimName": "team-cache"}})
+    failure, _ = shared_claims_check(named, {"team-cache": pvc("team-cache", "ReadWriteOncePod")})
+    assert failure.message.startswith("spec.storage.cache.claimName: PersistentVolumeClaim team-cache is ReadWriteOncePod")
+    assert "set spec.storage.cache.size instead" in failure.message
+    ours = _spec(resources={"nodes": 2}, model={"source": "s3://models/base"})
+    assert shared_claims_check(ours, {"demo-cache": pvc("demo-cache", "ReadWriteMany")}) == (None, [])

@@ -20,7 +20,9 @@ def _job(doc, **options):
 def test_multi_node_example_renders_indexed_job_service_and_config():
     doc = load(ROOT / "examples" / "multi-node-lora.yaml")
     kids = _by_kind(render_children(doc))
-    assert set(kids) == {"ConfigMap", "Service", "Job"}
+    assert set(kids) == {"ConfigMap", "Service", "PersistentVolumeClaim", "Job"}
+    # the hub model is fetched once into a cache every node mounts
+    assert kids["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
     job = kids["Job"]["spec"]
     assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 2, 2)
     assert kids["Service"]["spec"]["clusterIP"] == "None"
@@ -49,15 +51,22 @@ def test_children_are_owned_by_the_sftjob_once_it_exists():
         }
 
 
-def test_pod_failure_policy_fails_fast_on_trainer_codes_and_ignores_disruptions():
-    policy = _job(manifest())["spec"]["podFailurePolicy"]["rules"]
-    assert policy[0]["action"] == "FailJob"
-    assert policy[0]["onExitCodes"]["values"] == sorted(int(c) for c in NON_RETRIABLE)
-    # exit 75 (Interrupted, checkpoint saved) from any rank is a disruption: every rank of a multi-node
-    # run exits 75 when one pod is evicted, but only that pod carries DisruptionTarget
-    assert policy[1] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}}
-    assert policy[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+def test_pod_failure_policy_fails_fast_on_trainer_and_fetch_codes_and_ignores_disruptions():
+    policy = _job(manifest())["spec"]["podFailurePolicy"]["rules"]  # a hub model: a fetch stage
+    fail = sorted(int(c) for c in NON_RETRIABLE)
+    assert {68, 73, 77} <= set(fail)  # NotFound, CacheTooSmall, AccessDenied: no retry can fix them
+    assert policy[:2] == [{"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": fail}}
+                          for name in ("trainer", "fetch")]
+    # exit 75 (Interrupted: SIGTERM, checkpoint saved, or mid-transfer) from any rank or the fetch stage is a
+    # disruption: every rank of a multi-node run exits 75 when one pod is evicted, but only that pod carries
+    # DisruptionTarget, and a pod deleted by a person carries none
+    assert policy[2:4] == [{"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In", "values": [75]}}
+                           for name in ("trainer", "fetch")]
+    assert policy[4] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert _job(manifest())["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    local = manifest(model={"source": "pvc://models/base"})  # nothing to fetch: no fetch rule
+    assert [r.get("onExitCodes", {}).get("containerName") for r in _job(local)["spec"]["podFailurePolicy"]["rules"]] == \
+        ["trainer", "trainer", None]
 
 
 def test_the_tmp_scratch_volume_is_bounded_and_overridable():
@@ -135,3 +144,83 @@ def test_invalid_spec_is_refused_before_rendering():
 def test_rendering_accepts_a_model_instance():
     doc = manifest()
     assert render_children(SFTJob.model_validate(doc)) == render_children(doc)
+
+
+# ---- object storage: the cache claim, the fetch stage, credentials (docs/storage.md) -------------
+
+
+def _env(container):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_s3_sources_get_a_cache_claim_a_fetch_stage_and_the_credentials_by_reference():
+    doc = load(ROOT / "examples" / "s3-mlflow.yaml")
+    doc["metadata"]["uid"] = "u-1"
+    kids = _by_kind(render_children(doc))
+    claim = kids["PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == "qwen-s3-mlflow-cache"
+    assert claim["metadata"]["labels"]["sft.dev/job-name"] == "qwen-s3-mlflow"
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "u-1"  # deleted with the SFTJob
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}
+    pod = kids["Job"]["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    (trainer,) = pod["containers"]
+    assert fetch["command"] == ["python", "-m", "sft_trainer.fetch"] and fetch["args"] == ["--config", "/etc/sft/config.json"]
+    assert fetch["image"] == trainer["image"] and fetch["securityContext"] == trainer["securityContext"]
+    assert "nvidia.com/gpu" not in str(fetch["resources"])  # the trainer holds the GPU; init runs before it
+    cache = {"name": "cache", "persistentVolumeClaim": {"claimName": "qwen-s3-mlflow-cache"}}
+    assert cache in pod["volumes"]
+    for container in (fetch, trainer):
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["cache"] == "/mnt/sft-cache" and mounts["progress-token"] and mounts["config"]
+        env = _env(container)
+        assert env["SFT_CACHE_DIR"] == "/mnt/sft-cache" and env["HF_HOME"] == "/mnt/sft-cache/hf"
+        assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}}
+        assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}}
+        assert "AWS_SESSION_TOKEN" not in env
+        assert env["MLFLOW_TRACKING_TOKEN"] == {"secretKeyRef": {"name": "mlflow-token", "key": "token"}}
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_a_named_cache_claim_is_mounted_and_not_created():
+    doc = load(ROOT / "examples" / "s3-mlflow.yaml")
+    doc["spec"]["storage"]["cache"] = {"claimName": "team-cache"}
+    doc["spec"]["storage"]["s3"]["credentialsSecretRef"]["sessionTokenKey"] = "token"
+    kids = _by_kind(render_children(doc))
+    assert "PersistentVolumeClaim" not in kids
+    pod = kids["Job"]["spec"]["template"]["spec"]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "team-cache"}} in pod["volumes"]
+    assert _env(pod["containers"][0])["AWS_SESSION_TOKEN"] == {"secretKeyRef": {"name": "s3-credentials", "key": "token"}}
+
+
+def test_without_a_credentials_reference_no_aws_variable_is_set_and_the_sdk_chain_applies():
+    doc = load(ROOT / "examples" / "s3-mlflow.yaml")
+    del doc["spec"]["storage"]["s3"]["credentialsSecretRef"]
+    env = _env(_job(doc)["spec"]["template"]["spec"]["containers"][0])
+    assert not [k for k in env if k.startswith("AWS_")]
+
+
+def test_a_multi_node_job_gets_a_read_write_many_cache_of_the_default_size():
+    doc = load(ROOT / "examples" / "s3-mlflow.yaml")
+    doc["spec"]["resources"]["nodes"] = 2
+    del doc["spec"]["storage"]["cache"]
+    claim = _by_kind(render_children(doc))["PersistentVolumeClaim"]
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}}}
+    doc["spec"]["storage"]["cache"] = {"size": "100Gi", "storageClassName": "fast-rwx"}
+    assert _by_kind(render_children(doc))["PersistentVolumeClaim"]["spec"]["storageClassName"] == "fast-rwx"
+
+
+def test_a_job_with_nothing_to_fetch_or_export_has_no_cache_and_no_fetch_stage():
+    doc = manifest(model={"source": "pvc://models/base"})
+    kids = _by_kind(render_children(doc))
+    assert set(kids) == {"ConfigMap", "Service", "Job"}
+    pod = kids["Job"]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod and not [v for v in pod["volumes"] if v["name"] == "cache"]
+    env = _env(pod["containers"][0])
+    assert "SFT_CACHE_DIR" not in env and env["HF_HOME"] == "/tmp/hf"
+
+
+def test_an_s3_output_alone_gets_a_cache_to_stage_it_but_no_fetch_stage():
+    doc = manifest(model={"source": "pvc://models/base"}, output={"destination": "s3://models/run-1"})
+    kids = _by_kind(render_children(doc))
+    assert "PersistentVolumeClaim" in kids and "initContainers" not in kids["Job"]["spec"]["template"]["spec"]

@@ -446,7 +446,7 @@ def test_with_progress_maps_a_report_onto_status_keeping_earlier_metrics():
         {"step": 50, "totalSteps": 100, "epoch": 1.0, "trainLoss": 1.5, "evalLoss": 1.1, "etaSeconds": 120,
          "effectiveBatchSize": 16}))
     assert first == {"phase": "Running", "progress": {"percent": 50, "step": 50, "totalSteps": 100, "epoch": 1.0,
-                                                      "etaSeconds": 120},
+                                                      "etaSeconds": 120, "stage": "Training"},
                      "metrics": {"trainLoss": 1.5, "evalLoss": 1.1}, "effectiveBatchSize": 16}
     second = st.with_progress(first, ProgressReport.model_validate({"step": 100, "totalSteps": 100, "epoch": 2.0,
                                                                     "outputModel": "pvc://m/out"}))
@@ -497,3 +497,82 @@ def test_moments_every_healthy_job_passes_through_may_wait_unwritten():
     completing = st.derive_status(sftjob(status=running), job(active=0), done, NOW)
     assert completing["reason"] == "PodsCompleted"
     assert st.settle_until(running, completing, sftjob(), job(), done, **settle) == st.parse_time(T1) + timedelta(seconds=10)
+
+
+# ---- the fetch stage (an init container), its failures, the stage in progress, a result's warning ----
+
+
+def fetching_pod(init_state: dict[str, Any], phase: str = "Pending") -> dict[str, Any]:
+    """A pod whose fetch init container is in ``init_state`` (the trainer waits: PodInitializing)."""
+    p = pod(phase=phase, state=waiting("PodInitializing"))
+    p["status"]["initContainerStatuses"] = [{"name": "fetch", "image": "ghcr.io/sft-operator/trainer:0.1.0",
+                                             "ready": False, "restartCount": 0, "state": init_state}]
+    return p
+
+
+def test_a_pod_in_its_fetch_stage_is_running_with_reason_fetching():
+    status = st.derive_status(sftjob(), job(active=1), [fetching_pod({"running": {"startedAt": T0}})], NOW)
+    assert (status["phase"], status["reason"]) == ("Running", "Fetching")
+    running = st.condition(status, "Running")
+    assert running["status"] == "True" and "fetching the model and data" in running["message"]
+    # one pod fetching while the other (multi-node) already trains: still fetching
+    both = st.derive_status(sftjob(), job(active=2), [fetching_pod({"running": {"startedAt": T0}}), pod()], NOW)
+    assert both["reason"] == "Fetching"
+    # no events are read for a pod whose volumes are mounted (its init container runs)
+    assert [lk.kind for lk in st.lookups(job(active=1), [fetching_pod({"running": {"startedAt": T0}})], NOW)] == []
+
+
+def test_a_terminal_fetch_failure_fails_the_job_naming_the_object_and_uses_no_retry():
+    message = ("s3://team-data/base/model: access denied (SignatureDoesNotMatch: the signature does not match); "
+               "check the credentials in spec.storage.s3.credentialsSecretRef and their permissions on the bucket")
+    failed_pod = fetching_pod(terminated(77, message=message), phase="Failed")
+    status = st.derive_status(sftjob(), job([jcond("Failed", "PodFailurePolicy", "Container fetch for pod "
+                                                   "team-a/demo-0-abcde failed with exit code 77 matching FailJob rule at index 1")],
+                                            failed=1), [failed_pod], NOW)
+    failed = st.condition(status, "Failed")
+    assert (status["phase"], status["reason"], failed["reason"]) == ("Failed", "AccessDenied", "AccessDenied")
+    assert "the fetch stage of pod demo-0-abcde exited with code 77: s3://team-data/base/model: access denied" in failed["message"]
+    assert status["restarts"] == 0
+    missing = fetching_pod(terminated(68, message="s3://team-data/data/x.jsonl: not found (NoSuchKey: no such object)"),
+                           phase="Failed")
+    status = st.derive_status(sftjob(), job([jcond("Failed", "PodFailurePolicy")], failed=1), [missing], NOW)
+    assert status["reason"] == "NotFound" and "s3://team-data/data/x.jsonl: not found" in st.condition(status, "Failed")["message"]
+
+
+def test_a_fetch_image_that_cannot_be_pulled_is_a_start_problem():
+    stuck = fetching_pod(waiting("ErrImagePull", "pull access denied"))
+    status = st.derive_status(sftjob(), job(active=1), [stuck], NOW, start_grace_seconds=3600)
+    assert (status["phase"], status["reason"]) == ("Pending", "ErrImagePull")
+
+
+def test_fetching_reports_show_the_stage_and_bytes_and_a_result_clears_them():
+    from sft_trainer.config import ProgressReport, TrainerResult
+
+    fetching = st.with_progress({"phase": "Running"}, ProgressReport.model_validate(
+        {"step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "fetching", "bytesDone": 1024, "bytesTotal": 4096}))
+    assert fetching["progress"] == {"percent": 0, "step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "Fetching",
+                                    "bytesDone": 1024, "bytesTotal": 4096}
+    exporting = st.with_progress(fetching, ProgressReport.model_validate(
+        {"step": 10, "totalSteps": 10, "epoch": 1.0, "stage": "exporting", "bytesDone": 5, "bytesTotal": 9}))
+    assert (exporting["progress"]["stage"], exporting["progress"]["percent"]) == ("Exporting", 100)
+    done = st.with_result({**exporting, "conditions": []}, TrainerResult(output_model="s3://b/run/model", steps=10))
+    assert not {"stage", "bytesDone", "bytesTotal"} & set(done["progress"])
+    from sft_operator.api import SFTJobStatus
+
+    SFTJobStatus.model_validate(fetching)  # declared in the CRD: the API server would prune it otherwise
+
+
+def test_a_result_with_a_warning_succeeds_says_so_and_posts_one_warning_event():
+    from sft_trainer.config import TrainerResult
+
+    running = st.derive_status(sftjob(), job(active=1), [pod()], NOW)
+    done = st.derive_status(sftjob(status=running), job([jcond("Complete")], completionTime=T1),
+                            [pod(phase="Succeeded", state=terminated(0, "Completed"))], NOW)
+    warning = "MLflow at http://mlflow:5000: could not start the run: ConnectionError: refused; training goes on"
+    result = TrainerResult(output_model="s3://b/run/model", output_uri="s3://b/run", mlflow_run_id=None, warning=warning)
+    after = st.with_result(done, result)
+    assert after["phase"] == "Succeeded" and after["output"]["uri"] == "s3://b/run"
+    assert st.condition(after, "Succeeded")["message"] == f"training finished; warning: {warning}"
+    effects = st.transition(running, after, result.warning)
+    assert [(e.type, e.reason, e.message) for e in effects.events] == [("Warning", "CompletedWithWarning", warning)]
+    assert st.transition(running, st.with_result(done, TrainerResult(output_model="m")), None).events == ()

@@ -136,13 +136,18 @@ def test_reports_are_refused_once_the_job_finished_or_was_recreated():
     run(test)
 
 
+def complete_with(ctx, message: str) -> None:
+    """A complete Job whose pod ended with ``message`` as its termination message."""
+    ctx.cache.put("Job", job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2020-01-01T00:01:00Z"))
+    ctx.cache.put("Pod", pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+                                                         "finishedAt": "2020-01-01T00:00:59Z"}}))
+
+
 def test_the_result_in_the_termination_message_becomes_status_output():
     message = '{"outputModel":"pvc://models/demo/model","steps":100,"totalSteps":100,"epochs":2.0,"trainLoss":0.5}'
 
     async def test(ctx):
-        ctx.cache.put("Job", job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2020-01-01T00:01:00Z"))
-        ctx.cache.put("Pod", pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
-                                                             "finishedAt": "2020-01-01T00:00:59Z"}}))
+        complete_with(ctx, message)
         ctx.writer.mark(KEY)
         await asyncio.sleep(0.2)
         (_, written), = ctx.kube.writes
@@ -181,3 +186,28 @@ def ctx_now() -> str:
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_training_report_ends_the_fetching_stage_when_reports_are_coalesced():
+    from sft_operator.writer import merge_reports
+
+    fetching = ProgressReport.model_validate({"step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "fetching",
+                                              "bytesDone": 10, "bytesTotal": 10})
+    merged = merge_reports(fetching, report(3))
+    assert (merged.stage, merged.bytes_done, merged.bytes_total, merged.step) == (None, None, None, 3)
+
+
+def test_a_result_with_a_warning_posts_a_warning_event_once():
+    message = ('{"outputModel":"s3://b/run/model","outputUri":"s3://b/run","steps":100,"totalSteps":100,'
+               '"warning":"MLflow at http://m:5000: could not start the run"}')
+
+    async def test(ctx):
+        complete_with(ctx, message)
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.2)
+        ctx.writer.mark(KEY)  # a later write of the same final state posts nothing more
+        await asyncio.sleep(0.2)
+        assert ctx.kube.events == [("Warning", "CompletedWithWarning")]
+        assert ctx.kube.writes[-1][1]["output"]["uri"] == "s3://b/run"
+
+    run(test)

@@ -10,6 +10,7 @@ Development and test tools, not product features.
 from .cluster import (
     ClusterInfo,
     add_subparser,
+    create_spare_volumes,
     create_volume,
     default_state_dir,
     down,
@@ -25,6 +26,7 @@ __all__ = [
     "ClusterInfo",
     "DevClusterError",
     "add_subparser",
+    "create_spare_volumes",
     "create_volume",
     "default_state_dir",
     "down",

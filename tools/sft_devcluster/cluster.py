@@ -410,38 +410,80 @@ LOCAL_STORAGE_CLASS = {
 # Claims ``up`` creates: what examples/*.yaml read and write.
 DEFAULT_CLAIMS = ("datasets", "models")
 VOLUMES_NAMESPACE = "default"
+# Unclaimed local volumes ``up`` adds, so that a claim nobody made a volume for binds too: the operator's
+# cache claim `<job>-cache`, or a user's. Emptied by ``up`` and removed by ``down`` (caches, not data).
+SPARE_VOLUMES = 8
+SPARE_SIZE = "100Gi"
+# One node: every pod that mounts a volume runs on it, so ReadWriteMany is honest, and a multi-node job
+# (several pods) may write the claim (the operator refuses a ReadWriteOnce one for that).
+LOCAL_ACCESS_MODES = ["ReadWriteMany"]
 
 
 def volume_path(state_dir: Path, namespace: str, claim: str) -> Path:
     return state_dir / "volumes" / namespace / claim
 
 
-def local_volume(state_dir: Path, namespace: str, claim: str, size: str = "50Gi") -> tuple[dict, dict]:
-    """A local PersistentVolume on the real node and the claim bound to it (pure)."""
-    pv_name = f"sft-local-{namespace}-{claim}"
-    pv = {
+def _local_pv(name: str, path: Path, size: str, access_modes: list[str]) -> dict:
+    return {
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": pv_name, "labels": {"sft.dev/volume": "local"}},
+        "metadata": {"name": name, "labels": {"sft.dev/volume": "local"}},
         "spec": {
             "capacity": {"storage": size},
-            "accessModes": ["ReadWriteOnce"],  # per node: every pod of a job on this node shares it
+            "accessModes": access_modes,
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": LOCAL_STORAGE_CLASS["metadata"]["name"],
             # A local volume (not hostPath): the kubelet applies the pod's fsGroup, so a
             # non-root trainer can write, and restricted pods may use it.
-            "local": {"path": str(volume_path(state_dir, namespace, claim))},
+            "local": {"path": str(path)},
             "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "kubernetes.io/hostname", "operator": "In", "values": [realnode.NODE_NAME]}]}]}},
-            "claimRef": {"namespace": namespace, "name": claim},
         },
     }
+
+
+def local_volume(state_dir: Path, namespace: str, claim: str, size: str = "50Gi") -> tuple[dict, dict]:
+    """A local PersistentVolume on the real node and the claim bound to it (pure)."""
+    pv_name = f"sft-local-{namespace}-{claim}"
+    pv = _local_pv(pv_name, volume_path(state_dir, namespace, claim), size, LOCAL_ACCESS_MODES)
+    pv["spec"]["claimRef"] = {"namespace": namespace, "name": claim}
     pvc = {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": claim, "namespace": namespace},
-        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": LOCAL_STORAGE_CLASS["metadata"]["name"],
+        "spec": {"accessModes": LOCAL_ACCESS_MODES, "storageClassName": LOCAL_STORAGE_CLASS["metadata"]["name"],
                  "volumeName": pv_name, "resources": {"requests": {"storage": size}}},
     }
     return pv, pvc
+
+
+def spare_volumes_dir(state_dir: Path) -> Path:
+    return state_dir / "spare-volumes"
+
+
+def spare_volume(state_dir: Path, index: int, size: str = SPARE_SIZE) -> dict:
+    """An unclaimed local PersistentVolume (pure): the scheduler binds a claim of `sft-local` that asks for
+    at most ``size``, ReadWriteOnce or ReadWriteMany, to it when the claim's first pod is scheduled."""
+    return _local_pv(f"sft-local-spare-{index}", spare_volumes_dir(state_dir) / str(index), size,
+                     ["ReadWriteOnce", *LOCAL_ACCESS_MODES])
+
+
+def create_spare_volumes(api, state_dir: Path, count: int, start: int = 0) -> list[Path]:
+    """Empty folders and unclaimed PersistentVolumes ``start``..``start + count - 1`` on the real node."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    out = []
+    for index in range(start, start + count):
+        pv = spare_volume(state_dir, index)
+        path = Path(pv["spec"]["local"]["path"])
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        try:
+            core.create_persistent_volume(pv)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+        out.append(path)
+    return out
 
 
 def kwok_claim(claim: str, size: str = "50Gi") -> dict:
@@ -670,6 +712,9 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
         else:
             core.create_namespaced_persistent_volume_claim(VOLUMES_NAMESPACE, kwok_claim(claim))
     if real_node:
+        shutil.rmtree(spare_volumes_dir(state_dir), ignore_errors=True)  # an earlier cluster's caches
+        create_spare_volumes(api, state_dir, SPARE_VOLUMES)
+    if real_node:
         # Product images (multi-GiB) after the deadline-bound start: imported once per change.
         # A bad archive doesn't stop the cluster; `import-image` says more.
         for archive in image_archives:
@@ -749,6 +794,7 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
         raise DevClusterError(f"processes survived SIGKILL: {left}")
     if has_node:
         _node_teardown(layout, state_dir)
+        shutil.rmtree(spare_volumes_dir(state_dir), ignore_errors=True)  # up made them; only caches live there
     return sorted(set(stopped))
 
 

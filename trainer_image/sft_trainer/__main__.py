@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hooks = RunHooks.start(spec)  # rank 0: MLflow tracking
         try:
-            metrics = train.run(spec)
+            metrics = train.run(spec, sinks=hooks.sinks)
         except BaseException as e:
             hooks.failed(e)
             raise

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 from .exit_codes import ExitCode
 
 
@@ -57,3 +60,29 @@ class StorageUnavailable(TrainerError):
 class CacheTooSmall(TrainerError):
     def __init__(self, reason: str):
         super().__init__(ExitCode.CACHE_TOO_SMALL, reason)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread happens to be. A BaseException, like KeyboardInterrupt, because
+    libraries catch ``Exception`` around their I/O: botocore retries a request that raised one."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts(what: str):
+    """SIGTERM (a pod deleted, evicted, preempted) ends the block as ``Interrupted`` (exit 75), which the Job
+    retries without counting it; the retry resumes the transfer. Outside the main thread: no change."""
+
+    def handle(signum, frame):
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handle)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    except _Terminated:
+        raise Interrupted(f"SIGTERM during {what}; a retry resumes it") from None
+    finally:
+        signal.signal(signal.SIGTERM, old)

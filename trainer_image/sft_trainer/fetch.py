@@ -19,6 +19,7 @@ rank starts; ``sftctl run`` calls ``fetch_all`` itself. Every rank and every res
   ``fetching`` (stdout JSON lines, and ``$SFT_PROGRESS_URL`` when set).
 - Failures: NotFound (68) and AccessDenied (77) are terminal and name the object; too little space in the
   cache, CacheTooSmall (73); network errors are retried with backoff, then StorageUnavailable (69, retried).
+  SIGTERM (the pod deleted) exits 75, Interrupted, which the Job retries without counting it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any, Iterator
 
 from . import paths
 from .config import ProgressReport, TrainingSpec, is_s3
-from .errors import AccessDenied, CacheTooSmall, NotFound, StorageUnavailable, TrainerError
+from .errors import AccessDenied, CacheTooSmall, NotFound, StorageUnavailable, TrainerError, sigterm_interrupts
 from .exit_codes import ExitCode
 
 log = logging.getLogger("sft_trainer.fetch")
@@ -392,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_config(args.config)
         reporter = ProgressReporter.from_env()
-        fetch_all(spec, reporter=reporter)
+        with sigterm_interrupts("the fetch stage"):  # a pod deleted mid-download: retried uncounted, resumes
+            fetch_all(spec, reporter=reporter)
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)

@@ -82,7 +82,7 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
         fetch_all(spec)  # hub and s3:// sources into the cache (~/.cache/sft-operator/fetch or $SFT_CACHE_DIR)
         hooks = RunHooks.start(spec, run_name=name)
         try:
-            metrics = _train_with_progress(spec, name, console)
+            metrics = _train_with_progress(spec, name, console, hooks.sinks)
         except BaseException as e:
             hooks.failed(e)
             raise
@@ -97,7 +97,7 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
     return 0
 
 
-def _train_with_progress(spec, name: str, console) -> dict[str, Any]:
+def _train_with_progress(spec, name: str, console, sinks) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import train
@@ -131,7 +131,7 @@ def _train_with_progress(spec, name: str, console) -> dict[str, Any]:
 
     t0 = time.monotonic()
     with progress:
-        metrics = train.run(spec, stdout=None, listener=listener)
+        metrics = train.run(spec, stdout=None, listener=listener, sinks=sinks)
     metrics.setdefault("wallSeconds", round(time.monotonic() - t0, 1))
     return metrics
 

@@ -1,8 +1,9 @@
 """What surrounds ``train.run`` in a trainer process: tracking while it trains, the export when it is done.
 
-    hooks = RunHooks.start(spec)         # rank 0: the MLflow run, following trainer_log.jsonl
-    metrics = train.run(spec)            # (hooks.failed(exc) if it raises)
-    result = hooks.succeeded(metrics)    # rank 0: upload to s3://, COMPLETE last; end the run; report the result
+    hooks = RunHooks.start(spec)                     # rank 0: the MLflow run begins
+    metrics = train.run(spec, sinks=hooks.sinks)     # the run's sink logs every step and evaluation
+                                                     # (hooks.failed(exc) if it raises)
+    result = hooks.succeeded(metrics)                # rank 0: upload to s3://, COMPLETE last; end the run
 
 Only rank 0 tracks and exports; on other ranks every method does nothing. The result (the output URI once
 it is durable, the MLflow run id, a tracking warning) goes into a final progress report; ``__main__`` adds
@@ -15,12 +16,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import outputs, paths
 from .config import ProgressReport, TrainingSpec, is_s3
-from .errors import TrainerError
+from .errors import TrainerError, sigterm_interrupts
 from .exit_codes import ExitCode
 
 log = logging.getLogger("sft_trainer")
@@ -39,12 +39,16 @@ class RunResult:
 
 
 class RunHooks:
-    def __init__(self, spec: TrainingSpec, rank: int, tracker=None, follower=None):
+    def __init__(self, spec: TrainingSpec, rank: int, tracker=None):
         self.spec = spec
         self.rank = rank
         self.out_dir = paths.resolve(spec.output.destination)
-        self.tracker = tracker
-        self.follower = follower
+        self.tracker = tracker  # tracking.MlflowSink on rank 0 when the spec tracks the run
+
+    @property
+    def sinks(self) -> list:
+        """For ``train.run``: the tracker, which the loop feeds every step and evaluation."""
+        return [self.tracker] if self.tracker is not None else []
 
     @classmethod
     def start(cls, spec: TrainingSpec, *, run_name: str | None = None) -> RunHooks:
@@ -53,14 +57,13 @@ class RunHooks:
         mlflow = spec.tracking.mlflow if spec.tracking else None
         if rank != 0 or mlflow is None:
             return hooks
-        from .tracking import LogFollower, MlflowTracker, run_params
+        from .tracking import MlflowSink, run_params
 
         hooks.out_dir.mkdir(parents=True, exist_ok=True)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        hooks.tracker = MlflowTracker(mlflow, hooks.out_dir, run_name=run_name)
         tags = {"sft.job": os.environ.get("SFT_JOB_NAME", run_name or ""), "sft.namespace": os.environ.get("SFT_JOB_NAMESPACE", "")}
-        hooks.tracker.on_start(run_params(spec, world), {k: v for k, v in tags.items() if v})
-        hooks.follower = LogFollower(hooks.out_dir / outputs.LOG, hooks.tracker).start()
+        hooks.tracker = MlflowSink(mlflow, hooks.out_dir, run_params(spec, world), {k: v for k, v in tags.items() if v},
+                                   run_name=run_name)
         return hooks
 
     def succeeded(self, metrics: dict[str, Any], *, reporter=None) -> RunResult | None:
@@ -80,14 +83,13 @@ class RunHooks:
         return result
 
     def _finish(self, metrics: dict[str, Any], reporter) -> RunResult:
-        if self.follower is not None:
-            self.follower.stop()
         uri = self.spec.output.destination
         if is_s3(uri):
             try:
-                uri = self._export(reporter, metrics)
-            except BaseException:
-                self._end_tracking(metrics, None, "FAILED")
+                with sigterm_interrupts(f"the export to {uri}"):
+                    uri = self._export(reporter, metrics)
+            except BaseException as e:
+                self.failed(e)
                 raise
         self._end_tracking(metrics, uri, "FINISHED")
         result = RunResult(uri, self.tracker.run_id if self.tracker else None, self.tracker.warning if self.tracker else None)
@@ -101,8 +103,6 @@ class RunHooks:
         """Rank 0: end the MLflow run as KILLED (interrupted: a retry continues it) or FAILED."""
         if self.rank != 0 or self.tracker is None:
             return
-        if self.follower is not None:
-            self.follower.stop()
         interrupted = isinstance(error, (KeyboardInterrupt,)) or (
             isinstance(error, TrainerError) and error.code == ExitCode.INTERRUPTED
         )
@@ -127,7 +127,7 @@ class RunHooks:
         if self.tracker is None:
             return
         artifacts = [self.out_dir / outputs.METRICS, self.out_dir / outputs.PLOT] if metrics else []
-        self.tracker.on_end(metrics, uri, status=status, artifacts=artifacts)
+        self.tracker.end(metrics, uri, status=status, artifacts=artifacts)
 
     @staticmethod
     def _report(metrics: dict[str, Any], message: str, **fields: Any) -> ProgressReport:

@@ -338,8 +338,11 @@ def upload(s3, path: Path, bucket: str, key: str, sha256: str, state: UploadStat
         return number, etag
 
     missing = [n for n in range(1, count + 1) if n not in done]
-    with ThreadPoolExecutor(PART_WORKERS) as pool:
+    pool = ThreadPoolExecutor(PART_WORKERS)
+    try:
         done.update(dict(pool.map(send, missing)))
+    finally:  # interrupted (SIGTERM): the parts in flight finish, the queued ones are dropped
+        pool.shutdown(cancel_futures=True)
     parts = [{"PartNumber": n, "ETag": done[n]} for n in sorted(done)]
     retrying(
         lambda: s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}),

@@ -9,6 +9,7 @@ drops network errors, and so should any sink that talks to a server.
 - ``TrainerLogSink``: ``trainer_log.jsonl`` (one line per step and per evaluation) and ``loss.png``.
 - ``ProgressSink``: JSON lines on stdout, posts to the operator's progress endpoint, the local listener
   (``sftctl run``'s progress bar).
+- ``tracking.MlflowSink``: the MLflow run (passed in by ``run_hooks``, which ends it after the export).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Experiment tracking in MLflow (rank 0): a sink with ``on_start``, ``on_step``, ``on_eval`` and ``on_end``.
+"""Experiment tracking in MLflow (rank 0): ``MlflowSink``, one of the training loop's sinks (``sinks.py``).
 
 What a run records: the effective hyperparameters (effective batch, world size, data, model, LoRA, freezing)
 as params; ``train_loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second`` per optimizer step and
@@ -6,13 +6,14 @@ as params; ``train_loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second
 ``general_loss_after``, ``forgetting``), best eval loss and throughput, the tag ``sft.output_uri``, and
 ``metrics.json`` and ``loss.png`` as artifacts.
 
+The run is started when the sink is made (so a run that fails before its first step is recorded as FAILED)
+and ended by ``end`` once the output is durable (``run_hooks``: after the export, so the run can name its
+URI); the loop's ``close`` leaves it open for that.
+
 A failing tracking server never fails or slows training: calls run on a background thread with short HTTP
 timeouts, every error is caught, and the first one becomes ``warning`` (logged, and reported so the
 operator can raise a Warning Event). The run id is kept in ``.mlflow-run.json`` in the output folder, so a
-restarted pod continues the same run.
-
-``follow_log`` feeds ``on_step``/``on_eval`` from ``trainer_log.jsonl`` as training appends to it, which needs
-no hook inside the training loop; a loop with reporting sinks can call the methods directly instead.
+restarted pod continues the same run and does not log the steps it redoes twice.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import MlflowSpec, TrainingSpec
+from .config import MlflowSpec, ProgressReport, TrainingSpec
+from .sinks import EvalRecord, Sink, StepRecord
 
 log = logging.getLogger("sft_trainer.tracking")
 
 RUN_FILE = ".mlflow-run.json"
 FLUSH_EVERY_S = 2.0
 END_TIMEOUT_S = 60.0
-STEP_METRICS = {"loss": "train_loss", "learningRate": "learning_rate", "gradNorm": "grad_norm", "tokensPerSecond": "tokens_per_second"}
+STEP_METRICS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "tokens_per_second": "tokens_per_second"}
 END_METRICS = {
     "bestEvalLoss": "best_eval_loss", "generalLossBefore": "general_loss_before", "generalLossAfter": "general_loss_after",
     "forgetting": "forgetting", "tokensPerSecond": "tokens_per_second_mean", "trainSeconds": "train_seconds",
@@ -69,10 +71,11 @@ def run_params(spec: TrainingSpec, world_size: int) -> dict[str, str]:
     return {k: str(v) for k, v in params.items() if v is not None}
 
 
-class MlflowTracker:
-    """One MLflow run. Every method returns at once and never raises."""
+class MlflowSink(Sink):
+    """One MLflow run. Every method returns at once and never raises; ``end`` waits (bounded) for the server."""
 
-    def __init__(self, settings: MlflowSpec, out_dir: Path, *, run_name: str | None = None):
+    def __init__(self, settings: MlflowSpec, out_dir: Path, params: dict[str, str], tags: dict[str, str] | None = None,
+                 *, run_name: str | None = None):
         # Fail fast against a dead server instead of MLflow's minutes of retries (the user's env wins).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -88,22 +91,19 @@ class MlflowTracker:
         self._thread = threading.Thread(target=self._work, name="sft-mlflow", daemon=True)
         self._client = None
         self._thread.start()
+        self._queue.put(("start", params, tags or {}))
 
     # ------------------------------------------------------------ the sink
 
-    def on_start(self, params: dict[str, str], tags: dict[str, str] | None = None) -> None:
-        self._queue.put(("start", params, tags or {}))
-
-    def on_step(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
+    def on_step(self, record: StepRecord, progress: ProgressReport) -> None:
         ts = int(time.time() * 1000)
-        self._queue.put(("metrics", [(name, float(record[k]), step, ts) for k, name in STEP_METRICS.items() if record.get(k) is not None]))
+        self._queue.put(("metrics", [(name, float(getattr(record, k)), record.step, ts) for k, name in STEP_METRICS.items()]))
 
-    def on_eval(self, record: dict[str, Any]) -> None:
-        self._queue.put(("metrics", [("eval_loss", float(record["evalLoss"]), int(record["step"]), int(time.time() * 1000))]))
+    def on_eval(self, record: EvalRecord, progress: ProgressReport) -> None:
+        self._queue.put(("metrics", [("eval_loss", float(record.eval_loss), record.step, int(time.time() * 1000))]))
 
-    def on_end(self, metrics: dict[str, Any] | None, output_uri: str | None, *, status: str = "FINISHED",
-               artifacts: list[Path] = (), timeout_s: float = END_TIMEOUT_S) -> None:
+    def end(self, metrics: dict[str, Any] | None, output_uri: str | None, *, status: str = "FINISHED",
+            artifacts: list[Path] = (), timeout_s: float = END_TIMEOUT_S) -> None:
         """Final metrics, the output URI, artifacts, the run's status; waits up to ``timeout_s`` for the server."""
         self._queue.put(("end", metrics or {}, output_uri, status, list(artifacts)))
         self._queue.put(None)
@@ -227,51 +227,3 @@ class MlflowTracker:
 
 def _short(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-class LogFollower:
-    """Tails ``trainer_log.jsonl`` and hands each new record to the tracker (``on_step`` or ``on_eval``)."""
-
-    def __init__(self, path: Path, tracker: MlflowTracker, interval_s: float = 1.0):
-        self.path = path
-        self.tracker = tracker
-        self.interval_s = interval_s
-        self._offset = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sft-log-follower", daemon=True)
-
-    def start(self) -> LogFollower:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Read what is left, then stop."""
-        self._stop.set()
-        self._thread.join(10)
-        self._read()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._read()
-
-    def _read(self) -> None:
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            return
-        if size < self._offset:  # truncated on resume: the trainer redoes the later steps
-            self._offset = 0
-        with self.path.open("rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(size - self._offset)
-        end = chunk.rfind(b"\n") + 1  # only whole lines
-        self._offset += end
-        for line in chunk[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "evalLoss" in record:
-                self.tracker.on_eval(record)
-            elif "loss" in record:
-                self.tracker.on_step(record)

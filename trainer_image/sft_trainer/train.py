@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -195,13 +195,15 @@ class Run:
         return "/".join([self.spec.output.destination.rstrip("/"), *parts])
 
 
-def sinks_for(d: Dist, out_dir: Path, stdout: TextIO | None, listener) -> list[Sink]:
-    """Where the run's numbers go (rank 0 only). A new destination is one more Sink in this list."""
+def sinks_for(d: Dist, out_dir: Path, stdout: TextIO | None, listener, extra: Sequence[Sink] = ()) -> list[Sink]:
+    """Where the run's numbers go (rank 0 only). A new destination is one more Sink in this list; ``extra``
+    are the caller's (the MLflow run, which outlives the loop: see run_hooks)."""
     if not d.main:
         return []
     return [
         TrainerLogSink(out_dir),
         ProgressSink(ProgressReporter.from_env(stdout=stdout, listener=listener)),
+        *extra,
     ]
 
 
@@ -213,8 +215,10 @@ def run(
     *,
     stdout: TextIO | None = sys.stdout,
     listener: Callable[[ProgressReport], None] | None = None,
+    sinks: Sequence[Sink] = (),
 ) -> dict[str, Any]:
     """Train ``spec`` to completion and write its outputs. Returns the final metrics (also in metrics.json).
+    ``sinks`` are told about every step and evaluation too (rank 0), after the log and the progress reports.
 
     Raises ``TrainerError`` subclasses (each carries its exit code) for invalid config, data errors,
     divergence, model-load errors, an unreachable hub and interruption.
@@ -230,14 +234,14 @@ def run(
     lock = ownership.DestinationLock(out_dir, rid, spec.output.destination.rstrip("/")) if d.main else None
     stop = StopFlag()
     stop.install()
-    sinks: list[Sink] = []
+    run_sinks: list[Sink] = []
     try:
         claim_destination(spec, d, out_dir, rid, lock)
-        sinks = sinks_for(d, out_dir, stdout, listener)
-        return train(spec, d, rid, out_dir, sinks, stop)
+        run_sinks = sinks_for(d, out_dir, stdout, listener, sinks)
+        return train(spec, d, rid, out_dir, run_sinks, stop)
     finally:
         stop.restore()
-        for sink in sinks:
+        for sink in run_sinks:
             sink.close()
         if lock is not None:
             lock.release()
