@@ -173,7 +173,8 @@ def test_progress_security(control_plane, namespace, server):
     assert response.status_code == 202, response.text
     status = control_plane.wait_for(
         lambda: (s := k.status("job-a")).get("progress", {}).get("step") == 7 and s, 30, "status.progress of job-a")
-    assert status["progress"] == {"percent": 7, "step": 7, "totalSteps": 100, "epoch": 0.14, "etaSeconds": 60}
+    assert status["progress"] == {"percent": 7, "step": 7, "totalSteps": 100, "epoch": 0.14, "etaSeconds": 60,
+                                  "stage": "Training"}  # a report without a stage comes from the training loop
     assert status["metrics"] == {"trainLoss": 1.75, "learningRate": 2e-5, "tokensPerSecond": 1500.0}
     assert server.gauge("sft_job_train_loss", namespace, "job-a") == 1.75
 
