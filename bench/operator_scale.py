@@ -74,6 +74,7 @@ import aiohttp
 import psutil
 import yaml
 import sft_devcluster as devcluster
+from sft_devcluster.cluster import kwok_claim
 from sft_devcluster.operator_process import OperatorProcess
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.reconcile import prepare_job
@@ -142,15 +143,20 @@ def fmt_mib(x: float | None) -> str:
     return "n/a" if x is None else f"{x / 2**20:.1f} MiB"
 
 
+OUTPUT_CLAIM = "models"  # one per namespace, bound by kwok's volume stage
+
+
 def sftjob_doc(name: str, namespace: str, gpus: int) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "SFTJob",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "model": {"source": "Qwen/Qwen2.5-0.5B"},
+            # Sources already in the image and the output on a claim: the three children of #12's targets (a hub
+            # or s3:// source or output adds a fourth, the fetch stage's cache claim; a local output is refused).
+            "model": {"source": "/models/qwen2.5-0.5b"},
             "dataset": {"train": {"source": "/data/train.jsonl"}},
-            "output": {"destination": "/tmp/out"},
+            "output": {"destination": f"pvc://{OUTPUT_CLAIM}/{name}"},
             "resources": {"gpusPerNode": gpus},
             "runPolicy": {"backoffLimit": 0},
         },
@@ -166,6 +172,8 @@ def path_for(obj: dict[str, Any]) -> str:
         return f"/api/v1/namespaces/{ns}/services"
     if kind == "Job":
         return f"/apis/batch/v1/namespaces/{ns}/jobs"
+    if kind == "PersistentVolumeClaim":
+        return f"/api/v1/namespaces/{ns}/persistentvolumeclaims"
     if kind == "SFTJob":
         return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
     raise ValueError(kind)
@@ -539,9 +547,14 @@ async def ensure_namespace(api: Api, ns: str) -> None:
     while time.monotonic() < deadline:
         status, _ = await api.request("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")
         if status == 200:
-            return
+            break
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"no default ServiceAccount in {ns} after 60 s")
+    else:
+        raise RuntimeError(f"no default ServiceAccount in {ns} after 60 s")
+    status, out = await api.request("POST", f"/api/v1/namespaces/{ns}/persistentvolumeclaims",
+                                    kwok_claim(OUTPUT_CLAIM))
+    if status not in (201, 409):
+        raise RuntimeError(f"create claim {ns}/{OUTPUT_CLAIM}: HTTP {status}: {out}")
 
 
 class Profiler:
