@@ -21,7 +21,7 @@ from typing import Any
 
 from .api import TERMINAL_PHASES, Phase
 from .render import LABEL_JOB
-from .status import Cause
+from .status import Cause, is_ignored_failure
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
 CHILD_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", "Job")  # the cache claim only when we create it
@@ -124,6 +124,12 @@ class Notes:
     # complete reconcile
     rendered: tuple[tuple[Any, Any, int], str, tuple[str, ...]] | None = None
     finished: tuple[Any, Any, int] | None = None  # (uid, generation, render version) of the finished job's last reconcile
+    # pod uid -> its Job's uid, for pods that failed without counting (disruption, exit 75): the Job
+    # controller deletes them at once, maybe before a status write saw them, and status.restarts counts them
+    replaced_pods: dict[str, str] = field(default_factory=dict)
+
+    def replaced_by(self, job_uid: str | None) -> set[str]:
+        return {pod for pod, owner in self.replaced_pods.items() if owner == job_uid} if job_uid else set()
 
 
 @dataclass
@@ -160,6 +166,7 @@ class Cache:
                 self._drop_details(key)
         elif kind == "Pod":
             self.pods.setdefault(key, {})[uid] = obj
+            self._remember_replaced(key, obj)
         else:
             self.children[kind][key] = obj
         return key
@@ -181,6 +188,7 @@ class Cache:
             if (self.sftjobs.get(key) or {}).get("metadata", {}).get("uid") in (uid, None):
                 self.forget(key)
         elif kind == "Pod":
+            self._remember_replaced(key, slim(kind, body))
             pods = self.pods.get(key)
             if pods is not None:
                 pods.pop(uid or "", None)
@@ -189,6 +197,11 @@ class Cache:
         elif (self.children[kind].get(key) or {}).get("metadata", {}).get("uid") == uid:
             del self.children[kind][key]
         return key
+
+    def _remember_replaced(self, key: Key, pod: Mapping[str, Any]) -> None:
+        if (pod.get("status") or {}).get("phase") == "Failed" and is_ignored_failure(pod):
+            owner = controller_of(pod) or {}
+            self.note(key).replaced_pods[pod["metadata"].get("uid", "")] = owner.get("uid", "")
 
     def forget(self, key: Key) -> None:
         sftjob = self.sftjobs.pop(key, None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import ValidationError
@@ -330,15 +331,19 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def count_restarts(job: dict[str, Any] | None, pods: list[dict[str, Any]], previous: int = 0) -> int:
+def count_restarts(job: dict[str, Any] | None, pods: list[dict[str, Any]], previous: int = 0,
+                   replaced: Collection[str] = ()) -> int:
     """Pods the Job controller had to replace: failures it counted plus those it ignored (disruptions, exit 75).
 
-    Never goes down: replaced pods disappear from the cluster, the count must not.
+    ``replaced``: uids of ignored failures already gone from the cluster (a deleted pod can vanish before
+    any status write saw it failed). Never goes down: replaced pods disappear, the count must not.
     At the end a failed Job's last failure is not a restart (nothing replaced that pod).
     """
     status = (job or {}).get("status") or {}
     failed = _int(status.get("failed"))
-    disrupted = sum(1 for p in failed_pods(pods) if is_ignored_failure(p))
+    gone = set(replaced)
+    here = [p for p in failed_pods(pods) if is_ignored_failure(p) and p["metadata"].get("uid") not in gone]
+    disrupted = len(here) + len(gone)
     cond = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
     if cond is None:
         now = failed + disrupted
@@ -398,10 +403,11 @@ def observe(
     creation_error: Cause | None = None,
     pod_creation_error: Cause | None = None,
     pod_problems: dict[str, Cause] | None = None,
+    replaced_pods: Collection[str] = (),
 ) -> Observation:
     """Phase, reason and message from the Job and its pods (not terminal-latched; see derive_status)."""
     previous = sftjob.get("status") or {}
-    restarts = count_restarts(job, pods, _int(previous.get("restarts")))
+    restarts = count_restarts(job, pods, _int(previous.get("restarts")), replaced_pods)
     if creation_error is not None and creation_error.final:
         return Observation(FAILED, creation_error.reason, creation_error.message, restarts, creation_error)
     if job is None:
@@ -591,8 +597,10 @@ def derive_status(
     creation_error: Cause | None = None,
     pod_creation_error: Cause | None = None,
     pod_problems: dict[str, Cause] | None = None,
+    replaced_pods: Collection[str] = (),
 ) -> dict[str, Any]:
-    """The cluster-derived status fields (``OWNED_FIELDS``) of an SFTJob, given its Job and that Job's pods."""
+    """The cluster-derived status fields (``OWNED_FIELDS``) of an SFTJob, given its Job and that Job's pods
+    (``replaced_pods``: uids of its pods that failed as disruptions or exit 75 and are gone)."""
     meta = sftjob.get("metadata") or {}
     generation = meta.get("generation")
     previous = owned(sftjob.get("status"))
@@ -614,6 +622,7 @@ def derive_status(
         creation_error=creation_error,
         pod_creation_error=pod_creation_error if job is not None and not [p for p in pods if is_active(p)] else None,
         pod_problems=pod_problems,
+        replaced_pods=replaced_pods,
     )
     status: dict[str, Any] = {
         "phase": obs.phase,

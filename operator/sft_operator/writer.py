@@ -156,6 +156,7 @@ class StatusWriter:
                 creation_error=notes.creation_error,
                 pod_creation_error=notes.pod_creation_error,
                 pod_problems=notes.pod_problems,
+                replaced_pods=notes.replaced_by((job or {}).get("metadata", {}).get("uid")),
             )
             desired = {**current, **derived}  # what the trainer reported stays
             report = result = None

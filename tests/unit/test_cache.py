@@ -113,3 +113,27 @@ def test_sweep_forgets_what_a_relist_no_longer_shows_but_keeps_what_came_after_i
     assert cache.sweep("SFTJob", {"other-namespace"}, set(), time.monotonic()) == set()  # out of scope
     assert cache.sweep("Pod", None, set(), time.monotonic()) == {("a", "kept")}
     assert ("a", "kept") not in cache.pods
+
+
+def test_a_deleted_pod_that_failed_without_counting_stays_a_restart_after_it_is_gone():
+    """`kubectl delete pod` mid-run: the pod fails with DisruptionTarget and the Job controller deletes it at
+    once, maybe before any status write saw it. status.restarts must still count it."""
+    from datetime import datetime, timezone
+
+    from sft_operator.status import derive_status
+
+    cache = Cache()
+    key = cache.put("SFTJob", sftjob("s1"))
+    cache.put("Pod", pod("p1", "j1"))
+    disrupted = pod("p1", "j1")
+    disrupted["status"] = {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    cache.drop("Pod", disrupted)  # the DELETED event carries the pod's last state
+    cache.put("Pod", pod("p2", "j1"))  # the replacement runs
+    cache.drop("Pod", {**pod("p0", "j0"), "status": disrupted["status"]})  # a pod of an earlier Job: not ours
+
+    job = {"metadata": {"name": "demo", "namespace": "a", "uid": "j1"}, "spec": {"completions": 1}, "status": {"active": 1}}
+    status = derive_status(cache.sftjobs[key], job, cache.pods_of(key, "j1"), datetime.now(timezone.utc),
+                           replaced_pods=cache.note(key).replaced_by("j1"))
+    assert status["restarts"] == 1
+    # Without the note (what the operator did before), the restart was lost once the pod was gone.
+    assert derive_status(cache.sftjobs[key], job, cache.pods_of(key, "j1"), datetime.now(timezone.utc))["restarts"] == 0
