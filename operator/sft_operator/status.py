@@ -14,9 +14,9 @@ collected) never move it back.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from collections.abc import Collection
 from typing import Any
 
 from pydantic import ValidationError
@@ -335,8 +335,8 @@ def count_restarts(job: dict[str, Any] | None, pods: list[dict[str, Any]], previ
                    replaced: Collection[str] = ()) -> int:
     """Pods the Job controller had to replace: failures it counted plus those it ignored (disruptions, exit 75).
 
-    ``replaced``: uids of ignored failures already gone from the cluster (a deleted pod can vanish before
-    any status write saw it failed). Never goes down: replaced pods disappear, the count must not.
+    ``replaced``: uids of ignored failures the watch reported, gone from the cluster or not (a deleted pod
+    can vanish before any status write saw it failed); each pod counts once. Never goes down: replaced pods disappear, the count must not.
     At the end a failed Job's last failure is not a restart (nothing replaced that pod).
     """
     status = (job or {}).get("status") or {}
