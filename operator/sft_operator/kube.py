@@ -442,7 +442,7 @@ class KubeClient:
 
     async def list(
         self, kind: str, namespace: str | None, *, label_selector: str | None = None, metadata_only: bool = False,
-        field_selector: str | None = None,
+        field_selector: str | None = None, priority: int = CREATE,
     ) -> list[dict[str, Any]]:
         params = {}
         if label_selector:
@@ -450,7 +450,7 @@ class KubeClient:
         if field_selector:
             params["fieldSelector"] = field_selector
         out = await self.request("list", kind, "GET", resource_path(kind, namespace), params=params,
-                                 accept=METADATA_LIST if metadata_only else JSON)
+                                 accept=METADATA_LIST if metadata_only else JSON, priority=priority)
         return out.get("items") or []
 
     async def list_with_version(self, kind: str, namespace: str | None, *, label_selector: str | None = None
@@ -540,7 +540,8 @@ class KubeClient:
 
     async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
         selector = f"involvedObject.kind={kind},involvedObject.name={name},involvedObject.uid={uid}"
-        return await self.list("Event", namespace, field_selector=selector)
+        # A scan of the namespace's events for the API server: after a burst's creates, like posting Events.
+        return await self.list("Event", namespace, field_selector=selector, priority=EVENT)
 
     async def token_review(self, token: str, audiences: list[str]) -> dict[str, Any]:
         review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",

@@ -15,6 +15,7 @@ a write or two less per job.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .context import Context
 
 log = logging.getLogger("sft_operator.status")
+LOOKUP_SLOTS = 2  # event reads in flight
 CREATING_HOLD_SECONDS = 60.0  # children being created in a burst: no status until they exist (or fail)
 
 
@@ -92,6 +94,7 @@ class StatusWriter:
         self.progress: dict[Key, _Progress] = {}
         self.looked_up: dict[tuple[Key, str], float] = {}  # (key, object uid) -> when its events were read
         self._effective_batch: dict[tuple[str, int], int | None] = {}
+        self.lookup_slots = asyncio.Semaphore(LOOKUP_SLOTS)
 
     # ---- feeding ----
 
@@ -247,13 +250,25 @@ class StatusWriter:
             self.ctx.scheduler.at(key, f"events {lookup.uid}", delay,
                                   lambda lookup=lookup: self._read_events(key, lookup.kind, lookup.name, lookup.uid))
 
+    def _still_due(self, key: Key, uid: str) -> bool:
+        """Whether the lookup of ``uid`` still explains something now: the pods it waited for may have
+        appeared or started meanwhile (in a burst nearly every Job waits a while for its pods)."""
+        job = self.ctx.cache.job_of(key)
+        pods = self.ctx.cache.pods_of(key, (job or {}).get("metadata", {}).get("uid"))
+        return any(lookup.uid == uid and lookup.after_seconds <= 1.0 for lookup in lookups(job, pods, _now()))
+
     async def _read_events(self, key: Key, kind: str, name: str, uid: str) -> None:
-        self.looked_up[(key, uid)] = time.monotonic()
-        try:
-            events = await self.ctx.kube.events_of(key[0], kind, name, uid)
-        except ApiError as exc:  # e.g. no RBAC to list events: status just says less
-            log.debug("cannot list events of %s %s/%s: %s", kind, key[0], name, exc)
-            return
+        # Listing events costs the API server a scan of the namespace's events. In a burst many Jobs
+        # wait 10 s for their pods: the reads go a few at a time, each only if still needed by its turn.
+        async with self.lookup_slots:
+            if not self._still_due(key, uid):
+                return
+            self.looked_up[(key, uid)] = time.monotonic()
+            try:
+                events = await self.ctx.kube.events_of(key[0], kind, name, uid)
+            except ApiError as exc:  # e.g. no RBAC to list events: status just says less
+                log.debug("cannot list events of %s %s/%s: %s", kind, key[0], name, exc)
+                return
         notes = self.ctx.cache.note(key)
         newest = sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
         if kind == "Job":

@@ -24,6 +24,7 @@ class RecordingKube:
     def __init__(self) -> None:
         self.writes: list[tuple[float, dict[str, Any]]] = []
         self.events: list[tuple[str, str]] = []
+        self.event_reads: list[tuple[str, str]] = []
         self.version = 100
 
     async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
@@ -33,6 +34,10 @@ class RecordingKube:
 
     async def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason))
+
+    async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
+        self.event_reads.append((kind, name))
+        return []
 
     def stalled_seconds(self) -> float:
         return 0.0
@@ -163,6 +168,9 @@ def test_a_first_pods_starting_state_is_held_back_then_written():
         fresh = job(active=1)
         fresh["metadata"]["creationTimestamp"] = ctx_now()
         ctx.cache.put("Job", fresh)
+        starting = pod("Pending", {"waiting": {"reason": "ContainerCreating"}})
+        starting["metadata"]["creationTimestamp"] = ctx_now()
+        ctx.cache.put("Pod", starting)
         ctx.writer.mark(KEY)
         await asyncio.sleep(0.3)
         assert ctx.kube.writes == []  # the pods usually run within seconds: no "Pending" write yet
@@ -209,5 +217,28 @@ def test_a_result_with_a_warning_posts_a_warning_event_once():
         await asyncio.sleep(0.2)
         assert ctx.kube.events == [("Warning", "CompletedWithWarning")]
         assert ctx.kube.writes[-1][1]["output"]["uri"] == "s3://b/run"
+
+    run(test)
+
+
+@pytest.mark.parametrize("pods_appear", [False, True])
+def test_events_are_read_for_a_job_still_without_pods_and_not_once_its_pods_came(pods_appear):
+    """A Job without pods for 10 s has its events read (FailedCreate says why); in a burst nearly
+    every Job waits a moment for its pods, and a read planned then is dropped once they came."""
+    from datetime import datetime, timedelta, timezone
+
+    async def test(ctx):
+        now = datetime.now(timezone.utc)
+        await asyncio.sleep(1.05 - now.microsecond / 1e6)  # just past a whole second: the read is due in ~0.9 s
+        waiting = job(active=0)
+        created = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=9)
+        waiting["metadata"]["creationTimestamp"] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+        ctx.cache.put("Job", waiting)
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.2)  # written (or held); the events read is planned for 10 s after the Job's creation
+        if pods_appear:
+            ctx.cache.put("Pod", pod())
+        await asyncio.sleep(1.6)
+        assert ctx.kube.event_reads == ([] if pods_appear else [("Job", "demo")])
 
     run(test)
