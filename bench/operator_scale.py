@@ -23,8 +23,10 @@ One run, one throw-away dev cluster (its own temp state dir and free ports, kwok
                     status writes (watch MODIFIED events of the SFTJobs; the operator writes
                     nothing else on them) and Events about SFTJobs (only the operator posts those)
 
-Also recorded, to explain the numbers: API server request counts by verb and resource in each
-window (from the API server's /metrics) and CPU seconds of every component.
+Also recorded, to explain the numbers: API server requests by verb and resource in each window
+(reads included) and the watch events it sent (from its /metrics), CPU seconds of every component,
+the states each status write carried, and how long the cluster itself takes (a Job to get its pod,
+a pod to run). `--profile-apiserver 40` adds kube-apiserver's own CPU profile of the burst.
 
 Order: bare client (namespace opbench-bare) -> operator start -> warm-up wave N/10 (opbench-warm)
 -> the N burst (opbench-op) -> operator stop -> bare client again (opbench-bare-again); the ratio
@@ -36,6 +38,7 @@ BENCHMARKS.md under "## Operator: SFTJobs at scale" (only that section is touche
     python bench/operator_scale.py --jobs 200     # quick: about 2 min on 2 cores
     python bench/operator_scale.py                # 1000 SFTJobs on 127 kwok nodes, ~10 min
     python bench/operator_scale.py --jobs 200 --profile-operator   # + where the operator's CPU goes (py-spy)
+    python bench/operator_scale.py --profile-apiserver 40           # + where kube-apiserver's CPU goes (pprof)
 
 The operator runs from this checkout (sft_devcluster.operator_process, the launcher the tests use),
 or from another one with --operator-source, so a before/after pair is measured the same way:
@@ -117,6 +120,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-operator", action="store_true",
                    help="sample the operator with py-spy (on PATH or $PY_SPY) during the burst window and print where "
                         "its CPU goes (functions holding the GIL, inclusive)")
+    p.add_argument("--profile-apiserver", type=float, default=0.0, metavar="SECONDS",
+                   help="take a CPU profile of kube-apiserver (its /debug/pprof) for this many seconds from the start "
+                        "of the burst and print its top functions (`go tool pprof -top`)")
     args = p.parse_args(argv)
     if args.gpu_nodes is None:
         args.gpu_nodes = math.ceil(args.jobs * args.gpus_per_job / GPUS_PER_NODE) + 2
@@ -297,6 +303,20 @@ class Api:
         async with self.session.get(self.server + path) as resp:
             return await resp.text()
 
+    async def save(self, path: str, out: Path) -> None:
+        assert self.watch_session  # no slot of the request pool is held for the duration
+        async with self.watch_session.get(self.server + path, timeout=aiohttp.ClientTimeout(total=None)) as resp:
+            out.write_bytes(await resp.read())
+
+
+def pprof_top(binary: Path, profile: Path, nodes: int = 30) -> str:
+    """`go tool pprof -top` of a CPU profile, by cumulative time (what each call path costs in all)."""
+    if not profile.exists() or profile.stat().st_size == 0:
+        return "(no profile)"
+    out = subprocess.run(["go", "tool", "pprof", "-top", "-cum", f"-nodecount={nodes}", str(binary), str(profile)],
+                         capture_output=True, text=True, timeout=300)
+    return out.stdout or out.stderr
+
 
 # ---------------------------------------------------------------------------- what the watches saw
 
@@ -309,8 +329,10 @@ class Seen:
     svc: dict[str, float] = field(default_factory=dict)
     job: dict[str, float] = field(default_factory=dict)
     job_complete: dict[str, float] = field(default_factory=dict)
+    pod_created: dict[str, float] = field(default_factory=dict)
     pod_running: dict[str, float] = field(default_factory=dict)
     pod_succeeded: dict[str, float] = field(default_factory=dict)
+    sft_written_states: Counter = field(default_factory=Counter)  # "phase/reason" of each status written
     sft_phase: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     sft_writes: Counter = field(default_factory=Counter)
 
@@ -341,6 +363,7 @@ class Seen:
         if typ == "DELETED":
             return
         name = obj["metadata"]["labels"][LABEL_JOB]
+        self._first(self.pod_created, name, t)
         phase = (obj.get("status") or {}).get("phase")
         if phase in ("Running", "Succeeded"):
             self._first(self.pod_running, name, t)  # a pod seen Succeeded was Running before
@@ -351,6 +374,8 @@ class Seen:
         name = obj["metadata"]["name"]
         if typ == "MODIFIED":
             self.sft_writes[name] += 1
+            status = obj.get("status") or {}
+            self.sft_written_states[f"{status.get('phase')}/{status.get('reason')}"] += 1
         phase = (obj.get("status") or {}).get("phase")
         if phase:
             self._first(self.sft_phase[name], phase, t)
@@ -435,24 +460,32 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 REQ_RE = re.compile(r"^apiserver_request_total\{([^}]*)\}\s+([0-9.e+]+)$")
-INTERESTING = {"configmaps", "services", "jobs", "sftjobs", "events", "pods"}
+WATCH_EVENTS_RE = re.compile(r"^apiserver_watch_events_total\{([^}]*)\}\s+([0-9.e+]+)$")
+INTERESTING = {"configmaps", "services", "jobs", "sftjobs", "events", "pods", "persistentvolumeclaims"}
+WATCH_EVENTS = "watch events sent"  # the "verb" of the watch-event counter: events sent to all watchers
 
 
 async def apiserver_requests(api: Api) -> Counter:
-    """Cumulative API server requests by (verb, resource[/subresource])."""
+    """Cumulative API server requests by (verb, resource[/subresource]), reads included (a WATCH counts
+    its connections, not what they carry), and the watch events sent to all watchers by resource."""
     out: Counter = Counter()
     try:
         text = await api.text("/metrics")
     except aiohttp.ClientError:
         return out
     for line in text.splitlines():
-        m = REQ_RE.match(line)
+        m = REQ_RE.match(line) or WATCH_EVENTS_RE.match(line)
         if not m:
             continue
         labels = dict(kv.split("=", 1) for kv in re.findall(r'(\w+="[^"]*")', m.group(1)))
         labels = {k: v.strip('"') for k, v in labels.items()}
+        if line.startswith("apiserver_watch_events_total"):
+            res = labels.get("resource") or (labels.get("kind", "").lower() + "s")  # "kind" before Kubernetes 1.30
+            if res in INTERESTING:
+                out[(WATCH_EVENTS, res)] += float(m.group(2))
+            continue
         res = labels.get("resource", "")
-        if res not in INTERESTING or labels.get("verb") in ("WATCH", "LIST", "GET"):
+        if res not in INTERESTING:
             continue
         key = (labels.get("verb", ""), res + (f"/{labels['subresource']}" if labels.get("subresource") else ""))
         out[key] += float(m.group(2))
@@ -524,8 +557,13 @@ class Wave:
 
     def latencies(self) -> dict[str, list[float]]:
         s = self.seen
-        run, done, pod_done = [], [], []
+        run, done, pod_done, job_pod, pod_start = [], [], [], [], []
         for n in self.names:
+            t_job_seen, t_pod_seen, t_pod_run = s.job.get(n), s.pod_created.get(n), s.pod_running.get(n)
+            if t_job_seen is not None and t_pod_seen is not None:
+                job_pod.append(t_pod_seen - t_job_seen)
+            if t_pod_seen is not None and t_pod_run is not None:
+                pod_start.append(t_pod_run - t_pod_seen)
             t_pod, t_sft = s.pod_running.get(n), s.phase_time(n, PHASES_RUNNING_OR_LATER)
             if t_pod is not None and t_sft is not None:
                 run.append(t_sft - t_pod)
@@ -536,7 +574,8 @@ class Wave:
             if t_pod_done is not None and t_succ is not None:
                 pod_done.append(t_succ - t_pod_done)
         return {"pod Running -> phase Running+": run, "Job Complete -> phase Succeeded": done,
-                "pod Succeeded -> phase Succeeded": pod_done}
+                "pod Succeeded -> phase Succeeded": pod_done,
+                "(the cluster) Job seen -> its pod seen": job_pod, "(the cluster) pod seen -> pod Running": pod_start}
 
 
 async def ensure_namespace(api: Api, ns: str) -> None:
@@ -633,6 +672,10 @@ async def run_wave(api: Api, op: Operator, pids: dict[str, int], ns: str, n: int
     docs = [sftjob_doc(name, ns, args.gpus_per_job) for name in names]
     req0, cpu0 = await apiserver_requests(api), cpu_seconds(pids)
     profiler = Profiler(op.proc.pid, profile) if profile else None
+    apiserver_profile = None
+    if args.profile_apiserver and label == "operator":
+        out = Path(args.profile_dir) / "apiserver.pprof"
+        apiserver_profile = asyncio.create_task(api.save(f"/debug/pprof/profile?seconds={args.profile_apiserver:.0f}", out))
     print(f"[{label}] applying {n} SFTJobs in {ns} ...", flush=True)
     start, applied, _ = await api.create_all(docs)
     wave.t0, wave.applied = start, applied - start
@@ -644,6 +687,10 @@ async def run_wave(api: Api, op: Operator, pids: dict[str, int], ns: str, n: int
     req1, cpu1 = await apiserver_requests(api), cpu_seconds(pids)
     if profiler:
         wave.profile = await asyncio.to_thread(profiler.stop)
+    if apiserver_profile is not None:
+        await apiserver_profile
+        top = await asyncio.to_thread(pprof_top, Path(args.bin_dir) / "kube-apiserver", Path(args.profile_dir) / "apiserver.pprof")
+        print(f"[{label}] kube-apiserver CPU profile, the first {args.profile_apiserver:.0f} s of the burst:\n{top}", flush=True)
     wave.requests = diff(req1, req0)
     wave.cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
     print(f"[{label}] children of {n} SFTJobs exist after {fmt_s(wave.children)}; waiting for Succeeded ...", flush=True)
@@ -653,13 +700,24 @@ async def run_wave(api: Api, op: Operator, pids: dict[str, int], ns: str, n: int
     else:
         print(f"[{label}] TIMEOUT: {wave.seen.count_phase(names, 'Succeeded')}/{n} SFTJobs Succeeded", flush=True)
     wave.reconcile = reconcile_stats(op.metrics())
-    await asyncio.sleep(2.0)  # trailing writes counted
+    wave.events = await settled_events(api, ns)  # the operator posts Events after its creates and status writes
     wave.life_requests = diff(await apiserver_requests(api), req0)
-    wave.events = await sftjob_events(api, ns)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return wave
+
+
+async def settled_events(api: Api, ns: str, quiet: float = 5.0, timeout: float = 120.0) -> Counter:
+    """Events about SFTJobs once no new one came for ``quiet`` seconds: they wait in the operator's
+    lowest-priority queue, so some are posted after every SFTJob has Succeeded."""
+    events, last_change, deadline = await sftjob_events(api, ns), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - last_change < quiet and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        now = await sftjob_events(api, ns)
+        if now != events:
+            events, last_change = now, time.monotonic()
+    return events
 
 
 async def sftjob_events(api: Api, ns: str) -> Counter:
@@ -727,6 +785,7 @@ async def main_async(args, info, workdir: Path) -> dict[str, Any]:
     pids = dict(info.pids)
     pids["benchmark"] = os.getpid()
     result: dict[str, Any] = {"args": vars(args).copy(), "startup": info.startup_seconds}
+    args.profile_dir, args.bin_dir = str(workdir), info.bin_dir
     async with Api(kubeconfig, workdir, args.concurrency) as api:
         for ns in (NS_BARE, NS_WARM, NS_OP, NS_BARE2):
             await ensure_namespace(api, ns)
@@ -805,7 +864,7 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     lines.append("")
     per = writes_per_job(burst)
     lags = burst.latencies()
-    lag99 = max((pct(xs, .99) or 0.0) for what, xs in lags.items() if not what.startswith("pod Succeeded"))
+    lag99 = max((pct(xs, .99) or 0.0) for what, xs in lags.items() if what.startswith(("pod Running", "Job Complete")))
     lines.append("| target (DESIGN.md, issue #12) | measured | goal |")
     lines.append("|---|---:|---:|")
     lines.append(f"| API writes per SFTJob over its life | {per['total']:.2f} (children {per['children']:.2f}, on the "
@@ -837,9 +896,9 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     lines.append("")
     lines.append("Where the time goes (burst window: first SFTJob POST until the last child was seen):")
     lines.append("")
-    lines.append(f"| API server writes | bare client window ({which} pass) | operator burst window |")
+    lines.append(f"| API server requests | bare client window ({which} pass) | operator burst window |")
     lines.append("|---|---:|---:|")
-    keys = sorted(set(bare["requests"]) | set(burst.requests), key=lambda k: (k[1], k[0]))
+    keys = sorted(set(bare["requests"]) | set(burst.requests), key=lambda k: (k[0] == WATCH_EVENTS, k[1], k[0]))
     for k in keys:
         lines.append(f"| {k[0]} {k[1]} | {bare['requests'].get(k, 0)} | {burst.requests.get(k, 0)} |")
     lines.append("")
@@ -852,7 +911,8 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     per = writes_per_job(burst)
     lines.append(f"API writes per SFTJob over its whole life (burst, first POST until all Succeeded): "
                  f"**{per['total']:.2f}** = children {per['children']:.2f} + writes on the SFTJob (status, "
-                 f"metadata) {per['status']:.2f} (max {per['status_max']} for one job) + Events {per['events']:.2f} "
+                 f"metadata) {per['status']:.2f} (max {per['status_max']} for one job; states written: "
+                 f"{', '.join(f'{k} {v}' for k, v in burst.seen.sft_written_states.most_common())}) + Events {per['events']:.2f} "
                  f"({', '.join(f'{r} {c}' for r, c in burst.events.most_common()) or 'none'}). "
                  + (f"Reconcile runs: {rcount}, mean {rsum / rcount * 1000:.1f} ms (both waves). " if rcount else "")
                  + f"Operator log: {r['operator_log_lines']} lines, {r['operator_log_warnings']} warnings/errors.")
@@ -929,7 +989,8 @@ def main(argv=None) -> int:
     # The SFTJob CRD of the operator under test: a newer CRD's defaults are fields an older operator refuses.
     crds = (args.operator_source / "crds") if args.operator_source else None
     info = devcluster.up(state_dir, gpu_nodes=args.gpu_nodes, timeout=300, crds_dir=crds,
-                         stop_with_pid=None if args.keep_cluster else os.getpid())
+                         stop_with_pid=None if args.keep_cluster else os.getpid(),
+                         profiling=bool(args.profile_apiserver))
     print(f"cluster up in {info.startup_seconds} s: {info.server}", flush=True)
     try:
         result = asyncio.run(main_async(args, info, workdir))

@@ -664,22 +664,33 @@ def settle_until(
     *,
     settle_seconds: float,
     creating_seconds: float,
+    starting_seconds: float,
 ) -> datetime | None:
     """Until when a change may wait unwritten (None: write it now).
 
     Every healthy job passes through states that last a moment: its children being created, its
-    pods starting, its pods finished while the Job controller has not yet said Complete. The next
-    state usually follows within seconds, so such a state is written only if it lasts; in a burst
-    of new SFTJobs that saves a write per job. Anything a person needs to see (a problem, Running,
-    the end) is written at once.
+    pods being created and starting, its pods finished while the Job controller has not yet said
+    Complete. The next state usually follows, so such a state is written only if it lasts; in a
+    burst of new SFTJobs that saves a write or two per job. Waiting on a creation queue (the
+    operator's for the children, the Job controller's for the pods) is held for
+    ``creating_seconds``, since in a burst that queue is long; a pod starting (scheduling, a cached
+    image, the container's start) for ``starting_seconds``; pods finished while the Job is not yet
+    Complete for ``settle_seconds``.
+    Anything a person needs to see (a problem, such as a FailedCreate read from the Job's events,
+    Running, the end) is written at once.
     """
-    first = not current.get("phase")
-    if first and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
+    quiet = not current.get("phase") or (current.get("phase") == PENDING
+                                          and current.get("reason") in ("Creating", "PodsStarting"))
+    if not current.get("phase") and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
         since = parse_time((sftjob.get("metadata") or {}).get("creationTimestamp"))
         return since + timedelta(seconds=creating_seconds) if since else None
-    if first and desired.get("phase") == PENDING and desired.get("reason") == "PodsStarting":
-        since = parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp"))
-        return since + timedelta(seconds=settle_seconds) if since else None
+    if quiet and desired.get("phase") == PENDING and desired.get("reason") == "PodsStarting":
+        if not pods:  # the Job controller has not created them yet
+            since = parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp"))
+            return since + timedelta(seconds=creating_seconds) if since else None
+        created = [parse_time((p.get("metadata") or {}).get("creationTimestamp")) for p in pods]
+        since = max((c for c in created if c), default=None)
+        return since + timedelta(seconds=starting_seconds) if since else None
     if current.get("phase") == desired.get("phase") == RUNNING and desired.get("reason") == "PodsCompleted":
         finished = [parse_time(_finished_at(p)) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
         since = max((f for f in finished if f), default=None)

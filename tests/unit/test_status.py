@@ -481,13 +481,23 @@ def test_transition_posts_events_only_for_what_a_person_acts_on():
 
 
 def test_moments_every_healthy_job_passes_through_may_wait_unwritten():
-    settle = {"settle_seconds": 10, "creating_seconds": 60}
+    settle = {"settle_seconds": 10, "creating_seconds": 60, "starting_seconds": 30}
     fresh_job = job(active=1)
     fresh_job["metadata"]["creationTimestamp"] = "2026-11-28T11:59:58Z"
+    # no pods yet: waiting on the Job controller's queue (long in a burst), as on the operator's own
     starting = st.derive_status(sftjob(), fresh_job, [], NOW)
-    assert st.settle_until({}, starting, sftjob(), fresh_job, [], **settle) == st.parse_time("2026-11-28T12:00:08Z")
-    # once anything was written, or when there is something to say, it is written at once
-    assert st.settle_until({"phase": "Pending", "reason": "Creating"}, starting, sftjob(), fresh_job, [], **settle) is None
+    assert starting["reason"] == "PodsStarting"
+    assert st.settle_until({}, starting, sftjob(), fresh_job, [], **settle) == st.parse_time("2026-11-28T12:00:58Z")
+    creating = {"phase": "Pending", "reason": "Creating"}  # written when the children took long: no reason to write again
+    assert st.settle_until(creating, starting, sftjob(), fresh_job, [], **settle) == st.parse_time("2026-11-28T12:00:58Z")
+    # a pod starting: written if it has not started 30 s after its creation
+    new_pod = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at("2026-11-28T11:59:59Z"))
+    new_pod["metadata"]["creationTimestamp"] = "2026-11-28T11:59:59Z"
+    assert st.derive_status(sftjob(), fresh_job, [new_pod], NOW)["reason"] == "PodsStarting"
+    assert st.settle_until({}, starting, sftjob(), fresh_job, [new_pod], **settle) == st.parse_time("2026-11-28T12:00:29Z")
+    # after a problem was shown, or when there is something to say, it is written at once
+    unschedulable = {"phase": "Pending", "reason": "Unschedulable"}
+    assert st.settle_until(unschedulable, starting, sftjob(), fresh_job, [new_pod], **settle) is None
     running = st.derive_status(sftjob(), fresh_job, [pod()], NOW)
     assert st.settle_until({}, running, sftjob(), fresh_job, [pod()], **settle) is None
     blocked = st.derive_status(sftjob(), fresh_job, [PENDING_UNSCHEDULED], NOW)

@@ -12,6 +12,7 @@ import pytest
 from sft_operator.context import Context
 from sft_operator.render import RenderOptions
 from sft_operator.settings import OperatorSettings
+from sft_operator import writer
 from sft_operator.writer import ProgressRefused
 from sft_trainer.config import ProgressReport
 
@@ -163,7 +164,9 @@ def test_the_result_in_the_termination_message_becomes_status_output():
     run(test)
 
 
-def test_a_first_pods_starting_state_is_held_back_then_written():
+def test_a_first_pods_starting_state_is_held_back_then_written(monkeypatch):
+    monkeypatch.setattr(writer, "STARTING_HOLD_SECONDS", 2.0)
+
     async def test(ctx):
         fresh = job(active=1)
         fresh["metadata"]["creationTimestamp"] = ctx_now()
@@ -177,7 +180,7 @@ def test_a_first_pods_starting_state_is_held_back_then_written():
         await asyncio.sleep(2.7)  # (creationTimestamp has whole seconds: the hold ends 1-2 s from now)
         assert [w[1]["reason"] for w in ctx.kube.writes] == ["PodsStarting"]
 
-    run(test, settle_seconds=2.0)
+    run(test)
 
 
 def test_a_failure_posts_one_warning_event_and_a_success_none():

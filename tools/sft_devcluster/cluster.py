@@ -173,7 +173,7 @@ def kubeconfig_dict(server: str, ca_crt: Path, crt: Path, key: Path, user: str) 
 
 
 def component_commands(
-    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], real_node: bool = False,
+    bin_dir: Path, state_dir: Path, pki: Pki, ports: dict[str, int], real_node: bool = False, profiling: bool = False,
 ) -> dict[str, list[str]]:
     """The command line of every control-plane component (pure: no I/O).
 
@@ -219,7 +219,7 @@ def component_commands(
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             *node_flags,
-            "--allow-privileged=true", "--profiling=false", "--v=1",
+            "--allow-privileged=true", f"--profiling={str(profiling).lower()}", "--v=1",
         ],
         "kube-controller-manager": [
             b("kube-controller-manager"), f"--kubeconfig={kcfg('controller-manager')}",
@@ -535,6 +535,7 @@ def up(
     node_wait: float = 0.0,
     image_archives: list[Path] = (),
     say=print,
+    profiling: bool = False,
 ) -> ClusterInfo:
     """Start the control plane; return where it is. Stops what it started on failure.
 
@@ -544,6 +545,7 @@ def up(
     ``node_wait`` seconds for another cluster's node, then fails saying whose it is), advertise
     ``node_gpus`` nvidia.com/gpu on it, import ``image_archives`` into it, taint the kwok
     nodes, and create the default claims on local volumes.
+    ``profiling``: serve kube-apiserver's /debug/pprof (off by default, as in a hardened cluster).
     """
     state_dir = (state_dir or default_state_dir()).resolve()
     if running_components(state_dir):
@@ -572,7 +574,7 @@ def up(
             realnode.prepare_host(layout, state_dir)
         info = _up(state_dir, bin_dir, gpu_nodes=gpu_nodes, crds_dir=crds_dir, timeout=timeout,
                    stop_with_pid=stop_with_pid, layout=layout, lock=lock,
-                   node_gpus=node_gpus, image_archives=image_archives, say=say)
+                   node_gpus=node_gpus, image_archives=image_archives, say=say, profiling=profiling)
     except BaseException:
         if lock:
             lock.release()  # our copy; down takes it again once the node's processes are gone
@@ -588,7 +590,8 @@ def up(
 
 def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None, timeout: float,
         stop_with_pid: int | None, layout: realnode.NodeLayout | None,
-        lock: realnode.NodeLock | None, node_gpus: int, image_archives: list[Path], say) -> ClusterInfo:
+        lock: realnode.NodeLock | None, node_gpus: int, image_archives: list[Path], say,
+        profiling: bool = False) -> ClusterInfo:
     """``up`` from an empty state (the host prepared when ``layout`` is given)."""
     from kubernetes import client, config
 
@@ -618,7 +621,7 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
     info = ClusterInfo(str(state_dir), str(kubeconfig), server, str(bin_dir), ports, gpu_nodes=gpu_nodes,
                        real_node=real_node, node_gpus=node_gpus if real_node else 0)
     info.save()
-    cmds = component_commands(bin_dir, state_dir, pki, ports, real_node)
+    cmds = component_commands(bin_dir, state_dir, pki, ports, real_node, profiling)
     deadline = time.monotonic() + timeout
     procs: dict[str, subprocess.Popen] = {}
 
