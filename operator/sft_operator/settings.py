@@ -32,7 +32,6 @@ class OperatorSettings:
     pod_start_grace_seconds: int = 300  # an image pull, container config or volume failing this long fails the job
     progress_min_interval_seconds: float = 2.0  # at most one progress write per job per interval
     status_window_seconds: float = 0.5  # changes within this window become one status write
-    settle_seconds: float = 10.0  # a moment every healthy job passes through is written only if it lasts this long
     resync_seconds: float = 30.0  # reconcile and re-derive every SFTJob this often
     relist_seconds: float = 300.0  # list everything this often to catch deletions a watch missed
     reload_seconds: float = 60.0  # re-read the TLS certificate and the progress CA this often

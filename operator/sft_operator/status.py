@@ -655,6 +655,10 @@ def derive_status(
     return status
 
 
+def _held_from(since: datetime | None, seconds: float) -> datetime | None:
+    return since + timedelta(seconds=seconds) if since else None
+
+
 def settle_until(
     current: dict[str, Any],
     desired: dict[str, Any],
@@ -662,8 +666,7 @@ def settle_until(
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     *,
-    settle_seconds: float,
-    creating_seconds: float,
+    queue_seconds: float,
     starting_seconds: float,
 ) -> datetime | None:
     """Until when a change may wait unwritten (None: write it now).
@@ -671,30 +674,25 @@ def settle_until(
     Every healthy job passes through states that last a moment: its children being created, its
     pods being created and starting, its pods finished while the Job controller has not yet said
     Complete. The next state usually follows, so such a state is written only if it lasts; in a
-    burst of new SFTJobs that saves a write or two per job. Waiting on a creation queue (the
-    operator's for the children, the Job controller's for the pods) is held for
-    ``creating_seconds``, since in a burst that queue is long; a pod starting (scheduling, a cached
-    image, the container's start) for ``starting_seconds``; pods finished while the Job is not yet
-    Complete for ``settle_seconds``.
-    Anything a person needs to see (a problem, such as a FailedCreate read from the Job's events,
-    Running, the end) is written at once.
+    burst of new SFTJobs that saves a write or two per job. Waiting on a controller's queue (the
+    operator's for the children, the Job controller's for the pods and for Complete) is held for
+    ``queue_seconds``, since in a burst those queues are long; a pod starting (scheduling, a
+    cached image, the container's start) for ``starting_seconds``. Anything a person needs to see
+    (a problem, such as a FailedCreate read from the Job's events, Running, the end) is written at
+    once.
     """
     quiet = not current.get("phase") or (current.get("phase") == PENDING
                                           and current.get("reason") in ("Creating", "PodsStarting"))
     if not current.get("phase") and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
-        since = parse_time((sftjob.get("metadata") or {}).get("creationTimestamp"))
-        return since + timedelta(seconds=creating_seconds) if since else None
+        return _held_from(parse_time((sftjob.get("metadata") or {}).get("creationTimestamp")), queue_seconds)
     if quiet and desired.get("phase") == PENDING and desired.get("reason") == "PodsStarting":
         if not pods:  # the Job controller has not created them yet
-            since = parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp"))
-            return since + timedelta(seconds=creating_seconds) if since else None
+            return _held_from(parse_time(((job or {}).get("metadata") or {}).get("creationTimestamp")), queue_seconds)
         created = [parse_time((p.get("metadata") or {}).get("creationTimestamp")) for p in pods]
-        since = max((c for c in created if c), default=None)
-        return since + timedelta(seconds=starting_seconds) if since else None
+        return _held_from(max((c for c in created if c), default=None), starting_seconds)
     if current.get("phase") == desired.get("phase") == RUNNING and desired.get("reason") == "PodsCompleted":
         finished = [parse_time(_finished_at(p)) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
-        since = max((f for f in finished if f), default=None)
-        return since + timedelta(seconds=settle_seconds) if since else None
+        return _held_from(max((f for f in finished if f), default=None), queue_seconds)
     return None
 
 

@@ -7,10 +7,9 @@ report (at most one per ``progress_min_interval_seconds``) and, once it succeede
 its termination message; write the whole status if it changed, with the SFTJob's uid as a
 precondition; then apply what ``status.transition`` says follows (Events, metrics, stopping a Job).
 
-States every healthy job passes through within seconds (children being created, pods starting,
-pods finished before the Job says Complete) are held back for up to ``settle_seconds``
-(``status.settle_until``): the next state usually follows, and a burst of new SFTJobs then costs
-a write or two less per job.
+States every healthy job passes through (children being created, pods being created and starting,
+pods finished before the Job says Complete) are held back for a while (``status.settle_until``):
+the next state usually follows, and a burst of new SFTJobs then costs a write or two less per job.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sft_operator.status")
 LOOKUP_SLOTS = 2  # event reads in flight
-CREATING_HOLD_SECONDS = 60.0  # children or pods being created in a burst: no status until they exist (or fail)
+QUEUE_HOLD_SECONDS = 60.0  # children, pods or Complete awaited from a controller's queue (long in a burst)
 STARTING_HOLD_SECONDS = 30.0  # a pod starting: seconds normally, ~15 s in a 1000-job burst on 2 cores
 
 
@@ -186,8 +185,7 @@ class StatusWriter:
                 return
             until = None if report is not None else settle_until(
                 current, desired, sftjob, job, pods,
-                settle_seconds=ctx.settings.settle_seconds, creating_seconds=CREATING_HOLD_SECONDS,
-                starting_seconds=STARTING_HOLD_SECONDS)
+                queue_seconds=QUEUE_HOLD_SECONDS, starting_seconds=STARTING_HOLD_SECONDS)
             if until is not None and until > now:
                 self.mark(key, (until - now).total_seconds())
                 return
