@@ -38,11 +38,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image"), str(ROOT / "tools"), str(ROOT / "bench")]
 
-import psutil
 import yaml
 import sft_devcluster as devcluster
 
-from operator_scale import Api, ensure_namespace
+from operator_scale import Api, cpu_seconds, ensure_namespace
 
 CRD_FILE = ROOT / "crds" / "sft.dev_sftjobs.yaml"
 VARIANTS = ("as-shipped", "no-cel", "no-transition-rules", "loose-status")
@@ -113,11 +112,10 @@ def running_status(i: int) -> dict[str, Any]:
 
 class CpuMeter:
     def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
+        self.pid = pid
 
     def seconds(self) -> float:
-        t = self.proc.cpu_times()
-        return t.user + t.system
+        return cpu_seconds({"process": self.pid})["process"]
 
 
 async def pooled(n: int, concurrency: int, one) -> None:

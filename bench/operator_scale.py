@@ -672,10 +672,10 @@ async def run_wave(api: Api, op: Operator, pids: dict[str, int], ns: str, n: int
     docs = [sftjob_doc(name, ns, args.gpus_per_job) for name in names]
     req0, cpu0 = await apiserver_requests(api), cpu_seconds(pids)
     profiler = Profiler(op.proc.pid, profile) if profile else None
-    apiserver_profile = None
+    apiserver_profile, pprof_file = None, Path(args.profile_dir) / "apiserver.pprof"
     if args.profile_apiserver and label == "operator":
-        out = Path(args.profile_dir) / "apiserver.pprof"
-        apiserver_profile = asyncio.create_task(api.save(f"/debug/pprof/profile?seconds={args.profile_apiserver:.0f}", out))
+        apiserver_profile = asyncio.create_task(
+            api.save(f"/debug/pprof/profile?seconds={args.profile_apiserver:.0f}", pprof_file))
     print(f"[{label}] applying {n} SFTJobs in {ns} ...", flush=True)
     start, applied, _ = await api.create_all(docs)
     wave.t0, wave.applied = start, applied - start
@@ -689,7 +689,7 @@ async def run_wave(api: Api, op: Operator, pids: dict[str, int], ns: str, n: int
         wave.profile = await asyncio.to_thread(profiler.stop)
     if apiserver_profile is not None:
         await apiserver_profile
-        top = await asyncio.to_thread(pprof_top, Path(args.bin_dir) / "kube-apiserver", Path(args.profile_dir) / "apiserver.pprof")
+        top = await asyncio.to_thread(pprof_top, Path(args.bin_dir) / "kube-apiserver", pprof_file)
         print(f"[{label}] kube-apiserver CPU profile, the first {args.profile_apiserver:.0f} s of the burst:\n{top}", flush=True)
     wave.requests = diff(req1, req0)
     wave.cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}

@@ -681,9 +681,9 @@ def settle_until(
     (a problem, such as a FailedCreate read from the Job's events, Running, the end) is written at
     once.
     """
-    quiet = not current.get("phase") or (current.get("phase") == PENDING
-                                          and current.get("reason") in ("Creating", "PodsStarting"))
-    if not current.get("phase") and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
+    first = not current.get("phase")
+    quiet = first or (current.get("phase") == PENDING and current.get("reason") in ("Creating", "PodsStarting"))
+    if first and desired.get("phase") == PENDING and desired.get("reason") == "Creating":
         return _held_from(parse_time((sftjob.get("metadata") or {}).get("creationTimestamp")), queue_seconds)
     if quiet and desired.get("phase") == PENDING and desired.get("reason") == "PodsStarting":
         if not pods:  # the Job controller has not created them yet
