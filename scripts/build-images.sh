@@ -13,7 +13,7 @@
 # the base image and its root filesystem tar). An image whose inputs (its Dockerfile, pyproject.toml,
 # README.md, constraints.txt, .dockerignore, the package sources, the base) did not change since it
 # was last built is reused in seconds; a changed source rebuilds only the small top layers.
-# Missing tools (podman, runc, mmdebstrap) are installed with apt-get when running as root.
+# Missing host tools (podman, runc, mmdebstrap, ...) are installed by scripts/host-tools.sh (apt-get, as root).
 #
 # Where things live: ${SFT_CACHE:-~/.cache/sft-operator}/images (base rootfs, image tars, stamps),
 # podman's own store (layers; `podman images` lists them with CONTAINERS_CONF=scripts/containers.conf),
@@ -84,16 +84,7 @@ if [[ $list == 1 ]]; then
 fi
 
 ensure_tools() {
-  local missing=() tool
-  for tool in podman runc mmdebstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-  [[ ${#missing[@]} == 0 ]] && return
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    log "installing ${missing[*]} with apt-get"
-    DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc mmdebstrap >&2
-  else
-    die "missing ${missing[*]}: install podman, runc and mmdebstrap (Debian/Ubuntu: apt-get install podman runc mmdebstrap)"
-  fi
+  bash "$ROOT/scripts/host-tools.sh" || die "host tools missing (see above); scripts/host-tools.sh lists them"
 }
 
 image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }

@@ -9,7 +9,8 @@
 #   containerd, ctr, containerd-shim-runc-v2   github.com/containerd/containerd/v2 (CGO off)
 #   crictl                   sigs.k8s.io/cri-tools (down removes pod sandboxes through the CRI)
 #   coredns                  github.com/coredns/coredns, with only the plugins we use (scripts/coredns)
-#   runc, CNI plugins        Debian's runc and containernetworking-plugins (apt), used in place
+#   runc, CNI plugins        Debian's runc and containernetworking-plugins, used in place (scripts/host-tools.sh
+#                            installs them with every other host tool)
 #   images/pause.tar         Kubernetes' own build/pause/linux/pause.c, gcc -static, one-layer OCI archive
 #   images/busybox.tar       Debian's busybox-static as a one-layer OCI archive (the tests' image)
 # Idempotent: each piece is rebuilt only when missing or built for another version; a marker
@@ -30,7 +31,6 @@ MARKER=$ROOT/.complete
 # The image recipes are part of what the marker stands for: a change to them rebuilds.
 RECIPE=$(cat "$0" "$REPO/scripts/coredns/main.go" "$REPO/tools/sft_devcluster/oci.py" | sha256sum | cut -c1-12)
 WANT="k8s=$K8S_VERSION containerd=$CONTAINERD_VERSION crictl=$CRICTL_VERSION coredns=$COREDNS_VERSION recipe=$RECIPE"
-DEBIAN_PACKAGES=(runc containernetworking-plugins)
 
 log() { echo "[node-bin $(date +%H:%M:%S)] $*" >&2; }
 trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
@@ -54,17 +54,6 @@ export GOBIN=$BIN
 # stale NAME VERSION: true when NAME was never built, or was built for another version.
 stale() { [[ "$(cat "$BIN/.versions/$1" 2>/dev/null)" != "$2" ]]; }
 built() { echo "$2" >"$BIN/.versions/$1"; }
-
-debian_packages() {
-  local missing=() p
-  for p in "${DEBIAN_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  log "apt-get install ${missing[*]}"
-  apt-get install -y --no-install-recommends "${missing[@]}" >&2 ||
-    { apt-get update >&2 && apt-get install -y --no-install-recommends "${missing[@]}" >&2; }
-}
 
 build_containerd() {
   stale containerd "$CONTAINERD_VERSION" || return 0
@@ -141,7 +130,7 @@ build_busybox() {
 }
 
 start=$(date +%s)
-debian_packages
+bash "$REPO/scripts/host-tools.sh"
 build_containerd
 build_crictl
 build_coredns

@@ -2,7 +2,8 @@
 # Install everything the project needs on this machine: the Python package with the trainer and
 # dev extras (torch, transformers, peft, accelerate, trl, pytest, ...) into the current Python,
 # the pinned control-plane binaries and what the dev cluster's real node runs (containerd,
-# kubelet, CoreDNS, ...; Debian's runc and CNI plugins), built once into ~/.cache/sft-operator.
+# kubelet, CoreDNS, ...), built once into ~/.cache/sft-operator, and the host tools they run
+# (scripts/host-tools.sh: nftables, iptables, runc, podman, ... with apt-get).
 #
 #   bash scripts/setup.sh            # Python packages + control-plane and node binaries
 #   SKIP_K8S=1 bash scripts/setup.sh # Python packages only (enough for `sftctl run`)
@@ -37,6 +38,8 @@ else
 fi
 
 if [[ -z ${SKIP_K8S:-} ]]; then
+  log "host tools (scripts/host-tools.sh): installing what is missing"
+  bash scripts/host-tools.sh
   log "control-plane binaries: building or reusing (a cold build takes ~20-30 min on 2 cores)"
   bash scripts/k8s-bin.sh >/dev/null
   log "real node binaries: building or reusing (a cold build takes ~9 min on 2 cores)"

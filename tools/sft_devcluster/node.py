@@ -52,6 +52,8 @@ CNI_NETWORK = "sft-node"
 DEFAULT_GPUS = 8
 GPU_RESOURCE = "nvidia.com/gpu"
 LABELS = {"sft.dev/real-node": "true", "nvidia.com/gpu.present": "true"}
+# The one list of programs the dev cluster and the tests run on the host, with their packages.
+HOST_TOOLS_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "host-tools.sh"
 RUNC = Path(os.environ.get("SFT_RUNC", "/usr/sbin/runc"))  # Debian's runc
 CNI_BIN_DIR = Path(os.environ.get("SFT_CNI_BIN_DIR", "/usr/lib/cni"))  # Debian's containernetworking-plugins
 # Stop order: the kubelet first (it would restart what we stop), containerd last.
@@ -462,6 +464,15 @@ def nft_tables() -> list[str]:
     return sorted(line.strip() for line in proc.stdout.splitlines() if line.strip())
 
 
+def missing_host_tools(path: str) -> list[tuple[str, str]]:
+    """(tool, Debian package) for each host tool that scripts/host-tools.sh names and this PATH lacks."""
+    proc = subprocess.run(["bash", str(HOST_TOOLS_SCRIPT), "--check"], capture_output=True, text=True,
+                          env={**os.environ, "PATH": path})
+    if proc.returncode not in (0, 1):
+        raise DevClusterError(f"{HOST_TOOLS_SCRIPT} --check failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return [(tool, package.strip("()")) for tool, package in (line.split() for line in proc.stdout.splitlines())]
+
+
 def check_prerequisites(layout: NodeLayout) -> None:
     """Fail early and clearly instead of half-way through ``up``."""
     problems = []
@@ -471,12 +482,15 @@ def check_prerequisites(layout: NodeLayout) -> None:
                  layout.k8s_bin / "kubelet", layout.k8s_bin / "kube-proxy", layout.images / "pause.tar"):
         if not path.exists():
             problems.append(f"{path} is missing (run scripts/node-bin.sh)")
-    for path in (RUNC, CNI_BIN_DIR / "bridge", CNI_BIN_DIR / "host-local", CNI_BIN_DIR / "loopback"):
+    for path in (RUNC, CNI_BIN_DIR):  # only when moved with SFT_RUNC / SFT_CNI_BIN_DIR
         if not path.exists():
-            problems.append(f"{path} is missing (apt-get install runc containernetworking-plugins)")
-    for tool in ("ip", "iptables", "nft", "mount", "umount"):
-        if not shutil.which(tool, path=component_env(layout)["PATH"]):
-            problems.append(f"`{tool}` is not installed")
+            problems.append(f"{path} is missing")
+    lacking = missing_host_tools(component_env(layout)["PATH"])
+    if lacking:
+        packages = sorted({package for _, package in lacking if package != "-"})
+        problems.append("host tools missing: " + ", ".join(f"`{tool}` ({package})" for tool, package in lacking)
+                        + (f"; install them with `bash scripts/host-tools.sh` (apt-get install {' '.join(packages)})"
+                           if packages else ""))
     if problems:
         raise DevClusterError("the real node can't start: " + "; ".join(problems))
 
