@@ -32,6 +32,9 @@ class Context:
     # Reconciles running at once: a burst of 1,000 new SFTJobs would otherwise hold 1,000 rendered sets of
     # children in memory while they queue for the API; the client's slots are the real limit anyway.
     manage_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MANAGE_CONCURRENCY))
+    # (kind, namespace or None) of the children's watches whose first list has not completed
+    # (sft_operator.watch): the writer derives no status in such a scope.
+    unlisted: set[tuple[str, str | None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.writer = StatusWriter(self)

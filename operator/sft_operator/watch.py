@@ -1,11 +1,13 @@
 """The children's watches: the Jobs, pods, ConfigMaps and Services labelled ``sft.dev/job-name``.
 
-Each (kind, namespace) pair lists, then watches from the list's resourceVersion, and feeds the
-cache as it reads: an event is decoded, slimmed and handed over before the next one is read, so a
-burst the operator cannot keep up with waits in TCP buffers, not as decoded objects in memory (a
+Each (kind, namespace) pair lists (in pages of ``kube.LIST_PAGE_SIZE``), then watches from the list's
+resourceVersion, and feeds the cache as it reads: an event is decoded, slimmed and handed over before
+the next one is read, so a burst the operator cannot keep up with waits in TCP buffers, not as decoded objects in memory (a
 Kopf watch queues every decoded event per object). After every list (at start, and after a 410
 Gone or a broken stream) the cache forgets what the list no longer shows: a deletion that happened
-while the watch was away is not missed.
+while the watch was away is not missed. A list that fails (a timeout, a continue token that expired)
+forgets nothing and is tried again after a backoff; until a scope's first list has completed, no
+status is written there (``Context.unlisted``), so a restart never rewrites a Running job as Pending.
 
 SFTJobs stay with Kopf (``handlers/handle_watches.py``); they are few and change rarely.
 """
@@ -68,22 +70,33 @@ class Watcher:
         return any(fnmatch.fnmatchcase(namespace, p) for p in self.patterns)
 
     async def relist(self) -> str:
-        """List, feed the cache, forget what is gone; the resourceVersion to watch from."""
+        """List page by page, feed the cache, and once the whole list is in, forget what is gone; the
+        resourceVersion to watch from. A list that fails midway has only refreshed what it read:
+        nothing is forgotten, and the caller lists again."""
         listed_at = time.monotonic()
-        items, version = await self.ctx.kube.list_with_version(self.kind, self.namespace, label_selector=LABEL_JOB)
-        live = set()
-        for item in items:
-            if self._wanted(item):
-                item.setdefault("kind", self.kind)
-                child_event(self.ctx, self.kind, None, item)
-                live.add((item.get("metadata") or {}).get("uid", ""))
+        live: set[str] = set()
+        version, pages = "", 0
+        async for items, version in self.ctx.kube.list_pages(self.kind, self.namespace, label_selector=LABEL_JOB):
+            pages += 1
+            for item in items:
+                if self._wanted(item):
+                    item.setdefault("kind", self.kind)
+                    child_event(self.ctx, self.kind, None, item)
+                    live.add((item.get("metadata") or {}).get("uid", ""))
+            del items  # one page decoded at a time
         namespaces = {self.namespace} if self.namespace else None
         for key in self.ctx.cache.sweep(self.kind, namespaces, live, listed_at):
             if self.kind != "Pod":
                 self.ctx.kick(key)
             self.ctx.writer.mark(key)
+        self.ctx.unlisted.discard((self.kind, self.namespace))
         self.listed.set()
+        log.info("listed %d %ss%s in %d page%s (%.1fs)", len(live), self.kind, self._where(), pages,
+                 "" if pages == 1 else "s", time.monotonic() - listed_at)
         return version
+
+    def _where(self) -> str:
+        return f" in {self.namespace}" if self.namespace else ""
 
     async def run(self) -> None:
         delay = RETRY_FIRST_SECONDS
@@ -105,12 +118,14 @@ class Watcher:
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
-                if exc.status == 410:
+                if exc.status == 410 and version:  # the watch's version is too old: list again at once
                     version = ""
                     continue
-                log.warning("watch of %ss%s failed (%s); again in %.0fs", self.kind,
-                            f" in {self.namespace}" if self.namespace else "", exc, delay)
-                version = ""  # whatever was missed meanwhile, the next list shows
+                # A list that failed (a 410 here is an expired continue token) or a broken watch: the cache
+                # keeps what it knows, and the next list, after a backoff, shows what was missed meanwhile.
+                log.warning("%s of %ss%s failed (%s); again in %.0fs", "watch" if version else "list", self.kind,
+                            self._where(), exc, delay)
+                version = ""
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_SECONDS, delay * 2)
 
@@ -118,6 +133,9 @@ class Watcher:
 def start_watchers(ctx: Context) -> list[Watcher]:
     watchers = [Watcher(ctx, kind, namespace, patterns)
                 for namespace, patterns in scopes(ctx.settings.namespaces) for kind in WATCHED_KINDS]
+    # Until each has listed once, no status is written in its scope: after a restart, a job whose pods
+    # are not in the cache yet would be derived Pending.
+    ctx.unlisted.update((w.kind, w.namespace) for w in watchers)
     for watcher in watchers:
         ctx.scheduler.spawn(watcher.run(), name=f"watch {watcher.kind} {watcher.namespace or '*'}")
     return watchers

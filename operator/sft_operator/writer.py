@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sft_operator.status")
 LOOKUP_SLOTS = 2  # event reads in flight
 QUEUE_HOLD_SECONDS = 60.0  # children, pods or Complete awaited from a controller's queue (long in a burst)
+UNLISTED_RECHECK_SECONDS = 1.0  # a job whose scope's first lists are not complete yet: look again this soon
 STARTING_HOLD_SECONDS = 30.0  # a pod starting: seconds normally, ~15 s in a 1000-job burst on 2 cores
 
 
@@ -144,6 +145,10 @@ class StatusWriter:
             sftjob = ctx.cache.sftjobs.get(key)
             if sftjob is None or sftjob["metadata"].get("deletionTimestamp"):
                 self.progress.pop(key, None)
+                return
+            if any(namespace in (None, key[0]) for _, namespace in ctx.unlisted):
+                # After a restart, until the pods are listed: derived now, a Running job would read Pending.
+                self.mark(key, UNLISTED_RECHECK_SECONDS)
                 return
             uid = sftjob["metadata"]["uid"]
             current = ctx.cache.current_status(key)

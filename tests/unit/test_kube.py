@@ -97,3 +97,24 @@ def test_a_call_outside_the_permission_table_is_refused_before_it_is_sent():
     asyncio.run(main())
     assert ("create", "batch", "jobs") in PERMISSIONS and ("delete", "batch", "jobs") not in PERMISSIONS
     assert not [p for p in PERMISSIONS if p[0] in ("update", "deletecollection") or "secrets" in p[2]]
+
+
+def test_a_list_is_read_in_pages_each_within_the_timeout():
+    """The periodic SFTJob relist and the event reads: 1,100 objects come as three answers, not one."""
+    from .fake_apiserver import FakeApiServer
+
+    async def main() -> tuple[int, list[dict[str, str]]]:
+        async with FakeApiServer() as server:
+            server.max_unpaged = 500  # a bigger answer "times out"
+            for i in range(1100):
+                server.add("SFTJob", {"metadata": {"name": f"job-{i}", "namespace": "a", "uid": f"u-{i}"}})
+            client = KubeClient(Credentials(server.url))
+            try:
+                items = await client.list("SFTJob", "a", metadata_only=True)
+            finally:
+                await client.close()
+            return len(items), server.pages_of("SFTJob")
+
+    count, pages = asyncio.run(main())
+    assert count == 1100
+    assert [(p["limit"], p.get("continue")) for p in pages] == [("500", None), ("500", "500"), ("500", "1000")]
