@@ -76,6 +76,17 @@ def test_prompt_template_is_applied_and_not_trained(tokenizer):
     assert prompt == "<s>Q: Reverse the word. | apple\nA: "
 
 
+def test_braces_in_a_row_survive_the_prompt_template_untouched():
+    spec = DatasetSpec.model_validate({"train": {"source": "unused.jsonl"}})
+    row = data.RawRow("rows.jsonl", 1, {"instruction": "Fill {input} and {} in", "input": "x {instruction} y",
+                                         "output": "done"})
+    (prompt, _), _ = data.render(row, data.DataFormat.instruction, spec, None)
+    assert prompt == "### Instruction:\nFill {input} and {} in\n\n### Input:\nx {instruction} y\n\n### Response:\n"
+    row = data.RawRow("rows.jsonl", 2, {"instruction": "Say {instruction} and {input}", "output": "ok"})
+    (prompt, _), _ = data.render(row, data.DataFormat.instruction, spec, None)
+    assert prompt == "### Instruction:\nSay {instruction} and {input}\n\n### Response:\n"
+
+
 def test_a_tokenizer_whose_pad_is_eos_gets_a_distinct_pad(tiny):
     from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,17 +240,23 @@ FALLBACK_CHAT_DOC = (
 )
 
 
+PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
+
+
+def fill_template(template: str, **values: str) -> str:
+    """The template's ``{instruction}`` and ``{input}`` replaced in one pass: braces in a row's own text (a
+    literal ``{input}``, ``{}``) are never rewritten, as chained ``replace`` or ``str.format`` would."""
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
 def render(row: RawRow, fmt: DataFormat, spec: DatasetSpec, tokenizer) -> Segments:
     """The row as prompt/response text segments, validated."""
     if fmt == DataFormat.instruction:
         instruction = _text(row, "instruction")
         inp = _text(row, "input", required=False)
         output = _text(row, "output")
-        if inp.strip():
-            prompt = spec.prompt_template_with_input.replace("{instruction}", instruction).replace("{input}", inp)
-        else:
-            prompt = spec.prompt_template.replace("{instruction}", instruction)
-        return [(prompt, False), (output, True)]
+        template = spec.prompt_template_with_input if inp.strip() else spec.prompt_template
+        return [(fill_template(template, instruction=instruction, input=inp), False), (output, True)]
     if fmt == DataFormat.prompt_completion:
         return [(_text(row, "prompt", allow_empty=True), False), (_text(row, "completion"), True)]
     if fmt == DataFormat.text:
