@@ -1,14 +1,17 @@
 """A local Kubernetes cluster for development and tests (no Docker).
 
-``sftctl dev-cluster up|down|status|import-image`` (see ``cluster``): etcd, kube-apiserver,
+``sftctl dev-cluster up|down|status|import-image|stop|start|restart`` (see ``cluster``): etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler and kwok simulated GPU nodes, built from their
 Go modules by ``scripts/k8s-bin.sh``, plus the real node ``sft-node-0`` (kubelet,
 containerd, runc, CNI bridge, kube-proxy, CoreDNS; ``scripts/node-bin.sh``; see ``node``).
-Development and test tools, not product features.
+``stop|start|restart COMPONENT`` stop one process (a crash with ``--kill``) and bring it back
+as it was: the chaos tests' faults. Development and test tools, not product features.
 """
 
 from .cluster import (
+    COMPONENTS,
     ClusterInfo,
+    Started,
     add_subparser,
     create_spare_volumes,
     create_volume,
@@ -17,12 +20,16 @@ from .cluster import (
     ensure_binaries,
     ensure_node_binaries,
     import_images,
+    restart_component,
+    start_component,
     status,
+    stop_component,
     up,
 )
 from .processes import DevClusterError
 
 __all__ = [
+    "COMPONENTS",
     "ClusterInfo",
     "DevClusterError",
     "add_subparser",
@@ -33,6 +40,10 @@ __all__ = [
     "ensure_binaries",
     "ensure_node_binaries",
     "import_images",
+    "restart_component",
+    "start_component",
+    "Started",
     "status",
+    "stop_component",
     "up",
 ]

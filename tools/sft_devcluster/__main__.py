@@ -1,4 +1,4 @@
-"""``python -m sft_devcluster up|down|status`` (same as ``sftctl dev-cluster``)."""
+"""``python -m sft_devcluster up|down|status|import-image|stop|start|restart`` (same as ``sftctl dev-cluster``)."""
 
 import argparse
 import sys

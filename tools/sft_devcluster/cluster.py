@@ -93,6 +93,9 @@ class ClusterInfo:
     real_node: bool = False
     node_gpus: int = 0
     node_ready_seconds: float = 0.0  # kubelet start -> node Ready and untainted
+    # Everything else a command line depends on, so that `start` rebuilds it exactly as `up` did.
+    profiling: bool = False
+    node_cache: str = ""  # <cache>/node when up ran (SFT_CACHE may differ in the shell that runs start)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -247,6 +250,59 @@ def component_commands(
     }
 
 
+def node_layout(info: ClusterInfo) -> realnode.NodeLayout:
+    """Where the real node of ``info``'s cluster keeps its files (pure)."""
+    return realnode.NodeLayout(Path(info.state_dir) / "node", Path(info.node_cache or node_cache_dir()),
+                               Path(info.bin_dir))
+
+
+def cluster_commands(info: ClusterInfo) -> dict[str, list[str]]:
+    """The command line of every component of ``info``'s cluster: the one source for ``up`` and
+    ``start`` (pure: everything it reads is in cluster.json)."""
+    state_dir = Path(info.state_dir)
+    cmds = component_commands(Path(info.bin_dir), state_dir, Pki(state_dir / "pki"), info.ports,
+                              info.real_node, info.profiling)
+    if info.real_node:
+        cmds.update(realnode.component_commands(node_layout(info)))
+    return cmds
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of a dev cluster, as ``stop|start|restart`` handle it."""
+
+    name: str
+    health: str  # what ``start`` waits for, in words
+    needs: tuple[str, ...] = ()  # what must run for that check to pass
+    on_node: bool = False  # part of the real node: its PATH, and it holds the node lock
+
+
+COMPONENTS = {c.name: c for c in (
+    Component("etcd", "/health"),
+    Component("kube-apiserver", "/readyz", needs=("etcd",)),
+    Component("kube-controller-manager", "/healthz"),
+    Component("kube-scheduler", "/healthz"),
+    Component("kwok", "/healthz"),
+    Component("containerd", "the CRI answering", on_node=True),
+    Component("kubelet", f"/healthz, a lease renewed and node {realnode.NODE_NAME} Ready and untainted",
+              needs=("kube-apiserver", "containerd"), on_node=True),
+    Component("kube-proxy", "/healthz", needs=("kube-apiserver",), on_node=True),
+    Component("coredns", "/ready", needs=("kube-apiserver",), on_node=True),
+)}
+
+
+def component_problem(name: str, info: ClusterInfo | None, state_dir: Path) -> str | None:
+    """Why ``name`` can't be stopped or started in the cluster of ``state_dir``; None if it can (pure)."""
+    if name not in COMPONENTS:
+        return f"unknown component {name!r}; known: {', '.join(COMPONENTS)}"
+    if info is None:
+        return f"no dev cluster in {state_dir} (`sftctl dev-cluster up` starts one)"
+    if name not in info.components:
+        return (f"{name} is part of the real node {realnode.NODE_NAME}, which the cluster in {state_dir} "
+                "doesn't have (it was started without it: `up --real-node` starts one with it)")
+    return None
+
+
 def kwok_node(name: str, tainted: bool = False) -> dict:
     """A simulated GPU node; kwok fills in conditions and keeps its lease. ``tainted``
     (next to a real node): only pods that tolerate ``KWOK_TAINT`` land there."""
@@ -318,6 +374,16 @@ def load_crds(crds_dir: Path) -> list[dict]:
 def running_components(state_dir: Path) -> dict[str, int]:
     """Component name -> pid, for the components of ``state_dir`` that are alive."""
     return running(state_dir, ALL_COMPONENTS)
+
+
+def _launch(info: ClusterInfo, name: str, lock: realnode.NodeLock | None = None) -> subprocess.Popen:
+    """Start one component of ``info``'s cluster, as ``up`` and ``start`` both do."""
+    state_dir = Path(info.state_dir)
+    cmd = cluster_commands(info)[name]
+    if COMPONENTS[name].on_node:
+        # Each node process inherits the node lock: it stays taken while any of them lives.
+        return start(name, cmd, state_dir, realnode.component_env(node_layout(info)), pass_fds=(lock.fd,))
+    return start(name, cmd, state_dir)
 
 
 def _pythonpath() -> str:
@@ -548,12 +614,17 @@ def up(
     ``profiling``: serve kube-apiserver's /debug/pprof (off by default, as in a hardened cluster).
     """
     state_dir = (state_dir or default_state_dir()).resolve()
-    if running_components(state_dir):
+    if running_components(state_dir) or list((state_dir / "pids").glob("*.pid")):
         info = ClusterInfo.load(state_dir)
-        if info and set(running_components(state_dir)) == set(info.components):
+        alive_now = running_components(state_dir)
+        if info and set(alive_now) == set(info.components):
             _copy_kubeconfig(Path(info.kubeconfig), kubeconfig_out)
             return info
-        down(state_dir)  # half-running: start clean
+        if info and alive_now:
+            stopped = ", ".join(n for n in info.components if n not in alive_now)
+            say(f"{stopped} stopped in {state_dir}: starting a fresh cluster "
+                "(`sftctl dev-cluster start COMPONENT` brings one back instead)")
+        down(state_dir)  # half-running, or left by a crash or `stop`: start clean
 
     bin_dir = ensure_binaries()
     started = time.monotonic()
@@ -619,9 +690,9 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
     kubeconfig = state_dir / "admin.kubeconfig"
 
     info = ClusterInfo(str(state_dir), str(kubeconfig), server, str(bin_dir), ports, gpu_nodes=gpu_nodes,
-                       real_node=real_node, node_gpus=node_gpus if real_node else 0)
+                       real_node=real_node, node_gpus=node_gpus if real_node else 0, profiling=profiling,
+                       node_cache=str(layout.cache) if real_node else "")
     info.save()
-    cmds = component_commands(bin_dir, state_dir, pki, ports, real_node, profiling)
     deadline = time.monotonic() + timeout
     procs: dict[str, subprocess.Popen] = {}
 
@@ -634,22 +705,20 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
         for name in ("kubelet", "kube-proxy", "coredns"):
             cfg = kubeconfig_dict(server, pki.ca_crt, pki.client_crt(name), pki.client_key(name), name)
             layout.config(f"{name}.kubeconfig").write_text(yaml.safe_dump(cfg))
-        node_cmds = realnode.component_commands(layout)
-        node_env = realnode.component_env(layout)
 
-        def start_node(name):
-            # Each inherits the node lock: it stays taken while any of them lives.
-            procs[name] = start(name, node_cmds[name], state_dir, node_env, pass_fds=(lock.fd,))
+    def launch(name):
+        procs[name] = _launch(info, name, lock)
 
-        start_node("containerd")  # meanwhile the control plane starts
-    procs["etcd"] = start("etcd", cmds["etcd"], state_dir)
-    procs["kube-apiserver"] = start("kube-apiserver", cmds["kube-apiserver"], state_dir)
+    if real_node:
+        launch("containerd")  # meanwhile the control plane starts
+    launch("etcd")
+    launch("kube-apiserver")
     wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", pki))
 
     if stop_with_pid:
         _start_watchdog(state_dir, stop_with_pid)
     for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
-        procs[name] = start(name, cmds[name], state_dir)
+        launch(name)
     info.pids = {name: p.pid for name, p in procs.items()}
     info.save()
 
@@ -663,7 +732,7 @@ def _up(state_dir: Path, bin_dir: Path, *, gpu_nodes: int, crds_dir: Path | None
         realnode.import_node_images(layout, sorted(layout.images.glob("*.tar")), say)
         kubelet_started = time.monotonic()
         for name in ("kubelet", "kube-proxy", "coredns"):
-            start_node(name)
+            launch(name)
         info.pids = {name: p.pid for name, p in procs.items()}
         info.save()
         node_names.append(realnode.NODE_NAME)
@@ -789,6 +858,10 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
         stop(("containerd",))
     stop(CONTROL_PLANE)
     left = session_members(set(leaders.values()))  # anything forked meanwhile
+    if has_node:
+        # The shims of a containerd that `stop` stopped (they hold the node lock); their
+        # containers go with the rest of the node in teardown.
+        left += realnode.node_processes(state_dir)
     signal_all(left, signal.SIGKILL)
     left = wait_gone(left, 5.0)
     for name in ALL_COMPONENTS:
@@ -874,6 +947,127 @@ def import_images(state_dir: Path | None, archives: list[Path], say=None) -> lis
     return realnode.import_archives(layout, archives, before_import=say and (lambda a: say(f"importing {a}")))
 
 
+# ---------------------------------------------------------------- one component: stop, start, restart
+
+
+@dataclass(frozen=True)
+class Started:
+    """A component that ``start_component`` brought back."""
+
+    name: str
+    pid: int
+    seconds: float  # from starting the process until its health check passed
+    not_checked: tuple[str, ...] = ()  # stopped components its health check needs: then not waited for
+
+
+def _cluster_with(state_dir: Path | None, name: str) -> tuple[Path, ClusterInfo]:
+    """The state dir and cluster of a component that ``stop|start|restart`` may act on."""
+    state_dir = (state_dir or default_state_dir()).resolve()
+    info = ClusterInfo.load(state_dir)
+    problem = component_problem(name, info, state_dir)
+    if problem:
+        raise DevClusterError(problem)
+    if not pidfile(state_dir, name).exists():  # down removes them; stop keeps them
+        raise DevClusterError(f"the dev cluster in {state_dir} is down (`sftctl dev-cluster up` starts it)")
+    return state_dir, info
+
+
+def stop_component(state_dir: Path | None, name: str, kill: bool = False, timeout: float = 10.0) -> int | None:
+    """Stop one component of a running cluster: SIGTERM, SIGKILL after ``timeout`` seconds
+    (``kill``: SIGKILL at once, like a crash). Only its own process: containerd's shims and the
+    pods' containers live on, as on a real node (containerd's systemd unit has KillMode=process),
+    and its state stays (etcd's data, the kubelet's root, the pidfile), so ``start_component``
+    brings it back as it was. Returns the pid it stopped, None if it was not running."""
+    state_dir, _ = _cluster_with(state_dir, name)
+    pid = running(state_dir, [name]).get(name)
+    if pid is None:
+        return None
+    signal_all([pid], signal.SIGKILL if kill else signal.SIGTERM)
+    if wait_gone([pid], 5.0 if kill else timeout):
+        signal_all([pid], signal.SIGKILL)
+        if wait_gone([pid], 5.0):
+            raise DevClusterError(f"{name} (pid {pid}) survived SIGKILL")
+    return pid
+
+
+def start_component(state_dir: Path | None, name: str, timeout: float = 120.0) -> Started | None:
+    """Start a stopped (or crashed) component again with the command line, configuration and
+    ports ``up`` gave it, and wait up to ``timeout`` seconds until it is healthy (``COMPONENTS``
+    says what that means), unless a component that check needs is stopped. None if it runs."""
+    state_dir, info = _cluster_with(state_dir, name)
+    if running(state_dir, [name]):
+        return None
+    component = COMPONENTS[name]
+    lock = realnode.NodeLock.for_start(state_dir, node_layout(info)) if component.on_node else None
+    since, began = time.time(), time.monotonic()
+    try:
+        proc = _launch(info, name, lock)
+    finally:
+        if lock:
+            lock.release()  # ours; the process keeps its inherited copy
+    info.pids[name] = proc.pid
+    info.save()
+    alive_now = running_components(state_dir)
+    not_checked = tuple(n for n in component.needs if n not in alive_now)
+    if not not_checked:
+        wait_until(f"{name}: {component.health}", lambda: HEALTH_CHECKS[name](info, since),
+                   began + timeout, {name: proc}, state_dir)
+    return Started(name, proc.pid, round(time.monotonic() - began, 1), not_checked)
+
+
+def restart_component(state_dir: Path | None, name: str, kill: bool = False, stop_timeout: float = 10.0,
+                      timeout: float = 120.0) -> Started:
+    """``stop_component`` then ``start_component``: back and healthy when this returns."""
+    stop_component(state_dir, name, kill, stop_timeout)
+    return start_component(state_dir, name, timeout)
+
+
+def _etcd_healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return json.loads(resp.read()).get("health") == "true"
+    except (OSError, ValueError):
+        return False
+
+
+NODE_DOWN_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def _node_back(info: ClusterInfo, since: float) -> bool:
+    """A kubelet started at ``since`` (wall clock) renewed its lease, and its node is Ready
+    with no not-ready/unreachable taint left (after a long stop the node controller set them)."""
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=info.kubeconfig)
+    try:
+        lease = client.CoordinationV1Api(api).read_namespaced_lease(realnode.NODE_NAME, "kube-node-lease",
+                                                                    _request_timeout=5)
+        node = client.CoreV1Api(api).read_node(realnode.NODE_NAME, _request_timeout=5)
+    finally:
+        api.close()
+    renewed = lease.spec.renew_time is not None and lease.spec.renew_time.timestamp() > since
+    return renewed and _node_ready(node) and not any(t.key in NODE_DOWN_TAINTS for t in node.spec.taints or [])
+
+
+def _local_ok(info: ClusterInfo, port: str, path: str) -> bool:
+    return _http_ok(f"http://127.0.0.1:{info.ports[port]}{path}")
+
+
+# What ``start_component`` waits for (COMPONENTS[name].health): (cluster, process start time) -> healthy.
+HEALTH_CHECKS = {
+    "etcd": lambda info, since: _etcd_healthy(info.ports["etcd"]),
+    "kube-apiserver": lambda info, since: _https_ok(f"{info.server}/readyz", Pki(Path(info.state_dir) / "pki")),
+    "kube-controller-manager": lambda info, since: _https_ok(
+        f"https://127.0.0.1:{info.ports['controller-manager']}/healthz"),
+    "kube-scheduler": lambda info, since: _https_ok(f"https://127.0.0.1:{info.ports['scheduler']}/healthz"),
+    "kwok": lambda info, since: _local_ok(info, "kwok", "/healthz"),
+    "containerd": lambda info, since: realnode.containerd_ready(node_layout(info)),
+    "kubelet": lambda info, since: _local_ok(info, "kubelet-healthz", "/healthz") and _node_back(info, since),
+    "kube-proxy": lambda info, since: _local_ok(info, "kube-proxy-healthz", "/healthz"),
+    "coredns": lambda info, since: _local_ok(info, "coredns-ready", "/ready"),
+}
+
+
 PRODUCT_IMAGES = ("operator", "trainer")
 
 
@@ -886,20 +1080,27 @@ def default_image_archives() -> list[Path]:
 
 
 def add_subparser(subparsers) -> None:
-    """Register ``dev-cluster up|down|status|import-image`` on an argparse subparsers object."""
+    """Register ``dev-cluster up|down|status|import-image|stop|start|restart`` on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "dev-cluster",
         help="local cluster for development and tests (control plane, a real node, kwok GPU nodes)",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("action", choices=("up", "down", "status", "import-image"))
-    parser.add_argument("archives", nargs="*", type=Path,
-                        help="import-image: image archives (podman/docker save, OCI layout tar), before any option")
-    parser.add_argument("--dir", type=Path, default=None, help=f"state directory (default {default_state_dir()})")
+    parser.add_argument("action", choices=("up", "down", "status", "import-image", "stop", "start", "restart"))
+    parser.add_argument("targets", nargs="*", metavar="ARCHIVE|COMPONENT",
+                        help="import-image: image archives (podman/docker save, OCI layout tar); stop|start|restart: "
+                             f"components ({', '.join(COMPONENTS)}), acted on in the order given")
+    parser.add_argument("--dir", "--state-dir", dest="dir", type=Path, default=None,
+                        help=f"state directory (default {default_state_dir()})")
     parser.add_argument("--gpu-nodes", type=int, default=2, help="number of kwok GPU nodes (8 GPUs each)")
     parser.add_argument("--kubeconfig-out", type=Path, default=None, help="also write the admin kubeconfig here")
     parser.add_argument("--crds", type=Path, default=None, help="directory of CRD manifests (default: the repo's crds/)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for readiness (up; start and restart: for the component's health)")
+    parser.add_argument("--kill", action="store_true",
+                        help="stop|restart: SIGKILL at once, like a crash (default: SIGTERM, SIGKILL after --stop-timeout)")
+    parser.add_argument("--stop-timeout", type=float, default=10.0,
+                        help="stop|restart: seconds from SIGTERM to SIGKILL")
     node = parser.add_mutually_exclusive_group()
     node.add_argument("--real-node", dest="real_node", action="store_true", default=None,
                       help=f"start the real node {realnode.NODE_NAME} (builds its binaries if needed; "
@@ -929,6 +1130,36 @@ def _want_real_node(choice: bool | None) -> bool:
     return True
 
 
+def _component_cli(args) -> int:
+    """``stop|start|restart COMPONENT...``: one line per component, exit 0 when each is as asked."""
+    unknown = [name for name in args.targets if name not in COMPONENTS]
+    if not args.targets or unknown:
+        what = f"unknown component {', '.join(map(repr, unknown))}" if unknown else "name a component"
+        print(f"dev-cluster {args.action}: {what}; known: {', '.join(COMPONENTS)}", file=sys.stderr)
+        return 2
+    for name in args.targets:
+        began = time.monotonic()
+        if args.action in ("stop", "restart"):
+            pid = stop_component(args.dir, name, kill=args.kill, timeout=args.stop_timeout)
+            how = "SIGKILL" if args.kill else "SIGTERM"
+            if args.action == "stop":
+                print(f"stopped {name} (pid {pid}, {how}) in {time.monotonic() - began:.1f}s" if pid
+                      else f"{name} is already stopped")
+                continue
+        started = start_component(args.dir, name, timeout=args.timeout)
+        if started is None:
+            print(f"{name} is already running (pid {running_components((args.dir or default_state_dir()).resolve())[name]})")
+            continue
+        verb = "restarted" if args.action == "restart" else "started"
+        if started.not_checked:
+            print(f"{verb} {name} (pid {started.pid}); not waiting for {COMPONENTS[name].health}: "
+                  f"it needs {', '.join(started.not_checked)}, stopped")
+        else:
+            print(f"{verb} {name} (pid {started.pid}): {COMPONENTS[name].health} after {started.seconds:.1f}s"
+                  + (f", {time.monotonic() - began:.1f}s in all" if args.action == "restart" else ""))
+    return 0
+
+
 def run_cli(args) -> int:
     try:
         if args.action == "up":
@@ -954,18 +1185,20 @@ def run_cli(args) -> int:
             print(f"stopped {len(pids)} processes" if pids else "nothing was running")
             return 0
         if args.action == "import-image":
-            if not args.archives:
+            if not args.targets:
                 print("dev-cluster import-image: name one or more image archives", file=sys.stderr)
                 return 2
-            for ref, action in import_images(args.dir, args.archives, say=print):
+            for ref, action in import_images(args.dir, [Path(t) for t in args.targets], say=print):
                 print(f"{ref}: {action}")
             return 0
+        if args.action in ("stop", "start", "restart"):
+            return _component_cli(args)
         st = status(args.dir)
         print(f"state dir:  {st['stateDir']}")
         print(f"kubeconfig: {st['kubeconfig']}")
         print(f"server:     {st['server']}")
         for name, pid in st["components"].items():
-            print(f"  {name:<24} {'pid ' + str(pid) if pid else 'not running'}")
+            print(f"  {name:<24} {'pid ' + str(pid) if pid else 'stopped'}")
         for node in st["nodes"]:
             print(f"  node {node['name']:<19} {'Ready' if node['ready'] else 'NotReady':<9} {node['kind']:<8}"
                   f"nvidia.com/gpu={node['gpus']}")

@@ -22,6 +22,7 @@ stops them, ``stop_pods`` and ``teardown``.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -407,6 +408,33 @@ class NodeLock:
                 told = True
             time.sleep(0.5)
 
+    @classmethod
+    def for_start(cls, state_dir: Path, layout: NodeLayout) -> NodeLock:
+        """The lock for one node process that ``start`` brings back, so that it holds the lock
+        like its siblings: a copy of the descriptor a running process of the node holds, or the
+        lock itself when none runs (then the host must still be as this cluster's ``up`` made it)."""
+        lock = cls.try_acquire()
+        if lock:
+            try:
+                owner = json.loads(layout.host_record.read_text()).get("stateDir")
+            except (OSError, ValueError):
+                owner = None
+            if owner != str(state_dir):
+                lock.release()
+                raise DevClusterError(
+                    f"the machine's real node is no longer the one of {state_dir} (`down` ran, or another "
+                    f"cluster's node ran since); `sftctl dev-cluster up --dir {state_dir}` starts it afresh")
+            if not cls.holder():
+                lock.claim(state_dir)
+            return lock
+        holder = cls.holder()
+        if holder.get("stateDir") != str(state_dir):
+            raise DevClusterError(f"the real node is in use by {describe_holder(holder)} (lock {LOCK_FILE})")
+        fd = _lock_descriptor_of(marked_processes(state_dir))
+        if fd is None:
+            raise DevClusterError(f"the node lock {LOCK_FILE} is held, but by no process of {state_dir}")
+        return cls(fd)
+
     def claim(self, state_dir: Path) -> None:
         owner = {"stateDir": str(state_dir), "pid": os.getpid(),
                  "command": " ".join(_cmdline(os.getpid())), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -420,6 +448,36 @@ class NodeLock:
             os.ftruncate(self.fd, 0)
         os.close(self.fd)  # the node's processes keep their inherited copies
         self.fd = -1
+
+
+def _lock_descriptor_of(pids: list[int]) -> int | None:
+    """A copy (pidfd_getfd(2), Linux >= 5.6) of the locked descriptor one of ``pids`` holds:
+    an flock belongs to the open file, so the copy holds the lock too. Reopening the file would not."""
+    lock = os.stat(LOCK_FILE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != (lock.st_dev, lock.st_ino):
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                copy = libc.syscall(438, pidfd, int(fd), 0)  # SYS_pidfd_getfd, the same number on every arch
+            finally:
+                os.close(pidfd)
+            if copy >= 0:
+                return copy
+    return None
 
 
 def describe_holder(owner: dict) -> str:
@@ -690,7 +748,7 @@ def teardown(layout: NodeLayout, state_dir: Path, timeout: float = 10.0) -> None
 
     # Processes: what's left of containerd's shims (they carry the state dir's marker) and
     # of the containers (in our cgroups).
-    for pids in (_node_processes(owner_state), _cgroup_pids()):
+    for pids in (node_processes(owner_state), _cgroup_pids()):
         signal_all(pids, 15)
         signal_all(wait_gone(pids, timeout), 9)
         wait_gone(pids, 5.0)
@@ -732,7 +790,7 @@ def teardown_local(layout: NodeLayout) -> None:
             _run("umount", "-l", target, check=False)
 
 
-def _node_processes(state_dir: Path) -> list[int]:
+def node_processes(state_dir: Path) -> list[int]:
     """The node's processes of that state dir (not its control plane)."""
     names = {"containerd", "containerd-shim-runc-v2", "runc", "kubelet", "kube-proxy", "coredns"}
     return [pid for pid in marked_processes(state_dir) if _cmdline(pid)[:1] and Path(_cmdline(pid)[0]).name in names]
@@ -740,7 +798,7 @@ def _node_processes(state_dir: Path) -> list[int]:
 
 def leftovers(layout: NodeLayout, state_dir: Path) -> list[str]:
     """What of a node is still on this machine (empty after a clean ``teardown``)."""
-    found = [f"process {pid} ({' '.join(_cmdline(pid))[:80]})" for pid in _node_processes(state_dir)]
+    found = [f"process {pid} ({' '.join(_cmdline(pid))[:80]})" for pid in node_processes(state_dir)]
     found += [f"process {pid} in cgroup {CGROUP_PARENT}" for pid in _cgroup_pids()]
     found += [f"mount {m}" for m in _mounts_under([layout.state, layout.run, layout.containerd_root])]
     if Path(f"/sys/class/net/{BRIDGE}").exists():
