@@ -1,14 +1,22 @@
 """The dev/test control plane itself (the kwok-only cluster of the `control_plane` fixture): kwok
 GPU nodes and their stages, the Job controller and namespace deletion, all against the real API
-server. The real node has its own tests (test_real_node.py)."""
+server; `stop|start|restart COMPONENT`, there and on the real node. The real node's own tests are
+in test_real_node.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import uuid
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+import sft_devcluster as devcluster
+from sft_devcluster import node as realnode
 
 pytestmark = pytest.mark.cluster
 
@@ -164,3 +172,94 @@ def test_namespace_deletion_removes_its_pods(control_plane, api):
             return exc.status == 404
 
     control_plane.wait_for(gone, 90, "the namespace to be deleted")
+
+
+# ---------------------------------------------------------------------- stop|start|restart COMPONENT
+
+
+def sftctl_dev_cluster(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sft_devcluster", *args], capture_output=True, text=True, timeout=180)
+
+
+def test_etcd_and_api_server_restarts_keep_every_object_and_the_api_answers_again(control_plane, api, namespace):
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "kept"}, "data": {"step": "42"}})
+    for name, kill in (("etcd", False), ("kube-apiserver", False), ("etcd", True), ("kube-apiserver", True)):
+        before = devcluster.cluster.running_components(control_plane.state_dir)[name]
+        started = devcluster.restart_component(control_plane.state_dir, name, kill=kill)
+        assert started.pid != before and not started.not_checked
+        # The API server's etcd client reconnects on its own: poll until it answers.
+        kept = control_plane.wait_for(lambda: core.read_namespaced_config_map("kept", namespace), 30,
+                                      f"the API to answer after {name} restarted")
+        assert kept.data == {"step": "42"}
+    # The same, as one command; a new object is written and read back through the restarted server.
+    cli = sftctl_dev_cluster("restart", "kube-apiserver", "--kill", "--dir", str(control_plane.state_dir))
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("restarted kube-apiserver (pid ") and "/readyz after" in cli.stdout
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "after"}, "data": {"step": "43"}})
+    assert core.read_namespaced_config_map("after", namespace).data == {"step": "43"}
+    assert {n.metadata.name for n in core.list_node().items} == {"kwok-gpu-0", "kwok-gpu-1"}
+
+
+def test_a_stopped_component_shows_as_stopped_and_start_brings_it_back(control_plane):
+    state = ["--dir", str(control_plane.state_dir)]
+    stopped = sftctl_dev_cluster("stop", "kube-scheduler", *state)
+    try:
+        assert stopped.returncode == 0 and stopped.stdout.startswith("stopped kube-scheduler (pid "), stopped.stderr
+        assert sftctl_dev_cluster("stop", "kube-scheduler", *state).stdout == "kube-scheduler is already stopped\n"
+        status = sftctl_dev_cluster("status", *state)
+        assert status.returncode == 1 and "kube-scheduler           stopped" in status.stdout
+    finally:
+        started = sftctl_dev_cluster("start", "kube-scheduler", *state)
+    assert started.returncode == 0 and "started kube-scheduler (pid" in started.stdout, started.stderr
+    assert sftctl_dev_cluster("start", "kube-scheduler", *state).stdout.startswith("kube-scheduler is already running")
+    assert sftctl_dev_cluster("status", *state).returncode == 0
+    refused = sftctl_dev_cluster("stop", "kubelet", *state)  # this cluster has no real node
+    assert refused.returncode == 1 and "part of the real node" in refused.stderr
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and token.encode() in devcluster.processes.read_proc(int(entry), "cmdline"):
+            found.append(int(entry))
+    return found
+
+
+def test_pods_keep_running_while_the_kubelet_and_containerd_are_down_and_the_node_comes_back(
+        real_node, node_namespace):
+    core = client.CoreV1Api(real_node.api)
+    busybox = realnode.archive_reference(devcluster.cluster.node_cache_dir() / "images" / "busybox.tar")
+    token = f"survivor-{uuid.uuid4().hex[:8]}"
+    script = f"i=0; while true; do i=$((i+1)); echo $i; sleep 1; done # {token}"
+    core.create_namespaced_pod(node_namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "counter"},
+        "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 65534,
+                                     "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "main", "image": busybox, "imagePullPolicy": "Never",
+                                 "command": ["sh", "-c", script],
+                                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}})
+
+    def running():
+        p = core.read_namespaced_pod("counter", node_namespace)
+        return p if p.status.phase == "Running" and p.status.container_statuses[0].state.running else None
+
+    before = real_node.wait_for(running, 60, "the pod to run").status.container_statuses[0]
+    (pid,) = _processes_with(token)
+    counted_before = real_node.wait_for(lambda: real_node.pod_log(node_namespace, "counter").split(), 30, "a log line")
+    state = real_node.state_dir
+    devcluster.stop_component(state, "kubelet", kill=True)  # a crash
+    devcluster.stop_component(state, "containerd")
+    assert {"kubelet", "containerd"}.isdisjoint(devcluster.cluster.running_components(state))
+    assert _processes_with(token) == [pid]  # the container outlives both
+
+    assert devcluster.start_component(state, "containerd").not_checked == ()
+    assert devcluster.start_component(state, "kubelet").not_checked == ()  # node Ready, lease renewed
+    node = core.read_node(realnode.NODE_NAME)
+    assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+    after = running().status.container_statuses[0]
+    assert (after.container_id, after.restart_count) == (before.container_id, 0)
+    assert _processes_with(token) == [pid]
+    log = real_node.pod_log(node_namespace, "counter").split()
+    # One run that counted on: a restarted container would have begun again at 1.
+    assert log == [str(i) for i in range(1, len(log) + 1)] and len(log) > len(counted_before)

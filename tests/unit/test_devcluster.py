@@ -205,3 +205,17 @@ def test_a_node_process_is_not_started_on_a_machine_whose_node_is_no_longer_ours
     with pytest.raises(DevClusterError, match="no longer the one of"):
         realnode.NodeLock.for_start(tmp_path, layout)
     assert realnode.NodeLock.try_acquire() is not None  # and the lock was let go
+
+
+def test_a_stopped_components_pid_reused_by_another_process_of_the_cluster_is_not_taken_for_it(tmp_path):
+    for sub in ("components", "pids"):
+        (tmp_path / sub).mkdir()
+    # Any process of the cluster carries its marker (a shim, say) and may get a stopped component's pid.
+    other = processes.start("kwok", ["sleep", "300"], tmp_path)
+    try:
+        assert processes.running(tmp_path, ["kwok"]) == {"kwok": other.pid}
+        processes.pidfile(tmp_path, "kube-scheduler").write_text(f"{other.pid} 1\n")  # started at tick 1
+        assert processes.running(tmp_path, ["kube-scheduler"]) == {}
+    finally:
+        other.kill()
+        other.wait()

@@ -1,7 +1,7 @@
 """Processes of a dev cluster: start each in its own session, find them again, stop them.
 
 Every process is started with ``SFT_DEVCLUSTER_DIR=<state dir>`` in its environment and a
-pidfile under ``<state dir>/pids``, so a reused pid is never mistaken for ours, and
+pidfile (pid and start time) under ``<state dir>/pids``, so a reused pid is never mistaken for ours, and
 ``stop`` takes a component's whole session (its children included) down.
 """
 
@@ -71,9 +71,10 @@ def running(state_dir: Path, names) -> dict[str, int]:
     for name in names:
         path = pidfile(state_dir, name)
         if path.exists():
-            pid = int(path.read_text().split()[0])
-            if is_ours(pid, state_dir):
-                alive_now[name] = pid
+            pid, *started = path.read_text().split()
+            # The start time tells a stopped component's pid, reused by another of ours, from it.
+            if is_ours(int(pid), state_dir) and started[:1] in ([], [start_time(int(pid))]):
+                alive_now[name] = int(pid)
     return alive_now
 
 
@@ -85,7 +86,7 @@ def start(name: str, cmd: list[str], state_dir: Path, extra_env: dict[str, str] 
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, cwd=state_dir, start_new_session=True, pass_fds=pass_fds)
     log.close()
-    pidfile(state_dir, name).write_text(f"{proc.pid}\n")
+    pidfile(state_dir, name).write_text(f"{proc.pid} {start_time(proc.pid)}\n")
     return proc
 
 
