@@ -122,4 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .launch import record_exit  # under the launcher: it reads this after a SIGTERM
+
+    sys.exit(record_exit(main()))
