@@ -13,10 +13,14 @@ Training code never gets write access to the API server. A trainer pod POSTs a
    finished SFTJob or one re-created under the same name (uid), and writes at most one status
    update with progress per ``progress_min_interval_seconds`` per job, final reports included.
 
-A rejected request never reaches the writer, so it never changes status. Verifications are
-cached (successes for a minute, refusals for ``FAILURE_TTL_SECONDS``), at most
-``VERIFY_CONCURRENCY`` run at once and at most ``VERIFY_QUEUE`` wait; beyond that the endpoint
-answers 503 at once, so no caller can make it run unbounded TokenReviews.
+A rejected request never reaches the writer, so it never changes status. What the token's own
+claims refuse costs no TokenReview (``precheck``: not a JWT, not our audience, expired, another
+namespace, not bound to a pod); a forger gains nothing from them, as they only ever refuse.
+Verifications are cached (successes for a minute, refusals for ``FAILURE_TTL_SECONDS``); each
+source address may cause ``SourceLimiter``'s burst of TokenReviews, then one per second (429 with
+Retry-After beyond); at most ``VERIFY_CONCURRENCY`` run at once and at most ``VERIFY_QUEUE`` wait,
+beyond that the endpoint answers 503 at once. Junk traffic therefore cannot fill the
+verification slots that real trainers need.
 
 ``build_app(verifier, sink)`` is pure wiring, testable with fakes; ``start_progress_server``
 binds it to the operator's client, cache and writer.
@@ -29,6 +33,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import ssl
@@ -44,6 +49,7 @@ from sft_trainer.config import PROGRESS_PATH, ProgressReport
 from . import GROUP, KIND, VERSION
 from .kube import ApiError, KubeClient
 from .render import LABEL_JOB
+from .settings import DEFAULT_TOKEN_AUDIENCE
 from .writer import ProgressRefused
 
 if TYPE_CHECKING:
@@ -56,6 +62,14 @@ FAILURE_TTL_SECONDS = 10.0  # a refused token is refused again without a TokenRe
 CACHE_MAX_ENTRIES = 4096
 VERIFY_CONCURRENCY = 4  # TokenReviews (and reads) in flight for the endpoint; the rest of the slots write status
 VERIFY_QUEUE = 64  # verifications allowed to wait; more get 503 at once
+# TokenReviews one source address may cause: a burst, then this many per second. A trainer pod needs one
+# a minute (successes are cached), plus one when its token rotates.
+SOURCE_REVIEWS_PER_SECOND = 1.0
+SOURCE_REVIEW_BURST = 10
+SOURCE_MAX_TRACKED = 4096
+MAX_TOKEN_CHARS = 8 * 1024  # projected service-account tokens are about 1 KiB
+CLOCK_SKEW_SECONDS = 60.0  # an expired token within this much of our clock still goes to the TokenReview
+_JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
@@ -65,13 +79,15 @@ log = logging.getLogger(__name__)
 
 
 class Rejected(Exception):
-    """A request the endpoint refuses; `status` is the HTTP status, `reason` one CamelCase word."""
+    """A request the endpoint refuses; `status` is the HTTP status, `reason` one CamelCase word,
+    `retry_after` the seconds a 429 asks the caller to wait."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -108,16 +124,44 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def unverified_claims(token: str) -> dict[str, Any]:
-    """The JWT payload without checking the signature: only for messages and cache expiry,
-    never for a security decision (the TokenReview makes those)."""
+def _jwt_part(token: str, index: int) -> dict[str, Any] | None:
     try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-        return claims if isinstance(claims, dict) else {}
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return {}
+        part = token.split(".")[index]
+        part += "=" * (-len(part) % 4)
+        value = json.loads(base64.urlsafe_b64decode(part))
+    except (IndexError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The JWT payload without checking the signature: for messages, cache expiry and refusals
+    (``precheck``), never to accept a caller (the TokenReview decides that)."""
+    return _jwt_part(token, 1) or {}
+
+
+def precheck(token: str, namespace: str, audience: str, now: float) -> None:
+    """Refuse, without a TokenReview, a token whose own claims already refuse it: not a JWT, not
+    minted for ``audience``, expired, of another namespace than the URL's, or bound to no pod. The
+    claims are unverified, so they can only ever refuse: a token that passes still needs the
+    TokenReview (and a forger who writes the right claims gains only that review)."""
+    if len(token) > MAX_TOKEN_CHARS or not _JWT.match(token) or _jwt_part(token, 0) is None:
+        raise Rejected(401, "Unauthenticated", "the token is not a JWT (the pod's projected service-account token)")
+    claims = _jwt_part(token, 1)
+    if claims is None:
+        raise Rejected(401, "Unauthenticated", "the token is not a JWT (the pod's projected service-account token)")
+    if audience not in token_audiences(token):
+        raise Rejected(403, "WrongAudience", f"the token's audience is not {audience}")
+    exp = claims.get("exp")
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp + CLOCK_SKEW_SECONDS < now:
+        raise Rejected(401, "Unauthenticated", "the token has expired (or carries no expiry)")
+    bound = claims.get("kubernetes.io")
+    bound = bound if isinstance(bound, dict) else {}
+    if bound.get("namespace") != namespace:
+        raise Rejected(403, "Forbidden", f"only service accounts of namespace {namespace} may report here")
+    pod = bound.get("pod")
+    if not isinstance(pod, dict) or not pod.get("name") or not pod.get("uid"):
+        raise Rejected(403, "Forbidden", "the token is not bound to a pod")
 
 
 def token_audiences(token: str) -> list[str]:
@@ -127,13 +171,51 @@ def token_audiences(token: str) -> list[str]:
     return [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
 
 
+# ---- per-source limit -------------------------------------------------------------------------
+
+
+class SourceLimiter:
+    """A token bucket per source address for the verifications that need a TokenReview: ``burst``
+    at once, then ``per_second``. Remembers at most ``max_sources`` addresses (full buckets, which
+    hold nothing worth remembering, are forgotten first)."""
+
+    def __init__(self, per_second: float = SOURCE_REVIEWS_PER_SECOND, burst: int = SOURCE_REVIEW_BURST,
+                 clock: Callable[[], float] = time.monotonic, max_sources: int = SOURCE_MAX_TRACKED) -> None:
+        self.per_second, self.burst, self.clock, self.max_sources = per_second, burst, clock, max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, when counted); oldest first
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _tokens(self, source: str, now: float) -> float:
+        tokens, then = self._buckets.get(source, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - then) * self.per_second)
+
+    def take(self, source: str) -> float:
+        """0 when ``source`` may cause a TokenReview now (and it is counted); else the seconds until it may."""
+        now = self.clock()
+        tokens = self._tokens(source, now)
+        self._buckets.pop(source, None)
+        if len(self._buckets) >= self.max_sources:
+            for full in [s for s in self._buckets if self._tokens(s, now) >= self.burst]:
+                del self._buckets[full]
+            while len(self._buckets) >= self.max_sources:
+                del self._buckets[next(iter(self._buckets))]
+        if tokens >= 1:
+            self._buckets[source] = (tokens - 1, now)
+            return 0.0
+        self._buckets[source] = (tokens, now)
+        return (1 - tokens) / self.per_second
+
+
 # ---- verification cache -----------------------------------------------------------------------
 
 
 class VerificationCache:
     """Token hash -> verified caller for a short TTL, so steady reporting costs no TokenReview per
     post; a refusal is remembered for ``failure_ttl``. Never past the token's expiry; bounded in
-    size. At most ``concurrency`` verifications run at once and ``queue`` wait (503 beyond)."""
+    size. Each source may start what ``limiter`` allows (429 beyond); at most ``concurrency``
+    verifications run at once and ``queue`` wait (503 beyond)."""
 
     def __init__(
         self,
@@ -143,7 +225,9 @@ class VerificationCache:
         failure_ttl_seconds: float = FAILURE_TTL_SECONDS,
         concurrency: int = VERIFY_CONCURRENCY,
         queue: int = VERIFY_QUEUE,
+        limiter: SourceLimiter | None = None,
     ) -> None:
+        self.limiter = limiter if limiter is not None else SourceLimiter()
         self.ttl = ttl_seconds
         self.failure_ttl = failure_ttl_seconds
         self.max_entries = max_entries
@@ -185,7 +269,7 @@ class VerificationCache:
     def forget(self, token: str) -> None:
         self._entries.pop(token_hash(token), None)
 
-    async def verify(self, verifier: Verifier, token: str, namespace: str, name: str) -> Caller:
+    async def verify(self, verifier: Verifier, token: str, namespace: str, name: str, source: str = "") -> Caller:
         key = token_hash(token)
         cached = self.get(key, namespace, name)
         if cached is not None:
@@ -200,8 +284,12 @@ class VerificationCache:
         pending = self._inflight.get(flight_key)
         if pending is not None:
             return await asyncio.shield(pending)
+        wait = self.limiter.take(source)
+        if wait > 0:
+            raise Rejected(429, "TooManyRequests", "too many unverified tokens from this address; retry later",
+                           retry_after=wait)
         if self._waiting >= self.queue:
-            raise Rejected(503, "Busy", "too many progress reports are being verified; retry later")
+            raise Rejected(503, "Busy", "too many progress reports are being verified; retry later", retry_after=1)
         future: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
         self._inflight[flight_key] = future
         self._waiting += 1
@@ -229,8 +317,10 @@ class VerificationCache:
 # ---- HTTP -------------------------------------------------------------------------------------
 
 
-def _error(status: int, reason: str, message: str, **extra: Any) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="sft-progress"'} if status == 401 else None
+def _error(status: int, reason: str, message: str, retry_after: float | None = None, **extra: Any) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="sft-progress"'} if status == 401 else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return web.json_response({"reason": reason, "message": message, **extra}, status=status, headers=headers)
 
 
@@ -238,7 +328,7 @@ def _bearer_token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 16 * 1024:
+    if scheme.lower() != "bearer" or not token:
         return None
     return token
 
@@ -253,8 +343,11 @@ def build_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     cache: VerificationCache | None = None,
     logger: logging.Logger | None = None,
+    audience: str = DEFAULT_TOKEN_AUDIENCE,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    """The progress endpoint as an aiohttp app; `verifier` and `sink` are the I/O edges."""
+    """The progress endpoint as an aiohttp app; `verifier` and `sink` are the I/O edges, `audience`
+    the one trainer tokens must be minted for."""
     logger = logger or log
     cache = cache or VerificationCache()
 
@@ -268,10 +361,17 @@ def build_app(
         if token is None:
             return _error(401, "Unauthenticated", "a Bearer token (the pod's projected service-account token) is required")
         try:
-            caller = await cache.verify(verifier, token, namespace, name)
-        except Rejected as exc:
-            logger.info("progress for %s/%s rejected: %s %s", namespace, name, exc.status, exc.message)
+            precheck(token, namespace, audience, clock())
+        except Rejected as exc:  # debug only: a flood of junk would flood the log too
+            logger.debug("progress for %s/%s from %s refused by its token's claims: %s %s", namespace, name,
+                         request.remote, exc.status, exc.message)
             return _error(exc.status, exc.reason, exc.message)
+        try:
+            caller = await cache.verify(verifier, token, namespace, name, request.remote or "")
+        except Rejected as exc:
+            (logger.debug if exc.status == 429 else logger.info)(
+                "progress for %s/%s from %s rejected: %s %s", namespace, name, request.remote, exc.status, exc.message)
+            return _error(exc.status, exc.reason, exc.message, exc.retry_after)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -477,7 +577,9 @@ async def start_progress_server(
         raise RuntimeError("the progress endpoint needs --progress-tls-cert and --progress-tls-key "
                            "(or --progress-allow-plaintext, for local development only)")
     verifier = verifier or KubernetesVerifier(ctx.kube, settings.token_audience, ctx.cache)
-    app = build_app(verifier, sink or writer_sink(ctx), logger=logger)
+    limiter = SourceLimiter(settings.progress_source_reviews_per_second, settings.progress_source_review_burst)
+    app = build_app(verifier, sink or writer_sink(ctx), logger=logger, audience=settings.token_audience,
+                    cache=VerificationCache(limiter=limiter))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=settings.progress_port, ssl_context=context)

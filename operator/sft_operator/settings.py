@@ -29,6 +29,9 @@ class OperatorSettings:
     progress_ca_file: str | None = None  # CA bundle handed to trainer pods (ConfigMap key ca.crt)
     progress_allow_plaintext: bool = False  # local development only
     token_audience: str = DEFAULT_TOKEN_AUDIENCE
+    # TokenReviews one source address may cause at the progress endpoint: a burst, then this rate (429 beyond)
+    progress_source_reviews_per_second: float = 1.0
+    progress_source_review_burst: int = 10
     pod_start_grace_seconds: int = 300  # an image pull, container config or volume failing this long fails the job
     progress_min_interval_seconds: float = 2.0  # at most one progress write per job per interval
     status_window_seconds: float = 0.5  # changes within this window become one status write
@@ -59,6 +62,9 @@ class OperatorSettings:
         elif self.progress_tls_cert is None and not self.progress_allow_plaintext:
             out.append("the progress endpoint needs --progress-tls-cert and --progress-tls-key "
                        "(or --progress-allow-plaintext, for local development only)")
+        if self.progress_source_reviews_per_second <= 0 or self.progress_source_review_burst < 1:
+            out.append("--progress-source-reviews-per-second must be above 0 and --progress-source-review-burst "
+                       "at least 1")
         for flag, path in (("--progress-tls-cert", self.progress_tls_cert), ("--progress-tls-key", self.progress_tls_key),
                            ("--progress-ca-file", self.progress_ca_file)):
             if path is not None and not os.access(path, os.R_OK):
@@ -101,6 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve progress over plain HTTP; local development only (env SFT_PROGRESS_ALLOW_PLAINTEXT)")
     parser.add_argument("--token-audience", default=env("SFT_TOKEN_AUDIENCE", DEFAULT_TOKEN_AUDIENCE),
                         help="audience of trainer pods' projected tokens (env SFT_TOKEN_AUDIENCE)")
+    parser.add_argument("--progress-source-reviews-per-second", type=float,
+                        default=float(env("SFT_PROGRESS_SOURCE_REVIEWS_PER_SECOND", "1")),
+                        help="TokenReviews one source address may cause at the progress endpoint per second, after "
+                             "its burst; beyond, 429 (env SFT_PROGRESS_SOURCE_REVIEWS_PER_SECOND)")
+    parser.add_argument("--progress-source-review-burst", type=int,
+                        default=int(env("SFT_PROGRESS_SOURCE_REVIEW_BURST", "10")),
+                        help="TokenReviews one source address may cause at once (env SFT_PROGRESS_SOURCE_REVIEW_BURST)")
     parser.add_argument("--pod-start-grace-seconds", "--image-pull-grace-seconds", type=int,
                         dest="pod_start_grace_seconds",
                         default=int(env("SFT_POD_START_GRACE_SECONDS", env("SFT_IMAGE_PULL_GRACE_SECONDS", "300"))),
@@ -132,6 +145,8 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         progress_ca_file=args.progress_ca_file,
         progress_allow_plaintext=args.progress_allow_plaintext,
         token_audience=args.token_audience,
+        progress_source_reviews_per_second=args.progress_source_reviews_per_second,
+        progress_source_review_burst=args.progress_source_review_burst,
         pod_start_grace_seconds=args.pod_start_grace_seconds,
         resync_seconds=args.resync_seconds,
         relist_seconds=args.relist_seconds,

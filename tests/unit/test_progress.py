@@ -22,9 +22,30 @@ from tls_certs import self_signed
 
 NS, JOB = "team-a", "llama"
 URL = f"/v1/namespaces/{NS}/sftjobs/{JOB}/progress"
-GOOD = "token-of-llama-pod"
-OTHER_JOB = "token-of-another-jobs-pod"
-WRONG_AUDIENCE = "token-for-the-api-server"
+AUDIENCE = "sft.dev/progress"
+FAR = 4102444800  # 2100-01-01: a token that has not expired
+
+
+def jwt(pod: str | None = "llama-0-abcde", namespace: str = NS, aud=(AUDIENCE,), exp: float | None = FAR,
+        signature: str = "c2lnbmF0dXJl", **claims) -> str:
+    """A projected service-account token as the kubelet mounts it (only the signature is fake)."""
+    def part(value: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    kubernetes = {"namespace": namespace, "serviceaccount": {"name": "default", "uid": "sa-uid"}}
+    if pod is not None:
+        kubernetes["pod"] = {"name": pod, "uid": f"uid-{pod}"}
+    payload = {"aud": list(aud), "iss": "https://kubernetes.default.svc", "sub": f"system:serviceaccount:{namespace}:default",
+               "kubernetes.io": kubernetes, **claims}
+    if exp is not None:
+        payload["exp"] = exp
+    return f"{part({'alg': 'RS256', 'kid': 'k1'})}.{part(payload)}.{signature}"
+
+
+GOOD = jwt()
+OTHER_JOB = jwt(pod="other-0-abcde")
+WRONG_AUDIENCE = jwt(aud=["https://kubernetes.default.svc"])
+FORGED = jwt(signature="Zm9yZ2Vk")  # well-formed, our audience and namespace: only a TokenReview can refuse it
 
 
 class FakeVerifier:
@@ -36,7 +57,7 @@ class FakeVerifier:
     async def __call__(self, token: str, namespace: str, name: str) -> Caller:
         self.calls.append((token, namespace, name))
         await asyncio.sleep(0)
-        if token == WRONG_AUDIENCE:
+        if token == WRONG_AUDIENCE:  # (refused before any verification since the endpoint reads the claims)
             raise Rejected(403, "WrongAudience", "the token's audience is not sft.dev/progress")
         if token == OTHER_JOB:
             raise Rejected(403, "Forbidden", "the calling pod does not belong to this SFTJob")
@@ -75,10 +96,11 @@ def auth(token: str = GOOD) -> dict[str, str]:
 
 
 def scenario(test: Callable[[TestClient, FakeVerifier, FakeSink], Awaitable[None]], *,
-             sink: FakeSink | None = None, max_body: int = progress.MAX_BODY_BYTES, verifier=None) -> None:
+             sink: FakeSink | None = None, max_body: int = progress.MAX_BODY_BYTES, verifier=None,
+             cache: Callable[[], progress.VerificationCache] | None = None) -> None:
     async def main() -> None:
         fake_verifier, fake_sink = verifier or FakeVerifier(), sink or FakeSink()
-        app = build_app(fake_verifier, fake_sink, max_body_bytes=max_body)
+        app = build_app(fake_verifier, fake_sink, max_body_bytes=max_body, cache=cache() if cache else None)
         async with TestClient(TestServer(app)) as client:
             await test(client, fake_verifier, fake_sink)
 
@@ -124,10 +146,12 @@ def test_healthz_answers():
         ({"Authorization": "Basic dXNlcjpwYXNz"}, 401, "Unauthenticated"),
         ({"Authorization": "Bearer "}, 401, "Unauthenticated"),
         (auth("forged"), 401, "Unauthenticated"),
+        (auth(FORGED), 401, "Unauthenticated"),
         (auth(WRONG_AUDIENCE), 403, "WrongAudience"),
         (auth(OTHER_JOB), 403, "Forbidden"),
     ],
-    ids=["no-token", "basic-auth", "empty-bearer", "invalid-token", "wrong-audience", "other-jobs-pod"],
+    ids=["no-token", "basic-auth", "empty-bearer", "invalid-token", "forged-signature", "wrong-audience",
+         "other-jobs-pod"],
 )
 def test_unauthenticated_or_foreign_callers_are_rejected(headers, status, reason):
     async def test(client, verifier, sink):
@@ -141,6 +165,100 @@ def test_unauthenticated_or_foreign_callers_are_rejected(headers, status, reason
         assert sink.writes == []
 
     scenario(test)
+
+
+# ---- junk is refused before any TokenReview; a source that floods is limited -------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "status", "message"),
+    [
+        ("not-a-jwt", 401, "not a JWT"),
+        ("a.b", 401, "not a JWT"),
+        ("aa.bb.cc", 401, "not a JWT"),  # three parts, but not JSON
+        ("e30.e30.c2ln" + "A" * 9000, 401, "not a JWT"),  # larger than any projected token
+        (jwt(aud=["https://kubernetes.default.svc"]), 403, "audience is not sft.dev/progress"),
+        (jwt(aud=[]), 403, "audience is not sft.dev/progress"),
+        (jwt(exp=1_600_000_000), 401, "expired"),
+        (jwt(exp=None), 401, "expired"),
+        (jwt(namespace="team-b"), 403, "namespace team-a"),
+        (jwt(pod=None), 403, "not bound to a pod"),
+    ],
+    ids=["no-dots", "two-parts", "not-json", "oversized", "other-audience", "no-audience", "expired", "no-expiry",
+         "other-namespace", "not-pod-bound"],
+)
+def test_a_token_its_own_claims_refuse_is_refused_without_a_token_review(token, status, message):
+    with pytest.raises(Rejected) as exc:
+        progress.precheck(token, NS, AUDIENCE, now=1_700_000_000)
+    assert exc.value.status == status and message in exc.value.message
+    progress.precheck(GOOD, NS, AUDIENCE, now=1_700_000_000)  # a real token passes on to the TokenReview
+
+
+def junk(i: int) -> dict[str, str]:
+    """A thousand ways to knock: each request different, so no cache can help."""
+    kinds = [
+        {},
+        {"Authorization": f"Basic dXNlcjp{i}"},
+        auth(f"garbage-{i}"),
+        auth(f"{i}.{i}.{i}x"),
+        auth(jwt(aud=[f"https://kubernetes.default.svc/{i}"])),
+        auth(jwt(exp=1_600_000_000 + i)),
+        auth(jwt(namespace=f"team-{i}")),
+        auth(jwt(pod=None, jti=str(i))),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def test_a_thousand_junk_requests_cost_no_token_review_and_a_real_trainer_still_gets_through():
+    async def test(client, verifier, sink):
+        statuses = []
+        for start in range(0, 1000, 50):
+            responses = await asyncio.gather(*(client.post(URL, json=report(1), headers=junk(i))
+                                               for i in range(start, start + 50)))
+            statuses += [r.status for r in responses]
+        assert set(statuses) == {401, 403} and len(statuses) == 1000
+        assert verifier.calls == []  # not one TokenReview, so no verification slot was taken
+        response = await client.post(URL, json=report(7), headers=auth())
+        assert response.status == 202 and sink.steps == [7]
+        assert len(verifier.calls) == 1
+
+    scenario(test)
+
+
+def test_a_source_flooding_well_formed_forgeries_gets_429_and_other_sources_get_through():
+    now = [1000.0]
+    limiter = progress.SourceLimiter(per_second=1.0, burst=5, clock=lambda: now[0])
+
+    async def test(client, verifier, sink):
+        forgeries = [jwt(signature=f"Zm9yZ2Vk{i}") for i in range(100)]
+        responses = await asyncio.gather(*(client.post(URL, json=report(1), headers=auth(t)) for t in forgeries))
+        statuses = [r.status for r in responses]
+        assert statuses.count(401) == 5 and statuses.count(429) == 95
+        assert len(verifier.calls) == 5  # the source's burst, then no more TokenReviews
+        limited = next(r for r in responses if r.status == 429)
+        assert limited.headers["Retry-After"] == "1" and (await limited.json())["reason"] == "TooManyRequests"
+        # A trainer pod has its own address: the flood next door does not hold it up.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+            async with other.post(client.make_url(URL), json=report(9), headers=auth()) as response:
+                assert response.status == 202
+        assert sink.steps == [9]
+        now[0] += 2  # the flooding address recovers as its bucket refills
+        assert (await client.post(URL, json=report(1), headers=auth(jwt(signature="bmV3")))).status == 401
+
+    scenario(test, cache=lambda: progress.VerificationCache(limiter=limiter))
+
+
+def test_the_source_limiter_refills_answers_the_wait_and_stays_bounded():
+    now = [0.0]
+    limiter = progress.SourceLimiter(per_second=0.5, burst=2, clock=lambda: now[0], max_sources=3)
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 2.0]
+    now[0] += 1
+    assert limiter.take("a") == 1.0
+    now[0] += 1
+    assert limiter.take("a") == 0.0
+    for source in "bcdefg":
+        limiter.take(source)
+    assert len(limiter) <= 3
 
 
 def test_unknown_sftjob_is_404_and_bad_names_never_reach_the_verifier():
@@ -237,7 +355,7 @@ def test_successful_verification_is_cached():
             assert (await client.post(URL, json=report(step), headers=auth())).status == 202
         assert len(verifier.calls) == 1
         for _ in range(3):  # a refusal is remembered too: one TokenReview, not three
-            assert (await client.post(URL, json=report(1), headers=auth("forged"))).status == 401
+            assert (await client.post(URL, json=report(1), headers=auth(FORGED))).status == 401
         assert len(verifier.calls) == 2
 
     scenario(test)
