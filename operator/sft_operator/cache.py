@@ -19,12 +19,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import KIND
 from .api import TERMINAL_PHASES, Phase
-from .render import LABEL_JOB
+from .render import LABEL_JOB, cache_claim_name, config_map_name, service_name, trainer_job_name
 from .status import Cause, is_ignored_failure
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
 CHILD_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", "Job")  # the cache claim only when we create it
+CHILD_NAMES = {"ConfigMap": config_map_name, "Service": service_name, "PersistentVolumeClaim": cache_claim_name,
+               "Job": trainer_job_name}
 
 _META = ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "ownerReferences", "resourceVersion")
 _META_KEEP = {
@@ -84,20 +87,33 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def key_of(kind: str, body: Mapping[str, Any]) -> Key | None:
-    """The SFTJob an object belongs to: itself, or the one named by its ``sft.dev/job-name`` label."""
-    meta = body.get("metadata") or {}
-    if kind == "SFTJob":
-        return (meta.get("namespace", ""), meta.get("name", ""))
-    label = (meta.get("labels") or {}).get(LABEL_JOB)
-    return (meta.get("namespace", ""), label) if label else None
-
-
 def controller_of(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
     for ref in ((obj or {}).get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
             return ref
     return None
+
+
+def is_child(kind: str, body: Mapping[str, Any], job_name: str) -> bool:
+    """Whether an object is a child the operator made for the SFTJob ``job_name``: the name the renderer gives
+    that kind, controlled by an SFTJob of that name. The label alone says nothing: anyone can copy it (a
+    TensorBoard Service copies the pods' selector into its labels). Which SFTJob (its uid) is checked where the
+    child is read, since a child can be listed before its SFTJob."""
+    ref = controller_of(body) or {}
+    return ((body.get("metadata") or {}).get("name") == CHILD_NAMES[kind](job_name)
+            and (ref.get("kind"), ref.get("name")) == (KIND, job_name))
+
+
+def key_of(kind: str, body: Mapping[str, Any]) -> Key | None:
+    """The SFTJob an object belongs to: itself, the one named by a pod's ``sft.dev/job-name`` label, or the
+    one a child was made for (None for an object that only carries the label)."""
+    meta = body.get("metadata") or {}
+    if kind == "SFTJob":
+        return (meta.get("namespace", ""), meta.get("name", ""))
+    label = (meta.get("labels") or {}).get(LABEL_JOB)
+    if not label or (kind in CHILD_NAMES and not is_child(kind, body, label)):
+        return None
+    return (meta.get("namespace", ""), label)
 
 
 def controlled_by(obj: Mapping[str, Any] | None, uid: str | None) -> bool:
@@ -180,8 +196,11 @@ class Cache:
     def drop(self, kind: str, body: Mapping[str, Any]) -> Key | None:
         """A DELETED event: forget the object if it is the one we hold (same uid)."""
         key = key_of(kind, body)
-        if key is None:
-            return None
+        if key is not None:
+            self._remove(kind, key, body)
+        return key
+
+    def _remove(self, kind: str, key: Key, body: Mapping[str, Any]) -> None:
         uid = (body.get("metadata") or {}).get("uid")
         self.seen.pop(uid or "", None)
         if kind == "SFTJob":
@@ -196,7 +215,6 @@ class Cache:
                     del self.pods[key]
         elif (self.children[kind].get(key) or {}).get("metadata", {}).get("uid") == uid:
             del self.children[kind][key]
-        return key
 
     def _remember_replaced(self, key: Key, pod: Mapping[str, Any]) -> None:
         if (pod.get("status") or {}).get("phase") == "Failed" and is_ignored_failure(pod):
@@ -239,23 +257,20 @@ class Cache:
     def sweep(self, kind: str, namespaces: set[str] | None, live_uids: set[str], listed_at: float) -> set[Key]:
         """Drop objects of ``kind`` that a list begun at ``listed_at`` did not show (deleted while a
         watch was away). Objects the watch reported after the list began are kept."""
-        gone: list[tuple[Key, str]] = []
-
         def stale(key: Key, obj: Mapping[str, Any]) -> bool:
             uid = obj["metadata"].get("uid", "")
             in_scope = namespaces is None or key[0] in namespaces
             return in_scope and uid not in live_uids and self.seen.get(uid, 0.0) < listed_at
 
         if kind == "SFTJob":
-            gone = [(k, o["metadata"].get("uid", "")) for k, o in self.sftjobs.items() if stale(k, o)]
+            held = list(self.sftjobs.items())
         elif kind == "Pod":
-            gone = [(k, o["metadata"].get("uid", "")) for k, pods in self.pods.items() for o in pods.values()
-                    if stale(k, o)]
+            held = [(k, o) for k, pods in self.pods.items() for o in pods.values()]
         else:
-            gone = [(k, o["metadata"].get("uid", "")) for k, o in self.children[kind].items() if stale(k, o)]
-        for key, uid in gone:
-            self.drop(kind, {"metadata": {"namespace": key[0], "name": key[1], "uid": uid,
-                                          "labels": {LABEL_JOB: key[1]}}})
+            held = list(self.children[kind].items())
+        gone = [(k, o) for k, o in held if stale(k, o)]
+        for key, obj in gone:
+            self._remove(kind, key, obj)
         return {key for key, _ in gone}
 
     # ---- reading ----

@@ -137,3 +137,25 @@ def test_a_deleted_pod_that_failed_without_counting_stays_a_restart_after_it_is_
     assert status["restarts"] == 1
     # Without the note (what the operator did before), the restart was lost once the pod was gone.
     assert derive_status(cache.sftjobs[key], job, cache.pods_of(key, "j1"), datetime.now(timezone.utc))["restarts"] == 0
+
+
+def config_map(uid: str, name: str = "demo-config", controller: str = "demo") -> dict:
+    return {"kind": "ConfigMap", "metadata": {
+        "name": name, "namespace": "a", "uid": uid, "labels": {"sft.dev/job-name": "demo"},
+        "ownerReferences": [{"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": controller, "uid": "s1",
+                             "controller": True}]}}
+
+
+def test_a_child_is_known_by_its_name_and_controller_not_by_the_label():
+    cache = Cache()
+    key = cache.put("SFTJob", sftjob("s1"))
+    assert cache.put("ConfigMap", config_map("c1")) == key
+    assert cache.put("ConfigMap", config_map("x1", name="demo-notes")) is None  # someone's notes, our label
+    notes = config_map("x2")
+    notes["metadata"]["ownerReferences"] = []
+    assert cache.put("ConfigMap", notes) is None  # our child's name but not ours: the create's 409 finds it
+    assert cache.drop("ConfigMap", config_map("x1", name="demo-notes")) is None
+    assert cache.child("ConfigMap", key)["metadata"]["uid"] == "c1"
+    # a relist that no longer shows our ConfigMap forgets it (the watch missed its deletion)
+    assert cache.sweep("ConfigMap", {"a"}, set(), time.monotonic()) == {key}
+    assert cache.child("ConfigMap", key) is None

@@ -59,7 +59,8 @@ def job(**status: Any) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": "demo", "namespace": "team-a", "uid": "j-1", "labels": {"sft.dev/job-name": "demo"},
                          "creationTimestamp": "2020-01-01T00:00:01Z",
-                         "ownerReferences": [{"uid": "u-1", "controller": True, "kind": "SFTJob", "name": "demo"}]},
+                         "ownerReferences": [{"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": "demo", "uid": "u-1",
+                                              "controller": True}]},
             "spec": {"suspend": False}, "status": status}
 
 

@@ -1,0 +1,158 @@
+"""Reconciling one SFTJob against a fake API server: the children it creates, and what it leaves alone.
+The real API server is in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from typing import Any
+
+import pytest
+
+from sft_operator.context import Context
+from sft_operator.kube import ApiError
+from sft_operator.manage import manage
+from sft_operator.render import RenderOptions
+from sft_operator.settings import OperatorSettings
+from sft_operator.watch import child_event
+
+from .helpers import manifest
+
+KEY = ("team-a", "demo")
+
+
+class FakeKube:
+    """Creates, reads and patches objects in memory like the API server (uids, 409 on a taken name)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.patches: list[tuple[str, str, dict[str, Any]]] = []
+        self.writes: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.uids = itertools.count(1)
+
+    async def create(self, obj: dict[str, Any], **_: Any) -> dict[str, Any]:
+        meta = obj["metadata"]
+        where = (obj["kind"], meta.get("namespace", "team-a"), meta["name"])
+        if where in self.objects:
+            raise ApiError(409, "AlreadyExists", f"{obj['kind']} {meta['name']} already exists")
+        made = copy.deepcopy(obj)
+        made["metadata"].update(namespace=where[1], uid=f"{obj['kind'].lower()}-{next(self.uids)}", resourceVersion="1",
+                                creationTimestamp="2026-12-07T10:00:00Z")
+        self.objects[where] = made
+        return copy.deepcopy(made)
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        if (kind, namespace, name) not in self.objects:
+            raise ApiError(404, "NotFound", f"{kind} {name} not found")
+        return copy.deepcopy(self.objects[(kind, namespace, name)])
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patches.append((kind, name, patch))
+        obj = self.objects[(kind, namespace, name)]
+        obj.setdefault("spec", {}).update(patch.get("spec") or {})
+        return copy.deepcopy(obj)
+
+    async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.writes.append(status)
+        return {"metadata": {"uid": uid, "resourceVersion": str(100 + len(self.writes))}, "status": status}
+
+    async def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+    async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
+        return []
+
+    def stalled_seconds(self) -> float:
+        return 0.0
+
+    async def close(self) -> None:
+        pass
+
+
+def sftjob() -> dict[str, Any]:
+    doc = manifest()
+    doc["metadata"].update(uid="sftjob-uid", generation=1, resourceVersion="1", creationTimestamp="2026-12-07T10:00:00Z")
+    return doc
+
+
+def running_pod(job_uid: str) -> dict[str, Any]:
+    return {"kind": "Pod",
+            "metadata": {"name": "demo-0-abcde", "namespace": "team-a", "uid": "pod-1",
+                         "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"},
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo", "uid": job_uid,
+                                              "controller": True}]},
+            "status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                       "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": "2026-12-07T10:00:05Z"}}}]}}
+
+
+# A TensorBoard Service that copies the trainer pods' selector into its own labels, a notes ConfigMap, a scratch
+# claim: someone else's objects that carry our label but are not our children.
+FOREIGN = [
+    ("Service", "demo-tensorboard", {"selector": {"sft.dev/job-name": "demo"}, "ports": [{"port": 6006}]}),
+    ("ConfigMap", "demo-notes", None),
+    ("PersistentVolumeClaim", "demo-scratch", {"accessModes": ["ReadWriteOnce"]}),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "spec"), FOREIGN, ids=[f[0] for f in FOREIGN])
+def test_a_foreign_object_with_our_label_does_not_fail_a_running_job(kind, name, spec):
+    kube = FakeKube()
+
+    async def main() -> None:
+        ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
+        try:
+            ctx.cache.put("SFTJob", sftjob())
+            await manage(ctx, KEY)
+            job = ctx.cache.job_of(KEY)
+            assert job is not None
+            child_event(ctx, "Pod", "ADDED", running_pod(job["metadata"]["uid"]))
+            await asyncio.sleep(0.3)
+            assert kube.writes[-1]["phase"] == "Running"
+
+            foreign = {"apiVersion": "v1", "kind": kind, "metadata": {
+                "name": name, "namespace": "team-a", "uid": "foreign-1", "resourceVersion": "7",
+                "labels": {"sft.dev/job-name": "demo", "app": "tensorboard"}}}
+            if spec is not None:
+                foreign["spec"] = spec
+            child_event(ctx, kind, "ADDED", foreign)
+            await manage(ctx, KEY)  # the periodic resync
+            await asyncio.sleep(0.3)
+            child_event(ctx, kind, "DELETED", foreign)
+            await manage(ctx, KEY)
+            await asyncio.sleep(0.3)
+
+            assert [w["phase"] for w in kube.writes] == ["Running"]  # never NameConflict, never Failed
+            assert ctx.cache.note(KEY).creation_error is None
+            assert not [p for p in kube.patches if p[0] == "Job"]  # its Job is not suspended
+            ours = ctx.cache.child(kind, KEY)
+            if ours is not None:  # the cache still holds our own child under the job
+                assert ours["metadata"]["name"] != name
+        finally:
+            await ctx.scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_a_taken_child_name_is_still_a_name_conflict():
+    """Ignoring foreign objects in the cache must not hide a real conflict: the create's 409 finds it."""
+    kube = FakeKube()
+
+    async def main() -> None:
+        ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
+        try:
+            taken = {"apiVersion": "v1", "kind": "Service", "metadata": {
+                "name": "demo", "namespace": "team-a", "labels": {"sft.dev/job-name": "demo"}}}
+            child_event(ctx, "Service", "ADDED", await kube.create(taken))
+            ctx.cache.put("SFTJob", sftjob())
+            await manage(ctx, KEY)
+            await asyncio.sleep(0.3)
+            cause = ctx.cache.note(KEY).creation_error
+            assert cause is not None and cause.reason == "NameConflict" and "Service team-a/demo" in cause.message
+            assert kube.writes[-1]["phase"] == "Failed"
+            assert ("Job", "team-a", "demo") not in kube.objects  # no Job was created beside a taken name
+        finally:
+            await ctx.scheduler.close()
+
+    asyncio.run(main())
