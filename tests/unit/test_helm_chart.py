@@ -198,7 +198,7 @@ def test_default_render_is_strictly_valid(schema_dir):
     assert "Invalid: 0, Errors: 0, Skipped: 0" in summary, summary
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(manifests) if d)
     assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "Secret", "ClusterRole",
-                            "ClusterRoleBinding", "Service", "Deployment"])
+                            "ClusterRoleBinding", "Service", "Deployment", "NetworkPolicy"])
 
 
 def test_everything_enabled_render_is_strictly_valid(schema_dir):
@@ -528,3 +528,79 @@ def test_rbac_grants_exactly_what_the_operator_calls(values):
         granted = cluster | per_namespace.get(scope, set())
         assert not needed - granted, f"missing in {scope or 'the ClusterRole'}: {sorted(needed - granted)}"
         assert not granted - needed, f"granted but never used ({scope or 'cluster'}): {sorted(granted - needed)}"
+
+
+def _trainer_pod_labels() -> dict[str, str]:
+    """The labels of a trainer pod as the operator renders it."""
+    from sft_operator.render import render_children
+
+    from .helpers import manifest
+
+    job = next(c for c in render_children(manifest()) if c["kind"] == "Job")
+    return job["spec"]["template"]["metadata"]["labels"]
+
+
+def _admits(rule: dict, labels: dict[str, str], namespace: str) -> bool:
+    """Whether one ingress rule's `from` admits a pod with these labels in this namespace."""
+    if not rule.get("from"):
+        return True
+    for peer in rule["from"]:
+        pods = peer.get("podSelector", {}).get("matchLabels", {})
+        spaces = peer.get("namespaceSelector")
+        in_space = spaces == {} or any(
+            e["key"] == "kubernetes.io/metadata.name" and e["operator"] == "In" and namespace in e["values"]
+            for e in (spaces or {}).get("matchExpressions", []))
+        if spaces is not None and in_space and pods.items() <= labels.items():
+            return True
+    return False
+
+
+def _rules_for(policy: dict, port: str) -> list[dict]:
+    return [r for r in policy["spec"]["ingress"] if port in [p["port"] for p in r["ports"]]]
+
+
+def test_network_policy_admits_progress_only_from_trainer_pods_and_metrics_from_the_chosen_sources():
+    docs = objects()
+    policy = one(docs, "NetworkPolicy")
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # the operator still reaches the API server
+    trainer = _trainer_pod_labels()
+    (progress,) = _rules_for(policy, "progress")
+    assert _admits(progress, trainer, "any-team")
+    assert not _admits(progress, {"app": "curl"}, "any-team")
+    assert not _admits(progress, {k: v for k, v in trainer.items() if k != "app.kubernetes.io/name"}, "any-team")
+    (metrics,) = _rules_for(policy, "metrics")
+    assert _admits(metrics, {"app": "prometheus"}, "monitoring")  # default: any scraper
+    container_ports = {p["name"] for p in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {"progress", "metrics"} <= container_ports
+
+    prometheus = [{"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}]},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    narrowed = one(objects({"watchNamespaces": ["team-a"], "networkPolicy": {"metricsFrom": prometheus}}),
+                   "NetworkPolicy")
+    (metrics,) = _rules_for(narrowed, "metrics")
+    assert _admits(metrics, {"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    assert not _admits(metrics, {"app.kubernetes.io/name": "prometheus"}, "team-a")
+    (progress,) = _rules_for(narrowed, "progress")
+    assert _admits(progress, trainer, "team-a") and not _admits(progress, trainer, "team-b")  # watched ones only
+
+    assert not [d for d in objects({"networkPolicy": {"enabled": False}}) if d["kind"] == "NetworkPolicy"]
+
+
+def test_the_chart_promises_the_certificate_reload_the_operator_does():
+    """A renewed serving certificate is picked up within --reload-seconds, without a restart
+    (tests/unit/test_progress.py serves one); values.yaml and the schema say so to the person
+    choosing `renewBefore`."""
+    from sft_operator.settings import OperatorSettings
+
+    seconds = int(OperatorSettings().reload_seconds)
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("renewBefore:"))
+    comment = " ".join(line.strip().lstrip("#").strip() for line in lines[at - 4:at] if line.strip().startswith("#"))
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    described = schema["properties"]["tls"]["properties"]["certManager"]["properties"]["renewBefore"]["description"]
+    for text in (comment, described):
+        assert f"every {seconds} s" in text and "without a restart" in text, text
+    assert "next restart" not in (ROOT / "docs" / "helm.md").read_text()

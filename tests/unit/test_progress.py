@@ -517,13 +517,12 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
     new_cert, new_key = self_signed(second)
     port = free_port()
 
+    # As the operator starts it: --reload-seconds (60 by default, what the chart's values.yaml promises).
+    settings = OperatorSettings(progress_port=port, progress_tls_cert=str(cert), progress_tls_key=str(key),
+                                reload_seconds=0.05)
+
     async def main():
-        context = progress.ssl_context(str(cert), str(key))
-        runner = aiohttp.web.AppRunner(build_app(FakeVerifier(), FakeSink()))
-        await runner.setup()
-        await aiohttp.web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
-        reload = asyncio.create_task(progress.reload_certificates(context, str(cert), str(key),
-                                                                  progress.log, interval=0.05))
+        await progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
         try:
             served = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
             assert served.strip() == cert.read_text().strip()
@@ -536,8 +535,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
             served = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
             assert served.strip() == new_cert.read_text().strip()
         finally:
-            reload.cancel()
-            await runner.cleanup()
+            await progress.stop_progress_server()
 
     asyncio.run(main())
 
