@@ -460,7 +460,7 @@ class KubeClient:
             out = await self.request("list", kind, "GET", path, params=params,
                                      accept=METADATA_LIST if metadata_only else JSON, priority=priority)
             meta = out.get("metadata") or {}
-            yield out.get("items") or [], str(meta.get("resourceVersion") or "")
+            yield out.pop("items", None) or [], str(meta.get("resourceVersion") or "")  # not kept here: one page alive
             if not meta.get("continue"):
                 return
             params = {**params, "continue": str(meta["continue"])}

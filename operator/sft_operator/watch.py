@@ -83,7 +83,7 @@ class Watcher:
                     item.setdefault("kind", self.kind)
                     child_event(self.ctx, self.kind, None, item)
                     live.add((item.get("metadata") or {}).get("uid", ""))
-            del items  # one page decoded at a time
+            del items  # before the next page is read: one page in memory at a time
         namespaces = {self.namespace} if self.namespace else None
         for key in self.ctx.cache.sweep(self.kind, namespaces, live, listed_at):
             if self.kind != "Pod":
