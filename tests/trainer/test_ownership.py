@@ -16,8 +16,9 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 from sft_trainer import __main__ as entry  # noqa: E402
-from sft_trainer import ownership  # noqa: E402
+from sft_trainer import checkpoint, ownership  # noqa: E402
 from sft_trainer.config import TrainingSpec  # noqa: E402
+from sft_trainer.errors import TrainerError  # noqa: E402
 from sft_trainer.exit_codes import ExitCode  # noqa: E402
 
 from trainer_helpers import run_interrupted_at, write_config  # noqa: E402
@@ -84,7 +85,7 @@ def test_a_live_run_holding_the_destination_stops_a_second_one_and_a_stale_lock_
     lock.write_text(json.dumps({"runId": "uid-other", "host": "trainer-pod-0", "pid": 7, "heartbeat": time.time() - 5}))
     code, reason = exit_of(spec, tmp_path, monkeypatch)
     assert code == ExitCode.INVALID_CONFIG
-    assert reason.startswith(f"{out}/.sft-lock: another run (uid-other, host trainer-pod-0, pid 7) holds it")
+    assert reason.startswith(f"{out}/.sft-lock: another run (uid-other, pod trainer-pod-0, pid 7) holds it")
     assert not (out / "checkpoints").exists()
 
     lock.write_text(json.dumps({"runId": "uid-other", "host": "trainer-pod-0", "pid": 7,
@@ -108,7 +109,7 @@ def test_a_second_copy_of_the_same_run_on_this_host_is_stopped(spec, tmp_path, m
     finally:
         other.kill()
         other.wait()
-    assert code == ExitCode.INVALID_CONFIG and f"a second copy of this run (host {socket.gethostname()}" in reason
+    assert code == ExitCode.INVALID_CONFIG and f"a second copy of this run (pod {socket.gethostname()}" in reason
 
 
 class Planted:
@@ -127,3 +128,65 @@ def test_code_planted_in_a_checkpoint_is_refused_not_run(spec, tmp_path, monkeyp
     assert code == ExitCode.DATA_ERROR
     assert reason.startswith(f"{newest}: cannot be loaded safely as a checkpoint (UnpicklingError")
     assert not marker.exists()
+
+
+def test_a_superseded_writer_stops_before_its_next_commit_and_deletes_nothing(tmp_path, monkeypatch):
+    """A partition: the old pod (A) keeps running while its replacement (B) of the same run takes the lock
+    over. Two writers in one process stand for the two pods."""
+    out = tmp_path / "out"
+    ckpts = out / "checkpoints"
+    out.mkdir()
+    tensors, states = {"w": torch.ones(2, 2)}, {"optimizer": {}}
+    monkeypatch.setenv("SFT_POD_NAME", "trainer-0-aaaaa")
+    a = ownership.DestinationLock(out, "uid-1", str(out))
+    a.acquire()
+    checkpoint.save(ckpts, 2, tensors, states, {"runId": "uid-1", "step": 2}, fence=a.check)
+
+    monkeypatch.setenv("SFT_POD_NAME", "trainer-0-bbbbb")  # the replacement: same run, same host name
+    b = ownership.DestinationLock(out, "uid-1", str(out))
+    b.acquire()  # at once: the old pod is unreachable, not known dead
+    checkpoint.clean_partial(ckpts, fence=b.check)
+    checkpoint.save(ckpts, 3, tensors, states, {"runId": "uid-1", "step": 3}, fence=b.check)
+    before = snapshot(ckpts)
+
+    with pytest.raises(ownership.Superseded) as stopped:
+        checkpoint.save(ckpts, 4, tensors, states, {"runId": "uid-1", "step": 4}, fence=a.check)
+    assert stopped.value.code == ExitCode.SUPERSEDED
+    assert "pod trainer-0-bbbbb took the lock over (epoch 2, this pod trainer-0-aaaaa held epoch 1)" in stopped.value.reason
+    with pytest.raises(ownership.Superseded):
+        checkpoint.rotate(ckpts, keep=1, fence=a.check)
+    with pytest.raises(ownership.Superseded):
+        checkpoint.clean_partial(ckpts, fence=a.check)
+    assert a.refresh() is False  # A's heartbeat leaves B's lock alone
+    a.release()  # and so does its release
+    assert snapshot(ckpts) == before  # nothing of B's deleted, no step 4 committed by A
+    held = json.loads((out / ownership.LOCK).read_text())
+    assert (held["pod"], held["epoch"]) == ("trainer-0-bbbbb", 2)
+    b.check()  # B goes on
+    checkpoint.rotate(ckpts, keep=1, fence=b.check)
+    assert [p.name for p in checkpoint.complete(ckpts)] == ["step-00000003"]
+    b.release()
+    assert not (out / ownership.LOCK).exists()
+
+
+def test_a_run_whose_destination_is_taken_over_stops_with_79_and_writes_no_model(spec, tmp_path, monkeypatch):
+    from sft_trainer import train
+
+    monkeypatch.setenv("SFT_RUN_ID", "uid-1")
+    monkeypatch.setenv("SFT_POD_NAME", "trainer-0-aaaaa")
+    out = tmp_path / "out"
+    replacement = []
+
+    def partition_at_step_3(report):
+        if report.step == 3 and not replacement:  # the replacement pod starts and takes the lock
+            monkeypatch.setenv("SFT_POD_NAME", "trainer-0-bbbbb")
+            replacement.append(ownership.DestinationLock(out, "uid-1", str(out)))
+            replacement[0].acquire()
+
+    with pytest.raises(TrainerError) as stopped:
+        train.run(TrainingSpec.model_validate(spec), stdout=None, listener=partition_at_step_3)
+    assert stopped.value.code == ExitCode.SUPERSEDED and "trainer-0-bbbbb took the lock over" in stopped.value.reason
+    assert [p.name for p in checkpoint.complete(out / "checkpoints")] == ["step-00000002"]  # none after step 3
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    assert json.loads((out / ownership.LOCK).read_text())["pod"] == "trainer-0-bbbbb"  # still the new owner's
+    replacement[0].release()

@@ -1,7 +1,8 @@
 """Atomic checkpoints: written to a hidden temporary folder, completed with a marker file, then renamed.
 
 A folder named ``step-NNNNNNNN`` with a ``COMPLETE`` marker is always whole; anything else (a pod killed
-mid-write) is ignored and cleaned up. Resume picks the newest complete one.
+mid-write) is ignored and cleaned up. Resume picks the newest complete one. ``fence`` (the destination
+lock's ``check``) runs before every rename and delete: a writer that was superseded stops there.
 
 Layout of one checkpoint::
 
@@ -23,7 +24,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,8 +70,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(root: Path, step: int, tensors: dict[str, torch.Tensor], states: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+def _unfenced() -> None:
+    pass
+
+
+def save(root: Path, step: int, tensors: dict[str, torch.Tensor], states: dict[str, Any], trainer_state: dict[str, Any],
+         fence: Callable[[], None] = _unfenced) -> Path:
     """Write one checkpoint atomically; returns its final path (an existing one is kept as is)."""
+    fence()  # before writing gigabytes, and again before the rename
     root.mkdir(parents=True, exist_ok=True)
     final = root / name(step)
     if (final / MARKER).exists():
@@ -90,6 +97,7 @@ def save(root: Path, step: int, tensors: dict[str, torch.Tensor], states: dict[s
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
+    fence()
     shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name
     os.rename(tmp, final)
     _fsync_dir(root)
@@ -109,19 +117,23 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def clean_partial(root: Path) -> None:
+def clean_partial(root: Path, fence: Callable[[], None] = _unfenced) -> None:
     """Remove half-written checkpoints left by a killed process."""
     if not root.is_dir():
         return
+    fence()
     for p in root.iterdir():
         if p.name.startswith(".tmp-") or (NAME.match(p.name) and not (p / MARKER).exists()):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def rotate(root: Path, keep: int, protect: Path | None = None) -> None:
+def rotate(root: Path, keep: int, protect: Path | None = None, fence: Callable[[], None] = _unfenced) -> None:
     """Keep the newest ``keep`` complete checkpoints, plus ``protect`` (the best one)."""
     found = complete(root)
-    for p in found[: max(0, len(found) - keep)]:
+    old = found[: max(0, len(found) - keep)]
+    if old:
+        fence()
+    for p in old:
         if protect is None or p.resolve() != protect.resolve():
             shutil.rmtree(p, ignore_errors=True)
 

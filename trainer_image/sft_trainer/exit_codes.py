@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     CACHE_TOO_SMALL = 73  # EX_CANTCREAT: the fetch cache volume has less free space than the download needs
     INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM; a checkpoint was saved, retrying resumes from it
     ACCESS_DENIED = 77  # EX_NOPERM: credentials missing, wrong or not allowed to read/write the object (named)
+    SUPERSEDED = 79  # another pod of this run took its output destination over (a partition's replacement); stopped unwritten
 
 
 NON_RETRIABLE: tuple[ExitCode, ...] = (
@@ -42,6 +43,7 @@ REASONS: dict[int, str] = {
     ExitCode.CACHE_TOO_SMALL: "CacheTooSmall",
     ExitCode.INTERRUPTED: "Interrupted",
     ExitCode.ACCESS_DENIED: "AccessDenied",
+    ExitCode.SUPERSEDED: "Superseded",
 }
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"

@@ -165,6 +165,12 @@ class Run:
     out_dir: Path
     sinks: list[Sink]
     stop: StopFlag
+    lock: ownership.DestinationLock | None = None  # rank 0: the destination's lock, a fence before each commit
+
+    def fence(self) -> None:
+        """Before a commit: stop (Superseded, exit 79) if another pod took the destination over."""
+        if self.lock is not None:
+            self.lock.check()
 
     @property
     def fsdp(self) -> bool:
@@ -216,9 +222,12 @@ def run(
     stdout: TextIO | None = sys.stdout,
     listener: Callable[[ProgressReport], None] | None = None,
     sinks: Sequence[Sink] = (),
+    lock: ownership.DestinationLock | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` to completion and write its outputs. Returns the final metrics (also in metrics.json).
     ``sinks`` are told about every step and evaluation too (rank 0), after the log and the progress reports.
+    ``lock`` (rank 0): the destination's lock when the caller holds it past the run (through the export); it
+    is taken here and left held. Without one the run takes and releases its own.
 
     Raises ``TrainerError`` subclasses (each carries its exit code) for invalid config, data errors,
     divergence, model-load errors, an unreachable hub and interruption.
@@ -231,19 +240,21 @@ def run(
     torch.manual_seed(spec.hyperparameters.seed)
     out_dir = paths.resolve(spec.output.destination)
     rid = ownership.run_id(spec)
-    lock = ownership.DestinationLock(out_dir, rid, spec.output.destination.rstrip("/")) if d.main else None
+    own_lock = lock is None
+    if d.main and lock is None:
+        lock = ownership.DestinationLock(out_dir, rid, spec.output.destination.rstrip("/"))
     stop = StopFlag()
     stop.install()
     run_sinks: list[Sink] = []
     try:
         claim_destination(spec, d, out_dir, rid, lock)
         run_sinks = sinks_for(d, out_dir, stdout, listener, sinks)
-        return train(spec, d, rid, out_dir, run_sinks, stop)
+        return train(spec, d, rid, out_dir, run_sinks, stop, lock if d.main else None)
     finally:
         stop.restore()
         for sink in run_sinks:
             sink.close()
-        if lock is not None:
+        if lock is not None and d.main and own_lock:
             lock.release()
         shutdown(d)
 
@@ -257,7 +268,7 @@ def claim_destination(spec: TrainingSpec, d: Dist, out_dir: Path, rid: str, lock
             out_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             ownership.check_checkpoints(ckpt_dir, rid, spec.output.destination.rstrip("/") + "/" + outputs.CHECKPOINT_DIR)
-            checkpoint.clean_partial(ckpt_dir)
+            checkpoint.clean_partial(ckpt_dir, fence=lock.check)
         except TrainerError as e:
             error = e
     if all_sum(0.0 if error is None else 1.0, d) > 0:
@@ -267,7 +278,8 @@ def claim_destination(spec: TrainingSpec, d: Dist, out_dir: Path, rid: str, lock
 # ---------------------------------------------------------------- set up, loop, finish
 
 
-def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink], stop: StopFlag) -> dict[str, Any]:
+def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink], stop: StopFlag,
+          lock: ownership.DestinationLock | None = None) -> dict[str, Any]:
     hp, ds = spec.hyperparameters, spec.dataset
     t_start = time.time()
     amp = modeling.resolve_precision(hp.precision, d.device)
@@ -309,7 +321,7 @@ def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink
     total_steps = hp.max_steps or steps_per_epoch * hp.num_epochs
     scheduler = make_scheduler(optimizer, hp.lr_scheduler, math.ceil(hp.warmup_ratio * total_steps), total_steps)
     r = Run(spec, d, amp, tokenizer, datasets, model, base, optimizer, scheduler, trainable, batcher, strategy,
-            config, pad_added, out_dir, sinks, stop)
+            config, pad_added, out_dir, sinks, stop, lock)
     state = start(r, rid, total_steps, steps_per_epoch, StabilityGuard(loss_scaling=amp.scaler is not None))
     if d.main:
         log.info(
@@ -518,9 +530,13 @@ def save_checkpoint(r: Run, state: RunState) -> Path:
             "scaler": r.amp.scaler.state_dict() if r.amp.scaler else None,
             "rng": rng_state(),
         }
-        checkpoint.save(r.ckpt_dir, state.step, tensors, states, state.to_checkpoint())
+        try:
+            checkpoint.save(r.ckpt_dir, state.step, tensors, states, state.to_checkpoint(), fence=r.fence)
+        except OSError:
+            r.fence()  # a newer writer's clean-up removed the folder being written: say that, not ENOENT
+            raise
         best = Path(state.best_checkpoint) if state.best_checkpoint else None
-        checkpoint.rotate(r.ckpt_dir, r.spec.checkpointing.keep, protect=best)
+        checkpoint.rotate(r.ckpt_dir, r.spec.checkpointing.keep, protect=best, fence=r.fence)
     barrier(r.d)
     return r.ckpt_dir / checkpoint.name(state.step)
 
@@ -555,6 +571,7 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
     full_sd = full_state_dict(r.model) if r.fsdp else None  # every rank joins the gather
     if d.main:
         merge = bool(spec.peft and spec.peft.merge)
+        r.fence()
         outputs.save_model(unsharded(r, full_sd) if r.fsdp else r.base, r.tokenizer, r.out_dir / outputs.MODEL_DIR,
                            merge_lora=merge)
     barrier(d)
@@ -589,6 +606,7 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
         "data": r.datasets.stats,
     }
     if d.main:
+        r.fence()
         outputs.write_metrics(r.out_dir / outputs.METRICS, metrics)
         msg = "stopped early: eval loss stopped improving" if state.stopped_early else "done"
         report = progress(r, state, msg, final=True, general_loss_after=general_after,
