@@ -12,7 +12,8 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
-from sft_trainer.config import TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules
+from sft_trainer.config import TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
+from sft_trainer.references import IMAGE_RULES
 
 from . import API_VERSION, KIND
 
@@ -182,7 +183,7 @@ class SFTJobSpec(TrainingSpec):
     }
 
     resources: Resources = Field(default_factory=Resources)
-    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+    image: reference(IMAGE_RULES, 512) | None = Field(
         default=None, description="Trainer image override; the operator's default otherwise."
     )
     service_account_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(

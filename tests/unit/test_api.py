@@ -70,3 +70,61 @@ def test_training_part_excludes_the_kubernetes_side():
     dumped = spec.training_part().model_dump(by_alias=True)
     assert "resources" not in dumped and "image" not in dumped and "runPolicy" not in dumped
     assert dumped["model"]["source"] == "Qwen/Qwen2.5-0.5B"
+
+
+REFUSED_REFERENCES = [
+    # (spec overrides, field path, what the message says)
+    ({"model": {"source": "pvc://datasets/../../etc"}}, "spec.model.source", ". or .. segments"),
+    ({"output": {"destination": "pvc://models/../../tmp/out"}}, "spec.output.destination", ". or .. segments"),
+    ({"output": {"destination": "pvc://models/./out"}}, "spec.output.destination", ". or .. segments"),
+    ({"dataset": {"train": {"source": "s3://datasets/a/../../b"}}}, "spec.dataset.train.source", ". or .. segments"),
+    ({"dataset": {"train": {"source": "s3://datasets//train.jsonl"}}}, "spec.dataset.train.source", "empty"),
+    ({"model": {"source": "gs://models/llama"}}, "spec.model.source", "only pvc:// and s3://"),
+    ({"model": {"source": "org/../model"}}, "spec.model.source", "hub id is namespace/name"),
+    ({"model": {"source": "Qwen/Qwen2.5-0.5B\nforged"}}, "spec.model.source", "control characters"),
+    ({"model": {"source": "Qwen/Qwen2.5-0.5B", "revision": "../main"}}, "spec.model.revision", "branch, tag or commit"),
+    ({"tracking": {"mlflow": {"trackingUri": "https://me:hunter2@mlflow.example.com"}}},
+     "spec.tracking.mlflow.trackingUri", "tokenSecretRef"),
+    ({"tracking": {"mlflow": {"trackingUri": "http://mlflow:5000/?token=hunter2"}}},
+     "spec.tracking.mlflow.trackingUri", "no query"),
+    ({"storage": {"s3": {"endpoint": "http://AKIA:hunter2@minio.minio:9000"}}}, "spec.storage.s3.endpoint",
+     "credentialsSecretRef"),
+    ({"image": "ghcr.io/sft-operator/Trainer:0.1.0"}, "spec.image", "image reference"),
+    ({"image": "ghcr.io/sft-operator/trainer:0.1.0:latest"}, "spec.image", "image reference"),
+    ({"image": "ghcr.io/sft-operator/trainer@sha256:abc"}, "spec.image", "image reference"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,says", REFUSED_REFERENCES, ids=[r[1] + ":" + r[2] for r in REFUSED_REFERENCES])
+def test_reference_fields_are_parsed_by_their_grammar(overrides, field, says):
+    problems = [p for p in problems_in(manifest(**overrides)) if p.path == field]
+    assert problems and says in problems[0].message, [str(p) for p in problems_in(manifest(**overrides))]
+
+
+def test_a_refused_value_is_never_echoed_into_messages():
+    # The operator writes str(ValidationError) into a condition and an Event when a stored spec stops validating.
+    doc = manifest(tracking={"mlflow": {"trackingUri": "https://me:hunter2@mlflow.example.com"}})
+    with pytest.raises(ValidationError) as err:
+        SFTJob.model_validate(doc)
+    assert "hunter2" not in str(err.value)
+    assert "hunter2" not in " ".join(str(p) for p in problems_in(doc))
+
+
+ACCEPTED_REFERENCES = [
+    {"model": {"source": "meta-llama/Llama-3.2-1B", "revision": "refs/pr/1"}},
+    {"model": {"source": "gpt2", "revision": "a" * 40}},
+    {"model": {"source": "/models/in-the-image"}, "output": {"destination": "s3://models/fine-tuned/run-1/"}},
+    {"model": {"source": "~/models/x"}, "dataset": {"train": {"source": "./data/../data/train.jsonl"}}},
+    {"dataset": {"train": {"source": "s3://my.bucket-1/a/.hidden/train.jsonl"}}},
+    {"dataset": {"train": {"source": "pvc://datasets"}}},
+    {"tracking": {"mlflow": {"trackingUri": "https://mlflow.example.com:8443/mlflow"}}},
+    {"storage": {"s3": {"endpoint": "http://10.0.0.7:9000"}}},
+    {"image": "trainer"},
+    {"image": "localhost:5000/sft/trainer_gpu:v1.2.3-rc.1"},
+    {"image": "ghcr.io/sft-operator/trainer:0.1.0@sha256:" + "0123456789abcdef" * 4},
+]
+
+
+@pytest.mark.parametrize("overrides", ACCEPTED_REFERENCES, ids=lambda o: str(o)[:60])
+def test_reference_fields_accept_what_their_grammar_allows(overrides):
+    assert problems_in(manifest(**overrides)) == []

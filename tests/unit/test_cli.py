@@ -71,3 +71,14 @@ def test_operator_run_help_shows_the_operator_flags():
     out = sftctl("operator", "run", "--help")
     assert out.returncode == 0, out.stderr
     assert "--trainer-image" in out.stdout and "--progress-url" in out.stdout
+
+
+def test_validate_refuses_credentials_in_a_url_naming_the_field_and_the_secret_reference(tmp_path):
+    doc = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
+    doc["spec"]["tracking"] = {"mlflow": {"trackingUri": "https://me:hunter2@mlflow.example.com"}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = sftctl("validate", str(path))
+    assert out.returncode == 1
+    assert f"{path}: spec.tracking.mlflow.trackingUri: must not carry credentials" in out.stderr
+    assert "tokenSecretRef" in out.stderr and "hunter2" not in out.stderr + out.stdout

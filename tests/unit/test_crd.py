@@ -72,3 +72,36 @@ def test_training_spec_is_immutable_but_run_policy_is_not():
 def test_exclusive_bounds_use_openapi_v3_booleans():
     lr = _schema()["properties"]["spec"]["properties"]["hyperparameters"]["properties"]["learningRate"]
     assert lr["minimum"] == 0 and lr["exclusiveMinimum"] is True and lr["maximum"] == 1
+
+
+def test_every_reference_field_carries_the_grammar_the_models_evaluate():
+    # One rule list per grammar, in the CRD as CEL (the API server refuses) and in the models (sftctl validate):
+    # the same regular expressions, so both refuse the same values.
+    from sft_trainer import references as ref
+
+    spec = _schema()["properties"]["spec"]["properties"]
+    fields = {
+        "model.source": ref.SOURCE_RULES,
+        "dataset.train.source": ref.SOURCE_RULES,
+        "dataset.validation.source": ref.SOURCE_RULES,
+        "dataset.general.source": ref.SOURCE_RULES,
+        "output.destination": ref.SOURCE_RULES,
+        "model.revision": ref.REVISION_RULES,
+        "tracking.mlflow.trackingUri": ref.url_rules("tokenSecretRef"),
+        "storage.s3.endpoint": ref.url_rules("credentialsSecretRef"),
+        "image": ref.IMAGE_RULES,
+    }
+    for dotted, rules in fields.items():
+        node = spec
+        for i, name in enumerate(dotted.split(".")):
+            node = (node if i == 0 else node["properties"])[name]
+        assert node.get("x-kubernetes-validations") == [r.cel() for r in rules], dotted
+
+
+def test_grammar_rules_read_the_same_in_cel_and_python():
+    # CEL strings unescape once: the regex the API server compiles is the pattern the models use.
+    from sft_trainer import references as ref
+
+    rule = ref.Rule(r"^[^\x00-\x1f]*$", "m", when="pvc://")
+    assert rule.cel()["rule"] == "!self.startsWith('pvc://') || self.matches('^[^\\\\x00-\\\\x1f]*$')"
+    assert not ref.Rule("^a$", "m").holds("a\n")  # RE2's $ is the end of the text; so is ours

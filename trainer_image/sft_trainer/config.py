@@ -10,19 +10,14 @@ CEL rule in ``x-kubernetes-validations`` (API server). Keep each pair in step.
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-PVC_SOURCE = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$")
-PVC_SOURCE_CEL = "!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$')"
-# s3://bucket/prefix; bucket names follow S3's rules (3-63 lowercase letters, digits, dots, hyphens).
-S3_LOCATION = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
-S3_LOCATION_CEL = "!self.startsWith('s3://') || self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$')"
-S3_LOCATION_MESSAGE = "an s3:// location must be s3://<bucket>/<prefix> (bucket: 3-63 lowercase letters, digits, dots, hyphens)"
+from . import references
+from .references import Rule
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 DEFAULT_PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -49,31 +44,28 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        # Error texts reach logs, conditions and Events: never echo a value (a URL may hold a credential).
+        hide_input_in_errors=True,
     )
 
 
-def check_source(value: str) -> str:
-    if value.startswith("pvc://") and not PVC_SOURCE.match(value):
-        raise ValueError("a pvc:// source must be pvc://<claim-name>/<path>")
-    if value.startswith("s3://") and not S3_LOCATION.match(value):
-        raise ValueError(S3_LOCATION_MESSAGE)
-    return value
+def reference(rules: tuple[Rule, ...], max_length: int, description: str | None = None) -> Any:
+    """A string field checked by its grammar: CEL rules in the CRD, the same regexes offline."""
+    return Annotated[
+        str,
+        Field(min_length=1, max_length=max_length, description=description,
+              json_schema_extra=references.cel_rules(rules)),
+        AfterValidator(lambda value: references.check(rules, value)),
+    ]
 
 
-Source = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=1024,
-        description="A hub id (`org/name`), `s3://bucket/prefix`, `pvc://claim/path` (mounted from a "
-        "PersistentVolumeClaim), or a local path.",
-        json_schema_extra=cel_rules(
-            cel(PVC_SOURCE_CEL, "a pvc:// source must be pvc://<claim-name>/<path>"),
-            cel(S3_LOCATION_CEL, S3_LOCATION_MESSAGE),
-        ),
-    ),
-    AfterValidator(check_source),
-]
+Source = reference(
+    references.SOURCE_RULES,
+    1024,
+    "A hub id (`org/name`), `s3://bucket/prefix`, `pvc://claim/path` (mounted from a PersistentVolumeClaim), or a "
+    "local path. No empty, `.` or `..` segments.",
+)
+Revision = reference(references.REVISION_RULES, 256)
 
 
 class SecretKeyRef(ApiModel):
@@ -90,7 +82,7 @@ class ModelSpec(ApiModel):
         description="Hub id (e.g. `meta-llama/Llama-2-7b-hf`), `s3://bucket/prefix` (a folder as save_pretrained "
         "writes it), `pvc://claim/path`, or a local path. Hub and s3:// models are fetched once into the cache."
     )
-    revision: Annotated[str, Field(max_length=256)] | None = Field(
+    revision: Revision | None = Field(
         default=None, description="Hub revision (branch, tag or commit). Pin it for reproducible runs."
     )
     token_secret_ref: SecretKeyRef | None = Field(
@@ -395,7 +387,6 @@ class DistributedSpec(ApiModel):
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
-HTTP_URL = r"^https?://[^\s/?#]+[^\s]*$"
 # A storage quantity above zero (the pattern has no zero, so the API server refuses `0Gi` too).
 STORAGE_SIZE = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]*\.[0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 # A claim the operator creates when the spec reads from the hub or s3:// and names no cache.
@@ -421,7 +412,7 @@ class S3CredentialsSecretRef(ApiModel):
 class S3Spec(ApiModel):
     """Connection settings for every s3:// location in the spec."""
 
-    endpoint: Annotated[str, Field(max_length=512, pattern=HTTP_URL)] | None = Field(
+    endpoint: reference(references.url_rules("credentialsSecretRef"), 512) | None = Field(
         default=None,
         description="An S3-compatible endpoint (MinIO, Ceph RGW, Cloudflare R2), e.g. `http://minio.minio:9000`. "
         "Default: AWS S3.",
@@ -483,7 +474,7 @@ class StorageSpec(ApiModel):
 class MlflowSpec(ApiModel):
     """An MLflow tracking server that rank 0 logs the run to. Its failures never fail training."""
 
-    tracking_uri: Annotated[str, Field(max_length=1024, pattern=HTTP_URL)] = Field(
+    tracking_uri: reference(references.url_rules("tokenSecretRef"), 1024) = Field(
         description="The tracking server, e.g. `http://mlflow.mlflow:5000`."
     )
     experiment: Annotated[str, Field(min_length=1, max_length=256)] = Field(
