@@ -33,9 +33,12 @@ def fetch(spec: dict, tmp_path: Path, env: dict[str, str], timeout: float = 120)
                           env=env_for(tmp_path / "cache", env), capture_output=True, text=True, timeout=timeout)
 
 
-def s3_spec(model: str, train: str, endpoint: str) -> dict:
+def s3_spec(model: str, train: str, endpoint: str, output: str | None = None) -> dict:
+    """By default the output goes to the sources' bucket: the fetch stage proves an s3:// output writable
+    before it downloads."""
+    bucket = next(s for s in (train, model) if s.startswith("s3://"))[len("s3://"):].split("/")[0]
     return {"model": {"source": model}, "dataset": {"train": {"source": train}},
-            "output": {"destination": "s3://unused-bucket/out"}, "storage": {"s3": {"endpoint": endpoint}}}
+            "output": {"destination": output or f"s3://{bucket}/out"}, "storage": {"s3": {"endpoint": endpoint}}}
 
 
 def put_model(client, bucket: str, prefix: str, big: int = 3 << 20) -> dict[str, bytes]:
@@ -112,7 +115,8 @@ def test_network_errors_are_retried_and_the_download_completes(s3_server, bucket
     data = os.urandom(1 << 20)
     s3_server.client().put_object(Bucket=bucket, Key="data/train.jsonl", Body=data)
     proxy = FaultyProxy(s3_server.port)
-    spec = s3_spec("/models/local", f"s3://{bucket}/data/train.jsonl", proxy.endpoint)
+    # A local output: no write probe takes the connections the faults below are meant for.
+    spec = s3_spec("/models/local", f"s3://{bucket}/data/train.jsonl", proxy.endpoint, output=str(tmp_path / "out"))
     proxy.refuse(2)  # the first connections are dropped at once
     proxy.cut_after(400_000, times=2)  # the next two (the HEAD, the first GET) are cut after 400 kB
     proxy.cut_after(700_000, times=1)  # and the GET after that too
@@ -146,6 +150,20 @@ def test_a_missing_key_or_bucket_is_not_found_and_names_it(s3_server, bucket, tm
     assert result.returncode == 68, result.stderr
     message = (tmp_path / "termination-log").read_text()
     assert "s3://no-such-bucket-here/models/x" in message and "the bucket does not exist" in message
+
+
+def test_an_object_key_with_dot_dot_segments_never_writes_outside_the_source_folder(s3_server, bucket, tmp_path):
+    # A bucket is not ours: a listed key like "models/tiny/../../../.sft/done/x.json" must not become a path
+    # that leaves the source's folder (it could overwrite another source's files or a done-marker).
+    client = s3_server.client()
+    put_model(client, bucket, "models/tiny", big=1024)
+    client.put_object(Bucket=bucket, Key="models/tiny/../../../../.sft/done/escape.json", Body=b'{"path": "/"}')
+    spec = s3_spec(f"s3://{bucket}/models/tiny", "/data/local.jsonl", s3_server.endpoint)
+    result = fetch(spec, tmp_path, s3_server.env())
+    assert result.returncode == 64, result.stderr  # INVALID_CONFIG: terminal, nothing retried
+    message = (tmp_path / "termination-log").read_text()
+    assert f"s3://{bucket}/models/tiny/../../../../.sft/done/escape.json" in message and ".. segments" in message
+    assert not list(tmp_path.rglob("escape.json"))
 
 
 def test_wrong_or_insufficient_credentials_are_access_denied_naming_the_bucket(s3_auth_server, tmp_path):

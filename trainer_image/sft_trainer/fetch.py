@@ -159,6 +159,8 @@ def fetch_all(spec: TrainingSpec, *, reporter=None) -> dict[str, Path]:
     progress = Progress(root / ".sft" / "fetch-progress.json", reporter)
     with cache_lock(root):
         plans = [_plan(r, spec) for r in remotes]
+        if is_s3(spec.output.destination):  # before the download: an unwritable output fails in seconds, not hours
+            check_output_writable(spec)
         progress.total = sum(p.total for p in plans)
         progress.set_done(sum(p.present for p in plans))
         _check_space(root, sum(p.total - p.present for p in plans))
@@ -170,6 +172,42 @@ def fetch_all(spec: TrainingSpec, *, reporter=None) -> dict[str, Path]:
         progress.flush(force=True)
     log.info("fetched %d source(s), %d bytes, into %s", len(out), progress.total, root)
     return out
+
+
+PROBE = ".sft-write-probe"
+
+
+def check_output_writable(spec: TrainingSpec) -> None:
+    """Prove ``output.destination`` can be written before any GPU time is spent on it: NotFound (68) or
+    AccessDenied (77) naming it, now rather than at the export. s3://: a small object put, then deleted, under
+    the destination prefix (the permission the export needs); a path or pvc://: a file created and removed
+    there (the claim must be mounted). Transient storage errors are retried as every transfer's are."""
+    dest = spec.output.destination
+    if is_s3(dest):
+        from . import s3
+
+        client = s3.client(spec.storage.s3 if spec.storage else None)
+        probe = s3.Location.parse(dest).join(f"{PROBE}-{os.getpid()}-{time.time_ns()}")
+        what = f"{dest} (output.destination, probed with {probe.uri})"
+        s3.retrying(lambda: client.put_object(Bucket=probe.bucket, Key=probe.key, Body=b"sft write probe\n"), what)
+        try:
+            s3.retrying(lambda: client.delete_object(Bucket=probe.bucket, Key=probe.key), what)
+        except AccessDenied as e:  # writing is what the export needs; a leftover probe object is harmless
+            log.warning("cannot delete the write probe %s: %s", probe.uri, e.reason)
+        return
+    folder = paths.resolve(dest)
+    if dest.startswith("pvc://"):
+        claim = dest[len("pvc://") :].partition("/")[0]
+        mount = paths.pvc_root() / claim
+        if not mount.is_dir():
+            raise NotFound(f"{dest} (output.destination): the claim {claim!r} is not mounted here (no folder {mount})")
+    probe = folder / f"{PROBE}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"sft write probe\n")
+        probe.unlink()
+    except OSError as e:
+        raise AccessDenied(f"{dest} (output.destination): cannot write {probe}: {e.strerror or e}") from None
 
 
 def _check_space(root: Path, needed: int) -> None:
@@ -237,7 +275,8 @@ class _S3Plan(_Plan):
     def _target(self, obj) -> Path:
         if obj.key == self.loc.key:  # the source is one object
             return self.dest
-        return self.dest / obj.key[len(self.loc.key) :].lstrip("/")
+        # Listed keys are the bucket's, not the spec's: one with a . or .. segment must not leave dest.
+        return paths.within(self.dest, obj.key[len(self.loc.key) :].lstrip("/"), f"s3://{self.loc.bucket}/{obj.key}")
 
     def run(self, progress: Progress) -> Path:
         if not self.todo:
@@ -326,12 +365,12 @@ def _hub_call(remote: Remote, fn):
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf
 
-    from .s3 import retry_settings
+    from .s3 import Backoff
 
     api = HfApi(token=os.environ.get("HF_TOKEN") or None)
     what = f"hub {remote.kind} {remote.source} (revision {remote.revision or 'main'})"
-    attempts, delay = retry_settings()
-    for attempt in range(1, attempts + 1):
+    backoff = Backoff()
+    while True:
         try:
             return fn(api)
         except hf.GatedRepoError as e:
@@ -350,12 +389,7 @@ def _hub_call(remote: Remote, fn):
                 raise
             if status is None and not _is_network_error(e):
                 raise
-            if attempt == attempts:
-                raise StorageUnavailable(f"{what}: {type(e).__name__}: {_first_line(e)} (gave up after {attempts} attempts)") from None
-            log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, _first_line(e), delay, attempt, attempts)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-    raise AssertionError("unreachable")
+            backoff.wait(StorageUnavailable(f"{what}: {type(e).__name__}: {_first_line(e)}"))
 
 
 def _is_network_error(e: Exception) -> bool:

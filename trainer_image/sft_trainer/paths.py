@@ -9,7 +9,12 @@ from the fetch cache (``SFT_CACHE_DIR``), filled once by ``python -m sft_trainer
     <cache>/.sft/done/<hash>.json                      one marker per fetched source: its files, sizes, etags/commit
     <cache>/.sft/fetch-progress.json                   the fetch stage's byte progress
 
-Anything else that does not exist locally is treated as a hub id by the callers.
+Anything else that does not exist locally is treated as a hub id by the callers; a pvc:// or s3:// location
+never is (``missing_reason`` says why one is not here instead).
+
+Every path built from a reference stays under its root (``within``): the API server already refuses ``.`` and
+``..`` segments (``references``), and a key listed from a bucket or a hand-written config is checked again
+where it becomes a path.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from .errors import ConfigError
+from .references import split_pvc, split_s3
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 # `sftctl run` and a trainer started by hand; in a pod the operator sets SFT_CACHE_DIR to the cache volume.
@@ -32,20 +40,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("SFT_CACHE_DIR") or DEFAULT_LOCAL_CACHE).expanduser()
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``); the key has no leading or trailing slash."""
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return bucket, key.strip("/")
+class Escapes(ConfigError):
+    """A reference that would resolve outside its root."""
+
+
+def within(root: Path, relative: str, what: str) -> Path:
+    """``root/relative``, refused when ``relative`` is absolute or has a ``.`` or ``..`` segment: such a path
+    would leave ``root`` or alias another entry under it (another bucket's cache, a done-marker).
+
+    Lexical, so pure: the strings are what is untrusted; a claim's own symlinks are its owner's business.
+    """
+    parts = relative.split("/")
+    if relative.startswith("/") or "." in parts or ".." in parts:
+        raise Escapes(f"{what}: a path under {root} may not be absolute or have . or .. segments")
+    return root.joinpath(*(p for p in parts if p))
+
+
+def pvc_claim_dir(claim: str) -> Path:
+    return pvc_root() / claim
+
+
+def pvc_path(uri: str) -> Path:
+    claim, sub = split_pvc(uri)
+    return within(pvc_claim_dir(claim), sub, uri)
 
 
 def s3_cache_path(uri: str) -> Path:
     bucket, key = split_s3(uri)
-    return cache_root() / "s3" / bucket / key
+    return within(cache_root() / "s3", f"{bucket}/{key}".rstrip("/"), uri)
 
 
 def hub_cache_path(repo_id: str, repo_type: str = "model", revision: str | None = None) -> Path:
     rev = (revision or "main").replace("/", "--")  # branch names such as refs/pr/1
-    return cache_root() / "hub" / f"{repo_type}s" / repo_id / rev
+    return within(cache_root() / "hub" / f"{repo_type}s", f"{repo_id}/{rev}", f"{repo_id}@{rev}")
 
 
 def done_marker(source: str, revision: str | None = None) -> Path:
@@ -65,12 +92,35 @@ def fetched(source: str, revision: str | None = None) -> Path | None:
 def resolve(source: str) -> Path:
     """The local path for a source string (pvc:// mapped onto the mount root, s3:// onto the cache, ``~`` expanded)."""
     if source.startswith("pvc://"):
-        rest = source[len("pvc://") :]
-        claim, _, sub = rest.partition("/")
-        return pvc_root() / claim / sub
+        return pvc_path(source)
     if source.startswith("s3://"):
         return s3_cache_path(source)
     return Path(os.path.expanduser(source))
+
+
+def missing_reason(source: str) -> str | None:
+    """Why a pvc:// or s3:// source is not on this machine, or None when it is (or is not such a location).
+
+    The callers raise it as their own error rather than letting a loader try the path as a hub id.
+    """
+    if source.startswith("pvc://"):
+        claim, _ = split_pvc(source)
+        claim_dir = pvc_claim_dir(claim)
+        if not claim_dir.is_dir():
+            return (
+                f"{source}: the claim {claim!r} is not mounted on this machine (no folder {claim_dir}). In a cluster "
+                f"the operator mounts it at {DEFAULT_PVC_ROOT}/{claim}; on this machine point SFT_PVC_ROOT at a "
+                f"folder that holds one subfolder per claim, e.g. SFT_PVC_ROOT=DIR with the claim's files in DIR/{claim}"
+            )
+        path = resolve(source)
+        if not path.exists():
+            return f"{source}: no such file or folder {path} on the claim {claim!r}"
+        return None
+    if source.startswith("s3://"):
+        path = resolve(source)
+        if not path.exists():
+            return f"{source}: not in the fetch cache ({path}); the fetch stage (python -m sft_trainer.fetch) must run first"
+    return None
 
 
 def is_local(source: str) -> bool:
