@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from . import KIND
@@ -135,7 +136,9 @@ class Notes:
 
     creation_error: Cause | None = None  # a child could not be created (quota, conflict, 422)
     pod_creation_error: Cause | None = None  # the Job's FailedCreate event (no pods)
-    pod_problems: dict[str, Cause] = field(default_factory=dict)  # pod uid -> FailedMount, Multi-Attach
+    pod_problems: dict[str, Cause] = field(default_factory=dict)  # pod uid -> FailedMount, Multi-Attach (with since)
+    # (pod uid, start problem kind) -> when the operator first saw it (status.track_start_clocks)
+    start_clocks: dict[tuple[str, str], datetime] = field(default_factory=dict)
     # ((uid, generation, render version), digest of the ConfigMap's data, the children's kinds) of the last
     # complete reconcile
     rendered: tuple[tuple[Any, Any, int], str, tuple[str, ...]] | None = None

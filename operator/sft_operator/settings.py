@@ -32,7 +32,10 @@ class OperatorSettings:
     # TokenReviews one source address may cause at the progress endpoint: a burst, then this rate (429 beyond)
     progress_source_reviews_per_second: float = 1.0
     progress_source_review_burst: int = 10
-    pod_start_grace_seconds: int = 300  # an image pull, container config or volume failing this long fails the job
+    # A start problem (an image pull, container config or volume failing) lasting this long fails the job. Each is
+    # timed from when it began: 900 s lets our 6.6 GB trainer image be pulled again after one transient error (5
+    # minutes at ~22 MB/s, plus back-off), and a Multi-Attach wait out the 6-minute force-detach after a node loss.
+    pod_start_grace_seconds: int = 900
     progress_min_interval_seconds: float = 2.0  # at most one progress write per job per interval
     status_window_seconds: float = 0.5  # changes within this window become one status write
     resync_seconds: float = 30.0  # reconcile and re-derive every SFTJob this often
@@ -116,9 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TokenReviews one source address may cause at once (env SFT_PROGRESS_SOURCE_REVIEW_BURST)")
     parser.add_argument("--pod-start-grace-seconds", "--image-pull-grace-seconds", type=int,
                         dest="pod_start_grace_seconds",
-                        default=int(env("SFT_POD_START_GRACE_SECONDS", env("SFT_IMAGE_PULL_GRACE_SECONDS", "300"))),
-                        help="how long a trainer pod may fail to start (image pull, container config, volume "
-                             "mount) before the job fails (env SFT_POD_START_GRACE_SECONDS)")
+                        default=int(env("SFT_POD_START_GRACE_SECONDS", env("SFT_IMAGE_PULL_GRACE_SECONDS", "900"))),
+                        help="how long one start problem of a trainer pod (image pull, container config, volume "
+                             "attach or mount) may last, from when it began, before the job fails "
+                             "(env SFT_POD_START_GRACE_SECONDS)")
     parser.add_argument("--resync-seconds", type=float, default=float(env("SFT_RESYNC_SECONDS", "30")),
                         help="reconcile every SFTJob this often, a safety net for missed events (env SFT_RESYNC_SECONDS)")
     parser.add_argument("--relist-seconds", type=float, default=float(env("SFT_RELIST_SECONDS", "300")),

@@ -14,7 +14,7 @@ collected) never move it back.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -47,6 +47,12 @@ IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImag
 CONTAINER_CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
 # Pod events that keep a scheduled pod in ContainerCreating: a volume that cannot be mounted or attached.
 VOLUME_EVENT_REASONS = frozenset({"FailedMount", "FailedAttachVolume"})
+# Pod events that come only once the volumes are attached or mounted: a volume problem before them is over.
+VOLUME_DONE_REASONS = frozenset({"SuccessfulAttachVolume", "SuccessfulMountVolume", "Pulling", "Pulled", "Created",
+                                 "Started"})
+# The kinds of start problem, each timed on its own per pod: an image that does not pull, a container the
+# kubelet cannot create, a volume that cannot be attached or mounted.
+IMAGE, CONFIG, VOLUME = "image", "config", "volume"
 OOM_KILLED = "OOMKilled"
 IMAGE_PULL_FAILED = "ImagePullFailed"
 UNSCHEDULABLE = "Unschedulable"
@@ -193,6 +199,7 @@ class Cause:
 
     reason: str
     message: str
+    since: datetime | None = None  # when it began, where that counts (a pod's volume problem)
 
     @property
     def final(self) -> bool:
@@ -269,7 +276,8 @@ class StartProblem:
     reason: str  # as the kubelet says it: ErrImagePull, CreateContainerConfigError, FailedMount, MultiAttach, ...
     failed_reason: str  # the reason once the grace period is over: ImagePullFailed, or the same
     message: str
-    seconds: float  # how long the pod has been scheduled without starting
+    since: datetime  # when this problem of this pod began
+    seconds: float  # how long it has lasted
 
 
 def _scheduled_since(pod: dict[str, Any]) -> datetime | None:
@@ -277,48 +285,104 @@ def _scheduled_since(pod: dict[str, Any]) -> datetime | None:
     return parse_time(scheduled.get("lastTransitionTime")) or parse_time(pod.get("metadata", {}).get("creationTimestamp"))
 
 
-def volume_cause(reason: str, message: str) -> Cause:
+def volume_cause(reason: str, message: str, since: datetime | None = None) -> Cause:
     """A FailedMount / FailedAttachVolume pod event as a reason (Multi-Attach named as such)."""
     if reason == "FailedAttachVolume" and "Multi-Attach" in message:
         reason = MULTI_ATTACH
-    return Cause(reason, _clip(message))
+    return Cause(reason, _clip(message), since)
+
+
+def _event_time(event: dict[str, Any], first: bool) -> datetime | None:
+    """When an event was first or last seen. A repeated event is one object: core/v1 keeps firstTimestamp and
+    lastTimestamp (the kubelet's events), events.k8s.io eventTime and series.lastObservedTime."""
+    last = ((event.get("series") or {}).get("lastObservedTime"), event.get("lastTimestamp"))
+    keys = (event.get("firstTimestamp"), event.get("eventTime"), *last) if first else (*last, event.get("eventTime"),
+                                                                                         event.get("firstTimestamp"))
+    return next((parse_time(k) for k in keys if k), None)
+
+
+def volume_problem(events: list[dict[str, Any]]) -> Cause | None:
+    """A pod's volume problem, read from its events: the newest FailedMount or FailedAttachVolume warning,
+    since the first of them (the API server keeps when a repeated event began, so an operator restart loses
+    nothing). None when there is none, or when a later event shows the pod moved on: attached, mounted,
+    pulling its image, started."""
+    never = datetime.min.replace(tzinfo=timezone.utc)
+    done = max((_event_time(e, False) or never for e in events if e.get("reason") in VOLUME_DONE_REASONS), default=never)
+    volume = [e for e in events if e.get("reason") in VOLUME_EVENT_REASONS and e.get("type") == "Warning"
+              and (_event_time(e, False) or never) > done]
+    if not volume:
+        return None
+    newest = max(volume, key=lambda e: _event_time(e, False) or never)
+    began = min(_event_time(e, True) or never for e in volume)
+    since = max(began, done) if began > never else None  # a problem after progress began after it
+    return volume_cause(newest["reason"], newest.get("message", ""), since)
+
+
+def _starting(pod: dict[str, Any]) -> bool:
+    """Active and not running yet: what a start problem can hold up."""
+    return is_active(pod) and (pod.get("status") or {}).get("phase") != "Running"
+
+
+def container_problems(pod: dict[str, Any]) -> dict[str, Cause]:
+    """The start problems a pod's container states show now, by kind (IMAGE, CONFIG); init containers first."""
+    out: dict[str, Cause] = {}
+    pod_status = pod.get("status") or {}
+    for status in (pod_status.get("initContainerStatuses") or []) + (pod_status.get("containerStatuses") or []):
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in IMAGE_PULL_REASONS:
+            out.setdefault(IMAGE, Cause(reason, _clip(f"image {status.get('image', '')}: {waiting.get('message') or reason}")))
+        elif reason in CONTAINER_CONFIG_REASONS:
+            name = pod.get("metadata", {}).get("name", "?")
+            out.setdefault(CONFIG, Cause(reason, _clip(f"pod {name}: {waiting.get('message') or reason}")))
+    return out
+
+
+def track_start_clocks(pods: list[dict[str, Any]], clocks: Mapping[tuple[str, str], datetime],
+                       now: datetime) -> dict[tuple[str, str], datetime]:
+    """When each start problem that a container state shows began, by (pod uid, kind). The API keeps no time
+    for a waiting state, so it is when the operator first saw it (``now`` then); it keeps its time while the
+    problem lasts (the kubelet shows ErrImagePull or ImagePullBackOff all through a retried pull) and is
+    dropped once the pod moved on (pulled, created, running), so the next problem starts a new clock."""
+    out: dict[tuple[str, str], datetime] = {}
+    for pod in pods:
+        if _starting(pod):
+            uid = pod.get("metadata", {}).get("uid", "")
+            for kind in container_problems(pod):
+                out[(uid, kind)] = clocks.get((uid, kind), now)
+    return out
 
 
 def start_problem(
-    pods: list[dict[str, Any]], now: datetime, pod_problems: dict[str, Cause] | None = None
+    pods: list[dict[str, Any]], now: datetime, pod_problems: Mapping[str, Cause] | None = None,
+    clocks: Mapping[tuple[str, str], datetime] | None = None,
 ) -> StartProblem | None:
-    """The longest-lasting reason an active pod cannot start its trainer: an image that does not pull,
-    a container the kubelet cannot create, or a volume it cannot mount (``pod_problems``, by pod uid,
-    read from the pod's events)."""
+    """The longest-lasting reason an active pod cannot start its trainer: an image that does not pull or a
+    container the kubelet cannot create (timed by ``clocks``, from ``track_start_clocks``), or a volume it
+    cannot attach or mount (``pod_problems``, by pod uid, from ``volume_problem``). A volume problem no
+    longer counts once the pod is past it: an init container started, or a container state shows a later
+    problem. A problem without a known start counts from ``now``."""
     worst: StartProblem | None = None
     for pod in pods:
-        if not is_active(pod) or (pod.get("status") or {}).get("phase") == "Running":
+        if not _starting(pod):
             continue
-        since = _scheduled_since(pod)
-        seconds = max(0.0, (now - since).total_seconds()) if since else 0.0
-        found: StartProblem | None = None
-        pod_status = pod.get("status") or {}
-        for status in (pod_status.get("initContainerStatuses") or []) + (pod_status.get("containerStatuses") or []):
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            reason = waiting.get("reason")
-            if reason in IMAGE_PULL_REASONS:
-                image = status.get("image", "")
-                found = StartProblem(reason, IMAGE_PULL_FAILED, _clip(f"image {image}: {waiting.get('message') or reason}"),
-                                     seconds)
-            elif reason in CONTAINER_CONFIG_REASONS:
-                name = pod.get("metadata", {}).get("name", "?")
-                found = StartProblem(reason, reason, _clip(f"pod {name}: {waiting.get('message') or reason}"), seconds)
-        event = (pod_problems or {}).get(pod.get("metadata", {}).get("uid", ""))
-        if found is None and event is not None:
-            found = StartProblem(event.reason, event.reason, event.message, seconds)
-        if found is not None and (worst is None or found.seconds > worst.seconds):
-            worst = found
+        uid = pod.get("metadata", {}).get("uid", "")
+        found = {kind: (cause, (clocks or {}).get((uid, kind)) or now) for kind, cause in container_problems(pod).items()}
+        volume = (pod_problems or {}).get(uid)
+        if volume is not None and not found and not past_init(pod):
+            found[VOLUME] = (volume, volume.since or now)
+        for kind, (cause, since) in found.items():
+            problem = StartProblem(cause.reason, IMAGE_PULL_FAILED if kind == IMAGE else cause.reason, cause.message,
+                                   since, max(0.0, (now - since).total_seconds()))
+            if worst is None or problem.seconds > worst.seconds:
+                worst = problem
     return worst
 
 
-def image_pull_problem(pods: list[dict[str, Any]], now: datetime) -> StartProblem | None:
+def image_pull_problem(pods: list[dict[str, Any]], now: datetime,
+                       clocks: Mapping[tuple[str, str], datetime] | None = None) -> StartProblem | None:
     """The longest-lasting image pull failure among active pods."""
-    problem = start_problem(pods, now)
+    problem = start_problem(pods, now, None, clocks)
     return problem if problem is not None and problem.failed_reason == IMAGE_PULL_FAILED else None
 
 
@@ -402,7 +466,8 @@ def observe(
     start_grace_seconds: float,
     creation_error: Cause | None = None,
     pod_creation_error: Cause | None = None,
-    pod_problems: dict[str, Cause] | None = None,
+    pod_problems: Mapping[str, Cause] | None = None,
+    start_clocks: Mapping[tuple[str, str], datetime] | None = None,
     replaced_pods: Collection[str] = (),
 ) -> Observation:
     """Phase, reason and message from the Job and its pods (not terminal-latched; see derive_status)."""
@@ -434,7 +499,7 @@ def observe(
     if not active and pod_creation_error is not None:
         # The Job exists but cannot create its pods (a GPU ResourceQuota, admission): say why.
         return Observation(waiting_phase, pod_creation_error.reason, pod_creation_error.message, restarts)
-    problem = start_problem(active, now, pod_problems)
+    problem = start_problem(active, now, pod_problems, start_clocks)
     if problem is not None:
         if problem.seconds >= start_grace_seconds:
             return Observation(
@@ -443,9 +508,10 @@ def observe(
                 f"{problem.message} (failing for {int(problem.seconds)}s, grace {int(start_grace_seconds)}s)",
                 restarts,
             )
-        left = int(start_grace_seconds - problem.seconds)
-        return Observation(waiting_phase, problem.reason, f"{problem.message}; the job fails if it lasts {left}s more",
-                           restarts)
+        # A time, not the seconds left: the message (and so the status) stays the same while the problem lasts.
+        until = format_time(problem.since + timedelta(seconds=start_grace_seconds))
+        return Observation(waiting_phase, problem.reason, f"{problem.message}; the job fails if this lasts until {until} "
+                           f"(grace {int(start_grace_seconds)}s)", restarts)
     blocked = unschedulable(active)
     if blocked is not None:
         return Observation(waiting_phase, blocked.reason, blocked.message, restarts)
@@ -477,9 +543,10 @@ def observe(
 
 
 def recheck_seconds(pods: list[dict[str, Any]], now: datetime, grace_seconds: float,
-                    pod_problems: dict[str, Cause] | None = None) -> float | None:
+                    pod_problems: Mapping[str, Cause] | None = None,
+                    clocks: Mapping[tuple[str, str], datetime] | None = None) -> float | None:
     """When a pod that cannot start runs out of its grace period: derive again then."""
-    problem = start_problem([p for p in pods if is_active(p)], now, pod_problems)
+    problem = start_problem([p for p in pods if is_active(p)], now, pod_problems, clocks)
     return None if problem is None else max(0.0, grace_seconds - problem.seconds)
 
 
@@ -596,7 +663,8 @@ def derive_status(
     effective_batch_size: int | None = None,
     creation_error: Cause | None = None,
     pod_creation_error: Cause | None = None,
-    pod_problems: dict[str, Cause] | None = None,
+    pod_problems: Mapping[str, Cause] | None = None,
+    start_clocks: Mapping[tuple[str, str], datetime] | None = None,
     replaced_pods: Collection[str] = (),
 ) -> dict[str, Any]:
     """The cluster-derived status fields (``OWNED_FIELDS``) of an SFTJob, given its Job and that Job's pods
@@ -622,6 +690,7 @@ def derive_status(
         creation_error=creation_error,
         pod_creation_error=pod_creation_error if job is not None and not [p for p in pods if is_active(p)] else None,
         pod_problems=pod_problems,
+        start_clocks=start_clocks,
         replaced_pods=replaced_pods,
     )
     status: dict[str, Any] = {

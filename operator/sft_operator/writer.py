@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,6 @@ from .kube import ApiError
 from .status import (
     LOOKUP_AGAIN_SECONDS,
     SUCCEEDED,
-    VOLUME_EVENT_REASONS,
     Effects,
     derive_status,
     lookups,
@@ -39,9 +38,10 @@ from .status import (
     pod_creation_cause,
     recheck_seconds,
     settle_until,
+    track_start_clocks,
     trainer_result,
     transition,
-    volume_cause,
+    volume_problem,
     with_progress,
     with_result,
 )
@@ -157,6 +157,7 @@ class StatusWriter:
             notes = ctx.cache.note(key)
             now = _now()
             grace = ctx.settings.pod_start_grace_seconds
+            notes.start_clocks = track_start_clocks(pods, notes.start_clocks, now)
             derived = derive_status(
                 {**sftjob, "status": current}, job, pods, now,
                 start_grace_seconds=grace,
@@ -164,6 +165,7 @@ class StatusWriter:
                 creation_error=notes.creation_error,
                 pod_creation_error=notes.pod_creation_error,
                 pod_problems=notes.pod_problems,
+                start_clocks=notes.start_clocks,
                 replaced_pods=notes.replaced_by((job or {}).get("metadata", {}).get("uid")),
             )
             desired = {**current, **derived}  # what the trainer reported stays
@@ -182,7 +184,7 @@ class StatusWriter:
                     desired = with_result(desired, result)
 
             self._schedule_lookups(key, job, pods, now)
-            recheck = recheck_seconds(pods, now, grace, notes.pod_problems) if desired.get("phase") not in TERMINAL_PHASES else None
+            recheck = recheck_seconds(pods, now, grace, notes.pod_problems, notes.start_clocks) if desired.get("phase") not in TERMINAL_PHASES else None
             if recheck is not None:
                 self.mark(key, recheck + 0.5)
 
@@ -282,12 +284,16 @@ class StatusWriter:
             changed = cause is not None and cause != notes.pod_creation_error
             if cause is not None:
                 notes.pod_creation_error = cause
-        else:
-            volume = [e for e in newest if e.get("reason") in VOLUME_EVENT_REASONS and e.get("type") == "Warning"]
-            cause = volume_cause(volume[-1]["reason"], volume[-1].get("message", "")) if volume else None
-            changed = cause is not None and notes.pod_problems.get(uid) != cause
+        else:  # a volume problem that is over (a later event shows progress) is dropped
+            cause = volume_problem(events)
+            if cause is not None and cause.since is None:  # events without times: from our first read of them
+                old = notes.pod_problems.get(uid)
+                cause = replace(cause, since=old.since if old is not None and old.since else _now())
+            changed = notes.pod_problems.get(uid) != cause
             if cause is not None:
                 notes.pod_problems[uid] = cause
-        if changed:
+            else:
+                notes.pod_problems.pop(uid, None)
+        if changed and cause is not None:
             log.warning("SFTJob %s/%s: %s: %s", *key, cause.reason, cause.message)
         self.mark(key, 0.0)

@@ -44,8 +44,9 @@ def jcond(kind: str, reason: str = "", message: str = "", when: str = T1) -> dic
 
 
 def pod(name: str = "demo-0-abcde", phase: str = "Running", state: dict[str, Any] | None = None,
-        conditions: list[dict[str, Any]] | None = None, deleting: bool = False, **status: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "creationTimestamp": T0,
+        conditions: list[dict[str, Any]] | None = None, deleting: bool = False, uid: str = "pod-1",
+        **status: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "uid": uid, "creationTimestamp": T0,
                             "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"}}
     if deleting:
         meta["deletionTimestamp"] = T1
@@ -112,8 +113,7 @@ CASES: list[tuple[str, dict, dict | None, list, str, str, str]] = [
           conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-28T11:59:00Z"}])],
      "Pending", "ErrImagePull", "manifest unknown"),
     ("image pull past grace fails", sftjob(), job(active=1),
-     [pod(phase="Pending", state=waiting("ImagePullBackOff", "Back-off pulling image"),
-          conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-28T11:50:00Z"}])],
+     [pod(phase="Pending", state=waiting("ImagePullBackOff", "Back-off pulling image"), uid="pull-failing")],
      "Failed", "ImagePullFailed", "Back-off pulling image"),
     ("suspended by the user", sftjob(suspend=True), job([jcond("Suspended", "JobSuspended")], suspend=True),
      [], "Suspended", "Suspended", "runPolicy.suspend"),
@@ -136,9 +136,12 @@ CASES: list[tuple[str, dict, dict | None, list, str, str, str]] = [
 ]
 
 
+CLOCKS = {("pull-failing", "image"): NOW - timedelta(minutes=10)}  # first seen 10 minutes ago
+
+
 @pytest.mark.parametrize("doc,job_,pods,phase,reason,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_phase_reason_message(doc, job_, pods, phase, reason, fragment):
-    status = st.derive_status(doc, job_, pods, NOW, start_grace_seconds=300)
+    status = st.derive_status(doc, job_, pods, NOW, start_grace_seconds=300, start_clocks=CLOCKS)
     assert status["phase"] == phase
     summary = {"Succeeded": "Succeeded", "Failed": "Failed", "Suspended": "Suspended", "Queued": "Queued",
                "Running": "Running", "Restarting": "Restarting"}.get(phase, "Running")
@@ -204,9 +207,8 @@ def test_creation_error_is_reported_with_the_api_message():
 
 
 def test_terminal_phase_sticks_after_the_job_is_gone():
-    failed = st.derive_status(sftjob(), job(active=1), [pod(phase="Pending", state=waiting("ImagePullBackOff"),
-                              conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": T0}])],
-                              NOW, start_grace_seconds=60)
+    failed = st.derive_status(sftjob(), job(active=1), [pod(phase="Pending", state=waiting("ImagePullBackOff"))],
+                              NOW, start_grace_seconds=60, start_clocks={("pod-1", "image"): NOW - timedelta(minutes=1)})
     assert (failed["phase"], st.condition(failed, "Failed")["reason"]) == ("Failed", "ImagePullFailed")
     again = st.derive_status(sftjob(status=failed), None, [], NOW + timedelta(minutes=1))
     assert again == failed
@@ -253,14 +255,15 @@ def test_long_messages_are_clipped():
     assert len(cause.message) <= st.MAX_MESSAGE
 
 
-def test_image_pull_problem_measures_time_since_scheduling():
-    p = pod(phase="Pending", state=waiting("ErrImagePull", "not found"),
-            conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-28T11:59:30Z"}])
-    problem = st.image_pull_problem([p], NOW)
-    assert (problem.reason, problem.seconds) == ("ErrImagePull", 30)
+def test_image_pull_problem_is_timed_from_when_it_was_first_seen_not_from_scheduling():
+    p = pod(phase="Pending", state=waiting("ErrImagePull", "not found"), conditions=scheduled_at(T0))
+    clocks = st.track_start_clocks([p], {}, NOW - timedelta(seconds=30))
+    assert clocks == {("pod-1", "image"): NOW - timedelta(seconds=30)}
+    problem = st.image_pull_problem([p], NOW, clocks)
+    assert (problem.reason, problem.seconds) == ("ErrImagePull", 30)  # scheduled 10 minutes ago
     deleting = copy.deepcopy(p)
     deleting["metadata"]["deletionTimestamp"] = T1
-    assert st.image_pull_problem([deleting], NOW) is None
+    assert st.image_pull_problem([deleting], NOW, clocks) is None
 
 
 def test_multi_node_is_running_only_when_every_active_pod_runs():
@@ -327,14 +330,20 @@ def scheduled_at(when: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("reason", ["CreateContainerConfigError", "CreateContainerError"])
 def test_a_container_the_kubelet_cannot_create_is_named_then_fails(reason):
     message = "couldn't find key tokn in Secret team-a/hf-token"
-    young = pod(phase="Pending", state=waiting(reason, message), conditions=scheduled_at("2026-11-28T11:59:00Z"))
-    status = st.derive_status(sftjob(), job(active=1), [young], NOW, start_grace_seconds=300)
+    stuck = pod(phase="Pending", state=waiting(reason, message), conditions=scheduled_at(T0))
+    clocks = st.track_start_clocks([stuck], {}, NOW - timedelta(seconds=60))  # first seen a minute ago
+    status = st.derive_status(sftjob(), job(active=1), [stuck], NOW, start_grace_seconds=300, start_clocks=clocks)
     running = st.condition(status, "Running")
     assert (status["phase"], status["reason"], running["reason"]) == ("Pending", reason, reason)
-    assert "couldn't find key tokn" in running["message"] and "240s more" in running["message"]
-    assert st.recheck_seconds([young], NOW, 300) == 240
-    old = pod(phase="Pending", state=waiting(reason, message), conditions=scheduled_at(T0))
-    failed = st.derive_status(sftjob(), job(active=1), [old], NOW, start_grace_seconds=300)
+    assert "couldn't find key tokn" in running["message"]
+    assert "the job fails if this lasts until 2026-11-28T12:04:00Z" in running["message"]
+    # the message names a time, not the seconds left: a later derive writes nothing new
+    later = st.derive_status(sftjob(status=status), job(active=1), [stuck], NOW + timedelta(seconds=30),
+                             start_grace_seconds=300, start_clocks=clocks)
+    assert st.condition(later, "Running")["message"] == running["message"]
+    assert st.recheck_seconds([stuck], NOW, 300, None, clocks) == 240
+    failed = st.derive_status(sftjob(), job(active=1), [stuck], NOW + timedelta(seconds=240), start_grace_seconds=300,
+                              start_clocks=clocks)
     assert (failed["phase"], st.condition(failed, "Failed")["reason"]) == ("Failed", reason)
     assert "hf-token" in st.condition(failed, "Failed")["message"]
 
@@ -349,8 +358,7 @@ def test_a_container_the_kubelet_cannot_create_is_named_then_fails(reason):
 )
 def test_a_volume_that_cannot_be_mounted_is_named_then_fails(event_reason, message, reason):
     stuck = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at("2026-11-28T11:58:00Z"))
-    stuck["metadata"]["uid"] = "pod-1"
-    problems = {"pod-1": st.volume_cause(event_reason, message)}
+    problems = {"pod-1": st.volume_cause(event_reason, message, since=st.parse_time("2026-11-28T11:58:00Z"))}
     status = st.derive_status(sftjob(), job(active=1), [stuck], NOW, start_grace_seconds=300, pod_problems=problems)
     assert (status["phase"], status["reason"]) == ("Pending", reason)
     assert message[:20] in st.condition(status, "Running")["message"]
@@ -361,13 +369,103 @@ def test_a_volume_that_cannot_be_mounted_is_named_then_fails(event_reason, messa
     assert st.derive_status(sftjob(), job(active=1), [stuck], later)["reason"] == "PodsStarting"
 
 
+# ---- issue 19 defect 3: each start problem is timed from when it began and clears when the pod moves on ----
+
+
+def test_a_transient_failed_mount_does_not_fail_a_fetch_that_runs_past_the_grace():
+    """A FailedMount at the start, then a fetch of a large model that runs 10 minutes: the volume was
+    mounted (the fetch stage runs), so the old event no longer speaks for the pod."""
+    fetching = fetching_pod({"running": {"startedAt": "2026-11-28T11:50:30Z"}})
+    fetching["status"]["conditions"] = scheduled_at(T0)
+    problems = {"pod-1": st.volume_cause("FailedMount", 'MountVolume.SetUp failed for volume "cache": timed out')}
+    status = st.derive_status(sftjob(), job(active=1), [fetching], NOW, start_grace_seconds=300, pod_problems=problems)
+    assert (status["phase"], status["reason"]) == ("Running", "Fetching")
+    assert st.recheck_seconds([fetching], NOW, 300, problems) is None
+
+
+def test_multi_attach_until_the_six_minute_force_detach_does_not_fail_the_job():
+    """After a node loss the replacement pod waits for the attach-detach controller's force-detach (6
+    minutes): a recoverable job, within the default grace."""
+    from sft_operator.settings import OperatorSettings
+
+    grace = OperatorSettings().pod_start_grace_seconds
+    began = NOW - timedelta(minutes=6, seconds=30)
+    stuck = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at(st.format_time(began)))
+    events = [event("FailedAttachVolume", 'Multi-Attach error for volume "pvc-1" Volume is already exclusively '
+                    "attached to one node and can't be attached to another", began, NOW - timedelta(seconds=20))]
+    problems = {"pod-1": st.volume_problem(events)}
+    status = st.derive_status(sftjob(), job(active=1), [stuck], NOW, start_grace_seconds=grace, pod_problems=problems)
+    assert (status["phase"], status["reason"]) == ("Pending", "MultiAttach")
+    # the attach then succeeds: the problem is over even before the pod's status says more
+    attached = events + [event("SuccessfulAttachVolume", 'AttachVolume.Attach succeeded for volume "pvc-1"', NOW, NOW,
+                               kind="Normal")]
+    assert st.volume_problem(attached) is None
+
+
+def test_a_slow_pull_of_our_image_with_one_transient_error_does_not_fail_the_job():
+    """The 6.6 GB trainer image pulls for 5 minutes (ContainerCreating: no problem), then one ErrImagePull:
+    its clock starts there, and the retried pull has the whole grace."""
+    from sft_operator.settings import OperatorSettings
+
+    grace = OperatorSettings().pod_start_grace_seconds
+    scheduled = NOW - timedelta(minutes=5)
+    pulling = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at(st.format_time(scheduled)))
+    clocks = st.track_start_clocks([pulling], {}, scheduled + timedelta(seconds=10))
+    assert clocks == {}  # pulling is no problem
+    failed_once = copy.deepcopy(pulling)
+    failed_once["status"]["containerStatuses"][0]["state"] = waiting("ErrImagePull", "read tcp: i/o timeout")
+    clocks = st.track_start_clocks([failed_once], clocks, NOW)
+    status = st.derive_status(sftjob(), job(active=1), [failed_once], NOW, start_grace_seconds=grace,
+                              start_clocks=clocks)
+    assert (status["phase"], status["reason"]) == ("Pending", "ErrImagePull")
+    # the kubelet retries: ImagePullBackOff, then the whole image again (5 more minutes), then it runs
+    backoff = copy.deepcopy(failed_once)
+    backoff["status"]["containerStatuses"][0]["state"] = waiting("ImagePullBackOff", "Back-off pulling image")
+    later = NOW + timedelta(minutes=5, seconds=10)
+    clocks = st.track_start_clocks([backoff], clocks, later)
+    assert clocks == {("pod-1", "image"): NOW}  # one problem, timed from its first sight
+    status = st.derive_status(sftjob(status=status), job(active=1), [backoff], later, start_grace_seconds=grace,
+                              start_clocks=clocks)
+    assert status["phase"] == "Pending"
+    running = pod(conditions=scheduled_at(st.format_time(scheduled)))
+    assert st.track_start_clocks([running], clocks, later) == {}  # cleared: the next problem starts a new clock
+
+
+def test_an_image_pull_back_off_that_lasts_the_grace_fails_naming_the_image():
+    stuck = pod(phase="Pending", state=waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/trainer:9"'))
+    clocks = {("pod-1", "image"): NOW - timedelta(seconds=900)}
+    status = st.derive_status(sftjob(), job(active=1), [stuck], NOW, start_grace_seconds=900, start_clocks=clocks)
+    failed = st.condition(status, "Failed")
+    assert (status["phase"], failed["reason"]) == ("Failed", "ImagePullFailed")
+    assert failed["message"].startswith("image ghcr.io/sft-operator/trainer:0.1.0: Back-off pulling image")
+    assert "failing for 900s, grace 900s" in failed["message"]
+
+
+def test_a_volume_problem_is_timed_from_its_first_event_and_ends_when_a_later_event_shows_progress():
+    mount = 'MountVolume.SetUp failed for volume "cache" : rpc error: timed out'
+    first, last = NOW - timedelta(minutes=3), NOW - timedelta(seconds=40)
+    events = [event("FailedMount", mount, first, last), event("Scheduled", "assigned", first, first, kind="Normal")]
+    cause = st.volume_problem(events)
+    assert (cause.reason, cause.since) == ("FailedMount", first)
+    assert st.volume_problem(events + [event("Pulling", "Pulling image", NOW, NOW, kind="Normal")]) is None
+    assert st.volume_problem([event("Pulled", "pulled", first, first, kind="Normal")]) is None
+    # new-style events carry eventTime and series instead of first/lastTimestamp
+    series = {"type": "Warning", "reason": "FailedMount", "message": mount, "eventTime": "2026-11-28T11:57:00.000000Z",
+              "series": {"count": 3, "lastObservedTime": "2026-11-28T11:59:00.000000Z"}}
+    assert st.volume_problem([series]).since == st.parse_time("2026-11-28T11:57:00Z")
+
+
+def event(reason: str, message: str, first: datetime, last: datetime, kind: str = "Warning") -> dict[str, Any]:
+    return {"type": kind, "reason": reason, "message": message, "count": 2,
+            "firstTimestamp": st.format_time(first), "lastTimestamp": st.format_time(last)}
+
+
 def test_events_are_looked_up_for_a_job_without_pods_and_a_scheduled_pod_that_does_not_start():
     fresh_job = job(active=1)
     fresh_job["metadata"].update(uid="job-1", creationTimestamp="2026-11-28T11:59:58Z")
     (lookup,) = st.lookups(fresh_job, [], NOW)
     assert (lookup.kind, lookup.uid, lookup.after_seconds) == ("Job", "job-1", 8.0)
     stuck = pod(phase="Pending", state=waiting("ContainerCreating"), conditions=scheduled_at("2026-11-28T11:59:55Z"))
-    stuck["metadata"]["uid"] = "pod-1"
     (lookup,) = st.lookups(fresh_job, [stuck], NOW)
     assert (lookup.kind, lookup.uid, lookup.after_seconds) == ("Pod", "pod-1", 5.0)
     assert st.lookups(fresh_job, [pod()], NOW) == []  # running: nothing to explain

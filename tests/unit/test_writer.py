@@ -246,3 +246,92 @@ def test_events_are_read_for_a_job_still_without_pods_and_not_once_its_pods_came
         assert ctx.kube.event_reads == ([] if pods_appear else [("Job", "demo")])
 
     run(test)
+
+
+# ---- issue 19 defect 3: start problems timed from when they began, with the default grace ----
+
+
+def ago(seconds: float) -> str:
+    from datetime import datetime, timedelta, timezone
+
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def starting_pod(scheduled_seconds_ago: float, state: dict[str, Any]) -> dict[str, Any]:
+    p = pod("Pending", state)
+    p["metadata"]["creationTimestamp"] = ago(scheduled_seconds_ago + 1)
+    p["status"]["conditions"] = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": ago(scheduled_seconds_ago)}]
+    p["status"]["containerStatuses"][0]["image"] = "ghcr.io/sft-operator/trainer:0.1.0"
+    return p
+
+
+def test_a_slow_pull_with_one_transient_error_does_not_fail_the_job():
+    """Our 6.6 GB image pulled for 5 minutes, then one ErrImagePull: the job waits for the retry, then runs."""
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.cache.put("Pod", starting_pod(300, {"waiting": {"reason": "ErrImagePull", "message": "i/o timeout"}}))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        ctx.cache.put("Pod", starting_pod(310, {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off"}}))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        ctx.cache.put("Pod", pod())  # the retried pull finished
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        assert [(w["phase"], w["reason"]) for _, w in ctx.kube.writes] == [
+            ("Pending", "ErrImagePull"), ("Pending", "ImagePullBackOff"), ("Running", "PodsRunning")]
+        assert ctx.kube.events == []
+
+    run(test)
+
+
+def test_a_pull_that_keeps_failing_fails_after_the_grace_naming_the_image():
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.cache.put("Pod", starting_pod(5, {"waiting": {"reason": "ImagePullBackOff",
+                                                          "message": 'Back-off pulling image "ghcr.io/sft-operator/trainer:0.1.0"'}}))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        assert ctx.kube.writes[-1][1]["phase"] == "Pending"
+        await asyncio.sleep(1.5)  # the writer derives again when the grace ends
+        failed = ctx.kube.writes[-1][1]
+        (cond,) = [c for c in failed["conditions"] if c["type"] == "Failed"]
+        assert (failed["phase"], cond["reason"]) == ("Failed", "ImagePullFailed")
+        assert cond["message"].startswith("image ghcr.io/sft-operator/trainer:0.1.0: Back-off pulling image")
+        assert ctx.kube.events == [("Warning", "Failed")]
+
+    run(test, pod_start_grace_seconds=1)
+
+
+class MultiAttachKube(RecordingKube):
+    """The replacement pod's events after a node loss: Multi-Attach since its first attempt, 6 minutes ago."""
+
+    async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
+        self.event_reads.append((kind, name))
+        return [{"type": "Warning", "reason": "FailedAttachVolume", "count": 24, "firstTimestamp": ago(360),
+                 "lastTimestamp": ago(5), "message": 'Multi-Attach error for volume "pvc-1" Volume is already '
+                                                     "exclusively attached to one node and can't be attached to another"}]
+
+
+def test_multi_attach_until_the_force_detach_keeps_the_job_pending_not_failed():
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.cache.put("Pod", starting_pod(365, {"waiting": {"reason": "ContainerCreating"}}))
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.5)  # the pod's events are read (it has been scheduled > 10 s), then derived again
+        assert ctx.kube.event_reads == [("Pod", "demo-0-x")]
+        assert [(w["phase"], w["reason"]) for _, w in ctx.kube.writes][-1] == ("Pending", "MultiAttach")
+        assert "Failed" not in [w["phase"] for _, w in ctx.kube.writes]
+
+    kube = MultiAttachKube()
+
+    async def main() -> None:
+        ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
+        ctx.kick = lambda key, delay=0.0: None
+        ctx.cache.put("SFTJob", sftjob())
+        try:
+            await test(ctx)
+        finally:
+            await ctx.scheduler.close()
+
+    asyncio.run(main())
