@@ -27,6 +27,7 @@ from .status import Cause, is_ignored_failure
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
 CHILD_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", "Job")  # the cache claim only when we create it
+DETAIL_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim")  # not read once the job is over (its Job is)
 CHILD_NAMES = {"ConfigMap": config_map_name, "Service": service_name, "PersistentVolumeClaim": cache_claim_name,
                "Job": trainer_job_name}
 
@@ -146,6 +147,9 @@ class Notes:
     # pod uid -> its Job's uid, for pods that failed without counting (disruption, exit 75): the Job
     # controller deletes them at once, maybe before a status write saw them, and status.restarts counts them
     replaced_pods: dict[str, str] = field(default_factory=dict)
+    # A Succeeded job's result was read from rank 0's pod and is in status (or that pod had none): its pods
+    # are no longer needed. Until then they are kept, however late their last update comes.
+    result_read: bool = False
 
     def replaced_by(self, job_uid: str | None) -> set[str]:
         return {pod for pod, owner in self.replaced_pods.items() if owner == job_uid} if job_uid else set()
@@ -170,7 +174,7 @@ class Cache:
         key = key_of(kind, body)
         if key is None:
             return None
-        if kind in ("Pod", "ConfigMap", "Service", "PersistentVolumeClaim") and self.finished(key):
+        if (kind == "Pod" and not self.reads_pods(key)) or (kind in DETAIL_KINDS and self.finished(key)):
             return key  # nothing reads them once the job is over (its Job is kept, to stop it)
         obj = slim(kind, body)
         uid = obj["metadata"].get("uid", "")
@@ -246,16 +250,32 @@ class Cache:
         if self.finished(key):  # the final status is written: the pods have said all they had to say
             self._drop_details(key)
 
+    def result_read(self, key: Key) -> None:
+        """A Succeeded job's result is in its status: its pods can go."""
+        self.note(key).result_read = True
+        if self.finished(key):
+            self._drop_details(key)
+
     def _drop_details(self, key: Key) -> None:
-        for pod in (self.pods.pop(key, None) or {}).values():
-            self.seen.pop(pod["metadata"].get("uid", ""), None)
-        for kind in ("ConfigMap", "Service", "PersistentVolumeClaim"):
+        if not self.reads_pods(key):
+            for pod in (self.pods.pop(key, None) or {}).values():
+                self.seen.pop(pod["metadata"].get("uid", ""), None)
+        for kind in DETAIL_KINDS:
             child = self.children[kind].pop(key, None)
             if child is not None:
                 self.seen.pop(child["metadata"].get("uid", ""), None)
 
     def finished(self, key: Key) -> bool:
         return self.phases.get(key) in TERMINAL_PHASES
+
+    def reads_pods(self, key: Key) -> bool:
+        """Pods are read while a job runs, and once it succeeded until its result was read: rank 0's last
+        update, with the result, can come after the Job's Complete (or after an operator restart)."""
+        phase = self.phases.get(key)
+        if phase not in TERMINAL_PHASES:
+            return True
+        notes = self.notes.get(key)
+        return phase == Phase.succeeded.value and not (notes is not None and notes.result_read)
 
     def sweep(self, kind: str, namespaces: set[str] | None, live_uids: set[str], listed_at: float) -> set[Key]:
         """Drop objects of ``kind`` that a list begun at ``listed_at`` did not show (deleted while a

@@ -742,7 +742,8 @@ def settle_until(
 
     Every healthy job passes through states that last a moment: its children being created, its
     pods being created and starting, its pods finished while the Job controller has not yet said
-    Complete. The next state usually follows, so such a state is written only if it lasts; in a
+    Complete, or the Job Complete while rank 0's last update (with the result) is still on its way.
+    The next state usually follows, so such a state is written only if it lasts; in a
     burst of new SFTJobs that saves a write or two per job. Waiting on a controller's queue (the
     operator's for the children, the Job controller's for the pods and for Complete) is held for
     ``queue_seconds``, since in a burst those queues are long; a pod starting (scheduling, a
@@ -762,6 +763,12 @@ def settle_until(
     if current.get("phase") == desired.get("phase") == RUNNING and desired.get("reason") == "PodsCompleted":
         finished = [parse_time(_finished_at(p)) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
         return _held_from(max((f for f in finished if f), default=None), queue_seconds)
+    if desired.get("phase") == SUCCEEDED and current.get("phase") != SUCCEEDED and not result_pods(pods):
+        # The Job says Complete before the pods' watch brought rank 0's last update, which has the result:
+        # Succeeded waits for it (a kubectl wait that returns finds status.output), as long as the queue.
+        job_status = (job or {}).get("status") or {}
+        done = job_status.get("completionTime") or (job_condition(job, "Complete") or {}).get("lastTransitionTime")
+        return _held_from(parse_time(done), queue_seconds)
     return None
 
 
@@ -818,8 +825,10 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
         "output": {**(status.get("output") or {}), **_dump(output)},
     }
     if result.warning:  # e.g. the tracking server was down: the run succeeded, a person should know
-        out["conditions"] = [{**c, "message": _clip(f"{c.get('message') or 'training finished'}; warning: {result.warning}")}
-                             if c.get("type") == SUCCEEDED_C and c.get("status") == "True" else c
+        said = f"; warning: {result.warning}"  # once: applying the same result again changes nothing
+        out["conditions"] = [{**c, "message": _clip(f"{c.get('message') or 'training finished'}{said}")}
+                             if c.get("type") == SUCCEEDED_C and c.get("status") == "True"
+                             and said not in (c.get("message") or "") else c
                              for c in status.get("conditions") or []]
     return out
 
@@ -830,10 +839,14 @@ def completion_index(pod: dict[str, Any]) -> str | None:
     return (meta.get("labels") or {}).get(key) or (meta.get("annotations") or {}).get(key)
 
 
+def result_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rank 0's pods that succeeded: the last update of one of them carries the result (or never will)."""
+    return [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded" and completion_index(p) in ("0", None)]
+
+
 def trainer_result(pods: list[dict[str, Any]]) -> TrainerResult | None:
     """The result rank 0 left in its termination message when it succeeded (the newest such pod)."""
-    done = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded" and completion_index(p) in ("0", None)]
-    for pod in sorted(done, key=_finished_at, reverse=True):
+    for pod in sorted(result_pods(pods), key=_finished_at, reverse=True):
         state = terminated_state(pod) or {}
         message = (state.get("message") or "").strip()
         if state.get("exitCode") != 0 or not message.startswith("{"):
@@ -876,8 +889,8 @@ def transition(before: dict[str, Any], after: dict[str, Any], result_warning: st
     """The Events, metric records and Job stop that follow a status change (pure).
 
     Events are only for what a person acts on: a failure, a pod replaced, children that cannot be
-    created, a run that succeeded with a warning in its result (``result_warning``: e.g. its tracking
-    server was down). Progress is in status and `kubectl wait`; no Event says "created" or "started".
+    created, a run that succeeded with a warning in its result (``result_warning``, given only by the
+    write that brings the result into status: e.g. its tracking server was down). Progress is in status and `kubectl wait`; no Event says "created" or "started".
     """
     old_phase, phase = before.get("phase"), after.get("phase")
     events: list[Event] = []
@@ -902,8 +915,8 @@ def transition(before: dict[str, Any], after: dict[str, Any], result_warning: st
         if phase == FAILED:
             events.append(Event("Warning", "Failed", f"{reason}: {cond.get('message', '')}"))
             stop = True
-        if phase == SUCCEEDED and result_warning:
-            events.append(Event("Warning", COMPLETED_WITH_WARNING, result_warning))
+    if phase == SUCCEEDED and result_warning:  # with Succeeded, or later if rank 0's pod showed its result later
+        events.append(Event("Warning", COMPLETED_WITH_WARNING, result_warning))
     return Effects(tuple(events), log, started, finished, stop)
 
 

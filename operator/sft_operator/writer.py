@@ -8,7 +8,8 @@ its termination message; write the whole status if it changed, with the SFTJob's
 precondition; then apply what ``status.transition`` says follows (Events, metrics, stopping a Job).
 
 States every healthy job passes through (children being created, pods being created and starting,
-pods finished before the Job says Complete) are held back for a while (``status.settle_until``):
+pods finished before the Job says Complete, the Job Complete before rank 0's pod brought the result)
+are held back for a while (``status.settle_until``):
 the next state usually follows, and a burst of new SFTJobs then costs a write or two less per job.
 """
 
@@ -37,6 +38,7 @@ from .status import (
     parse_time,
     pod_creation_cause,
     recheck_seconds,
+    result_pods,
     settle_until,
     track_start_clocks,
     trainer_result,
@@ -178,10 +180,15 @@ class StatusWriter:
                     desired = with_progress(desired, report)
                 else:
                     self.mark(key, wait)
-            if desired.get("phase") == SUCCEEDED and current.get("phase") != SUCCEEDED:
+            # Level-triggered: a Succeeded status lacks its result until rank 0's pod shows it, whichever
+            # came first (the Job's Complete or the pod's last update) and whenever the operator started.
+            result_seen = desired.get("phase") == SUCCEEDED and bool(result_pods(pods))
+            if result_seen:
                 result = trainer_result(pods)
                 if result is not None:
-                    desired = with_result(desired, result)
+                    with_it = with_result(desired, result)
+                    result = result if with_it != desired else None  # already in status: nothing new to say
+                    desired = with_it
 
             self._schedule_lookups(key, job, pods, now)
             recheck = recheck_seconds(pods, now, grace, notes.pod_problems, notes.start_clocks) if desired.get("phase") not in TERMINAL_PHASES else None
@@ -189,6 +196,8 @@ class StatusWriter:
                 self.mark(key, recheck + 0.5)
 
             if desired == current:
+                if result_seen:
+                    ctx.cache.result_read(key)
                 return
             until = None if report is not None else settle_until(
                 current, desired, sftjob, job, pods,
@@ -202,6 +211,8 @@ class StatusWriter:
                 self._write_failed(key, exc)
                 return
             ctx.scheduler.succeeded(key, "status")
+            if result_seen:  # written: rank 0's pod has nothing more to say
+                ctx.cache.result_read(key)
             ctx.cache.record_write(key, written)
             if report is not None and progress is not None:
                 progress.last_write = time.monotonic()

@@ -335,3 +335,83 @@ def test_multi_attach_until_the_force_detach_keeps_the_job_pending_not_failed():
             await ctx.scheduler.close()
 
     asyncio.run(main())
+
+
+# ---- issue 19 defect 5: a result whose pod update comes after the Job's Complete is still written ----
+
+RESULT = ('{"outputModel":"s3://b/run/model","outputUri":"s3://b/run","mlflowRunId":"abc123","steps":100,'
+          '"totalSteps":100,"warning":"MLflow at http://m:5000: run not closed"}')
+
+
+def succeeded_pod(message: str = RESULT) -> dict[str, Any]:
+    return pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+                                            "finishedAt": ago(2)}})
+
+
+def complete_job() -> dict[str, Any]:
+    return job(conditions=[{"type": "Complete", "status": "True", "lastTransitionTime": ago(1)}],
+               completionTime=ago(1), succeeded=1)
+
+
+def test_a_result_whose_pod_update_comes_after_the_jobs_complete_is_in_the_succeeded_write():
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.cache.put("Pod", pod())
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        ctx.cache.put("Job", complete_job())  # the Job's watch is ahead of the pods' watch
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        ctx.cache.put("Pod", succeeded_pod())
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        assert [w["phase"] for _, w in ctx.kube.writes] == ["Running", "Succeeded"]
+        output = ctx.kube.writes[-1][1]["output"]
+        assert (output["uri"], output["mlflowRunId"]) == ("s3://b/run", "abc123")
+        assert ctx.kube.events == [("Warning", "CompletedWithWarning")]
+
+    run(test)
+
+
+def test_a_succeeded_status_without_its_result_is_completed_once_the_pod_shows_it():
+    """An operator restarted after writing Succeeded without the result (its pod had not been seen): the
+    status is completed from the pod as soon as the pod watch lists it."""
+    async def test(ctx):
+        written = {"phase": "Succeeded", "reason": "Completed", "observedGeneration": 1, "restarts": 0,
+                   "jobName": "demo", "startTime": "2020-01-01T00:00:03Z", "completionTime": "2020-01-01T00:01:00Z",
+                   "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed",
+                                   "message": "training finished", "observedGeneration": 1,
+                                   "lastTransitionTime": "2020-01-01T00:01:00Z"}]}
+        ctx.cache.put("SFTJob", {**sftjob(), "status": written})
+        ctx.cache.put("Job", complete_job())
+        ctx.writer.mark(KEY)  # the resync
+        await asyncio.sleep(0.3)
+        assert ctx.kube.writes == []  # nothing new yet
+        ctx.cache.put("Pod", succeeded_pod())
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        (_, completed), = ctx.kube.writes
+        assert completed["phase"] == "Succeeded" and completed["output"]["uri"] == "s3://b/run"
+        assert completed["output"]["mlflowRunId"] == "abc123" and completed["progress"]["percent"] == 100
+        assert ctx.kube.events == [("Warning", "CompletedWithWarning")]
+        ctx.writer.mark(KEY)  # later resyncs write and post nothing more
+        await asyncio.sleep(0.3)
+        assert len(ctx.kube.writes) == 1 and len(ctx.kube.events) == 1
+        assert KEY not in ctx.cache.pods  # the result is in: the pods are no longer kept
+
+    run(test)
+
+
+def test_succeeded_is_written_without_a_result_if_the_pod_never_shows_up(monkeypatch):
+    monkeypatch.setattr(writer, "QUEUE_HOLD_SECONDS", 3.0)
+
+    async def test(ctx):
+        ctx.cache.put("Job", complete_job())  # its pods were deleted before the operator saw them end
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        assert ctx.kube.writes == []  # waiting for rank 0's pod, for its result
+        await asyncio.sleep(2.7)  # (completionTime has whole seconds: the hold ends 1-2 s from now)
+        assert [w["phase"] for _, w in ctx.kube.writes] == ["Succeeded"]
+        assert "output" not in ctx.kube.writes[-1][1]
+
+    run(test)
