@@ -130,3 +130,35 @@ def test_an_unreachable_hub_is_retried_then_exits_69_and_a_missing_model_exits_6
         assert HubDown.requests >= 2 * 6  # huggingface_hub's own 5 retries inside each of our attempts
     else:
         assert "transient failure" not in result.stderr  # a missing model is not retried
+
+
+def test_a_cluster_spec_run_locally_says_the_claim_is_not_mounted_and_how_to_map_it(tmp_path, monkeypatch):
+    # Issue #19: `sftctl run examples/dev-cluster-tiny.yaml` used to end in a hub lookup of "/mnt/pvc/...".
+    import io
+
+    from rich.console import Console
+    from sft_trainer import local
+
+    from trainer_helpers import ROOT
+
+    monkeypatch.setenv("SFT_PVC_ROOT", str(tmp_path / "no-claims-here"))
+    out = io.StringIO()
+    code = local.run(ROOT / "examples" / "dev-cluster-tiny.yaml", console=Console(file=out, width=400))
+    text = " ".join(out.getvalue().split())
+    assert code == ExitCode.INVALID_CONFIG, text
+    assert "not mounted on this machine: the claim 'datasets' (spec.model.source)" in text
+    assert "SFT_PVC_ROOT" in text and "Repo id" not in text
+
+
+@pytest.mark.parametrize("source, says", [
+    ("pvc://models/missing", "pvc://models/missing: no such file or folder"),
+    ("s3://models/base/missing", "s3://models/base/missing: not in the fetch cache"),
+])
+def test_a_missing_pvc_or_s3_model_exits_67_naming_it_without_a_hub_lookup(make_spec, tmp_path, monkeypatch, exit_of,
+                                                                           source, says):
+    (tmp_path / "pvcs" / "models").mkdir(parents=True)
+    monkeypatch.setenv("SFT_PVC_ROOT", str(tmp_path / "pvcs"))
+    monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path / "cache"))
+    code, reason = exit_of(make_spec(model={"source": source}))
+    assert code == ExitCode.MODEL_LOAD_ERROR, reason
+    assert says in reason and "Repo id" not in reason

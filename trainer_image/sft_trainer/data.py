@@ -171,6 +171,9 @@ def read_rows(source: DataSource | str, split: str = "train") -> list[RawRow]:
     src = source.source if isinstance(source, DataSource) else source
     split = source.split if isinstance(source, DataSource) else split
     if paths.is_local(src) or src.lower().endswith(SUFFIXES):  # "data/x.jsonl" is a missing file, not a hub id
+        reason = paths.missing_reason(src)
+        if reason is not None:
+            raise DataError(reason)
         rows = [r for p in _files(paths.resolve(src)) for r in _read_file(p)]
     else:
         rows = _read_hub(src, split)

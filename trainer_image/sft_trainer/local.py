@@ -49,6 +49,21 @@ def _ensure_tiny_assets(spec, console) -> None:
             return
 
 
+def _check_claims_mounted(spec) -> None:
+    """A cluster spec's pvc:// claims must have local folders before anything is fetched or loaded."""
+    from . import paths
+
+    refs = [("spec.model.source", spec.model.source)]
+    for name in ("train", "validation", "general"):
+        data = getattr(spec.dataset, name)
+        if data is not None:
+            refs.append((f"spec.dataset.{name}.source", data.source))
+    refs.append(("spec.output.destination", spec.output.destination))
+    reason = paths.unmounted_claims(refs)
+    if reason is not None:
+        raise ConfigError(reason)
+
+
 def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, console=None) -> int:
     """Run an SFTJob manifest's training spec locally; returns the trainer's exit code.
 
@@ -67,6 +82,7 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
             doc = {**doc, "spec": {**(doc.get("spec") or {}), "output": {"destination": output}}}
         spec = parse_spec(doc, str(manifest) if not isinstance(manifest, dict) else "manifest")
         _ensure_tiny_assets(spec, console)
+        _check_claims_mounted(spec)
     except TrainerError as e:
         console.print(f"[red]error:[/red] {e.reason}")
         return int(e.code)

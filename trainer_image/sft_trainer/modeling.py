@@ -58,8 +58,14 @@ def check_no_fp16_training(model, amp: Amp) -> None:
 
 def _where(spec: TrainingSpec) -> str:
     src = spec.model.source
-    # A hub id the fetch stage mirrored into the cache loads from there (pinned revision).
-    return str(paths.resolve(src)) if paths.is_local(src) else paths.hub_location(src, "model", spec.model.revision)
+    if not paths.is_local(src):
+        # A hub id the fetch stage mirrored into the cache loads from there (pinned revision).
+        return paths.hub_location(src, "model", spec.model.revision)
+    # A missing pvc://, s3:// or path is said as such: from_pretrained would take it for a hub id.
+    reason = paths.missing_reason(src)
+    if reason is not None:
+        raise ModelLoadError(reason)
+    return str(paths.resolve(src))
 
 
 def _load(what: str, load):

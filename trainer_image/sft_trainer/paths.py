@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
-from .references import split_pvc, split_s3
+from .references import EXPLICIT_LOCAL, split_pvc, split_s3
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 # `sftctl run` and a trainer started by hand; in a pod the operator sets SFT_CACHE_DIR to the cache volume.
@@ -116,11 +116,34 @@ def missing_reason(source: str) -> str | None:
         if not path.exists():
             return f"{source}: no such file or folder {path} on the claim {claim!r}"
         return None
-    if source.startswith("s3://"):
+    if source.startswith(("s3://", *EXPLICIT_LOCAL)):
         path = resolve(source)
-        if not path.exists():
+        if path.exists():
+            return None
+        if source.startswith("s3://"):
             return f"{source}: not in the fetch cache ({path}); the fetch stage (python -m sft_trainer.fetch) must run first"
+        return f"{source}: no such file or folder"
     return None
+
+
+def unmounted_claims(references: list[tuple[str, str]]) -> str | None:
+    """For ``sftctl run``, where no cluster mounts anything: which pvc:// claims of (field, source) pairs have no
+    folder on this machine, and how to map them; None when every claim is there."""
+    missing: dict[str, str] = {}
+    for field, source in references:
+        if source.startswith("pvc://"):
+            claim, _ = split_pvc(source)
+            if not pvc_claim_dir(claim).is_dir():
+                missing.setdefault(claim, field)
+    if not missing:
+        return None
+    listed = ", ".join(f"the claim {claim!r} ({field})" for claim, field in missing.items())
+    return (
+        f"not mounted on this machine: {listed}. Here pvc://<claim>/<path> is read from $SFT_PVC_ROOT/<claim>/<path>, "
+        f"and SFT_PVC_ROOT ({pvc_root()}) has no folder for {'it' if len(missing) == 1 else 'them'}. Map claims to local folders: "
+        "SFT_PVC_ROOT=DIR sftctl run ..., with one folder per claim in DIR (for the dev cluster's claims, "
+        "DIR=~/.cache/sft-operator/dev-cluster/volumes/<namespace>)"
+    )
 
 
 def is_local(source: str) -> bool:
