@@ -295,10 +295,9 @@ def volume_cause(reason: str, message: str, since: datetime | None = None) -> Ca
 def _event_time(event: dict[str, Any], first: bool) -> datetime | None:
     """When an event was first or last seen. A repeated event is one object: core/v1 keeps firstTimestamp and
     lastTimestamp (the kubelet's events), events.k8s.io eventTime and series.lastObservedTime."""
-    last = ((event.get("series") or {}).get("lastObservedTime"), event.get("lastTimestamp"))
-    keys = (event.get("firstTimestamp"), event.get("eventTime"), *last) if first else (*last, event.get("eventTime"),
-                                                                                         event.get("firstTimestamp"))
-    return next((parse_time(k) for k in keys if k), None)
+    firsts = [event.get("firstTimestamp"), event.get("eventTime")]
+    lasts = [(event.get("series") or {}).get("lastObservedTime"), event.get("lastTimestamp")]
+    return next((parse_time(t) for t in (firsts + lasts if first else lasts + firsts[::-1]) if t), None)
 
 
 def volume_problem(events: list[dict[str, Any]]) -> Cause | None:
