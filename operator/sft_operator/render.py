@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sft_trainer.config import DEFAULT_CACHE_SIZE, PROGRESS_PATH, is_s3
-from sft_trainer.exit_codes import NON_RETRIABLE, ExitCode
+from sft_trainer.exit_codes import NON_RETRIABLE, UNCOUNTED
 from sft_trainer.fetch import remote_sources
 
 from . import API_VERSION, KIND
@@ -291,8 +291,9 @@ def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
     """Data and config errors fail the job at once; disruptions never count against backoffLimit.
 
     A disruption is a pod with the DisruptionTarget condition (evicted, preempted), or a trainer that
-    exited 75 (Interrupted: SIGTERM, checkpoint saved). In a multi-node run every rank exits 75 when
-    one pod is evicted, but only that pod carries DisruptionTarget. With a fetch stage (``fetch``),
+    exited 75 (Interrupted: SIGTERM, checkpoint saved) or 76 (PeerLost: another rank's pod died, so this
+    one cannot go on). In a multi-node run every rank exits 75 or 76 when one pod is evicted, but only
+    that pod carries DisruptionTarget. With a fetch stage (``fetch``),
     its terminal codes (NotFound, AccessDenied, CacheTooSmall) fail the job too, and its 75 (SIGTERM
     mid-download) is ignored as the trainer's: the Job API matches init containers by name as well.
     """
@@ -303,7 +304,7 @@ def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
             *({"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": fail}}
               for name in containers),
             *({"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In",
-                                                   "values": [int(ExitCode.INTERRUPTED)]}}
+                                                   "values": sorted(int(code) for code in UNCOUNTED)}}
               for name in containers),
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]

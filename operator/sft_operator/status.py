@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sft_trainer.config import ProgressReport, TrainerResult
-from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, ExitCode
+from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED
 
 from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, Progress, Stage
 from .render import FETCH_CONTAINER, TRAINER_CONTAINER
@@ -165,9 +165,10 @@ def is_disrupted(pod: dict[str, Any]) -> bool:
 
 
 def is_interrupted(pod: dict[str, Any]) -> bool:
-    """The trainer exited 75 (SIGTERM, checkpoint saved): the Job ignores it (podFailurePolicy). In a
-    multi-node run every rank exits 75 when one pod is evicted, and only that pod is a disruption."""
-    return (terminated_state(pod) or {}).get("exitCode") == ExitCode.INTERRUPTED
+    """The trainer exited 75 (SIGTERM, checkpoint saved) or 76 (a peer rank was lost): the Job ignores it
+    (podFailurePolicy). In a multi-node run every rank exits so when one pod is evicted, and only that pod
+    is a disruption."""
+    return (terminated_state(pod) or {}).get("exitCode") in UNCOUNTED
 
 
 def is_ignored_failure(pod: dict[str, Any]) -> bool:

@@ -102,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import train  # torch is imported only once the config is valid
         from .run_hooks import RunHooks
 
-        hooks = RunHooks.start(spec)  # rank 0: MLflow tracking
-        try:
-            metrics = train.run(spec, sinks=hooks.sinks)
-        except BaseException as e:
-            hooks.failed(e)
-            raise
-        done = hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the MLflow run
+        # Rank 0: the output proved writable, MLflow tracking; the destination lock held through the export.
+        with RunHooks.start(spec) as hooks:
+            try:
+                metrics = train.run(spec, sinks=hooks.sinks, lock=hooks.lock)  # or a finished, unexported model's
+            except BaseException as e:
+                hooks.failed(e)
+                raise
+            done = hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the MLflow run
         write_result(metrics | (done.fields() if done else {}))  # rank 0: the result the operator reads
         return ExitCode.OK
     except TrainerError as e:
@@ -117,8 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code)
     except Exception as e:  # noqa: BLE001 - unexpected: keep the traceback in the log, the reason in the message
         traceback.print_exc()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _lost_peer(e):
+            reason = f"another rank was lost ({type(e).__name__}: {' '.join(str(e).split())[:300]}); " \
+                     "the group restarts from the last checkpoint"
+            log.error("%s (exit %d PEER_LOST)", reason, ExitCode.PEER_LOST)
+            write_termination_log(reason)
+            return int(ExitCode.PEER_LOST)
         write_termination_log(f"{type(e).__name__}: {e}")
         return 1
+
+
+def _lost_peer(error: BaseException) -> bool:
+    from .distributed import lost_peer  # torch: imported by the run that raised
+
+    return lost_peer(error)
 
 
 if __name__ == "__main__":

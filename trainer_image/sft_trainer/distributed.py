@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,28 @@ def cpu_threads(local_world: int) -> int:
     return max(1, available_cores() // max(1, local_world))
 
 
+# How long a collective may wait for a peer before it fails (and this rank exits PeerLost). Long enough
+# for rank 0 to write a large checkpoint while the others wait at a barrier; without it a rank whose
+# peer vanished (node lost, no TCP reset) waits forever holding its GPUs.
+DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 1800
+
+
+def collective_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("SFT_COLLECTIVE_TIMEOUT_SECONDS",
+                                                  DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)))
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a failure is a collective or the rendezvous store losing another rank (a reset
+    connection, a timeout), as opposed to a bug or bad input on this rank."""
+    if isinstance(error, (dist.DistNetworkError, dist.DistStoreError, dist.DistBackendError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "third_party/gloo",
+        "Gloo connectFullMesh failed", "Timed out waiting", "NCCL communicator was aborted", "Watchdog caught"))
+
+
 def setup_distributed() -> Dist:
     """Read torchrun's environment; one process without it. gloo on CPU, nccl on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +100,7 @@ def setup_distributed() -> Dist:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(cpu_threads(local_world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return Dist(rank, world, local_rank, device)
 
 

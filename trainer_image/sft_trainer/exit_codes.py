@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     STORAGE_UNAVAILABLE = 69  # EX_UNAVAILABLE: object storage or the hub unreachable after retries; a retry resumes
     CACHE_TOO_SMALL = 73  # EX_CANTCREAT: the fetch cache volume has less free space than the download needs
     INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM; a checkpoint was saved, retrying resumes from it
+    PEER_LOST = 76  # EX_PROTOCOL: another rank died or a collective timed out; the group restarts from a checkpoint
     ACCESS_DENIED = 77  # EX_NOPERM: credentials missing, wrong or not allowed to read/write the object (named)
     SUPERSEDED = 79  # another pod of this run took its output destination over (a partition's replacement); stopped unwritten
 
@@ -32,6 +33,11 @@ NON_RETRIABLE: tuple[ExitCode, ...] = (
     ExitCode.ACCESS_DENIED,
 )
 
+# Retried without counting against backoffLimit: nothing was wrong with this pod. A rank that loses a peer
+# (its pod evicted, its node gone, its process killed) cannot go on, and the static rendezvous only
+# re-forms when every rank's pod is new, so the survivors exit too and the whole group restarts.
+UNCOUNTED: tuple[ExitCode, ...] = (ExitCode.INTERRUPTED, ExitCode.PEER_LOST, ExitCode.SUPERSEDED)
+
 # Status reasons (one CamelCase word, per the API conventions) for each trainer exit code.
 REASONS: dict[int, str] = {
     ExitCode.INVALID_CONFIG: "InvalidConfig",
@@ -42,6 +48,7 @@ REASONS: dict[int, str] = {
     ExitCode.STORAGE_UNAVAILABLE: "StorageUnavailable",
     ExitCode.CACHE_TOO_SMALL: "CacheTooSmall",
     ExitCode.INTERRUPTED: "Interrupted",
+    ExitCode.PEER_LOST: "PeerLost",
     ExitCode.ACCESS_DENIED: "AccessDenied",
     ExitCode.SUPERSEDED: "Superseded",
 }
