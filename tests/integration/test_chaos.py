@@ -1,0 +1,248 @@
+"""The chaos suite: faults a multi-hour, multi-GPU run meets, injected on the real node while a tiny
+SFTJob that checkpoints is training (the chart's operator, the trainer image, the `models` claim).
+
+After each fault the test asserts what a user needs: the job ends Succeeded with as many trained
+steps as an uninterrupted run, at most one checkpoint interval recomputed, the model exported and
+`status.output` set, no disruption counted against the backoff (`backoffLimit: 0`, or the one
+failure a SIGKILLed rank really is), one ConfigMap, Service and Job (nothing duplicated), and an
+Event that names each interruption of the training. docs/reliability.md has the table and figures.
+
+Faults are injected the way they happen: a SIGKILL of the operator's process (found by its pod's
+cgroup), `sftctl dev-cluster stop|start|restart COMPONENT` for the control plane and the node, the
+kubelet's own eviction after a node loss, a SIGKILL of one rank's processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from sft_operator import GROUP, PLURAL, VERSION
+from sft_operator.render import LABEL_JOB
+
+from .test_end_to_end import Installed, Run, installed  # noqa: F401 - the module's helm install
+
+pytestmark = [pytest.mark.cluster, pytest.mark.images, pytest.mark.trainer, pytest.mark.slow]
+
+CHECKPOINT_EVERY = 50
+
+
+@dataclass
+class Faults:
+    """What a test did to a running job, and when (the step the status showed at that moment)."""
+
+    injected: list[tuple[str, int]] = field(default_factory=list)
+
+    def note(self, what: str, step: int) -> None:
+        print(f"  fault: {what} at step {step}")
+        self.injected.append((what, step))
+
+
+def step_of(run: Run) -> int:
+    return int((run.status.get("progress") or {}).get("step") or 0)
+
+
+# ---------------------------------------------------------------- the operator's process
+
+
+def operator_pod(installed: Installed) -> client.V1Pod | None:
+    selector = f"app.kubernetes.io/instance={installed.release.name},app.kubernetes.io/component=operator"
+    pods = client.CoreV1Api(installed.cluster.api).list_namespaced_pod(installed.release.namespace,
+                                                                         label_selector=selector).items
+    live = [p for p in pods if p.metadata.deletion_timestamp is None]
+    return live[0] if live else None
+
+
+def processes_of_pod(uid: str) -> list[int]:
+    """The host pids of a pod's containers (not its pause sandbox), by the pod's cgroup (cgroupfs driver:
+    .../pod<uid>/<container>)."""
+    found = []
+    marker = f"pod{uid}"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cgroups = (entry / "cgroup").read_text()
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if marker in cgroups and not command.endswith("pause"):
+            found.append(int(entry.name))
+    return found
+
+
+def crash_operator(installed: Installed, hold=None) -> None:
+    """SIGKILL the operator's process, as an OOM kill or a crash would, then remove its pod so that the
+    Deployment starts the next operator at once instead of after the kubelet's crash-loop back-off.
+    ``hold``: called while no operator runs (the Deployment scaled to 0) before it is started again."""
+    pod = operator_pod(installed)
+    assert pod is not None, "no operator pod"
+    pids = processes_of_pod(pod.metadata.uid)
+    assert pids, f"no process of operator pod {pod.metadata.name} found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    apps = client.AppsV1Api(installed.cluster.api)
+    name, ns = installed.release.fullname, installed.release.namespace
+    if hold is not None:
+        apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 0}})
+    client.CoreV1Api(installed.cluster.api).delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
+    if hold is not None:
+        hold()
+        apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 1}})
+
+
+def wait_operator_ready(installed: Installed, timeout: float = 120) -> None:
+    def ready():
+        pod = operator_pod(installed)
+        return pod is not None and any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+    installed.cluster.wait_for(ready, timeout, "the operator Ready again")
+
+
+# ---------------------------------------------------------------- what every fault asserts
+
+
+def children(installed: Installed, name: str) -> dict[str, int]:
+    core, batch = client.CoreV1Api(installed.cluster.api), client.BatchV1Api(installed.cluster.api)
+    selector = f"{LABEL_JOB}={name}"
+    return {
+        "Job": len(batch.list_namespaced_job(installed.work, label_selector=selector).items),
+        "ConfigMap": len(core.list_namespaced_config_map(installed.work, label_selector=selector).items),
+        "Service": len(core.list_namespaced_service(installed.work, label_selector=selector).items),
+    }
+
+
+def resumed_steps(installed: Installed, name: str) -> list[int]:
+    """The step each trainer pod resumed from (its log: "resumed from ... (step N")."""
+    steps = []
+    for pod in installed.pods(name):
+        match = re.search(r"resumed from \S+ \(step (\d+)", installed.logs(pod.metadata.name))
+        if match:
+            steps.append(int(match.group(1)))
+    return steps
+
+
+def assert_survived(installed: Installed, name: str, run: Run, max_steps: int, faults: Faults,
+                    interrupted: int = 0) -> None:
+    """The promises of docs/reliability.md for one job after its faults; ``interrupted``: how many of
+    them stopped the training itself (each costs a resume and an Event)."""
+    status = run.status
+    explain = installed.explain(name, status)
+    assert status.get("phase") == "Succeeded", explain
+    assert status["progress"]["step"] == max_steps, explain  # as many steps as an uninterrupted run
+    assert (installed.models / name / "model" / "config.json").exists(), explain
+    assert status["output"]["model"] == f"pvc://models/{name}/model", explain
+    assert children(installed, name) == {"Job": 1, "ConfigMap": 1, "Service": 1}
+    if interrupted:
+        resumed = resumed_steps(installed, name)
+        hit = [step for _, step in faults.injected]
+        assert len(resumed) >= interrupted, f"resumed from {resumed} after {faults.injected}\n{explain}"
+        # At most one checkpoint interval recomputed per interruption.
+        for start in resumed:
+            before = max((s for s in hit if s >= start), default=start)
+            assert before - start <= CHECKPOINT_EVERY, f"resumed from step {start} after a fault at {before}"
+        reasons = [e.reason for e in installed.events(name)]
+        assert "Restarted" in reasons, reasons
+        assert status.get("restarts", 0) >= interrupted, status
+
+
+def sftjob_spec(max_steps: int, **extra) -> dict:
+    return {"hyperparameters": {"maxSteps": max_steps}, "evaluation": {"strategy": "no"},
+            "checkpointing": {"strategy": "steps", "steps": CHECKPOINT_EVERY, "keep": 2},
+            "runPolicy": {"backoffLimit": 0}, **extra}
+
+
+# ---------------------------------------------------------------- the faults
+
+
+def test_the_operator_sigkilled_at_every_stage_of_a_run_loses_nothing(installed, tmp_path):
+    """One job meets five operator crashes: before its children exist, right after its Job is created,
+    while it runs, while its trainer saves after SIGTERM, and between the trainer's exit and the
+    result's write (the operator held down until the trainer pod has ended)."""
+    name, max_steps = "chaos-operator", 400
+    faults = Faults()
+    batch = client.BatchV1Api(installed.cluster.api)
+
+    crash_operator(installed)  # 1: the SFTJob is applied while no operator runs
+    faults.note("operator SIGKILL before the children exist", 0)
+    applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps))
+    wait_operator_ready(installed)
+
+    def job_exists():
+        try:
+            return batch.read_namespaced_job(name, installed.work)
+        except client.exceptions.ApiException:
+            return None
+
+    installed.cluster.wait_for(job_exists, 120, f"Job {name}", interval=0.05)
+    crash_operator(installed)  # 2: right after the Job is created
+    faults.note("operator SIGKILL right after the Job was created", 0)
+
+    done = set()
+
+    def trainer_ended() -> bool:
+        return all(p.status.phase in ("Succeeded", "Failed") for p in installed.pods(name))
+
+    def on_running(run: Run) -> None:
+        step = step_of(run)
+        if "running" not in done and step > 0:
+            done.add("running")
+            crash_operator(installed)  # 3: while it trains
+            faults.note("operator SIGKILL while Running", step)
+        elif ("save" not in done and "running" in done and step >= 2 * CHECKPOINT_EVERY
+              and list((installed.models / name / "checkpoints").glob("*/COMPLETE"))):
+            done.add("save")
+            for pod in installed.pods(name):  # 4: SIGTERM to the trainer (it saves), the operator killed meanwhile
+                if pod.status.phase == "Running":
+                    client.CoreV1Api(installed.cluster.api).delete_namespaced_pod(pod.metadata.name, installed.work)
+            crash_operator(installed)
+            faults.note("trainer pod deleted (SIGTERM save) and operator SIGKILL", step)
+        elif "end" not in done and "save" in done and step >= max_steps - 5:
+            done.add("end")
+            # 5: the trainer finishes and exits while no operator runs; the result is read afterwards.
+            crash_operator(installed, hold=lambda: installed.cluster.wait_for(trainer_ended, 180, "the trainer to end"))
+            faults.note("operator SIGKILL between the trainer's exit and the result's write", step)
+
+    run = installed.follow(name, applied, timeout=900, on_running=on_running)
+    assert done == {"running", "save", "end"}, f"faults not all injected: {done}\n{installed.explain(name, run.status)}"
+    assert_survived(installed, name, run, max_steps, faults, interrupted=1)
+    assert run.status["output"].get("model"), run.status  # the late result was written (defect 5)
+
+
+def test_one_rank_sigkilled_restarts_the_whole_group_from_its_checkpoint(installed, tmp_path):
+    """A 2-pod run: rank 1's processes are SIGKILLed (a GPU fault, an OOM kill). That pod's failure is
+    counted, once; rank 0, which lost its peer, exits 76 (PeerLost), which is not; both pods are
+    replaced and the group resumes from its last checkpoint."""
+    name, max_steps = "chaos-rank", 300
+    faults = Faults()
+    applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps, resources={"nodes": 2},
+                                                            runPolicy={"backoffLimit": 1}))
+    killed = []
+
+    def on_running(run: Run) -> None:
+        step = step_of(run)
+        if killed or step < CHECKPOINT_EVERY + 10 or not list((installed.models / name / "checkpoints").glob("*/COMPLETE")):
+            return
+        for pod in installed.pods(name):
+            index = pod.metadata.annotations.get("batch.kubernetes.io/job-completion-index")
+            if index == "1" and pod.status.phase == "Running":
+                for pid in processes_of_pod(pod.metadata.uid):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pod.metadata.name)
+                faults.note("rank 1 SIGKILL", step)
+
+    run = installed.follow(name, applied, timeout=900, on_running=on_running)
+    assert killed, "the run ended before a checkpoint was complete"
+    assert_survived(installed, name, run, max_steps, faults, interrupted=1)
+    # backoffLimit 1: had rank 0's exit counted beside the killed rank's, the Job would have failed.
+    rank0 = [p for p in installed.pods(name) if p.status.container_statuses
+             and p.status.container_statuses[0].state.terminated
+             and p.status.container_statuses[0].state.terminated.exit_code == 76]
+    assert rank0, "rank 0 did not exit PeerLost (76)"
