@@ -176,6 +176,8 @@ def _env(job: SFTJob, options: RenderOptions) -> list[dict[str, Any]]:
         {"name": "SFT_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "SFT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SFT_PVC_ROOT", "value": PVC_ROOT},
+        # The launcher gives torchrun's workers this long to save after SIGTERM (torchrun's own is 30 s).
+        {"name": "SFT_TERMINATION_GRACE_SECONDS", "value": str(grace_period_seconds(job.spec))},
         {"name": "SFT_PROGRESS_TOKEN_FILE", "value": TOKEN_PATH},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

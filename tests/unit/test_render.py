@@ -58,9 +58,11 @@ def test_pod_failure_policy_fails_fast_on_trainer_and_fetch_codes_and_ignores_di
     assert policy[:2] == [{"action": "FailJob", "onExitCodes": {"containerName": name, "operator": "In", "values": fail}}
                           for name in ("trainer", "fetch")]
     # exit 75 (Interrupted: SIGTERM, checkpoint saved, or mid-transfer) from any rank or the fetch stage is a
-    # disruption: every rank of a multi-node run exits 75 when one pod is evicted, but only that pod carries
-    # DisruptionTarget, and a pod deleted by a person carries none
-    assert policy[2:4] == [{"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In", "values": [75]}}
+    # disruption: every rank of a multi-node run exits 75 or 76 (PeerLost) when one pod is evicted, but only
+    # that pod carries DisruptionTarget, and a pod deleted by a person carries none; 79 (Superseded) is a
+    # partitioned pod whose replacement already took its place
+    assert policy[2:4] == [{"action": "Ignore", "onExitCodes": {"containerName": name, "operator": "In",
+                                                                "values": [75, 76, 79]}}
                            for name in ("trainer", "fetch")]
     assert policy[4] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert _job(manifest())["spec"]["template"]["spec"]["restartPolicy"] == "Never"
@@ -224,3 +226,11 @@ def test_an_s3_output_alone_gets_a_cache_to_stage_it_but_no_fetch_stage():
     doc = manifest(model={"source": "pvc://models/base"}, output={"destination": "s3://models/run-1"})
     kids = _by_kind(render_children(doc))
     assert "PersistentVolumeClaim" in kids and "initContainers" not in kids["Job"]["spec"]["template"]["spec"]
+
+
+def test_the_trainer_gets_the_pods_grace_period_to_save():
+    # torchrun would SIGKILL its workers 30 s after SIGTERM; the launcher passes them this instead.
+    job = _job(manifest(runPolicy={"terminationGracePeriodSeconds": 900}))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    assert _env(pod["containers"][0])["SFT_TERMINATION_GRACE_SECONDS"] == "900"
