@@ -322,6 +322,11 @@ class FaultyProxy:
         with self._lock:
             self._refusals += times
 
+    def stop_refusing(self) -> None:
+        """The end of an outage started with a large ``refuse``."""
+        with self._lock:
+            self._refusals = 0
+
     def close(self) -> None:
         self._closed = True
         self._sock.close()

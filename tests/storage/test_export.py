@@ -168,3 +168,47 @@ def test_an_export_to_a_missing_bucket_is_not_found_naming_it(s3_server, tmp_pat
     assert result.returncode != 0
     assert "NotFound: s3://no-such-output-bucket/runs/r4/" in result.stderr
     assert "the bucket does not exist" in result.stderr
+
+
+def test_a_storage_outage_during_the_export_is_ridden_out_and_sigterm_still_exits_75(s3_server, bucket, tmp_path):
+    """S3 down mid-export: the trainer waits it out with backoff inside the pod (no Job retry spent) for up to
+    SFT_STORAGE_RETRY_SECONDS, default 10 min; before, it gave up after 6 attempts (~30 s) and exited 69."""
+    files = outputs(tmp_path / "out", weights=1 << 20)
+    proxy = FaultyProxy(s3_server.port)
+    proxy.refuse(10**9)  # the server is unreachable
+
+    def export_during_outage(retries: int) -> subprocess.Popen:
+        code = (
+            "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
+            "from pathlib import Path\n"
+            "from sft_trainer.config import S3Spec\n"
+            "from sft_trainer.errors import TrainerError, sigterm_interrupts\n"
+            "from sft_trainer.export import export\n"
+            "try:\n"
+            "    with sigterm_interrupts('the export'):\n"
+            f"        export(Path({str(tmp_path / 'out')!r}), 's3://{bucket}/runs/r6', S3Spec(endpoint={proxy.endpoint!r}))\n"
+            "except TrainerError as e:\n"
+            "    print(e.reason, file=sys.stderr)\n"
+            "    sys.exit(e.code)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code], env={**env(s3_server), "SFT_STORAGE_BACKOFF": "0.05"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = 0
+        for line in proc.stderr:
+            seen += "retrying in" in line
+            if seen == retries:
+                return proc
+        raise AssertionError(f"the export ended after {seen} retries (exit {proc.wait()})")
+
+    proc = export_during_outage(2)
+    proc.send_signal(signal.SIGTERM)  # the pod deleted while it waits: stop at once, uncounted
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+
+    proc = export_during_outage(6)  # the 6th attempt used to end the export (exit 69)
+    proxy.stop_refusing()  # the outage ends
+    _, err = proc.communicate(timeout=120)
+    proxy.close()
+    assert proc.returncode == 0, err
+    objects = stored(s3_server.client(), bucket, "runs/r6")
+    assert {k: v for k, v in objects.items() if k != "COMPLETE"} == files and "COMPLETE" in objects

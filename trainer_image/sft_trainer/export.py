@@ -50,8 +50,10 @@ def export(
     settings: S3Spec | None = None,
     *,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    fence: Callable[[], None] = lambda: None,
 ) -> str:
-    """Upload ``out_dir``'s outputs to ``destination`` (s3://bucket/prefix); returns the destination URI."""
+    """Upload ``out_dir``'s outputs to ``destination`` (s3://bucket/prefix); returns the destination URI.
+    ``fence`` (the destination lock's check) runs before every write: a superseded writer stops there."""
     client = s3.client(settings)
     root = s3.Location.parse(destination)
     files = files_to_export(out_dir)
@@ -65,6 +67,7 @@ def export(
         on_progress(total, total)
         return root.uri
     if existing is not None:
+        fence()
         s3.retrying(lambda: client.delete_object(Bucket=marker.bucket, Key=marker.key), marker.uri)
 
     total = sum(m["size"] for m in manifest.values())
@@ -79,10 +82,12 @@ def export(
     counts = {"skipped": 0, "put": 0, "multipart": 0}
     for rel, path in files.items():
         target = root.join(rel)
+        fence()
         counts[s3.upload(client, path, target.bucket, target.key, manifest[rel]["sha256"], state, add)] += 1
     body = json.dumps(
         {"files": manifest, "completedAt": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=1
     ).encode()
+    fence()
     s3.retrying(lambda: client.put_object(Bucket=marker.bucket, Key=marker.key, Body=body), marker.uri)
     log.info(
         "exported %d files (%d bytes) to %s: %d uploaded, %d in parts, %d already there; %s written last",

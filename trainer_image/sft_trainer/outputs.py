@@ -6,6 +6,10 @@
     metrics.json        final metrics: losses, best checkpoint, forgetting, throughput, data statistics
     trainer_log.jsonl   one JSON object per optimizer step and per evaluation
     loss.png            train and eval loss curves
+
+With an ``s3://`` destination these are staged on the cache volume and exported at the end; until the export
+has finished, ``<cache>/.sft/export-pending/<run id>.json`` records that a trained model awaits it
+(``mark_export_pending``), so that a rerun of the run exports it instead of training again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import paths
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -101,6 +106,40 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def export_pending_marker(run_id: str) -> Path:
+    """Where a finished, not yet exported run is recorded: on the cache volume, by run id (the SFTJob's uid)."""
+    return paths.cache_root() / ".sft" / "export-pending" / f"{run_id}.json"
+
+
+def mark_export_pending(run_id: str, destination: str, staging: Path, metrics: dict[str, Any]) -> None:
+    """Record that ``staging`` holds the finished model of ``run_id``, to be exported to ``destination``."""
+    marker = export_pending_marker(run_id)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_metrics(marker, {"runId": run_id, "destination": destination, "staging": str(staging), "metrics": metrics})
+
+
+def export_pending(run_id: str, destination: str) -> dict[str, Any] | None:
+    """The final metrics of this run's trained model still awaiting its export to ``destination``, or None."""
+    marker = export_pending_marker(run_id)
+    try:
+        doc = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); the run trains again", marker, e)
+        return None
+    staged = Path(doc.get("staging", "")) / MODEL_DIR
+    if doc.get("destination") != destination or not staged.is_dir():
+        log.warning("%s: for %s with the model in %s, not this run's output (%s); the run trains again",
+                    marker, doc.get("destination"), staged, destination)
+        return None
+    return doc.get("metrics") or {}
+
+
+def clear_export_pending(run_id: str) -> None:
+    export_pending_marker(run_id).unlink(missing_ok=True)
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:

@@ -1,13 +1,18 @@
 """What surrounds ``train.run`` in a trainer process: tracking while it trains, the export when it is done.
 
-    hooks = RunHooks.start(spec)                     # rank 0: the MLflow run begins
-    metrics = train.run(spec, sinks=hooks.sinks)     # the run's sink logs every step and evaluation
-                                                     # (hooks.failed(exc) if it raises)
-    result = hooks.succeeded(metrics)                # rank 0: upload to s3://, COMPLETE last; end the run
+    with RunHooks.start(spec) as hooks:              # rank 0: the output proved writable, the MLflow run begins
+        metrics = train.run(spec, sinks=hooks.sinks, lock=hooks.lock)  # the run's sink logs every step and
+                                                     # evaluation (hooks.failed(exc) if it raises)
+        result = hooks.succeeded(metrics)            # rank 0: upload to s3://, COMPLETE last; end the run
+                                                     # leaving the block releases the destination lock
 
 Only rank 0 tracks and exports; on other ranks every method does nothing. The result (the output URI once
 it is durable, the MLflow run id, a tracking warning) goes into a final progress report; ``__main__`` adds
 it to the run's result in the termination message (``sft_trainer.result``), where the operator reads it.
+
+The destination lock (``ownership``) is held from the claim through the export, so that the export is fenced
+too. A model that trained but was not exported keeps its marker (``outputs.mark_export_pending``) until the
+export succeeds; a rerun of the run then exports it without training (``train.awaiting_export``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import outputs, paths
+from . import outputs, ownership, paths
 from .config import ProgressReport, TrainingSpec, is_s3
 from .errors import TrainerError, sigterm_interrupts
 from .exit_codes import ExitCode
@@ -44,6 +49,17 @@ class RunHooks:
         self.rank = rank
         self.out_dir = paths.resolve(spec.output.destination)
         self.tracker = tracker  # tracking.MlflowSink on rank 0 when the spec tracks the run
+        self.run_id = ownership.run_id(spec)
+        # Rank 0: the destination's lock, taken by train.run and held through the export (a fence).
+        self.lock = ownership.DestinationLock(self.out_dir, self.run_id, spec.output.destination.rstrip("/")) \
+            if rank == 0 else None
+
+    def __enter__(self) -> RunHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def sinks(self) -> list:
@@ -54,6 +70,10 @@ class RunHooks:
     def start(cls, spec: TrainingSpec, *, run_name: str | None = None) -> RunHooks:
         rank = int(os.environ.get("RANK", "0"))
         hooks = cls(spec, rank)
+        if rank == 0:  # hours of training must not end in an unwritable output
+            from .fetch import check_output_writable
+
+            check_output_writable(spec)
         mlflow = spec.tracking.mlflow if spec.tracking else None
         if rank != 0 or mlflow is None:
             return hooks
@@ -89,8 +109,12 @@ class RunHooks:
                 with sigterm_interrupts(f"the export to {uri}"):
                     uri = self._export(reporter, metrics)
             except BaseException as e:
+                if isinstance(e, TrainerError) and outputs.export_pending_marker(self.run_id).exists():
+                    e.reason += (f"; the trained model stays in {self.out_dir} and a rerun of this run exports it "
+                                 f"without training ({outputs.export_pending_marker(self.run_id)})")
                 self.failed(e)
                 raise
+            outputs.clear_export_pending(self.run_id)
         self._end_tracking(metrics, uri, "FINISHED")
         result = RunResult(uri, self.tracker.run_id if self.tracker else None, self.tracker.warning if self.tracker else None)
         if is_s3(uri) or self.tracker is not None:  # the training loop's own final report said the rest
@@ -121,7 +145,8 @@ class RunHooks:
                 reporter.report(self._report(metrics, f"exporting to {self.spec.output.destination}",
                                              stage="exporting", bytes_done=done, bytes_total=total))
 
-        return export(self.out_dir, self.spec.output.destination, settings, on_progress=on_progress)
+        fence = self.lock.check if self.lock is not None else (lambda: None)
+        return export(self.out_dir, self.spec.output.destination, settings, on_progress=on_progress, fence=fence)
 
     def _end_tracking(self, metrics: dict[str, Any] | None, uri: str | None, status: str) -> None:
         if self.tracker is None:

@@ -12,9 +12,12 @@ Resumption is ours, because neither boto3 nor s3transfer resumes across processe
   and sends only the rest. Every uploaded object carries its sha256 as metadata, so a file already stored
   is recognised and skipped.
 
-Network errors are retried with exponential backoff (``SFT_STORAGE_RETRIES`` attempts, default 6, starting at
-``SFT_STORAGE_BACKOFF`` seconds, default 1) on top of botocore's own standard retries; a download resumes
-where the broken stream stopped. After the last attempt: ``StorageUnavailable`` (exit 69, retried by the Job).
+Network errors, 5xx and throttling are retried inside the pod, on top of botocore's own standard retries, so
+that a storage outage of a few minutes costs no Job retry: exponential backoff from ``SFT_STORAGE_BACKOFF``
+seconds (default 1, doubling, at most 30) for up to ``SFT_STORAGE_RETRY_SECONDS`` (default 600) since the
+operation last made progress; ``SFT_STORAGE_RETRIES`` caps the attempts as well (unset: no cap). A download
+resumes where the broken stream stopped. Then: ``StorageUnavailable`` (exit 69, retried by the Job). SIGTERM
+while waiting ends the wait at once (the caller's ``sigterm_interrupts``: exit 75).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -93,7 +97,7 @@ def client(settings: S3Spec | None = None):
     settings = settings or S3Spec()
     path_style = settings.path_style if settings.path_style is not None else settings.endpoint is not None
     config = Config(
-        retries={"mode": "standard", "max_attempts": 4},
+        retries={"mode": "standard", "max_attempts": 2},  # one quick retry; Backoff rides out longer outages
         connect_timeout=10,
         read_timeout=60,
         max_pool_connections=2 * PART_WORKERS,
@@ -132,14 +136,51 @@ def classify(err: Exception, what: str) -> Exception:
     return err
 
 
-def retry_settings() -> tuple[int, float]:
-    return int(os.environ.get("SFT_STORAGE_RETRIES", "6")), float(os.environ.get("SFT_STORAGE_BACKOFF", "1"))
+DEFAULT_RETRY_SECONDS = 600.0  # several minutes of outage ridden out inside the pod
+MAX_DELAY = 30.0
 
 
-def retrying(fn: Callable[[], T], what: str) -> T:
-    """Run ``fn``; terminal errors raise at once, transient ones are retried with exponential backoff."""
-    attempts, delay = retry_settings()
-    for attempt in range(1, attempts + 1):
+@dataclass
+class Backoff:
+    """The waits of one operation's retries: doubling from ``SFT_STORAGE_BACKOFF`` to 30 s, until
+    ``SFT_STORAGE_RETRY_SECONDS`` have passed since the first failure (or ``SFT_STORAGE_RETRIES`` attempts).
+    ``cancelled`` ends a wait at once (upload threads, when the main thread was interrupted)."""
+
+    cancelled: threading.Event | None = None
+    first_delay: float = field(default_factory=lambda: float(os.environ.get("SFT_STORAGE_BACKOFF", "1")))
+    budget: float = field(default_factory=lambda: float(os.environ.get("SFT_STORAGE_RETRY_SECONDS",
+                                                                       DEFAULT_RETRY_SECONDS)))
+    cap: int | None = field(default_factory=lambda: int(os.environ["SFT_STORAGE_RETRIES"])
+                            if os.environ.get("SFT_STORAGE_RETRIES") else None)
+    failures: int = 0
+    since: float = 0.0
+
+    def reset(self) -> None:
+        """Progress was made: the next failure starts a fresh budget."""
+        self.failures = 0
+
+    def wait(self, err: Exception, detail: str = "") -> None:
+        """After a transient failure: wait before the next attempt, or raise StorageUnavailable when spent."""
+        now = time.monotonic()
+        if self.failures == 0:
+            self.since = now
+        self.failures += 1
+        delay = min(self.first_delay * 2 ** (self.failures - 1), MAX_DELAY)
+        spent = now - self.since
+        if (self.cap is not None and self.failures >= self.cap) or spent + delay > self.budget:
+            raise StorageUnavailable(f"{err} (gave up after {self.failures} attempts in {spent:.0f} s{detail})") from None
+        log.warning("%s; retrying in %.1f s (attempt %d, %.0f of %.0f s spent)", err, delay, self.failures, spent,
+                    self.budget)
+        if self.cancelled is None:
+            time.sleep(delay)  # SIGTERM interrupts it (sigterm_interrupts raises in the main thread)
+        elif self.cancelled.wait(delay):
+            raise StorageUnavailable(f"{err} (cancelled)")
+
+
+def retrying(fn: Callable[[], T], what: str, cancelled: threading.Event | None = None) -> T:
+    """Run ``fn``; terminal errors raise at once, transient ones are retried with backoff (``Backoff``)."""
+    backoff = Backoff(cancelled)
+    while True:
         try:
             return fn()
         except TrainerError:
@@ -148,12 +189,7 @@ def retrying(fn: Callable[[], T], what: str) -> T:
             err = classify(e, what) if not isinstance(e, Transient) else e
             if not isinstance(err, Transient):
                 raise err from None
-            if attempt == attempts:
-                raise StorageUnavailable(f"{err} (gave up after {attempts} attempts)") from None
-            log.warning("%s; retrying in %.1f s (attempt %d of %d)", err, delay, attempt, attempts)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-    raise AssertionError("unreachable")
+            backoff.wait(err)
 
 
 # ---------------------------------------------------------------- listing
@@ -208,8 +244,7 @@ def download(s3, bucket: str, obj: Obj, dest: Path, on_bytes: Callable[[int], No
     if offset:
         log.info("%s: resuming at byte %d of %d", what, offset, obj.size)
         on_bytes(offset)
-    attempts, delay = retry_settings()
-    failures = 0
+    backoff = Backoff()
     with part.open("ab") as f:
         while offset < obj.size:
             kw: dict[str, Any] = {"Bucket": bucket, "Key": obj.key, "IfMatch": obj.etag}
@@ -221,7 +256,7 @@ def download(s3, bucket: str, obj: Obj, dest: Path, on_bytes: Callable[[int], No
                     f.write(chunk)
                     offset += len(chunk)
                     on_bytes(len(chunk))
-                    failures = 0  # progress resets the count: a flaky link still finishes
+                    backoff.reset()  # progress starts a fresh budget: a flaky link still finishes
                 if offset < obj.size:
                     raise bx.IncompleteReadError(actual_bytes=offset, expected_bytes=obj.size)
             except Exception as e:  # noqa: BLE001
@@ -232,11 +267,8 @@ def download(s3, bucket: str, obj: Obj, dest: Path, on_bytes: Callable[[int], No
                 err = classify(e, what)
                 if not isinstance(err, Transient):
                     raise err from None
-                failures += 1
-                if failures >= attempts:
-                    raise StorageUnavailable(f"{err} (gave up after {attempts} attempts at byte {offset})") from None
-                log.warning("%s; resuming at byte %d in %.1f s", err, offset, delay * 2 ** (failures - 1))
-                time.sleep(min(delay * 2 ** (failures - 1), 30.0))
+                backoff.wait(err, f", at byte {offset}")
+                log.info("%s: resuming at byte %d", what, offset)
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, dest)
@@ -325,6 +357,8 @@ def upload(s3, path: Path, bucket: str, key: str, sha256: str, state: UploadStat
         state.put(key, {"uploadId": upload_id, "sha256": sha256, "partSize": part_size})
     on_bytes(sum(min(part_size, size - (n - 1) * part_size) for n in done))
 
+    stop = threading.Event()  # set when the main thread is interrupted: part threads stop waiting to retry
+
     def send(number: int) -> tuple[int, str]:
         offset = (number - 1) * part_size
         length = min(part_size, size - offset)
@@ -332,7 +366,8 @@ def upload(s3, path: Path, bucket: str, key: str, sha256: str, state: UploadStat
             f.seek(offset)
             data = f.read(length)
         etag = retrying(
-            lambda: s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data), what
+            lambda: s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data), what,
+            cancelled=stop,
         )["ETag"]
         on_bytes(length)
         return number, etag
@@ -341,7 +376,8 @@ def upload(s3, path: Path, bucket: str, key: str, sha256: str, state: UploadStat
     pool = ThreadPoolExecutor(PART_WORKERS)
     try:
         done.update(dict(pool.map(send, missing)))
-    finally:  # interrupted (SIGTERM): the parts in flight finish, the queued ones are dropped
+    finally:  # interrupted (SIGTERM): the parts in flight finish, the queued ones are dropped, none waits to retry
+        stop.set()
         pool.shutdown(cancel_futures=True)
     parts = [{"PartNumber": n, "ETag": done[n]} for n in sorted(done)]
     retrying(

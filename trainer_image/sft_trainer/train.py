@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, collate, data, memory, modeling, outputs, ownership, paths
-from .config import CheckpointStrategy, DistributedStrategy, EvalStrategy, LrScheduler, ProgressReport, TrainingSpec
+from .config import CheckpointStrategy, DistributedStrategy, EvalStrategy, LrScheduler, ProgressReport, TrainingSpec, is_s3
 from .distributed import (
     Dist,
     StopFlag,
@@ -248,6 +248,9 @@ def run(
     run_sinks: list[Sink] = []
     try:
         claim_destination(spec, d, out_dir, rid, lock)
+        trained = awaiting_export(spec, d, rid)
+        if trained is not None:
+            return trained
         run_sinks = sinks_for(d, out_dir, stdout, listener, sinks)
         return train(spec, d, rid, out_dir, run_sinks, stop, lock if d.main else None)
     finally:
@@ -273,6 +276,18 @@ def claim_destination(spec: TrainingSpec, d: Dist, out_dir: Path, rid: str, lock
             error = e
     if all_sum(0.0 if error is None else 1.0, d) > 0:
         raise error or ConfigError(f"{spec.output.destination}: rank 0 could not claim the output destination (its log says why)")
+
+
+def awaiting_export(spec: TrainingSpec, d: Dist, rid: str) -> dict[str, Any] | None:
+    """The final metrics of this run's model when it finished training but was never exported (its marker on
+    the cache volume): the rerun goes straight to the export. Rank 0 decides, every rank learns it."""
+    metrics = outputs.export_pending(rid, spec.output.destination) if d.main else None
+    if all_sum(0.0 if metrics is None else 1.0, d) == 0:
+        return None
+    if d.main:
+        log.info("run %s finished training before; its model awaits the export to %s: exporting, not training",
+                 rid, spec.output.destination)
+    return metrics or {}
 
 
 # ---------------------------------------------------------------- set up, loop, finish
@@ -608,6 +623,8 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
     if d.main:
         r.fence()
         outputs.write_metrics(r.out_dir / outputs.METRICS, metrics)
+        if is_s3(spec.output.destination):  # until the export is done, a rerun exports instead of training
+            outputs.mark_export_pending(state.run_id, spec.output.destination, r.out_dir, metrics)
         msg = "stopped early: eval loss stopped improving" if state.stopped_early else "done"
         report = progress(r, state, msg, final=True, general_loss_after=general_after,
                           output_model=metrics["outputModel"], best_checkpoint=best_display)
