@@ -17,6 +17,8 @@ rank starts; ``sftctl run`` calls ``fetch_all`` itself. Every rank and every res
   wait for the first and then find everything there.
 - Progress: bytes done/total in ``<cache>/.sft/fetch-progress.json`` and as progress reports with stage
   ``fetching`` (stdout JSON lines, and ``$SFT_PROGRESS_URL`` when set).
+- An ``s3://`` output is proved writable (``check_output_writable``: a probe object put and deleted) after the
+  sources are listed and before anything is downloaded; the trainer probes again, pvc:// and local outputs too.
 - Failures: NotFound (68) and AccessDenied (77) are terminal and name the object; too little space in the
   cache, CacheTooSmall (73); network errors are retried with backoff, then StorageUnavailable (69, retried).
   SIGTERM (the pod deleted) exits 75, Interrupted, which the Job retries without counting it.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -207,7 +210,9 @@ def check_output_writable(spec: TrainingSpec) -> None:
         probe.write_bytes(b"sft write probe\n")
         probe.unlink()
     except OSError as e:
-        raise AccessDenied(f"{dest} (output.destination): cannot write {probe}: {e.strerror or e}") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise AccessDenied(f"{dest} (output.destination): cannot write {probe}: {e.strerror or e}") from None
+        raise StorageUnavailable(f"{dest} (output.destination): cannot write {probe}: {e.strerror or e}") from None
 
 
 def _check_space(root: Path, needed: int) -> None:
