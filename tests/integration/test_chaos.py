@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from sft_operator import GROUP, PLURAL, VERSION
+import sft_devcluster as devcluster
 from sft_operator.render import LABEL_JOB
 
 from .test_end_to_end import Installed, Run, installed  # noqa: F401 - the module's helm install
+from .test_helm_install import CHART
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images, pytest.mark.trainer, pytest.mark.slow]
 
@@ -104,6 +105,20 @@ def wait_operator_ready(installed: Installed, timeout: float = 120) -> None:
         return pod is not None and any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
     installed.cluster.wait_for(ready, timeout, "the operator Ready again")
+
+
+def restart(installed: Installed, component: str) -> None:
+    """`sftctl dev-cluster restart COMPONENT --kill`, then wait until the API serves reads again."""
+    devcluster.cluster.restart_component(installed.cluster.state_dir, component, kill=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.CoreV1Api(installed.cluster.api).list_namespace(limit=1, _request_timeout=5)
+            return
+        except Exception:  # noqa: BLE001 - connection refused, 500 while etcd comes back: wait
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- what every fault asserts
@@ -246,3 +261,40 @@ def test_one_rank_sigkilled_restarts_the_whole_group_from_its_checkpoint(install
              and p.status.container_statuses[0].state.terminated
              and p.status.container_statuses[0].state.terminated.exit_code == 76]
     assert rank0, "rank 0 did not exit PeerLost (76)"
+
+
+def test_the_api_server_and_etcd_restarting_and_a_helm_upgrade_mid_run_lose_nothing(installed, tmp_path):
+    """One job meets the control plane going away twice (kube-apiserver SIGKILLed and started again,
+    then etcd) and an operator upgrade (`helm upgrade` with a changed value replaces the operator's
+    pod). None of them stops the training: its pod keeps running, its progress reports wait out the
+    outage, and it ends with everything an uninterrupted run has."""
+    name, max_steps = "chaos-control-plane", 400
+    faults = Faults()
+    applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps))
+    done: list[str] = []
+    plan = [
+        (40, "kube-apiserver SIGKILL and restart", lambda: restart(installed, "kube-apiserver")),
+        (140, "etcd SIGKILL and restart", lambda: restart(installed, "etcd")),
+        (240, "helm upgrade of the operator", lambda: installed.release.helm(
+            "upgrade", installed.release.name, str(CHART), "--reuse-values", "--wait", "--timeout", "120s",
+            "--set", f"podAnnotations.sft\\.dev/upgraded={int(time.time())}")),
+    ]
+    pods_before = {p.metadata.uid for p in installed.pods(name)}
+
+    def on_running(run: Run) -> None:
+        nonlocal pods_before
+        step = step_of(run)
+        pods_before |= {p.metadata.uid for p in installed.pods(name)}
+        for at, what, inject in plan:
+            if what not in done and step >= at:
+                done.append(what)
+                inject()
+                faults.note(what, step)
+                return
+
+    run = installed.follow(name, applied, timeout=900, on_running=on_running)
+    assert len(done) == len(plan), f"faults not all injected: {done}\n{installed.explain(name, run.status)}"
+    assert_survived(installed, name, run, max_steps, faults)
+    # Nothing was interrupted: one trainer pod from start to end, no restart, no resume.
+    assert {p.metadata.uid for p in installed.pods(name)} == pods_before and len(pods_before) == 1
+    assert run.status.get("restarts", 0) == 0 and resumed_steps(installed, name) == []
