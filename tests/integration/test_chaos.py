@@ -298,3 +298,43 @@ def test_the_api_server_and_etcd_restarting_and_a_helm_upgrade_mid_run_lose_noth
     # Nothing was interrupted: one trainer pod from start to end, no restart, no resume.
     assert {p.metadata.uid for p in installed.pods(name)} == pods_before and len(pods_before) == 1
     assert run.status.get("restarts", 0) == 0 and resumed_steps(installed, name) == []
+
+
+def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkpoint_interval(installed, tmp_path):
+    """The node's kubelet stops (the node is lost to the control plane; its containers, cut off, may
+    run on) for longer than the job's unreachable toleration: the taint manager evicts the trainer pod
+    (DisruptionTarget), an admin force-deletes it, the replacement waits for a node, and the kubelet
+    comes back. The replacement takes the destination over from the cut-off trainer (fenced: the old
+    one stops without deleting anything) and resumes from the last checkpoint."""
+    name, max_steps = "chaos-node", 500
+    faults = Faults()
+    core = client.CoreV1Api(installed.cluster.api)
+    state_dir = installed.cluster.state_dir
+    unreachable = [{"key": f"node.kubernetes.io/{taint}", "operator": "Exists", "effect": "NoExecute",
+                    "tolerationSeconds": 10} for taint in ("unreachable", "not-ready")]
+    applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps, scheduling={"tolerations": unreachable}))
+    lost: list[str] = []
+
+    def on_running(run: Run) -> None:
+        step = step_of(run)
+        if lost or step < CHECKPOINT_EVERY + 10 or not list((installed.models / name / "checkpoints").glob("*/COMPLETE")):
+            return
+        (pod,) = [p for p in installed.pods(name) if p.status.phase == "Running"]
+        devcluster.cluster.stop_component(state_dir, "kubelet", kill=True)
+        faults.note("node lost (kubelet stopped)", step)
+        lost.append(pod.metadata.name)
+
+        def evicted():
+            got = core.read_namespaced_pod(pod.metadata.name, installed.work)
+            return got.metadata.deletion_timestamp and any(
+                c.type == "DisruptionTarget" and c.status == "True" for c in got.status.conditions or [])
+
+        installed.cluster.wait_for(evicted, 240, "the taint manager to evict the lost node's pod", interval=1)
+        core.delete_namespaced_pod(pod.metadata.name, installed.work, grace_period_seconds=0)
+        installed.cluster.wait_for(lambda: [p for p in installed.pods(name) if p.metadata.name != pod.metadata.name],
+                                   60, "the Job's replacement pod")
+        devcluster.cluster.start_component(state_dir, "kubelet")
+
+    run = installed.follow(name, applied, timeout=900, on_running=on_running)
+    assert lost, "the run ended before a checkpoint was complete"
+    assert_survived(installed, name, run, max_steps, faults, interrupted=1)
