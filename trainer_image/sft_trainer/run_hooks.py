@@ -109,7 +109,8 @@ class RunHooks:
                 with sigterm_interrupts(f"the export to {uri}"):
                     uri = self._export(reporter, metrics)
             except BaseException as e:
-                if isinstance(e, TrainerError) and outputs.export_pending_marker(self.run_id).exists():
+                superseded = isinstance(e, TrainerError) and e.code == ExitCode.SUPERSEDED  # the new owner exports
+                if isinstance(e, TrainerError) and not superseded and outputs.export_pending_marker(self.run_id).exists():
                     e.reason += (f"; the trained model stays in {self.out_dir} and a rerun of this run exports it "
                                  f"without training ({outputs.export_pending_marker(self.run_id)})")
                 self.failed(e)
