@@ -308,6 +308,8 @@ class FaultyProxy:
         self._sock = socket.create_server((host, 0))
         self.port = self._sock.getsockname()[1]
         self._closed = False
+        self._down = False
+        self._live: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -327,6 +329,22 @@ class FaultyProxy:
         with self._lock:
             self._refusals = 0
 
+    def go_down(self) -> None:
+        """The server is gone: open connections are cut and new ones refused, until ``come_back``."""
+        with self._lock:
+            self._down = True
+            live, self._live = self._live, set()
+        for s in live:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def come_back(self) -> None:
+        with self._lock:
+            self._down = False
+
     def close(self) -> None:
         self._closed = True
         self._sock.close()
@@ -339,6 +357,9 @@ class FaultyProxy:
                 return
             with self._lock:
                 self.connections += 1
+                if self._down:
+                    client.close()
+                    continue
                 if self._refusals:
                     self._refusals -= 1
                     client.close()
@@ -349,6 +370,8 @@ class FaultyProxy:
             except OSError:
                 client.close()
                 continue
+            with self._lock:
+                self._live |= {client, upstream}
             threading.Thread(target=self._pump, args=(client, upstream, None, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, cut, True), daemon=True).start()
 
@@ -374,6 +397,8 @@ class FaultyProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._live -= {src, dst}
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)

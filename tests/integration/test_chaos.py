@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,14 @@ import pytest
 from kubernetes import client
 
 import sft_devcluster as devcluster
+from sft_devcluster.node import NODE_IP
 from sft_operator.render import LABEL_JOB
+from storage_servers import FaultyProxy
 
 from .test_end_to_end import Installed, Run, installed  # noqa: F401 - the module's helm install
 from .test_helm_install import CHART
+from .test_storage_end_to_end import BUCKET, exported, s3_spec, secrets, storage  # noqa: F401 - fixtures
+
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images, pytest.mark.trainer, pytest.mark.slow]
 
@@ -338,3 +343,54 @@ def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkp
     run = installed.follow(name, applied, timeout=900, on_running=on_running)
     assert lost, "the run ended before a checkpoint was complete"
     assert_survived(installed, name, run, max_steps, faults, interrupted=1)
+
+
+def test_s3_down_90_s_during_the_fetch_and_again_during_the_export_and_mlflow_down_mid_run(
+        installed, storage, secrets, tmp_path):
+    """Object storage goes away for 90 s while the fetch stage downloads the model, and again while
+    rank 0 uploads the trained model; the tracking server goes away mid-run for good. The pods wait
+    the outages out (backoff inside the pod, nothing counted), the model lands in S3 with COMPLETE
+    last, and the lost tracker costs a Warning Event, not the run."""
+    name, max_steps, outage = "chaos-s3", 200, 90
+    faults = Faults()
+    s3 = FaultyProxy(storage.s3.port, host=NODE_IP)
+    mlflow = FaultyProxy(storage.mlflow.port, host=NODE_IP)
+    s3.rate = 150_000  # bytes/s both ways: the 4 MiB model takes ~30 s to fetch and to export
+    outages: dict[str, float] = {}
+
+    def outage_for(what: str, step: int) -> None:
+        s3.go_down()
+        faults.note(f"S3 down {outage} s {what}", step)
+        outages[what] = time.monotonic()
+        threading.Timer(outage, s3.come_back).start()
+
+    def on_running(run: Run) -> None:
+        progress = run.status.get("progress") or {}
+        stage, step = progress.get("stage"), step_of(run)
+        if "fetch" not in outages and stage == "Fetching" and progress.get("bytesDone", 0) > 0:
+            outage_for("during the fetch", step)
+        elif "fetch" in outages and "mlflow" not in outages and stage == "Training" and step >= 20:
+            mlflow.go_down()
+            faults.note("MLflow down for good", step)
+            outages["mlflow"] = time.monotonic()
+        elif "export" not in outages and stage == "Exporting":
+            outage_for("during the export", step)
+
+    applied = installed.apply(name, tmp_path, **s3_spec(s3.endpoint, "s3-credentials", name, mlflow=mlflow.endpoint,
+                                                         **sftjob_spec(max_steps)))
+    try:
+        run = installed.follow(name, applied, timeout=900, on_running=on_running)
+    finally:
+        s3.close()
+        mlflow.close()
+    assert set(outages) == {"during the fetch", "mlflow", "during the export"}, \
+        f"faults not all injected: {outages}\n{installed.explain(name, run.status)}"
+    status = run.status
+    assert status.get("phase") == "Succeeded", installed.explain(name, status)
+    assert status["progress"]["step"] == max_steps
+    assert status["output"]["uri"] == f"s3://{BUCKET}/runs/{name}"
+    assert "COMPLETE" in exported(storage, name) and "model/config.json" in exported(storage, name)
+    assert status.get("restarts", 0) == 0, status  # ridden out inside the pod: nothing restarted, nothing counted
+    assert children(installed, name) == {"Job": 1, "ConfigMap": 1, "Service": 1}
+    reasons = [e.reason for e in installed.events(name)]
+    assert "CompletedWithWarning" in reasons, reasons  # the tracker that went away is named
