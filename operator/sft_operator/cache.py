@@ -56,9 +56,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def data_digest(data: Mapping[str, Any] | None) -> str:
-    """A short fingerprint of a ConfigMap's data: the renderer's and the cluster's compare equal."""
-    return hashlib.sha256(json.dumps(dict(data or {}), sort_keys=True).encode()).hexdigest()[:32]
+def data_digests(data: Mapping[str, Any] | None) -> dict[str, str]:
+    """A short fingerprint of each key of a ConfigMap's data: the renderer's and the cluster's compare
+    equal, and a running job's config.json can be kept while its CA is brought up to date."""
+    return {key: hashlib.sha256(json.dumps(value).encode()).hexdigest()[:32] for key, value in (data or {}).items()}
 
 
 def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         account = (body.get("spec") or {}).get("serviceAccountName")
         out["spec"] = {"serviceAccountName": account} if account else {}
     elif kind == "ConfigMap":
-        out["dataDigest"] = data_digest(body.get("data"))
+        out["dataDigests"] = data_digests(body.get("data"))
     return out
 
 

@@ -5,7 +5,9 @@ periodic resync, a retry after a failure (back-off 5 s doubling to 5 minutes). I
 the cache shows, not on the event: create what is missing (409 AlreadyExists is success when
 the object is ours; names are deterministic, so a crash at any point followed by a rerun never
 duplicates), bring our ConfigMap's data back to what the renderer says (a rotated CA), apply
-``runPolicy.suspend`` to the Job. Before the Job exists it refuses what cannot work in a cluster:
+``runPolicy.suspend`` to the Job. Once the Job exists the run keeps the config and image it started
+with: its config.json is never re-rendered and a spec that a newer operator's models refuse is not
+failed, so an upgrade mid-run changes nothing for it. Before the Job exists it refuses what cannot work in a cluster:
 a local output path, and a ReadWriteOnce claim that the pods of several nodes would write. For a finished SFTJob it only stops a failed run's Job and arms
 ``ttlSecondsAfterFinished``; a deleted Job of a finished run is never recreated (it would train again).
 
@@ -25,9 +27,10 @@ from pydantic import ValidationError
 from . import metrics
 from .advice import advise
 from .api import TERMINAL_PHASES, Phase, SFTJob
-from .cache import Key, data_digest
+from .cache import Key
 from .kube import ApiError
 from .reconcile import (
+    CONFIG_KEY,
     OURS,
     api_error_cause,
     config_map_patch,
@@ -38,6 +41,7 @@ from .reconcile import (
     shared_claims_check,
     stop_patch,
     suspend_patch,
+    wanted_digests,
 )
 from .render import cache_claim, pvc_claims, render_children
 from .status import INVALID_SPEC, Cause, condition, parse_time
@@ -83,10 +87,13 @@ async def _manage(ctx: Context, key: Key) -> None:
     try:
         parsed = SFTJob.model_validate({**sftjob, "status": None})
     except ValidationError as exc:  # the API server's schema should have caught it
+        if started(ctx, key, sftjob):  # an upgrade's stricter models: the run goes on as it started
+            await _keep_running(ctx, key, sftjob, exc)
+            return
         _blocked(ctx, key, Cause(INVALID_SPEC, str(exc)[:2048]))
         return
     refused = local_output_cause(parsed.spec)
-    if refused is not None:
+    if refused is not None and not started(ctx, key, sftjob):
         _blocked(ctx, key, refused)
         return
     try:
@@ -103,6 +110,31 @@ async def _manage(ctx: Context, key: Key) -> None:
         notes.creation_error = None
     ctx.scheduler.succeeded(key, "manage")
     ctx.writer.mark(key)
+
+
+def started(ctx: Context, key: Key, sftjob: dict[str, Any]) -> bool:
+    """Whether the run is under way: our Job exists. From then on the job keeps the config and image it
+    started with (the Job's pod template pins the image; our ConfigMap's config.json is not re-rendered),
+    so an operator upgrade with a changed renderer or stricter models never changes or fails a running job."""
+    job = ctx.cache.child("Job", key)
+    return job is not None and ownership(job, sftjob) == OURS
+
+
+async def _keep_running(ctx: Context, key: Key, sftjob: dict[str, Any], error: ValidationError) -> None:
+    """A running job whose spec these models no longer accept: nothing is re-rendered; only
+    runPolicy.suspend still applies. Logged once per spec generation."""
+    notes = ctx.cache.note(key)
+    if notes.rendered is None or notes.rendered[0] != managed_as(ctx, sftjob):
+        log.warning("SFTJob %s/%s: its spec does not validate under this operator's models (%s); it keeps running "
+                    "with the config it started with", *key, str(error).splitlines()[0])
+    job = ctx.cache.child("Job", key)
+    want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    patch = suspend_patch(want_suspended, job)
+    if patch is not None:
+        ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
+    config_map = ctx.cache.child("ConfigMap", key) or {}
+    kinds = tuple(kind for kind in ("ConfigMap", "Service", "Job") if ctx.cache.child(kind, key) is not None)
+    notes.rendered = (managed_as(ctx, sftjob), config_map.get("dataDigests"), kinds)
 
 
 def managed_as(ctx: Context, sftjob: dict[str, Any]) -> tuple[Any, Any, int]:
@@ -128,7 +160,7 @@ def converged(ctx: Context, key: Key) -> bool:
         return False
     config_map, job = ctx.cache.child("ConfigMap", key), ctx.cache.child("Job", key)
     want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-    return config_map.get("dataDigest") == notes.rendered[1] and suspend_patch(want_suspended, job) is None
+    return config_map.get("dataDigests") == notes.rendered[1] and suspend_patch(want_suspended, job) is None
 
 
 def _blocked(ctx: Context, key: Key, cause: Cause) -> None:
@@ -148,7 +180,8 @@ async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parse
     kinds of the children."""
     children = render_children(parsed, ctx.render_options)
     config_map, service, claims, job = children[0], children[1], children[2:-1], children[-1]
-    await asyncio.gather(_ensure(ctx, key, sftjob, config_map), _ensure(ctx, key, sftjob, service),
+    keep = (CONFIG_KEY,) if started(ctx, key, sftjob) else ()  # a running job keeps the config it started with
+    await asyncio.gather(_ensure(ctx, key, sftjob, config_map, keep), _ensure(ctx, key, sftjob, service),
                          *(_ensure(ctx, key, sftjob, claim) for claim in claims))
     warnings: list[str] = []
     if ctx.cache.child("Job", key) is None:  # before any pod starts: can every node mount what it writes?
@@ -161,10 +194,10 @@ async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parse
             ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
     if created:
         ctx.scheduler.spawn(_announce(ctx, sftjob, parsed, warnings), name=f"advice {key}")
-    return data_digest(config_map.get("data")), tuple(child["kind"] for child in children)
+    return wanted_digests(ctx.cache.child("ConfigMap", key), config_map, keep), tuple(child["kind"] for child in children)
 
 
-async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[str, Any]) -> bool:
+async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[str, Any], keep: tuple[str, ...] = ()) -> bool:
     """Make ``child`` exist as ours; True when this call created it."""
     kind, name = child["kind"], child["metadata"]["name"]
     existing = ctx.cache.child(kind, key)
@@ -186,7 +219,7 @@ async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[st
     if ownership(existing, sftjob) != OURS:
         raise ChildrenBlocked(conflict_cause(kind, existing, sftjob))
     if kind == "ConfigMap":
-        patch = config_map_patch(existing, child, data_digest(child.get("data")))
+        patch = config_map_patch(existing, child, keep)
         if patch is not None:
             log.info("SFTJob %s/%s: ConfigMap %s brought up to date", *key, name)
             ctx.cache.put(kind, await ctx.kube.patch(kind, key[0], name, patch))

@@ -17,7 +17,7 @@ from sft_trainer.config import cluster_problems
 
 from . import API_VERSION, KIND
 from .api import SFTJob, SFTJobSpec
-from .cache import controller_of
+from .cache import controller_of, data_digests
 from .render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, pvc_claim, pvc_claims
 from .status import INVALID_SPEC, NAME_CONFLICT, READ_WRITE_ONCE_CLAIM, Cause, job_condition
 
@@ -28,7 +28,8 @@ SUSPENDED_BY_OPERATOR = "sft-operator"
 # Set when the operator stops the Job of an SFTJob it declared Failed (e.g. an image that never pulls).
 ANNOTATION_STOPPED_REASON = "sft.dev/stopped-reason"
 AWAITING_GC = "AwaitingGarbageCollection"
-CONFIG_MAP_KEYS = ("config.json", CA_KEY)  # every key the renderer may write
+CONFIG_KEY = "config.json"
+CONFIG_MAP_KEYS = (CONFIG_KEY, CA_KEY)  # every key the renderer may write
 
 OURS, PREVIOUS, FOREIGN = "ours", "previous", "foreign"
 READ_WRITE_ONCE = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
@@ -74,13 +75,28 @@ def conflict_cause(kind: str, child: dict[str, Any], sftjob: dict[str, Any]) -> 
                                 "Rename or delete it, or give the SFTJob another name")
 
 
-def config_map_patch(existing: dict[str, Any], rendered: dict[str, Any], digest: str) -> dict[str, Any] | None:
-    """The patch that brings our ConfigMap's data back to what the renderer says (a rotated CA, an edit);
-    None when the digests agree."""
-    if existing.get("dataDigest") == digest:
+def wanted_digests(existing: dict[str, Any] | None, rendered: dict[str, Any], keep: tuple[str, ...]) -> dict[str, str]:
+    """The per-key digests our ConfigMap should have: the renderer's, except the ``keep`` keys, which stay
+    as the ConfigMap has them (a running job's config.json: it keeps the config it started with)."""
+    want = data_digests(rendered.get("data"))
+    have = (existing or {}).get("dataDigests") or {}
+    for key in keep:
+        if key in have:
+            want[key] = have[key]
+    return want
+
+
+def config_map_patch(existing: dict[str, Any], rendered: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The patch that brings our ConfigMap's data back to what the renderer says (a rotated CA, an edit),
+    leaving the ``keep`` keys alone; None when nothing differs."""
+    have = existing.get("dataDigests") or {}
+    want = wanted_digests(existing, rendered, keep)
+    if have == want:
         return None
-    data = dict(rendered.get("data") or {})
-    return {"data": {**{k: None for k in CONFIG_MAP_KEYS if k not in data}, **data}}
+    data = rendered.get("data") or {}
+    patch = {k: data[k] for k in want if k not in keep and have.get(k) != want[k]}
+    patch.update({k: None for k in have if k not in want and k in CONFIG_MAP_KEYS})
+    return {"data": patch}
 
 
 def suspend_patch(want_suspended: bool, job: dict[str, Any]) -> dict[str, Any] | None:

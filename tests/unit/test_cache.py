@@ -55,7 +55,7 @@ def test_slim_pods_keep_status_and_service_account_and_config_maps_only_a_digest
         {"name": "fetch", "state": {"running": {}}, "imageID": "sha256:x"}]}})
     assert fetching["status"]["initContainerStatuses"] == [{"name": "fetch", "state": {"running": {}}}]  # the fetch stage
     config = slim("ConfigMap", {"metadata": {"name": "c"}, "data": {"config.json": "{" + " " * 5000 + "}"}})
-    assert set(config) == {"metadata", "dataDigest"} and len(config["dataDigest"]) == 32
+    assert set(config) == {"metadata", "dataDigests"} and len(config["dataDigests"]["config.json"]) == 32
 
 
 def test_pods_of_ignores_pods_of_an_earlier_job_with_the_same_name():

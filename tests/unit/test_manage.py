@@ -156,3 +156,46 @@ def test_a_taken_child_name_is_still_a_name_conflict():
             await ctx.scheduler.close()
 
     asyncio.run(main())
+
+
+def test_an_upgraded_operator_keeps_a_running_jobs_config_and_does_not_fail_a_spec_it_no_longer_accepts(monkeypatch):
+    """The new operator renders a config.json that the running job's older trainer image would reject, and its
+    stricter models refuse the running job's spec: the job keeps the config it started with and keeps running."""
+    kube = FakeKube()
+
+    async def main() -> None:
+        old = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
+        try:
+            old.cache.put("SFTJob", sftjob())
+            await manage(old, KEY)
+        finally:
+            await old.scheduler.close()
+        started_with = kube.objects[("ConfigMap", "team-a", "demo-config")]["data"]["config.json"]
+
+        import sft_operator.render as render
+
+        newer = render.trainer_config_json
+        monkeypatch.setattr(render, "trainer_config_json", lambda job: newer(job)[:-1] + ', "newField": true}')
+        upgraded = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
+        try:
+            upgraded.cache.put("SFTJob", sftjob())
+            for (kind, _, _), obj in list(kube.objects.items()):  # the new operator lists the children
+                child_event(upgraded, kind, "ADDED", copy.deepcopy(obj))
+            job = upgraded.cache.job_of(KEY)
+            child_event(upgraded, "Pod", "ADDED", running_pod(job["metadata"]["uid"]))
+            await manage(upgraded, KEY)
+            assert not [p for p in kube.patches if p[0] == "ConfigMap" and "config.json" in p[2].get("data", {})]
+            assert kube.objects[("ConfigMap", "team-a", "demo-config")]["data"]["config.json"] == started_with
+
+            refused = sftjob()
+            refused["metadata"]["generation"] = 2
+            refused["spec"]["hyperparameters"] = {"learningRate": -1.0}  # what these models no longer accept
+            upgraded.cache.put("SFTJob", refused)
+            await manage(upgraded, KEY)
+            await asyncio.sleep(0.3)
+            assert upgraded.cache.note(KEY).creation_error is None
+            assert all(w["phase"] != "Failed" for w in kube.writes), kube.writes
+        finally:
+            await upgraded.scheduler.close()
+
+    asyncio.run(main())

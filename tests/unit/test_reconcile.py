@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft_operator.cache import data_digest, slim
+from sft_operator.cache import slim
 from sft_operator.reconcile import (
     ANNOTATION_STOPPED_REASON,
     ANNOTATION_SUSPENDED_BY,
@@ -66,12 +66,22 @@ def test_a_previous_sftjobs_child_is_waited_for():
 def test_config_map_drift_is_patched_back_including_a_removed_ca():
     rendered = {"data": {"config.json": "{}", "ca.crt": "NEW"}}
     cached = slim("ConfigMap", {"metadata": {"name": "demo-config"}, "data": {"config.json": "{}", "ca.crt": "OLD"}})
-    assert config_map_patch(cached, rendered, data_digest(rendered["data"])) == {"data": rendered["data"]}
+    assert config_map_patch(cached, rendered) == {"data": {"ca.crt": "NEW"}}
     current = slim("ConfigMap", {"metadata": {"name": "demo-config"}, "data": rendered["data"]})
-    assert config_map_patch(current, rendered, data_digest(rendered["data"])) is None
+    assert config_map_patch(current, rendered) is None
     without_ca = {"data": {"config.json": "{}"}}
-    assert config_map_patch(cached, without_ca, data_digest(without_ca["data"])) == {
-        "data": {"ca.crt": None, "config.json": "{}"}}
+    assert config_map_patch(cached, without_ca) == {"data": {"ca.crt": None}}
+
+
+def test_a_running_jobs_config_is_kept_while_its_ca_is_brought_up_to_date():
+    # An upgraded operator renders a config.json the old trainer image would reject: a started run keeps its own.
+    started = slim("ConfigMap", {"metadata": {"name": "demo-config"},
+                                 "data": {"config.json": '{"old": 1}', "ca.crt": "OLD"}})
+    upgraded = {"data": {"config.json": '{"old": 1, "newField": true}', "ca.crt": "NEW"}}
+    assert config_map_patch(started, upgraded, keep=("config.json",)) == {"data": {"ca.crt": "NEW"}}
+    assert config_map_patch(started, {"data": {"config.json": '{"old": 1, "newField": true}', "ca.crt": "OLD"}},
+                            keep=("config.json",)) is None
+    assert config_map_patch(started, upgraded) == {"data": upgraded["data"]}  # before the Job exists: re-rendered
 
 
 def test_the_job_of_a_failed_sftjob_is_stopped_once():
