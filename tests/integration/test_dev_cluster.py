@@ -257,7 +257,7 @@ def test_pods_keep_running_while_the_kubelet_and_containerd_are_down_and_the_nod
     assert devcluster.start_component(state, "kubelet").not_checked == ()  # node Ready, lease renewed
     node = core.read_node(realnode.NODE_NAME)
     assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
-    after = running().status.container_statuses[0]
+    after = real_node.wait_for(running, 30, "the pod to be Running").status.container_statuses[0]
     assert (after.container_id, after.restart_count) == (before.container_id, 0)
     assert _processes_with(token) == [pid]
     log = real_node.pod_log(node_namespace, "counter").split()
