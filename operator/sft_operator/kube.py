@@ -84,6 +84,7 @@ PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({
     ("list", "", "persistentvolumeclaims"),  # ... watched like the other children
     ("watch", "", "persistentvolumeclaims"),
     ("get", "", "persistentvolumeclaims"),  # nodes > 1: a ReadWriteOnce claim; on 409: ours?
+    ("patch", "", "persistentvolumeclaims"),  # release the cache claim of a model whose export failed
     ("create", "", "events"),  # Warning events a person acts on
     ("list", "", "events"),  # why pods are not created (FailedCreate) or stuck (FailedMount, Multi-Attach)
     ("create", "authentication.k8s.io", "tokenreviews"),  # progress endpoint authentication

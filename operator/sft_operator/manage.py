@@ -34,6 +34,7 @@ from .reconcile import (
     OURS,
     api_error_cause,
     config_map_patch,
+    keep_claim_patch,
     conflict_cause,
     local_output_cause,
     ownership,
@@ -41,6 +42,7 @@ from .reconcile import (
     shared_claims_check,
     stop_patch,
     suspend_patch,
+    unexported_model,
     wanted_digests,
 )
 from .render import cache_claim, pvc_claims, render_children
@@ -268,6 +270,8 @@ async def _finished(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict
                 log.warning("SFTJob %s/%s: could not stop its Job (%s); retrying in %.0fs", *key, exc, delay)
                 ctx.kick(key, delay)
                 return
+        if not await _keep_unexported_model(ctx, key, sftjob, status):
+            return
     ctx.cache.note(key).finished = managed_as(ctx, sftjob)  # done for this spec (a TTL edit changes it)
     ttl = ((sftjob.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     if ttl is None:
@@ -277,6 +281,37 @@ async def _finished(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict
     delay = max(0.0, (finished.timestamp() if finished else time.time()) + ttl - time.time())
     uid = sftjob["metadata"]["uid"]
     ctx.scheduler.at(key, "ttl", delay, lambda: _delete_after_ttl(ctx, key, uid), earliest=False)
+
+
+async def _keep_unexported_model(ctx: Context, key: Key, sftjob: dict[str, Any], status: dict[str, Any]) -> bool:
+    """A failed job that trained through its last step and lost only the export: its cache claim holds the
+    model. Release the claim from the SFTJob, so that deleting the SFTJob never deletes that model, and say
+    how to export or discard it. False when the API call failed (retried with back-off)."""
+    claim_name = unexported_model(sftjob, status)
+    if claim_name is None:
+        return True
+    try:
+        claim = await ctx.kube.get("PersistentVolumeClaim", key[0], claim_name)
+        patch = keep_claim_patch(claim, sftjob)
+        if patch is None:
+            return True
+        await ctx.kube.patch("PersistentVolumeClaim", key[0], claim_name, patch)
+    except ApiError as exc:
+        if exc.status == 404:
+            return True
+        delay = ctx.scheduler.failed(key, "manage")
+        log.warning("SFTJob %s/%s: could not keep its unexported model's claim %s (%s); retrying in %.0fs",
+                    *key, claim_name, exc, delay)
+        ctx.kick(key, delay)
+        return False
+    destination = sftjob["spec"]["output"]["destination"]
+    log.info("SFTJob %s/%s: trained model not exported; claim %s released from the SFTJob and kept", *key, claim_name)
+    await ctx.post_event(sftjob, "Warning", "ModelKept", (
+        f"training finished but the export to {destination} failed; the trained model is kept on "
+        f"PersistentVolumeClaim {claim_name}, which deleting this SFTJob no longer deletes. To export it, apply an "
+        f"SFTJob with output.destination {destination} and storage.cache.claimName {claim_name}: it exports "
+        f"without training. To discard it: kubectl delete pvc {claim_name}"))
+    return True
 
 
 async def _delete_after_ttl(ctx: Context, key: Key, uid: str) -> None:

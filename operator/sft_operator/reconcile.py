@@ -18,7 +18,7 @@ from sft_trainer.config import cluster_problems
 from . import API_VERSION, KIND
 from .api import SFTJob, SFTJobSpec
 from .cache import controller_of, data_digests
-from .render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, pvc_claim, pvc_claims
+from .render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, cache_claim_name, pvc_claim, pvc_claims
 from .status import INVALID_SPEC, NAME_CONFLICT, READ_WRITE_ONCE_CLAIM, Cause, job_condition
 
 # On a Job the operator suspended: only then does it resume the Job (a queue controller such as
@@ -27,6 +27,8 @@ ANNOTATION_SUSPENDED_BY = "sft.dev/suspended-by"
 SUSPENDED_BY_OPERATOR = "sft-operator"
 # Set when the operator stops the Job of an SFTJob it declared Failed (e.g. an image that never pulls).
 ANNOTATION_STOPPED_REASON = "sft.dev/stopped-reason"
+# On a cache claim released from its failed SFTJob because it holds a trained model never exported: the run id.
+ANNOTATION_KEPT_FOR_EXPORT = "sft.dev/kept-for-export"
 AWAITING_GC = "AwaitingGarbageCollection"
 CONFIG_KEY = "config.json"
 CONFIG_MAP_KEYS = (CONFIG_KEY, CA_KEY)  # every key the renderer may write
@@ -136,6 +138,33 @@ def stop_patch(job: dict[str, Any] | None, reason: str) -> dict[str, Any] | None
         "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: SUSPENDED_BY_OPERATOR, ANNOTATION_STOPPED_REASON: reason}},
         "spec": {"suspend": True},
     }
+
+
+def unexported_model(sftjob: dict[str, Any], status: dict[str, Any]) -> str | None:
+    """The cache claim that holds a failed SFTJob's trained but never exported model, or None.
+
+    The model of an s3:// output is staged on the operator's cache claim (``<job>-cache``) and its marker
+    ``.sft/export-pending/<uid>.json`` written there before the upload; a job that trained through its
+    last step and still failed lost only the export. A claim the spec names is the user's and never
+    garbage-collected, so there is nothing to keep."""
+    spec = sftjob.get("spec") or {}
+    progress = status.get("progress") or {}
+    if status.get("phase") != "Failed" or not str((spec.get("output") or {}).get("destination", "")).startswith("s3://"):
+        return None
+    if not progress.get("totalSteps") or progress.get("step") != progress.get("totalSteps"):
+        return None
+    if ((spec.get("storage") or {}).get("cache") or {}).get("claimName"):
+        return None
+    return cache_claim_name(sftjob["metadata"]["name"])
+
+
+def keep_claim_patch(claim: dict[str, Any], sftjob: dict[str, Any]) -> dict[str, Any] | None:
+    """Release our cache claim from the SFTJob (no ownerReference: garbage collection keeps it when the SFTJob is
+    deleted) and mark whose model it keeps; None when it is not ours (already released, or someone else's)."""
+    if ownership(claim, sftjob) != OURS:
+        return None
+    return {"metadata": {"ownerReferences": None,
+                         "annotations": {ANNOTATION_KEPT_FOR_EXPORT: sftjob["metadata"]["uid"]}}}
 
 
 def prepare_job(job: dict[str, Any]) -> dict[str, Any]:

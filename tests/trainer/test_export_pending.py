@@ -21,8 +21,9 @@ from storage_servers import FaultyProxy  # noqa: E402
 from trainer_helpers import trainer_env, write_config  # noqa: E402
 
 
+@pytest.mark.parametrize("rerun_id", ["uid-p1", "uid-p2"], ids=["the same job retried", "a new job on the kept claim"])
 def test_a_model_whose_export_failed_is_kept_and_the_next_attempt_exports_it_without_training(
-        make_spec, s3_server, bucket, tmp_path):
+        make_spec, s3_server, bucket, tmp_path, rerun_id):
     proxy = FaultyProxy(s3_server.port)
     spec = make_spec(hyperparameters={"maxSteps": 40, "perDeviceBatchSize": 2}, evaluation={"strategy": "no"},
                      dataset={"validationSplit": 0}, output={"destination": f"s3://{bucket}/runs/p1"},
@@ -49,8 +50,10 @@ def test_a_model_whose_export_failed_is_kept_and_the_next_attempt_exports_it_wit
     trained_log = (staging / "trainer_log.jsonl").read_bytes()
 
     proxy.stop_refusing()
-    again = subprocess.run([sys.executable, "-m", "sft_trainer", "--config", str(cfg)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    # The retry: the same SFTJob's next pod, or a new SFTJob (another run id) mounting the claim the operator
+    # kept, with the same output (README "Object storage and tracking").
+    again = subprocess.run([sys.executable, "-m", "sft_trainer", "--config", str(cfg)],
+                           env={**env, "SFT_RUN_ID": rerun_id}, capture_output=True, text=True, timeout=300)
     proxy.close()
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished training before; its model awaits the export" in again.stderr
@@ -59,7 +62,7 @@ def test_a_model_whose_export_failed_is_kept_and_the_next_attempt_exports_it_wit
     assert result["outputUri"] == f"s3://{bucket}/runs/p1" and result["steps"] == 40
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/p1/")["Contents"]}
     assert {"runs/p1/COMPLETE", "runs/p1/model/model.safetensors"} <= keys
-    assert not marker.exists()  # exported: nothing awaits
+    assert not list(marker.parent.glob("*.json"))  # exported: nothing awaits
 
 
 def test_an_output_claim_that_is_not_mounted_fails_before_training(make_spec, tmp_path, monkeypatch):

@@ -199,3 +199,34 @@ def test_an_upgraded_operator_keeps_a_running_jobs_config_and_does_not_fail_a_sp
             await upgraded.scheduler.close()
 
     asyncio.run(main())
+
+
+def test_a_failed_export_keeps_the_trained_model_when_the_sftjob_is_deleted():
+    """Training finished, the export failed for good: the cache claim holding the model is released from the
+    SFTJob (garbage collection would delete it with the SFTJob) and an Event says how to export or discard it."""
+    kube = FakeKube()
+
+    async def main() -> None:
+        ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
+        try:
+            failed = sftjob()
+            failed["spec"]["output"] = {"destination": "s3://models/demo"}
+            await kube.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
+                "name": "demo-cache", "namespace": "team-a", "ownerReferences": [{
+                    "apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": "demo", "uid": "sftjob-uid",
+                    "controller": True, "blockOwnerDeletion": True}]}})
+            failed["status"] = {"phase": "Failed", "progress": {"step": 300, "totalSteps": 300},
+                                "conditions": [{"type": "Failed", "status": "True", "reason": "StorageUnavailable"}]}
+            ctx.cache.put("SFTJob", failed)
+            await manage(ctx, KEY)
+            await manage(ctx, KEY)  # converged: once only
+            await asyncio.sleep(0.1)
+            released = [p for p in kube.patches if p[0] == "PersistentVolumeClaim"]
+            assert released == [("PersistentVolumeClaim", "demo-cache", {"metadata": {
+                "ownerReferences": None, "annotations": {"sft.dev/kept-for-export": "sftjob-uid"}}})]
+            (event,) = [e for e in kube.events if e[1] == "ModelKept"]
+            assert "storage.cache.claimName demo-cache" in event[2] and "kubectl delete pvc demo-cache" in event[2]
+        finally:
+            await ctx.scheduler.close()
+
+    asyncio.run(main())

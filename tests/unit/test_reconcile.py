@@ -15,10 +15,12 @@ from sft_operator.reconcile import (
     api_error_cause,
     config_map_patch,
     conflict_cause,
+    keep_claim_patch,
     ownership,
     prepare_job,
     stop_patch,
     suspend_patch,
+    unexported_model,
 )
 from sft_operator.scheduler import backoff_delay
 
@@ -214,3 +216,23 @@ def test_a_named_read_write_once_cache_fails_early_too_and_an_operator_made_one_
     assert "set spec.storage.cache.size instead" in failure.message
     ours = _spec(resources={"nodes": 2}, model={"source": "s3://models/base"})
     assert shared_claims_check(ours, {"demo-cache": pvc("demo-cache", "ReadWriteMany")}) == (None, [])
+
+
+def test_a_failed_job_that_trained_through_keeps_its_cache_claim_when_deleted():
+    spec = {"output": {"destination": "s3://models/demo"}}
+    sftjob = {**SFTJOB, "spec": spec}
+    trained = {"phase": "Failed", "progress": {"step": 300, "totalSteps": 300}}
+    assert unexported_model(sftjob, trained) == "demo-cache"
+    # Not when training did not finish, the job succeeded, the output is a claim, or the cache is the user's.
+    assert unexported_model(sftjob, {**trained, "progress": {"step": 120, "totalSteps": 300}}) is None
+    assert unexported_model(sftjob, {**trained, "phase": "Succeeded"}) is None
+    assert unexported_model({**SFTJOB, "spec": {"output": {"destination": "pvc://models/demo"}}}, trained) is None
+    named = {**SFTJOB, "spec": {**spec, "storage": {"cache": {"claimName": "team-cache"}}}}
+    assert unexported_model(named, trained) is None
+
+    claim = {"kind": "PersistentVolumeClaim", "metadata": {"name": "demo-cache", "ownerReferences": [OURS]}}
+    # No ownerReference left: garbage collection keeps the claim when the SFTJob is deleted.
+    assert keep_claim_patch(claim, SFTJOB) == {"metadata": {"ownerReferences": None,
+                                                            "annotations": {"sft.dev/kept-for-export": "u-1"}}}
+    released = {"kind": "PersistentVolumeClaim", "metadata": {"name": "demo-cache"}}
+    assert keep_claim_patch(released, SFTJOB) is None  # once only; never someone else's claim

@@ -121,8 +121,14 @@ def mark_export_pending(run_id: str, destination: str, staging: Path, metrics: d
 
 
 def export_pending(run_id: str, destination: str) -> dict[str, Any] | None:
-    """The final metrics of this run's trained model still awaiting its export to ``destination``, or None."""
+    """The final metrics of this run's trained model still awaiting its export to ``destination``, or None.
+
+    A new run (another SFTJob, so another run id) mounting a cache claim that the operator kept for an earlier
+    run's unexported model, with the same destination, adopts that model: its marker becomes this run's, and
+    the run exports it instead of training (the documented way to retry a failed export)."""
     marker = export_pending_marker(run_id)
+    if not marker.exists():
+        _adopt_kept_model(marker, destination)
     try:
         doc = json.loads(marker.read_text())
     except FileNotFoundError:
@@ -136,6 +142,20 @@ def export_pending(run_id: str, destination: str) -> dict[str, Any] | None:
                     marker, doc.get("destination"), staged, destination)
         return None
     return doc.get("metrics") or {}
+
+
+def _adopt_kept_model(marker: Path, destination: str) -> None:
+    for other in sorted(marker.parent.glob("*.json")) if marker.parent.is_dir() else []:
+        try:
+            doc = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("destination") == destination and (Path(doc.get("staging", "")) / MODEL_DIR).is_dir():
+            log.info("%s: the trained model of run %s awaits its export to %s; this run adopts and exports it",
+                     other, doc.get("runId"), destination)
+            write_metrics(marker, {**doc, "runId": marker.stem, "adoptedFrom": doc.get("runId")})
+            other.unlink(missing_ok=True)
+            return
 
 
 def clear_export_pending(run_id: str) -> None:
