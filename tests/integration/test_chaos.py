@@ -347,8 +347,9 @@ def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkp
 
 def test_s3_down_90_s_during_the_fetch_and_again_during_the_export_and_mlflow_down_mid_run(
         installed, storage, secrets, tmp_path):
-    """Object storage goes away for 90 s while the fetch stage downloads the model, and again while
-    rank 0 uploads the trained model; the tracking server goes away mid-run for good. The pods wait
+    """Object storage goes away for 90 s while the fetch stage downloads the model (and the operator is
+    SIGKILLed meanwhile), and again while rank 0 uploads the trained model; the tracking server goes
+    away mid-run for good. The pods wait
     the outages out (backoff inside the pod, nothing counted), the model lands in S3 with COMPLETE
     last, and the lost tracker costs a Warning Event, not the run."""
     name, max_steps, outage = "chaos-s3", 200, 90
@@ -367,13 +368,15 @@ def test_s3_down_90_s_during_the_fetch_and_again_during_the_export_and_mlflow_do
     def on_running(run: Run) -> None:
         progress = run.status.get("progress") or {}
         stage, step = progress.get("stage"), step_of(run)
-        if "fetch" not in outages and stage == "Fetching" and progress.get("bytesDone", 0) > 0:
+        if "during the fetch" not in outages and stage == "Fetching" and progress.get("bytesDone", 0) > 0:
             outage_for("during the fetch", step)
-        elif "fetch" in outages and "mlflow" not in outages and stage == "Training" and step >= 20:
+            crash_operator(installed)  # the operator's crash while Fetching, too
+            faults.note("operator SIGKILL while Fetching", step)
+        elif "during the fetch" in outages and "mlflow" not in outages and stage == "Training" and step >= 20:
             mlflow.go_down()
             faults.note("MLflow down for good", step)
             outages["mlflow"] = time.monotonic()
-        elif "export" not in outages and stage == "Exporting":
+        elif "during the export" not in outages and stage == "Exporting":
             outage_for("during the export", step)
 
     applied = installed.apply(name, tmp_path, **s3_spec(s3.endpoint, "s3-credentials", name, mlflow=mlflow.endpoint,
