@@ -160,8 +160,10 @@ def assert_survived(installed: Installed, name: str, run: Run, max_steps: int, f
     assert (installed.models / name / "model" / "config.json").exists(), explain
     assert status["output"]["model"] == f"pvc://models/{name}/model", explain
     assert children(installed, name) == {"Job": 1, "ConfigMap": 1, "Service": 1}
+    resumed = resumed_steps(installed, name)
+    print(f"  {name}: Succeeded, {status['progress']['step']} steps, restarts {status.get('restarts', 0)}, "
+          f"faults {faults.injected}, resumed from {resumed}")
     if interrupted:
-        resumed = resumed_steps(installed, name)
         hit = [step for _, step in faults.injected]
         assert len(resumed) >= interrupted, f"resumed from {resumed} after {faults.injected}\n{explain}"
         # At most one checkpoint interval recomputed per interruption.
