@@ -146,3 +146,13 @@ def test_the_list_names_what_a_fresh_machine_lacks_with_the_package_that_brings_
     packages = dict(line.split() for line in out.splitlines())
     assert packages["nft"] == "nftables" and packages["iptables"] == "iptables"
     assert packages["runc"] == "runc" and packages["podman"] == "podman"
+
+
+def test_dev_cluster_up_names_each_missing_tool_with_its_package(tmp_path):
+    # A PATH with none of the tools (tmp_path holds nothing; /usr/sbin and /sbin are always looked in, as the
+    # kubelet does): what `up` reports before starting anything.
+    from sft_devcluster import node
+
+    lacking = dict(node.missing_host_tools(str(tmp_path)))
+    assert lacking["podman"] == "podman" and lacking["mmdebstrap"] == "mmdebstrap" and lacking["openssl"] == "openssl"
+    assert "hadolint" not in lacking  # installed by setup.sh's pip step, not looked for on PATH

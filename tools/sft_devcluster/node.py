@@ -524,7 +524,8 @@ def nft_tables() -> list[str]:
 
 def missing_host_tools(path: str) -> list[tuple[str, str]]:
     """(tool, Debian package) for each host tool that scripts/host-tools.sh names and this PATH lacks."""
-    proc = subprocess.run(["bash", str(HOST_TOOLS_SCRIPT), "--check"], capture_output=True, text=True,
+    bash = shutil.which("bash") or "/bin/bash"  # found on our PATH: the one checked may lack it
+    proc = subprocess.run([bash, str(HOST_TOOLS_SCRIPT), "--check"], capture_output=True, text=True,
                           env={**os.environ, "PATH": path})
     if proc.returncode not in (0, 1):
         raise DevClusterError(f"{HOST_TOOLS_SCRIPT} --check failed (exit {proc.returncode}): {proc.stderr.strip()}")
