@@ -48,6 +48,7 @@ from .distributed import (
     wrap,
 )
 from .errors import ConfigError, Interrupted, TrainerError
+from .loss import fused_head
 from .modeling import Amp
 from .progress import ProgressReporter
 from .run_state import RunState, restore_rng, rng_state
@@ -85,13 +86,17 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int) -> torch.o
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over response tokens; logits are computed only where a label exists."""
+    """Summed cross-entropy over response tokens; logits are computed only where a label exists, and by default
+    never all at once (loss.py: fused with the LM head, in chunks)."""
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != data.IGNORE
     targets = labels[:, 1:][keep[:, :-1]]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    with fused_head(model, keep, targets) as fused:  # the LM head computes the loss in chunks (loss.py)
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    if fused.loss is not None:
+        return fused.loss
     logits = out.logits
     if logits.dim() == 3:  # an architecture that ignores a boolean logits_to_keep
         logits = logits[keep]
