@@ -92,6 +92,13 @@ def test_the_fused_loss_is_the_unfused_one_on_every_architecture(name, monkeypat
     assert_same(model, collate.pack_batch(rows), monkeypatch)  # several rows in one, position ids restarting
 
 
+def test_every_architecture_the_fused_loss_claims_is_in_the_matrix_above():
+    import transformers
+
+    tested = {getattr(transformers, cls).model_type for cls, _ in CASES.values()}
+    assert set(loss.HEADS) <= tested
+
+
 @pytest.mark.parametrize("name", list(architectures.FAMILIES))
 def test_the_fused_loss_is_the_unfused_one_with_lora_and_the_head_frozen(name, monkeypatch):
     from peft import LoraConfig, get_peft_model

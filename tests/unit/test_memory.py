@@ -66,6 +66,22 @@ def test_fsdp_shards_the_states_and_gradient_checkpointing_and_lora_shrink_what_
     assert offload.optimizer == 0
 
 
+def test_the_logits_term_is_one_chunk_when_the_trainer_fuses_the_loss_with_the_head():
+    # Qwen2.5-0.5B, batch 4 x 2048 (issue #20): the full fp32 logits, their softmax and gradient were 11.6 GiB
+    # of a 32.8 GiB estimate; fused (loss.py), one chunk of rows, the hidden states' gradient and the head's.
+    import dataclasses
+
+    shapes = memory.table_shapes("Qwen/Qwen2.5-0.5B")
+    setup = memory.Setup(batch=4, seq=2048)
+    fused = memory.estimate(shapes, setup)
+    chunk = memory.LOSS_CHUNK_BYTES // (4 * shapes.vocab) * shapes.vocab * (2 + 4 + 4)
+    assert fused.logits == chunk + 4 * 2048 * shapes.hidden * 4 + 4 * shapes.vocab * shapes.hidden
+    assert fused.logits < GiB and fused.total < 22 * GiB
+    # An architecture whose head the fused loss does not reproduce keeps the full logits.
+    unfused = memory.estimate(dataclasses.replace(shapes, model_type="somethingelse"), setup)
+    assert unfused.logits == 4 * 2048 * shapes.vocab * (2 + 4 + 4) and unfused.total > 32 * GiB
+
+
 def test_the_operator_warns_when_the_gpus_asked_for_are_too_small():
     advice = [a for a in advise(seven_b(gpus=1)) if a.reason == "MemoryWontFit"]
     assert len(advice) == 1 and advice[0].field == "spec.resources"

@@ -33,11 +33,13 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .memory import FUSED_LOSS_TYPES, LOSS_CHUNK_BYTES
+
 log = logging.getLogger("sft_trainer")
 
-# fp32 logits of one chunk: ~220 rows at Qwen's 151,936 tokens. Two buffers of it live at once (logits and
-# their gradient; soft-capping a third).
-CHUNK_BYTES = 128 * 2**20
+# fp32 logits of one chunk: ~220 rows at Qwen's 151,936 tokens. About two buffers of it live at once (the
+# logits and log-sum-exp's temporary; soft-capping a third). The memory estimate counts it.
+CHUNK_BYTES = LOSS_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,15 @@ class Head:
     softcap: float | None = None
 
 
-_PLAIN: Callable[[Any], Head] = lambda c: Head()  # noqa: E731
-# model_type -> the head, from transformers 5's modeling_<type>.py (``...ForCausalLM.forward``).
-HEADS: dict[str, Callable[[Any], Head]] = {
-    **{t: _PLAIN for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi",
-                           "gpt_neox", "olmo", "olmo2", "gemma", "starcoder2", "smollm3")},
+# model_type -> what follows ``lm_head(hidden)`` in transformers 5's modeling_<type>.py (``...ForCausalLM.forward``);
+# the others in memory.FUSED_LOSS_TYPES (which the memory estimate reads too) have nothing after it.
+_AFTER_HEAD: dict[str, Callable[[Any], Head]] = {
     "gemma2": lambda c: Head(softcap=c.final_logit_softcapping),
     "gemma3_text": lambda c: Head(softcap=c.final_logit_softcapping),
     "cohere": lambda c: Head(scale=float(c.logit_scale)),
     "granite": lambda c: Head(scale=1.0 / float(c.logits_scaling)),
 }
+HEADS: dict[str, Callable[[Any], Head]] = {t: _AFTER_HEAD.get(t, lambda c: Head()) for t in FUSED_LOSS_TYPES}
 
 
 def enabled() -> bool:

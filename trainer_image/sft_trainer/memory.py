@@ -15,8 +15,12 @@ Pure and light (the standard library only): the operator's advice, ``sftctl vali
   the attention output and 4 intermediate-size tensors of a gated MLP (2 for a plain one); sdpa /
   flash-attention never materialise the seq × seq scores. Gradient checkpointing keeps one hidden
   vector per layer and token, plus one layer recomputed. LoRA dropout adds a copy of each adapted input.
-- **logits**: the trainer computes them only at response positions; counted for every position
-  (compute dtype, the fp32 copy for the loss, its gradient).
+- **logits**: the trainer fuses the loss with the LM head (loss.py) for the architectures in
+  ``FUSED_LOSS_TYPES``: one chunk of rows' logits at a time (compute dtype, the fp32 copy, its gradient),
+  plus the hidden states' gradient at every position (fp32; the trainer keeps only response positions: an
+  upper bound) and, when the head trains, its fp32 gradient made in the forward. Any other architecture
+  (or ``SFT_FUSED_LOSS=0``, which the estimate does not know) holds them at every response position,
+  counted at every position (compute dtype, the fp32 copy for the loss, its gradient).
 - **overhead**: CUDA context, communication buffers and allocator slack: 1.5 GiB + 5%.
 
 FSDP with ``cpuOffload`` moves the sharded weights, gradients and optimizer states to CPU memory.
@@ -51,6 +55,11 @@ POST_NORMS = frozenset({"olmo2", "olmo3", "gemma2", "gemma3", "gemma3_text"})
 # tie_word_embeddings defaults of the model classes, for config.json files that leave it out.
 TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "phi"})
 DEFAULT_LORA_RANK = 16
+# Architectures whose LM head the trainer's fused loss reproduces exactly (loss.HEADS is built from this).
+FUSED_LOSS_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi",
+                              "gpt_neox", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "starcoder2", "smollm3",
+                              "cohere", "granite"})
+LOSS_CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk of rows (loss.CHUNK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -229,10 +238,20 @@ def estimate(shapes: Shapes, setup: Setup) -> Estimate:
     else:
         activations = tokens * s.layers * per_layer
     activations += tokens * s.hidden * (4 + 4 + act_b)  # embeddings output, final norm
-    logits = tokens * s.vocab * (act_b + 4 + 4)
+    logits = _logits_bytes(s, tokens, act_b, head_trains=full)
     subtotal = weights + gradients + optimizer + activations + logits
     overhead = OVERHEAD_FIXED + int(OVERHEAD_FRACTION * subtotal)
     return Estimate(setup, s, params, trainable, weights, gradients, optimizer, activations, logits, overhead)
+
+
+def _logits_bytes(s: Shapes, tokens: int, act_b: int, head_trains: bool) -> int:
+    """The loss's share: the logits (compute dtype, the fp32 copy, its gradient), of one chunk of rows when the
+    loss is fused with the head, else of every position; fused, also the hidden states' gradient (fp32) and
+    the head's (fp32, when it trains), both made in the forward and held until the backward."""
+    if s.model_type not in FUSED_LOSS_TYPES:
+        return tokens * s.vocab * (act_b + 4 + 4)
+    rows = max(1, min(tokens, LOSS_CHUNK_BYTES // (4 * s.vocab)))
+    return rows * s.vocab * (act_b + 4 + 4) + tokens * s.hidden * 4 + (4 * s.vocab * s.hidden if head_trains else 0)
 
 
 def _layer_activation_bytes(s: Shapes, setup: Setup, act_b: int) -> int:
