@@ -188,7 +188,7 @@ def test_the_operator_sigkilled_at_every_stage_of_a_run_loses_nothing(installed,
     """One job meets five operator crashes: before its children exist, right after its Job is created,
     while it runs, while its trainer saves after SIGTERM, and between the trainer's exit and the
     result's write (the operator held down until the trainer pod has ended)."""
-    name, max_steps = "chaos-operator", 400
+    name, max_steps = "chaos-operator", 900  # ~2 min of training: the operator takes 10-40 s to come back
     faults = Faults()
     batch = client.BatchV1Api(installed.cluster.api)
 
@@ -218,6 +218,7 @@ def test_the_operator_sigkilled_at_every_stage_of_a_run_loses_nothing(installed,
             done.add("running")
             crash_operator(installed)  # 3: while it trains
             faults.note("operator SIGKILL while Running", step)
+            wait_operator_ready(installed)
         elif ("save" not in done and "running" in done and step >= 2 * CHECKPOINT_EVERY
               and list((installed.models / name / "checkpoints").glob("*/COMPLETE"))):
             done.add("save")
@@ -226,7 +227,8 @@ def test_the_operator_sigkilled_at_every_stage_of_a_run_loses_nothing(installed,
                     client.CoreV1Api(installed.cluster.api).delete_namespaced_pod(pod.metadata.name, installed.work)
             crash_operator(installed)
             faults.note("trainer pod deleted (SIGTERM save) and operator SIGKILL", step)
-        elif "end" not in done and "save" in done and step >= max_steps - 5:
+            wait_operator_ready(installed)
+        elif "end" not in done and "save" in done and step >= max_steps - 150:
             done.add("end")
             # 5: the trainer finishes and exits while no operator runs; the result is read afterwards.
             crash_operator(installed, hold=lambda: installed.cluster.wait_for(trainer_ended, 180, "the trainer to end"))
@@ -275,14 +277,14 @@ def test_the_api_server_and_etcd_restarting_and_a_helm_upgrade_mid_run_lose_noth
     then etcd) and an operator upgrade (`helm upgrade` with a changed value replaces the operator's
     pod). None of them stops the training: its pod keeps running, its progress reports wait out the
     outage, and it ends with everything an uninterrupted run has."""
-    name, max_steps = "chaos-control-plane", 400
+    name, max_steps = "chaos-control-plane", 900  # the trainer runs on while each fault is repaired
     faults = Faults()
     applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps))
     done: list[str] = []
     plan = [
         (40, "kube-apiserver SIGKILL and restart", lambda: restart(installed, "kube-apiserver")),
-        (140, "etcd SIGKILL and restart", lambda: restart(installed, "etcd")),
-        (240, "helm upgrade of the operator", lambda: installed.release.helm(
+        (250, "etcd SIGKILL and restart", lambda: restart(installed, "etcd")),
+        (500, "helm upgrade of the operator", lambda: installed.release.helm(
             "upgrade", installed.release.name, str(CHART), "--reuse-values", "--wait", "--timeout", "120s",
             "--set", f"podAnnotations.sft\\.dev/upgraded={int(time.time())}")),
     ]
@@ -313,7 +315,7 @@ def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkp
     (DisruptionTarget), an admin force-deletes it, the replacement waits for a node, and the kubelet
     comes back. The replacement takes the destination over from the cut-off trainer (fenced: the old
     one stops without deleting anything) and resumes from the last checkpoint."""
-    name, max_steps = "chaos-node", 500
+    name, max_steps = "chaos-node", 1200  # the cut-off trainer runs on for the ~60 s the node is lost
     faults = Faults()
     core = client.CoreV1Api(installed.cluster.api)
     state_dir = installed.cluster.state_dir
