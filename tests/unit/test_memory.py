@@ -74,7 +74,7 @@ def test_the_logits_term_is_one_chunk_when_the_trainer_fuses_the_loss_with_the_h
     shapes = memory.table_shapes("Qwen/Qwen2.5-0.5B")
     setup = memory.Setup(batch=4, seq=2048)
     fused = memory.estimate(shapes, setup)
-    chunk = memory.LOSS_CHUNK_BYTES // (4 * shapes.vocab) * shapes.vocab * (2 + 4 + 4)
+    chunk = memory.LOSS_CHUNK_BYTES // (4 * shapes.vocab) * shapes.vocab * (4 + 4)
     assert fused.logits == chunk + 4 * 2048 * shapes.hidden * 4 + 4 * shapes.vocab * shapes.hidden
     assert fused.logits < GiB and fused.total < 22 * GiB
     # An architecture whose head the fused loss does not reproduce keeps the full logits.

@@ -16,7 +16,7 @@ Pure and light (the standard library only): the operator's advice, ``sftctl vali
   flash-attention never materialise the seq × seq scores. Gradient checkpointing keeps one hidden
   vector per layer and token, plus one layer recomputed. LoRA dropout adds a copy of each adapted input.
 - **logits**: the trainer fuses the loss with the LM head (loss.py) for the architectures in
-  ``FUSED_LOSS_TYPES``: one chunk of rows' logits at a time (compute dtype, the fp32 copy, its gradient),
+  ``FUSED_LOSS_TYPES``: one chunk of rows' fp32 logits at a time (and log-sum-exp's temporary),
   plus the hidden states' gradient at every position (fp32; the trainer keeps only response positions: an
   upper bound) and, when the head trains, its fp32 gradient made in the forward. Any other architecture
   (or ``SFT_FUSED_LOSS=0``, which the estimate does not know) holds them at every response position,
@@ -245,13 +245,15 @@ def estimate(shapes: Shapes, setup: Setup) -> Estimate:
 
 
 def _logits_bytes(s: Shapes, tokens: int, act_b: int, head_trains: bool) -> int:
-    """The loss's share: the logits (compute dtype, the fp32 copy, its gradient), of one chunk of rows when the
-    loss is fused with the head, else of every position; fused, also the hidden states' gradient (fp32) and
-    the head's (fp32, when it trains), both made in the forward and held until the backward."""
+    """The loss's share. Unfused: the logits at every position (compute dtype, the fp32 copy, its gradient).
+    Fused with the head (loss.py): one chunk of rows, whose fp32 logits and log-sum-exp's temporary are alive
+    at once (the gradient is made in place; the compute-dtype copies are smaller and never alive with both),
+    plus the hidden states' gradient (fp32) and the head's (fp32, when it trains), both made in the forward
+    and held until the backward."""
     if s.model_type not in FUSED_LOSS_TYPES:
         return tokens * s.vocab * (act_b + 4 + 4)
     rows = max(1, min(tokens, LOSS_CHUNK_BYTES // (4 * s.vocab)))
-    return rows * s.vocab * (act_b + 4 + 4) + tokens * s.hidden * 4 + (4 * s.vocab * s.hidden if head_trains else 0)
+    return rows * s.vocab * (4 + 4) + tokens * s.hidden * 4 + (4 * s.vocab * s.hidden if head_trains else 0)
 
 
 def _layer_activation_bytes(s: Shapes, setup: Setup, act_b: int) -> int:
