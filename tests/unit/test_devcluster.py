@@ -219,3 +219,22 @@ def test_a_stopped_components_pid_reused_by_another_process_of_the_cluster_is_no
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_process_whose_main_thread_exited_first_counts_as_alive_until_its_last_thread_is_gone(tmp_path):
+    # Its leader shows as a zombie while another thread still holds its socket: a restart binding
+    # that port would fail ("address already in use") if stop returned then.
+    code = ("import ctypes, sys, threading, time; open(sys.argv[1], 'w').write('1'); "
+            "threading.Thread(target=time.sleep, args=(300,)).start(); ctypes.CDLL(None).pthread_exit(None)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ready")])
+    try:
+        _wait_for_file(tmp_path / "ready")
+        deadline = time.monotonic() + 10
+        while processes.read_proc(proc.pid, "stat").decode().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the main thread never exited"
+            time.sleep(0.02)
+        assert processes.alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not processes.alive(proc.pid)

@@ -132,7 +132,16 @@ def signal_all(pids: list[int], sig: int) -> None:
 
 def alive(pid: int) -> bool:
     fields = _stat_fields(pid)
-    return bool(fields) and fields[0] != "Z"
+    if not fields:
+        return False
+    if fields[0] != "Z":
+        return True
+    # A zombie leader whose other threads are still exiting (a SIGKILLed Go program) still holds
+    # its files: the port a restart binds, the node lock.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
