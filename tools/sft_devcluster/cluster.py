@@ -287,7 +287,7 @@ COMPONENTS = {c.name: c for c in (
     Component("kube-scheduler", "/healthz"),
     Component("kwok", "/healthz"),
     Component("containerd", "the CRI answering", on_node=True),
-    Component("kubelet", f"/healthz, a lease renewed and node {realnode.NODE_NAME} Ready and untainted",
+    Component("kubelet", f"/healthz, a lease renewed, node {realnode.NODE_NAME} Ready and untainted, its pods known",
               needs=("kube-apiserver", "containerd"), on_node=True),
     Component("kube-proxy", "/healthz", needs=("kube-apiserver",), on_node=True),
     Component("coredns", "/ready", needs=("kube-apiserver",), on_node=True),
@@ -1037,8 +1037,9 @@ NODE_DOWN_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreacha
 
 
 def _node_back(info: ClusterInfo, since: float) -> bool:
-    """A kubelet started at ``since`` (wall clock) renewed its lease, and its node is Ready
-    with no not-ready/unreachable taint left (after a long stop the node controller set them)."""
+    """A kubelet started at ``since`` (wall clock) renewed its lease, its node is Ready with no
+    not-ready/unreachable taint left (after a long stop the node controller set them), and it
+    knows every pod bound to it again (until then `kubectl logs` and `exec` answer NotFound)."""
     from kubernetes import client, config
 
     api = config.new_client_from_config(config_file=info.kubeconfig)
@@ -1046,10 +1047,26 @@ def _node_back(info: ClusterInfo, since: float) -> bool:
         lease = client.CoordinationV1Api(api).read_namespaced_lease(realnode.NODE_NAME, "kube-node-lease",
                                                                     _request_timeout=5)
         node = client.CoreV1Api(api).read_node(realnode.NODE_NAME, _request_timeout=5)
+        bound = client.CoreV1Api(api).list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={realnode.NODE_NAME}", _request_timeout=5).items
     finally:
         api.close()
     renewed = lease.spec.renew_time is not None and lease.spec.renew_time.timestamp() > since
-    return renewed and _node_ready(node) and not any(t.key in NODE_DOWN_TAINTS for t in node.spec.taints or [])
+    if not (renewed and _node_ready(node) and not any(t.key in NODE_DOWN_TAINTS for t in node.spec.taints or [])):
+        return False
+    expected = {(p.metadata.namespace, p.metadata.name) for p in bound
+                if p.status.phase not in ("Succeeded", "Failed") and not p.metadata.deletion_timestamp}
+    return expected <= _kubelet_pods(info)
+
+
+def _kubelet_pods(info: ClusterInfo) -> set[tuple[str, str]]:
+    """(namespace, name) of the pods the kubelet knows (its /pods API, as the admin)."""
+    pki = Pki(Path(info.state_dir) / "pki")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_crt))
+    ctx.load_cert_chain(str(pki.client_crt("admin")), str(pki.client_key("admin")))
+    url = f"https://{realnode.NODE_IP}:{info.ports['kubelet']}/pods"
+    with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
+        return {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in json.load(resp)["items"]}
 
 
 def _local_ok(info: ClusterInfo, port: str, path: str) -> bool:
