@@ -302,7 +302,7 @@ def test_the_api_server_and_etcd_restarting_and_a_helm_upgrade_mid_run_lose_noth
         (250, "etcd SIGKILL and restart", lambda: restart(installed, "etcd")),
         (500, "helm upgrade of the operator", lambda: installed.release.helm(
             "upgrade", installed.release.name, str(CHART), "--reuse-values", "--wait", "--timeout", "120s",
-            "--set", f"podAnnotations.sft\\.dev/upgraded={int(time.time())}")),
+            "--set-string", f"podAnnotations.sft\\.dev/upgraded={int(time.time())}")),
     ]
     pods_before = {p.metadata.uid for p in installed.pods(name)}
 
@@ -355,11 +355,15 @@ def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkp
             return got.metadata.deletion_timestamp and any(
                 c.type == "DisruptionTarget" and c.status == "True" for c in got.status.conditions or [])
 
-        installed.cluster.wait_for(evicted, 240, "the taint manager to evict the lost node's pod", interval=1)
-        core.delete_namespaced_pod(pod.metadata.name, installed.work, grace_period_seconds=0)
+        try:
+            installed.cluster.wait_for(evicted, 240, "the taint manager to evict the lost node's pod", interval=1)
+            # An admin force-deletes it. It stays Terminating (the Job's tracking finalizer) until the kubelet
+            # is back and has stopped the cut-off container: only then does the Job replace it.
+            core.delete_namespaced_pod(pod.metadata.name, installed.work, grace_period_seconds=0)
+        finally:
+            devcluster.cluster.start_component(state_dir, "kubelet")  # the node comes back, whatever happened
         installed.cluster.wait_for(lambda: [p for p in installed.pods(name) if p.metadata.name != pod.metadata.name],
-                                   60, "the Job's replacement pod")
-        devcluster.cluster.start_component(state_dir, "kubelet")
+                                   120, "the Job's replacement pod")
 
     run = installed.follow(name, applied, timeout=900, on_running=on_running)
     assert lost, "the run ended before a checkpoint was complete"
