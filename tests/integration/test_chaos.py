@@ -26,7 +26,7 @@ import pytest
 from kubernetes import client
 
 import sft_devcluster as devcluster
-from sft_devcluster.node import NODE_IP
+from sft_devcluster.node import NODE_IP, NODE_NAME
 from sft_operator import GROUP, PLURAL, VERSION
 from sft_operator.render import LABEL_JOB
 from storage_servers import FaultyProxy
@@ -329,8 +329,8 @@ def test_the_api_server_and_etcd_restarting_and_a_helm_upgrade_mid_run_lose_noth
 def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkpoint_interval(installed, tmp_path):
     """The node's kubelet stops (the node is lost to the control plane; its containers, cut off, may
     run on) for longer than the job's unreachable toleration: the taint manager evicts the trainer pod
-    (DisruptionTarget), an admin force-deletes it, the replacement waits for a node, and the kubelet
-    comes back. The replacement takes the destination over from the cut-off trainer (fenced: the old
+    (DisruptionTarget), the admin marks the node out of service so that its pods are force-deleted, the
+    replacement waits for a node, and the kubelet comes back. The replacement takes the destination over from the cut-off trainer (fenced: the old
     one stops without deleting anything) and resumes from the last checkpoint."""
     name, max_steps = "chaos-node", 1200  # the cut-off trainer runs on for the ~60 s the node is lost
     faults = Faults()
@@ -356,15 +356,22 @@ def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkp
             return got.metadata.deletion_timestamp and any(
                 c.type == "DisruptionTarget" and c.status == "True" for c in got.status.conditions or [])
 
+        out_of_service = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
+        wire = lambda taints: installed.cluster.api.sanitize_for_serialization(taints or [])  # noqa: E731
+        node = core.read_node(NODE_NAME)
         try:
             installed.cluster.wait_for(evicted, 240, "the taint manager to evict the lost node's pod", interval=1)
-            # An admin force-deletes it. It stays Terminating (the Job's tracking finalizer) until the kubelet
-            # is back and has stopped the cut-off container: only then does the Job replace it.
-            core.delete_namespaced_pod(pod.metadata.name, installed.work, grace_period_seconds=0)
-        finally:
-            devcluster.cluster.start_component(state_dir, "kubelet")  # the node comes back, whatever happened
-        installed.cluster.wait_for(lambda: [p for p in installed.pods(name) if p.metadata.name != pod.metadata.name],
-                                   120, "the Job's replacement pod")
+            # The admin's answer to a lost node: mark it out of service, and the pod garbage collector
+            # force-deletes its Terminating pods (the Job's finalizer would hold them until the kubelet is back).
+            core.patch_node(NODE_NAME, {"spec": {"taints": [*wire(node.spec.taints), out_of_service]}})
+            installed.cluster.wait_for(lambda: pod.metadata.name not in {p.metadata.name for p in installed.pods(name)},
+                                       120, "the lost pod to be force-deleted")
+            installed.cluster.wait_for(lambda: [p for p in installed.pods(name) if p.metadata.name != pod.metadata.name],
+                                       120, "the Job's replacement pod")
+        finally:  # the node comes back, whatever happened
+            taints = [t for t in wire(core.read_node(NODE_NAME).spec.taints) if t["key"] != out_of_service["key"]]
+            core.patch_node(NODE_NAME, {"spec": {"taints": taints}})
+            devcluster.cluster.start_component(state_dir, "kubelet")
 
     run = installed.follow(name, applied, timeout=900, on_running=on_running)
     assert lost, "the run ended before a checkpoint was complete"
