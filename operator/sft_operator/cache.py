@@ -174,6 +174,7 @@ class Cache:
     def put(self, kind: str, body: Mapping[str, Any]) -> Key | None:
         key = key_of(kind, body)
         if key is None:
+            self._unseat(kind, body)
             return None
         if (kind == "Pod" and not self.reads_pods(key)) or (kind in DETAIL_KINDS and self.finished(key)):
             return key  # nothing reads them once the job is over (its Job is kept, to stop it)
@@ -206,7 +207,17 @@ class Cache:
         key = key_of(kind, body)
         if key is not None:
             self._remove(kind, key, body)
+        else:
+            self._unseat(kind, body)
         return key
+
+    def _unseat(self, kind: str, body: Mapping[str, Any]) -> None:
+        """An object held as a child that is no longer one (orphaned: its controller reference was removed)
+        leaves the child's place; the next reconcile finds it by the create's 409 and says whose it is."""
+        meta = body.get("metadata") or {}
+        slot = (meta.get("namespace", ""), (meta.get("labels") or {}).get(LABEL_JOB))
+        if kind in CHILD_NAMES and (self.children[kind].get(slot) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
+            del self.children[kind][slot]
 
     def _remove(self, kind: str, key: Key, body: Mapping[str, Any]) -> None:
         uid = (body.get("metadata") or {}).get("uid")
@@ -215,7 +226,7 @@ class Cache:
             if (self.sftjobs.get(key) or {}).get("metadata", {}).get("uid") in (uid, None):
                 self.forget(key)
         elif kind == "Pod":
-            self._remember_replaced(key, slim(kind, body))
+            self._remember_replaced(key, slim(kind, body), deleted=True)
             pods = self.pods.get(key)
             if pods is not None:
                 pods.pop(uid or "", None)
@@ -224,8 +235,12 @@ class Cache:
         elif (self.children[kind].get(key) or {}).get("metadata", {}).get("uid") == uid:
             del self.children[kind][key]
 
-    def _remember_replaced(self, key: Key, pod: Mapping[str, Any]) -> None:
-        if (pod.get("status") or {}).get("phase") == "Failed" and is_ignored_failure(pod):
+    def _remember_replaced(self, key: Key, pod: Mapping[str, Any], deleted: bool = False) -> None:
+        """Note a pod the Job replaces without counting it: failed as a disruption or with exit 75/76/79, or
+        deleted unfinished after a disruption (a lost node's pod force-deleted by the pod garbage collector
+        never reports Failed)."""
+        phase = (pod.get("status") or {}).get("phase")
+        if (phase == "Failed" or (deleted and phase != "Succeeded")) and is_ignored_failure(pod):
             owner = controller_of(pod) or {}
             self.note(key).replaced_pods[pod["metadata"].get("uid", "")] = owner.get("uid", "")
 

@@ -156,6 +156,36 @@ def test_a_child_is_known_by_its_name_and_controller_not_by_the_label():
     assert cache.put("ConfigMap", notes) is None  # our child's name but not ours: the create's 409 finds it
     assert cache.drop("ConfigMap", config_map("x1", name="demo-notes")) is None
     assert cache.child("ConfigMap", key)["metadata"]["uid"] == "c1"
+    orphaned = config_map("c1")  # `kubectl delete --cascade=orphan` of an earlier SFTJob of this name
+    orphaned["metadata"]["ownerReferences"] = []
+    assert cache.put("ConfigMap", orphaned) is None and cache.child("ConfigMap", key) is None
+    cache.put("ConfigMap", config_map("c1"))
     # a relist that no longer shows our ConfigMap forgets it (the watch missed its deletion)
     assert cache.sweep("ConfigMap", {"a"}, set(), time.monotonic()) == {key}
     assert cache.child("ConfigMap", key) is None
+
+
+def test_a_lost_nodes_pod_force_deleted_while_running_counts_as_a_restart():
+    """Node loss: the taint manager marks the pod DisruptionTarget, the pod garbage collector force-deletes it
+    (the node marked out of service) and its last state still says Running. The Job replaces it uncounted;
+    status.restarts and the Restarted Event must see it."""
+    from datetime import datetime, timezone
+
+    from sft_operator.status import derive_status
+
+    cache = Cache()
+    key = cache.put("SFTJob", sftjob("s1"))
+    lost = pod("p1", "j1")
+    lost["metadata"]["deletionTimestamp"] = "2026-12-07T10:00:00Z"
+    lost["status"] = {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                                          "reason": "DeletionByTaintManager"}]}
+    cache.put("Pod", lost)
+    cache.drop("Pod", lost)
+    cache.put("Pod", pod("p2", "j1"))
+    finished = pod("p3", "j1")  # a pod deleted after it succeeded is no restart
+    finished["status"] = {"phase": "Succeeded", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    cache.drop("Pod", finished)
+    job = {"metadata": {"name": "demo", "namespace": "a", "uid": "j1"}, "spec": {"completions": 1}, "status": {"active": 1}}
+    status = derive_status(cache.sftjobs[key], job, cache.pods_of(key, "j1"), datetime.now(timezone.utc),
+                           replaced_pods=cache.note(key).replaced_by("j1"))
+    assert status["restarts"] == 1
