@@ -67,10 +67,42 @@ def test_a_name_taken_by_an_object_we_did_not_create_fails_the_job_and_the_objec
     k8s.custom.delete_namespaced_custom_object(GROUP, VERSION, k8s.ns, PLURAL, "reused",
                                                body={"propagationPolicy": "Orphan"})
     k8s.cp.wait_for(lambda: not k8s.job("reused").metadata.owner_references, 30, "the old Job orphaned")
+    k8s.cp.wait_for(lambda: gone(lambda: k8s.get("reused")), 30, "the old SFTJob gone")  # (its orphan finalizer)
     k8s.create(manifest("reused"))
     failed = cond(k8s.wait_phase("reused", "Failed", timeout=30), "Failed")
     assert failed["reason"] == "NameConflict" and "reused" in failed["message"]
     assert not k8s.job("reused").metadata.owner_references  # still nobody's
+
+
+def test_a_foreign_object_with_our_label_does_not_fail_a_running_job(operator, k8s):
+    """Issue #19 defect 2: a TensorBoard Service that copies the trainer pods' selector into its labels, and
+    someone's notes ConfigMap with the same label, are not children: they never take a child's place."""
+    k8s.launch("board", {"sft.dev/kwok-hold": "true"})
+    k8s.wait_phase("board", "Running", timeout=30)
+    uid = k8s.get("board")["metadata"]["uid"]
+    k8s.core.create_namespaced_service(k8s.ns, {"metadata": {"name": "board-tensorboard", "labels": {LABEL_JOB: "board"}},
+                                                "spec": {"ports": [{"port": 6006}], "selector": {LABEL_JOB: "board"}}})
+    k8s.core.create_namespaced_config_map(k8s.ns, {"metadata": {"name": "board-notes", "labels": {LABEL_JOB: "board"}},
+                                                   "data": {"notes": "lr sweep 3"}})
+    # Our ConfigMap deleted after that: its DELETED event comes behind the notes' ADDED on the same watch, so
+    # the operator reconciles the job with the foreign objects in view (as its periodic resync does).
+    old = k8s.core.read_namespaced_config_map("board-config", k8s.ns).metadata.uid
+    k8s.core.delete_namespaced_config_map("board-config", k8s.ns)
+
+    def recreated():
+        try:
+            config = k8s.core.read_namespaced_config_map("board-config", k8s.ns)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return config.metadata.uid != old and owner_uid(config) == uid
+
+    k8s.cp.wait_for(recreated, 30, "our ConfigMap recreated")
+    status = k8s.status("board")
+    assert status["phase"] == "Running" and cond(status, "Created")["reason"] == "ChildrenCreated"
+    assert not k8s.job("board").spec.suspend
+    assert "NameConflict" not in k8s.event_reasons("board")
 
 
 # ---- 2. every child converges, with back-off ------------------------------------------------------
