@@ -45,6 +45,24 @@ def export_cmd(out: Path, destination: str, endpoint: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def interruptible_export_cmd(out: Path, destination: str, endpoint: str) -> list[str]:
+    """The export as rank 0 runs it: SIGTERM stops it (sigterm_interrupts), the exit code is the TrainerError's."""
+    code = (
+        "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
+        "from pathlib import Path\n"
+        "from sft_trainer.config import S3Spec\n"
+        "from sft_trainer.errors import TrainerError, sigterm_interrupts\n"
+        "from sft_trainer.export import export\n"
+        "try:\n"
+        "    with sigterm_interrupts('the export'):\n"
+        f"        export(Path({str(out)!r}), {destination!r}, S3Spec(endpoint={endpoint!r}))\n"
+        "except TrainerError as e:\n"
+        "    print(e.reason, file=sys.stderr)\n"
+        "    sys.exit(e.code)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
 def env(server, **extra: str) -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "operator"), e.get("PYTHONPATH", "")])
@@ -119,21 +137,8 @@ def test_sigterm_during_the_export_stops_it_at_once_as_interrupted(s3_server, bu
     outputs(tmp_path / "out", weights=4 << 20)  # below the part size: one PUT, in the main thread
     proxy = FaultyProxy(s3_server.port)
     proxy.rate = 200_000  # bytes/s: the weights take ~20 s
-    code = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from sft_trainer.config import S3Spec\n"
-        "from sft_trainer.errors import TrainerError, sigterm_interrupts\n"
-        "from sft_trainer.export import export\n"
-        "try:\n"
-        "    with sigterm_interrupts('the export'):\n"
-        f"        export(Path({str(tmp_path / 'out')!r}), 's3://{bucket}/runs/r5', S3Spec(endpoint={proxy.endpoint!r}))\n"
-        "except TrainerError as e:\n"
-        "    print(e.reason, file=sys.stderr)\n"
-        "    sys.exit(e.code)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env(s3_server), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(interruptible_export_cmd(tmp_path / "out", f"s3://{bucket}/runs/r5", proxy.endpoint),
+                            env=env(s3_server), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while "model/config.json" not in stored(s3_server.client(), bucket, "runs/r5"):  # the weights are on their way
         assert proc.poll() is None and time.monotonic() < deadline, "the export ended or stalled before the signal"
@@ -178,20 +183,8 @@ def test_a_storage_outage_during_the_export_is_ridden_out_and_sigterm_still_exit
     proxy.refuse(10**9)  # the server is unreachable
 
     def export_during_outage(retries: int) -> subprocess.Popen:
-        code = (
-            "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
-            "from pathlib import Path\n"
-            "from sft_trainer.config import S3Spec\n"
-            "from sft_trainer.errors import TrainerError, sigterm_interrupts\n"
-            "from sft_trainer.export import export\n"
-            "try:\n"
-            "    with sigterm_interrupts('the export'):\n"
-            f"        export(Path({str(tmp_path / 'out')!r}), 's3://{bucket}/runs/r6', S3Spec(endpoint={proxy.endpoint!r}))\n"
-            "except TrainerError as e:\n"
-            "    print(e.reason, file=sys.stderr)\n"
-            "    sys.exit(e.code)\n"
-        )
-        proc = subprocess.Popen([sys.executable, "-c", code], env={**env(s3_server), "SFT_STORAGE_BACKOFF": "0.05"},
+        proc = subprocess.Popen(interruptible_export_cmd(tmp_path / "out", f"s3://{bucket}/runs/r6", proxy.endpoint),
+                                env={**env(s3_server), "SFT_STORAGE_BACKOFF": "0.05"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seen = 0
         for line in proc.stderr:
