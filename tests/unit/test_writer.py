@@ -76,8 +76,8 @@ def report(step: int, **extra: Any) -> ProgressReport:
     return ProgressReport.model_validate({"step": step, "totalSteps": 100, "epoch": step / 50, "trainLoss": 1.0, **extra})
 
 
-def run(test, **settings: Any) -> RecordingKube:
-    kube = RecordingKube()
+def run(test, kube: RecordingKube | None = None, **settings: Any) -> RecordingKube:
+    kube = kube or RecordingKube()
 
     async def main() -> None:
         ctx = Context(OperatorSettings(**{"status_window_seconds": 0.05, **settings}), kube, RenderOptions())
@@ -323,18 +323,7 @@ def test_multi_attach_until_the_force_detach_keeps_the_job_pending_not_failed():
         assert [(w["phase"], w["reason"]) for _, w in ctx.kube.writes][-1] == ("Pending", "MultiAttach")
         assert "Failed" not in [w["phase"] for _, w in ctx.kube.writes]
 
-    kube = MultiAttachKube()
-
-    async def main() -> None:
-        ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
-        ctx.kick = lambda key, delay=0.0: None
-        ctx.cache.put("SFTJob", sftjob())
-        try:
-            await test(ctx)
-        finally:
-            await ctx.scheduler.close()
-
-    asyncio.run(main())
+    run(test, MultiAttachKube())
 
 
 # ---- issue 19 defect 5: a result whose pod update comes after the Job's Complete is still written ----
