@@ -185,6 +185,15 @@ def _fresh_namespace(cluster: ControlPlane, request, labels: dict | None = None)
     cluster.wait_for(lambda: core.read_namespaced_service_account("default", name), 30,
                      f"ServiceAccount default in {name}")
     yield name
+    # kwok never moves a deleted pod to a terminal phase (a kubelet would), so the Job controller's tracking
+    # finalizer would keep a still-running simulated pod, and its GPUs, forever: release them first.
+    for pod in core.list_namespaced_pod(name).items:
+        if pod.metadata.finalizers and (pod.spec.node_name or "").startswith("kwok-"):
+            try:
+                core.patch_namespaced_pod(pod.metadata.name, name, {"metadata": {"finalizers": None}})
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
     try:
         core.delete_namespace(name)
     except ApiException as exc:
