@@ -376,7 +376,7 @@ def test_a_lost_node_its_pods_evicted_and_force_deleted_costs_at_most_one_checkp
 
     run = installed.follow(name, applied, timeout=900, on_running=on_running)
     assert lost, "the run ended before a checkpoint was complete"
-    # The operator ran on the lost node too: its replacement never saw the trainer pod go, so status.restarts
+    # The operator ran on the lost node too: when its replacement never saw the trainer pod go, status.restarts
     # and the Restarted Event miss this one (a known gap, docs/reliability.md); everything else holds.
     assert_survived(installed, name, run, max_steps, faults, interrupted=1, counted=False)
 
