@@ -13,6 +13,7 @@ from typing import Any
 from sft_trainer.config import DEFAULT_CACHE_SIZE, PROGRESS_PATH, is_s3
 from sft_trainer.exit_codes import NON_RETRIABLE, UNCOUNTED
 from sft_trainer.fetch import remote_sources
+from sft_trainer.references import split_pvc
 
 from . import API_VERSION, KIND
 from .advice import grace_period_seconds
@@ -80,9 +81,7 @@ def cache_claim(job: SFTJob) -> str | None:
 
 def pvc_claim(source: str) -> str | None:
     """`pvc://claim/path` -> `claim`; anything else -> None."""
-    if not source.startswith("pvc://"):
-        return None
-    return source[len("pvc://") :].split("/", 1)[0]
+    return split_pvc(source)[0] if source.startswith("pvc://") else None
 
 
 def pvc_claims(job: SFTJob) -> dict[str, bool]:
