@@ -129,11 +129,7 @@ async def _keep_running(ctx: Context, key: Key, sftjob: dict[str, Any], error: V
     if notes.rendered is None or notes.rendered[0] != managed_as(ctx, sftjob):
         log.warning("SFTJob %s/%s: its spec does not validate under this operator's models (%s); it keeps running "
                     "with the config it started with", *key, str(error).splitlines()[0])
-    job = ctx.cache.child("Job", key)
-    want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-    patch = suspend_patch(want_suspended, job)
-    if patch is not None:
-        ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
+    await _apply_suspend(ctx, key, wants_suspended(sftjob))
     config_map = ctx.cache.child("ConfigMap", key) or {}
     kinds = tuple(kind for kind in ("ConfigMap", "Service", "Job") if ctx.cache.child(kind, key) is not None)
     notes.rendered = (managed_as(ctx, sftjob), config_map.get("dataDigests"), kinds)
@@ -161,8 +157,19 @@ def converged(ctx: Context, key: Key) -> bool:
     if any(c is None or (c["metadata"].get("ownerReferences") or [{}])[0].get("uid") != uid for c in children):
         return False
     config_map, job = ctx.cache.child("ConfigMap", key), ctx.cache.child("Job", key)
-    want_suspended = bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-    return config_map.get("dataDigests") == notes.rendered[1] and suspend_patch(want_suspended, job) is None
+    return config_map.get("dataDigests") == notes.rendered[1] and suspend_patch(wants_suspended(sftjob), job) is None
+
+
+def wants_suspended(sftjob: dict[str, Any]) -> bool:
+    return bool(((sftjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
+
+async def _apply_suspend(ctx: Context, key: Key, suspended: bool) -> None:
+    """runPolicy.suspend onto our Job, if it exists and differs."""
+    job = ctx.cache.child("Job", key)
+    patch = suspend_patch(suspended, job) if job is not None else None
+    if patch is not None:
+        ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
 
 
 def _blocked(ctx: Context, key: Key, cause: Cause) -> None:
@@ -189,11 +196,7 @@ async def _ensure_children(ctx: Context, key: Key, sftjob: dict[str, Any], parse
     if ctx.cache.child("Job", key) is None:  # before any pod starts: can every node mount what it writes?
         warnings = await _check_shared_claims(ctx, sftjob, parsed)
     created = await _ensure(ctx, key, sftjob, prepare_job(job))
-    job_now = ctx.cache.child("Job", key)
-    if job_now is not None:
-        patch = suspend_patch(parsed.spec.run_policy.suspend, job_now)
-        if patch is not None:
-            ctx.cache.put("Job", await ctx.kube.patch("Job", key[0], job["metadata"]["name"], patch))
+    await _apply_suspend(ctx, key, parsed.spec.run_policy.suspend)
     if created:
         ctx.scheduler.spawn(_announce(ctx, sftjob, parsed, warnings), name=f"advice {key}")
     return wanted_digests(ctx.cache.child("ConfigMap", key), config_map, keep), tuple(child["kind"] for child in children)
