@@ -10,6 +10,7 @@ rank 0 writes the run's result there as JSON (``sft_trainer.result``), where the
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=os.environ.get("SFT_CONFIG", DEFAULT_CONFIG), help="TrainingSpec JSON/YAML file")
     args = p.parse_args(argv)
     setup_logging()
+    # A rank that dies inside C++ (an abort in a collective, a segfault) leaves its Python stack in the pod log.
+    faulthandler.enable()
     log = logging.getLogger("sft_trainer")
     try:
         spec = load_config(args.config)
