@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
-from sft_trainer.config import TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
+from sft_trainer.config import STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
 from sft_trainer.references import IMAGE_RULES
 
 from . import API_VERSION, KIND
@@ -119,6 +119,32 @@ class Scheduling(ApiModel):
     tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = Field(
         default=None, description="Tolerations of the trainer pods."
     )
+
+
+class CacheDefaults(ApiModel):
+    storage_class_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None, description="StorageClass of the cache claim the operator creates."
+    )
+    size: Annotated[str, Field(max_length=64, pattern=STORAGE_SIZE)] | None = Field(
+        default=None, description="Size of the cache claim the operator creates."
+    )
+
+
+class PlatformDefaults(ApiModel):
+    """What the platform team gives an SFTJob that leaves these out (the chart's ``trainer.defaults``); in
+    ``status.appliedDefaults``, what one job got from them."""
+
+    image: reference(IMAGE_RULES, 512) | None = Field(default=None, description="Trainer image.")
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] | None = Field(
+        default=None, description="Node selector of the trainer pods."
+    )
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = Field(
+        default=None, description="Tolerations of the trainer pods."
+    )
+    priority_class_name: Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None, description="PriorityClass of the trainer pods."
+    )
+    cache: CacheDefaults | None = Field(default=None, description="The cache claim the operator creates.")
 
 
 class RunPolicy(ApiModel):
@@ -320,6 +346,9 @@ class SFTJobStatus(ApiModel):
     progress: Progress | None = None
     metrics: Metrics | None = None
     output: OutputStatus | None = None
+    applied_defaults: PlatformDefaults | None = Field(
+        default=None, description="What the platform's defaults filled in because the spec left it out."
+    )
 
 
 class SFTJob(ApiModel):

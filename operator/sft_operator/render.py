@@ -7,7 +7,7 @@ Child names are deterministic, so a handler that runs twice after a crash finds,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sft_trainer.config import DEFAULT_CACHE_SIZE, PROGRESS_PATH, is_s3
@@ -17,7 +17,7 @@ from sft_trainer.references import split_pvc
 
 from . import API_VERSION, KIND
 from .advice import grace_period_seconds
-from .api import SFTJob
+from .api import CacheDefaults, PlatformDefaults, SFTJob
 
 TRAINER_CONTAINER = "trainer"
 FETCH_CONTAINER = "fetch"  # the init container that fills the cache (python -m sft_trainer.fetch)
@@ -33,6 +33,8 @@ TRAINER_UID = 1000
 
 LABEL_JOB = "sft.dev/job-name"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# On the Job: the platform defaults it was rendered with (JSON), which status.appliedDefaults shows.
+ANNOTATION_APPLIED_DEFAULTS = "sft.dev/applied-defaults"
 COMMON_LABELS = {"app.kubernetes.io/name": "sft-trainer", "app.kubernetes.io/managed-by": "sft-operator"}
 
 
@@ -45,6 +47,8 @@ class RenderOptions:
     progress_ca_pem: str | None = None  # CA the trainer trusts for the progress endpoint
     token_audience: str = "sft.dev/progress"
     token_expiration_seconds: int = 3600
+    # The platform's defaults for what a spec leaves out (its image is ``default_image``).
+    defaults: PlatformDefaults = field(default_factory=PlatformDefaults)
 
 
 def config_map_name(job_name: str) -> str:
@@ -97,6 +101,32 @@ def pvc_claims(job: SFTJob) -> dict[str, bool]:
     if out_claim:
         claims[out_claim] = True
     return dict(sorted(claims.items()))
+
+
+def applied_defaults(job: SFTJob, options: RenderOptions) -> PlatformDefaults:
+    """What the platform's defaults fill in for this job: each field its spec leaves out (the cache's only
+    when the operator creates the claim)."""
+    spec, platform = job.spec, options.defaults
+    sched = spec.scheduling
+    cache = spec.storage.cache if spec.storage else None
+    own_claim = cache_claim(job) == cache_claim_name(job.metadata.name)
+    cache_defaults = platform.cache or CacheDefaults()
+    filled_cache = CacheDefaults(
+        storage_class_name=cache_defaults.storage_class_name if not (cache and cache.storage_class_name) else None,
+        size=cache_defaults.size if not (cache and cache.size) else None,
+    )
+    return PlatformDefaults(
+        image=options.default_image if not spec.image else None,
+        node_selector=platform.node_selector if not (sched and sched.node_selector) else None,
+        tolerations=platform.tolerations if not (sched and sched.tolerations) else None,
+        priority_class_name=platform.priority_class_name if not (sched and sched.priority_class_name) else None,
+        cache=filled_cache if own_claim and (filled_cache.storage_class_name or filled_cache.size) else None,
+    )
+
+
+def defaults_json(defaults: PlatformDefaults) -> str:
+    return json.dumps(defaults.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True,
+                      separators=(",", ":"))
 
 
 def _labels(job: SFTJob) -> dict[str, str]:
@@ -312,18 +342,22 @@ def pod_failure_policy(fetch: bool = False) -> dict[str, Any]:
     }
 
 
-def build_cache_claim(job: SFTJob) -> dict[str, Any] | None:
+def build_cache_claim(job: SFTJob, options: RenderOptions | None = None) -> dict[str, Any] | None:
     """The cache claim the operator creates (``<job>-cache``), or None when the spec names one or needs none.
-    ReadWriteMany when several nodes share it; deleted with the SFTJob (ownerReference)."""
+    ReadWriteMany when several nodes share it; deleted with the SFTJob (ownerReference). What the spec
+    leaves out comes from the platform's defaults, then DEFAULT_CACHE_SIZE."""
     if cache_claim(job) != cache_claim_name(job.metadata.name):
         return None
     cache = job.spec.storage.cache if job.spec.storage else None
+    filled = applied_defaults(job, options or RenderOptions()).cache or CacheDefaults()
+    size = (cache.size if cache and cache.size else None) or filled.size or DEFAULT_CACHE_SIZE
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteMany" if job.spec.resources.nodes > 1 else "ReadWriteOnce"],
-        "resources": {"requests": {"storage": (cache.size if cache and cache.size else DEFAULT_CACHE_SIZE)}},
+        "resources": {"requests": {"storage": size}},
     }
-    if cache and cache.storage_class_name:
-        spec["storageClassName"] = cache.storage_class_name
+    storage_class = (cache.storage_class_name if cache else None) or filled.storage_class_name
+    if storage_class:
+        spec["storageClassName"] = storage_class
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -388,14 +422,17 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
         pod_spec["initContainers"] = [fetch_container(job, image, env, mounts)]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
-    if spec.scheduling:
-        sched = spec.scheduling
-        if sched.priority_class_name:
-            pod_spec["priorityClassName"] = sched.priority_class_name
-        if sched.node_selector:
-            pod_spec["nodeSelector"] = dict(sorted(sched.node_selector.items()))
-        if sched.tolerations:
-            pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    sched = spec.scheduling
+    filled = applied_defaults(job, options)
+    priority = (sched.priority_class_name if sched else None) or filled.priority_class_name
+    if priority:
+        pod_spec["priorityClassName"] = priority
+    node_selector = (sched.node_selector if sched else None) or filled.node_selector
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
+    tolerations = (sched.tolerations if sched else None) or filled.tolerations
+    if tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": nodes,
@@ -407,12 +444,9 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
     }
     if spec.run_policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(job, trainer_job_name(name), job_labels),
-        "spec": job_spec,
-    }
+    metadata = _metadata(job, trainer_job_name(name), job_labels)
+    metadata["annotations"] = {ANNOTATION_APPLIED_DEFAULTS: defaults_json(filled)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
 def render_children(sftjob: SFTJob | dict[str, Any], options: RenderOptions | None = None) -> list[dict[str, Any]]:
@@ -420,5 +454,5 @@ def render_children(sftjob: SFTJob | dict[str, Any], options: RenderOptions | No
     SFTJob, in creation order (the Job last: its pods need the rest)."""
     job = sftjob if isinstance(sftjob, SFTJob) else SFTJob.model_validate(sftjob)
     options = options or RenderOptions()
-    claim = build_cache_claim(job)
+    claim = build_cache_claim(job, options)
     return [build_config_map(job, options), build_service(job), *([claim] if claim else []), build_job(job, options)]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
+from .api import PlatformDefaults
 from .render import RenderOptions
 
 DEFAULT_TRAINER_IMAGE = RenderOptions.default_image
@@ -20,6 +23,8 @@ DEFAULT_TOKEN_AUDIENCE = RenderOptions.token_audience
 class OperatorSettings:
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     trainer_image: str = DEFAULT_TRAINER_IMAGE
+    # The platform's defaults for what an SFTJob leaves out (the chart's trainer.defaults).
+    trainer_defaults: PlatformDefaults = field(default_factory=PlatformDefaults)
     metrics_port: int = 8080
     health_port: int = 8081
     progress_port: int = 8443
@@ -52,6 +57,7 @@ class OperatorSettings:
                 ca = handle.read()
         return RenderOptions(
             default_image=self.trainer_image,
+            defaults=self.trainer_defaults,
             progress_base_url=self.progress_url,
             progress_ca_pem=ca,
             token_audience=self.token_audience,
@@ -79,6 +85,18 @@ def _env_bool(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _trainer_defaults(text: str) -> PlatformDefaults:
+    """--trainer-defaults: checked at start, so a bad value stops the operator with the field named."""
+    try:
+        defaults = PlatformDefaults.model_validate_json(text or "{}")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise argparse.ArgumentTypeError(f"--trainer-defaults / SFT_TRAINER_DEFAULTS: {problems}") from None
+    if defaults.image:
+        raise argparse.ArgumentTypeError("--trainer-defaults / SFT_TRAINER_DEFAULTS: image: set --trainer-image")
+    return defaults
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument(
@@ -91,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trainer-image", default=env("SFT_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
                         help="default trainer image (env SFT_TRAINER_IMAGE)")
+    parser.add_argument("--trainer-defaults", type=_trainer_defaults,
+                        default=env("SFT_TRAINER_DEFAULTS", "{}"),
+                        help="JSON defaults for what an SFTJob leaves out: nodeSelector, tolerations, "
+                             "priorityClassName, cache.storageClassName, cache.size (env SFT_TRAINER_DEFAULTS)")
     parser.add_argument("--metrics-port", type=int, default=int(env("SFT_METRICS_PORT", "8080")),
                         help="Prometheus /metrics port (env SFT_METRICS_PORT)")
     parser.add_argument("--health-port", type=int, default=int(env("SFT_HEALTH_PORT", "8081")),
@@ -140,6 +162,7 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
     settings = OperatorSettings(
         namespaces=tuple(dict.fromkeys(args.namespaces)),
         trainer_image=args.trainer_image,
+        trainer_defaults=args.trainer_defaults,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
         progress_port=args.progress_port,

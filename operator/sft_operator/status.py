@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from sft_trainer.config import ProgressReport, TrainerResult
 from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED
 
-from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, Progress, Stage
-from .render import FETCH_CONTAINER, TRAINER_CONTAINER
+from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, PlatformDefaults, Progress, Stage
+from .render import ANNOTATION_APPLIED_DEFAULTS, FETCH_CONTAINER, TRAINER_CONTAINER
 
 OWNED_FIELDS = (
     "observedGeneration",
@@ -36,6 +36,7 @@ OWNED_FIELDS = (
     "restarts",
     "effectiveBatchSize",
     "jobName",
+    "appliedDefaults",
 )
 
 PENDING, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (p.value for p in Phase)
@@ -705,6 +706,11 @@ def derive_status(
         status["jobName"] = (job.get("metadata") or {}).get("name", name)
     elif previous.get("jobName"):
         status["jobName"] = previous["jobName"]
+    applied = applied_defaults_of(job)
+    if applied is None and previous.get("appliedDefaults"):
+        applied = previous["appliedDefaults"]
+    if applied:
+        status["appliedDefaults"] = applied
     if previous.get("effectiveBatchSize") is not None:  # the trainer's own report wins over the spec's
         status["effectiveBatchSize"] = previous["effectiveBatchSize"]
     elif effective_batch_size is not None:
@@ -722,6 +728,18 @@ def derive_status(
             job_status.get("completionTime") or failed_cond.get("lastTransitionTime") or format_time(now)
         )
     return status
+
+
+def applied_defaults_of(job: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The platform defaults the Job was rendered with (its annotation), or None when unknown."""
+    text = (((job or {}).get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_APPLIED_DEFAULTS)
+    if not text:
+        return None
+    try:  # checked, so an edited annotation can never make the status write fail its schema
+        applied = PlatformDefaults.model_validate_json(text)
+    except ValidationError:
+        return None
+    return applied.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _held_from(since: datetime | None, seconds: float) -> datetime | None:
