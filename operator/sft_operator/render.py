@@ -96,6 +96,8 @@ def pvc_claims(job: SFTJob) -> dict[str, bool]:
         reads.append(spec.dataset.validation.source)
     if spec.dataset.general:
         reads.append(spec.dataset.general.source)
+    if spec.evaluation.prompts:
+        reads.append(spec.evaluation.prompts.source)
     claims = {c: False for c in map(pvc_claim, reads) if c}
     out_claim = pvc_claim(spec.output.destination)
     if out_claim:

@@ -21,8 +21,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import gates
 from .config import TRAINING_FIELDS, TrainingSpec
-from .errors import ConfigError, TrainerError
+from .errors import ConfigError, EvaluationFailed, TrainerError
 from .exit_codes import DEFAULT_TERMINATION_LOG, ExitCode
 from .result import TERMINATION_LIMIT, write_result
 
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                 hooks.failed(e)
                 raise
             done = hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the MLflow run
+        rejected = gates.rejection(metrics)
+        if rejected:  # exported (under rejected/) and tracked, but the job fails: exit 80
+            raise EvaluationFailed(rejected)
         write_result(metrics | (done.fields() if done else {}))  # rank 0: the result the operator reads
         return ExitCode.OK
     except TrainerError as e:

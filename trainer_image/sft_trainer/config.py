@@ -289,8 +289,88 @@ class EarlyStopping(ApiModel):
     min_delta: float = Field(default=0.0, ge=0.0, le=100.0, description="Smallest eval-loss drop that counts.")
 
 
+class GateMetric(str, Enum):
+    """What a gate compares. Losses on the validation set, forgetting on the held-out general rows, the
+    generation metrics on ``evaluation.prompts``."""
+
+    eval_loss = "evalLoss"
+    token_accuracy = "tokenAccuracy"
+    forgetting_delta = "forgettingDelta"
+    exact_match = "exactMatch"
+    contains = "contains"
+
+
+GENERATION_METRICS = frozenset({GateMetric.exact_match.value, GateMetric.contains.value})
+VALIDATION_METRICS = frozenset({GateMetric.eval_loss.value, GateMetric.token_accuracy.value})
+LOWER_IS_BETTER = frozenset({GateMetric.eval_loss.value, GateMetric.forgetting_delta.value})
+
+
+class GateDirection(str, Enum):
+    lower = "lower"
+    higher = "higher"
+
+
+class OnFail(str, Enum):
+    fail = "Fail"
+    mark = "Mark"
+
+
+class Gate(ApiModel):
+    """One condition the tuned model must meet, as MLflow's MetricThreshold: an absolute threshold and/or a
+    minimum change against the base model measured on the same data at the start of the run."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("has(self.threshold) || has(self.minChange)", "a gate needs threshold or minChange (or both)",
+                ".threshold")
+        )
+    )
+
+    metric: GateMetric = Field(
+        description="evalLoss or tokenAccuracy (validation data), forgettingDelta (general loss after minus before; "
+        "the base model's is 0), exactMatch or contains (the fraction of evaluation.prompts answered)."
+    )
+    direction: GateDirection | None = Field(
+        default=None, description="Which way is better. Default: lower for evalLoss and forgettingDelta, else higher."
+    )
+    threshold: float | None = Field(
+        default=None, ge=-1e6, le=1e6, allow_inf_nan=False,
+        description="The tuned value must be at most (lower) or at least (higher) this.",
+    )
+    min_change: float | None = Field(
+        default=None, ge=-1e6, le=1e6, allow_inf_nan=False,
+        description="The tuned value must beat the base model's by at least this much, in the metric's units and "
+        "direction (negative: a regression up to that size is tolerated).",
+    )
+    on_fail: OnFail = Field(
+        default=OnFail.fail,
+        description="Fail: the job ends Failed/EvaluationFailed and the model goes to rejected/ in the output. "
+        "Mark: the job succeeds with the EvaluationPassed condition False.",
+    )
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> Gate:
+        if self.threshold is None and self.min_change is None:
+            raise ValueError("threshold: a gate needs threshold or minChange (or both)")
+        return self
+
+    @property
+    def better(self) -> str:
+        if self.direction is not None:
+            return self.direction
+        return GateDirection.lower.value if self.metric in LOWER_IS_BETTER else GateDirection.higher.value
+
+
+class PromptSet(DataSource):
+    """Held-out prompts for the generation metrics: rows ``{"prompt": ..., "expected": ...}``."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Tokens generated per prompt (greedy).")
+    max_prompts: int = Field(default=500, ge=1, le=100_000, description="Use at most this many rows (the first).")
+
+
 class EvaluationSpec(ApiModel):
-    """Validation during training. The best checkpoint by eval loss is kept and reported."""
+    """Validation during training (the best checkpoint by eval loss is kept and reported) and the gates the
+    tuned model must pass against its base model."""
 
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
@@ -300,12 +380,27 @@ class EvaluationSpec(ApiModel):
                 "earlyStopping needs an evaluation strategy other than no",
                 ".earlyStopping",
             ),
+            cel(
+                "!has(self.gates) || has(self.prompts) || !self.gates.exists(g, g.metric == 'exactMatch' || "
+                "g.metric == 'contains')",
+                "a generation gate (exactMatch, contains) needs prompts",
+                ".prompts",
+            ),
         )
     )
 
     strategy: EvalStrategy = Field(default=EvalStrategy.epoch, description="When to evaluate.")
     steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Evaluate every N steps (strategy steps).")
     early_stopping: EarlyStopping | None = Field(default=None, description="Stop when eval loss stops improving.")
+    gates: Annotated[list[Gate], Field(max_length=8, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["metric"]})] = Field(
+        default_factory=list,
+        description="Conditions the tuned model must meet (one per metric), measured on the base model at the "
+        "start and on the tuned model at the end. The result is status.evaluation and the EvaluationPassed condition.",
+    )
+    prompts: PromptSet | None = Field(
+        default=None, description="Held-out prompts for the exactMatch and contains gates (JSONL of prompt, expected)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluationSpec:
@@ -313,6 +408,12 @@ class EvaluationSpec(ApiModel):
             raise ValueError("steps: required when strategy is steps")
         if self.strategy == EvalStrategy.no and self.early_stopping is not None:
             raise ValueError("earlyStopping: needs an evaluation strategy other than no")
+        metrics = [g.metric for g in self.gates]
+        for i, m in enumerate(metrics):
+            if m in metrics[:i]:
+                raise ValueError(f"gates.{i}.metric: {m} has a gate already (one gate per metric)")
+        if self.prompts is None and GENERATION_METRICS & set(metrics):
+            raise ValueError("prompts: a generation gate (exactMatch, contains) needs prompts")
         return self
 
 
@@ -486,6 +587,15 @@ class MlflowSpec(ApiModel):
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key with a bearer token, exposed to the trainer as MLFLOW_TRACKING_TOKEN."
     )
+    registered_model: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^/:%]+$")] | None = Field(
+        default=None,
+        description="Register the exported model as a new version of this MLflow registered model, tagged with the "
+        "SFTJob's uid and the gate results.",
+    )
+    alias: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")] = Field(
+        default="candidate",
+        description="The alias the new version gets when every evaluation gate passed (none when one failed).",
+    )
 
 
 class TrackingSpec(ApiModel):
@@ -532,6 +642,12 @@ class TrainingSpec(ApiModel):
             raise ValueError("evaluation.earlyStopping: needs validation data (dataset.validation or validationSplit > 0)")
         if self.evaluation.strategy != EvalStrategy.no and not self.dataset.has_validation:
             raise ValueError("evaluation.strategy: needs validation data; set it to no or add validation data")
+        for i, gate in enumerate(self.evaluation.gates):
+            if gate.metric in VALIDATION_METRICS and not self.dataset.has_validation:
+                raise ValueError(f"evaluation.gates.{i}: {gate.metric} needs validation data (dataset.validation or "
+                                 "validationSplit > 0)")
+            if gate.metric == GateMetric.forgetting_delta and not (self.dataset.general and self.dataset.general.held_out_rows):
+                raise ValueError(f"evaluation.gates.{i}: forgettingDelta needs dataset.general with heldOutRows > 0")
         return self
 
 
@@ -552,7 +668,46 @@ TRAINING_SPEC_CEL = [
         "evaluation.strategy needs validation data; set it to no or add validation data",
         ".evaluation.strategy",
     ),
+    cel(
+        "!has(self.evaluation) || !has(self.evaluation.gates) || !self.evaluation.gates.exists(g, g.metric == "
+        "'evalLoss' || g.metric == 'tokenAccuracy') || has(self.dataset.validation) || "
+        "!has(self.dataset.validationSplit) || self.dataset.validationSplit > 0.0",
+        "evaluation.gates: evalLoss and tokenAccuracy need validation data (dataset.validation or validationSplit > 0)",
+        ".evaluation.gates",
+    ),
+    cel(
+        "!has(self.evaluation) || !has(self.evaluation.gates) || !self.evaluation.gates.exists(g, g.metric == "
+        "'forgettingDelta') || (has(self.dataset.general) && (!has(self.dataset.general.heldOutRows) || "
+        "self.dataset.general.heldOutRows > 0))",
+        "evaluation.gates: forgettingDelta needs dataset.general with heldOutRows > 0",
+        ".evaluation.gates",
+    ),
 ]
+
+
+class GateOutcome(ApiModel):
+    """One gate's result: the base model's and the tuned model's value and whether the gate passed."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    metric: Annotated[str, Field(max_length=32)]
+    direction: Literal["lower", "higher"]
+    base: float | None = Field(default=None, allow_inf_nan=False, ge=-1e9, le=1e9)
+    tuned: float | None = Field(default=None, allow_inf_nan=False, ge=-1e9, le=1e9)
+    threshold: float | None = Field(default=None, allow_inf_nan=False, ge=-1e9, le=1e9)
+    min_change: float | None = Field(default=None, allow_inf_nan=False, ge=-1e9, le=1e9)
+    on_fail: Literal["Fail", "Mark"] = "Fail"
+    passed: bool | None = Field(default=None, description="None while the tuned model is not measured yet.")
+    message: Annotated[str, Field(max_length=256)] | None = Field(default=None, description="Why it failed.")
+
+
+class EvaluationResult(ApiModel):
+    """The gates of a run: base values from the start, tuned values and the verdict from the end."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    passed: bool | None = Field(default=None, description="Every gate passed; None until the tuned model is measured.")
+    gates: Annotated[list[GateOutcome], Field(max_length=8)] = Field(default_factory=list)
 
 
 # Where a trainer POSTs its ProgressReport, below the operator's progress URL (the one copy of it).
@@ -584,6 +739,7 @@ class ProgressReport(ApiModel):
     output_uri: Annotated[str, Field(max_length=1024)] | None = None
     mlflow_run_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")] | None = None
     warning: Annotated[str, Field(max_length=1024)] | None = None
+    evaluation: EvaluationResult | None = None
 
     @property
     def percent(self) -> int:
@@ -628,3 +784,4 @@ class TrainerResult(ApiModel):
     general_loss_before: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     general_loss_after: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     tokens_per_second: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e12)
+    evaluation: EvaluationResult | None = Field(default=None, description="The evaluation gates, when the spec has any.")

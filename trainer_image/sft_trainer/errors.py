@@ -62,6 +62,11 @@ class CacheTooSmall(TrainerError):
         super().__init__(ExitCode.CACHE_TOO_SMALL, reason)
 
 
+class EvaluationFailed(TrainerError):
+    def __init__(self, reason: str):
+        super().__init__(ExitCode.EVALUATION_FAILED, reason)
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised where the main thread happens to be. A BaseException, like KeyboardInterrupt, because
     libraries catch ``Exception`` around their I/O: botocore retries a request that raised one."""

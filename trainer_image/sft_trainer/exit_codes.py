@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     PEER_LOST = 76  # EX_PROTOCOL: another rank died or a collective timed out; the group restarts from a checkpoint
     ACCESS_DENIED = 77  # EX_NOPERM: credentials missing, wrong or not allowed to read/write the object (named)
     SUPERSEDED = 79  # another pod of this run took its output destination over (a partition's replacement); stopped unwritten
+    EVALUATION_FAILED = 80  # a gate with onFail Fail failed: the model was written under rejected/ (no sysexits code fits)
 
 
 NON_RETRIABLE: tuple[ExitCode, ...] = (
@@ -31,6 +32,7 @@ NON_RETRIABLE: tuple[ExitCode, ...] = (
     ExitCode.NOT_FOUND,
     ExitCode.CACHE_TOO_SMALL,
     ExitCode.ACCESS_DENIED,
+    ExitCode.EVALUATION_FAILED,
 )
 
 # Retried without counting against backoffLimit: nothing was wrong with this pod. A rank that loses a peer
@@ -51,6 +53,7 @@ REASONS: dict[int, str] = {
     ExitCode.PEER_LOST: "PeerLost",
     ExitCode.ACCESS_DENIED: "AccessDenied",
     ExitCode.SUPERSEDED: "Superseded",
+    ExitCode.EVALUATION_FAILED: "EvaluationFailed",
 }
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"

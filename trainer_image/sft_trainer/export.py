@@ -3,7 +3,7 @@
 Training writes into the local staging folder for the destination (``paths.resolve``: on the cache volume in a
 cluster). ``export(out_dir, destination)`` then uploads::
 
-    model/**            the fine-tuned model and tokenizer
+    model/**            the fine-tuned model and tokenizer (rejected/model/** when an evaluation gate rejected it)
     metrics.json
     trainer_log.jsonl
     loss.png
@@ -36,7 +36,7 @@ EXPORTED_FILES = (outputs.METRICS, outputs.LOG, outputs.PLOT)
 
 def files_to_export(out_dir: Path) -> dict[str, Path]:
     """Relative object name -> local file, in upload order (model first, metrics last)."""
-    model = out_dir / outputs.MODEL_DIR
+    model = outputs.model_dir(out_dir)
     if not model.is_dir():
         raise FileNotFoundError(f"{model}: no model to export (training did not finish?)")
     found = {p.relative_to(out_dir).as_posix(): p for p in sorted(model.rglob("*")) if p.is_file()}

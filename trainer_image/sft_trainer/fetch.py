@@ -4,8 +4,8 @@ In a cluster it runs as the trainer pod's init container on the cache volume (``
 rank starts; ``sftctl run`` calls ``fetch_all`` itself. Every rank and every restart then reads the cache
 (``paths``). What it does:
 
-- ``model.source`` and the train/validation/general ``source`` fields that are hub ids or s3:// locations
-  are fetched; local and pvc:// sources are read in place.
+- ``model.source``, the train/validation/general ``source`` fields and ``evaluation.prompts.source`` that are
+  hub ids or s3:// locations are fetched; local and pvc:// sources are read in place.
 - Hub: the revision (default ``main``) is resolved to its commit once, and that commit's snapshot is
   downloaded with huggingface_hub into ``<cache>/hub/...`` (files already complete are kept; huggingface_hub
   restarts a file that was cut off). s3://: every object of the key or prefix is mirrored into
@@ -74,10 +74,12 @@ def remote_sources(spec: TrainingSpec) -> list[Remote]:
     elif not paths.is_local(m.source):
         out.append(Remote("spec.model.source", m.source, "model", m.revision))
     ds = spec.dataset
-    for name, data in (("train", ds.train), ("validation", ds.validation), ("general", ds.general)):
+    sources = [(f"spec.dataset.{name}.source", data) for name, data in
+               (("train", ds.train), ("validation", ds.validation), ("general", ds.general))]
+    sources.append(("spec.evaluation.prompts.source", spec.evaluation.prompts))
+    for where, data in sources:
         if data is None:
             continue
-        where = f"spec.dataset.{name}.source"
         if is_s3(data.source):
             out.append(Remote(where, data.source, "s3"))
         elif not paths.is_local(data.source) and not data.source.lower().endswith(DATA_SUFFIXES):

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, TrainerError
+from . import gates
+from .errors import ConfigError, EvaluationFailed, TrainerError
 from .exit_codes import ExitCode
+from .outputs import REJECTED_DIR
 
 
 def _load_manifest(manifest: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +60,8 @@ def _check_claims_mounted(spec) -> None:
         data = getattr(spec.dataset, name)
         if data is not None:
             refs.append((f"spec.dataset.{name}.source", data.source))
+    if spec.evaluation.prompts is not None:
+        refs.append(("spec.evaluation.prompts.source", spec.evaluation.prompts.source))
     refs.append(("spec.output.destination", spec.output.destination))
     reason = paths.unmounted_claims(refs)
     if reason is not None:
@@ -104,6 +108,11 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
             raise
         result = hooks.succeeded(metrics, reporter=ProgressReporter(None, stdout=None))
         metrics.update({"outputUri": result.output_uri, "mlflowRunId": result.mlflow_run_id})
+        if metrics.get("evaluation"):
+            console.print(gate_table(metrics["evaluation"]))
+        rejected = gates.rejection(metrics)
+        if rejected:
+            raise EvaluationFailed(rejected)
     except TrainerError as e:
         console.print(f"[red]{ExitCode(e.code).name}[/red] (exit {int(e.code)}): {e.reason}")
         if e.code == ExitCode.INTERRUPTED:
@@ -190,7 +199,25 @@ def summary_table(m: dict[str, Any]):
     out = m.get("outputModel", "")
     if out:
         base = os.path.dirname(out)
+        if os.path.basename(base) == REJECTED_DIR:
+            base = os.path.dirname(base)
         rows.append(("metrics / curves", f"{base}/metrics.json, {base}/loss.png"))
     for k, v in rows:
         t.add_row(k, v)
+    return t
+
+
+def gate_table(evaluation: dict[str, Any]):
+    """The evaluation gates: the base and tuned model's values, the bounds, the verdict."""
+    from rich.table import Table
+
+    verdict = {True: "passed", False: "FAILED", None: "not judged"}[evaluation.get("passed")]
+    t = Table(title=f"evaluation gates: {verdict}", title_justify="left")
+    for col in ("gate", "better", "base", "tuned", "threshold", "minChange", "onFail", "result"):
+        t.add_column(col)
+    for g in evaluation.get("gates", []):
+        result = "[green]passed[/green]" if g.get("passed") else (
+            f"[red]failed[/red]: {g.get('message', '')}" if g.get("passed") is False else "-")
+        t.add_row(g["metric"], g["direction"], _fmt(g.get("base")), _fmt(g.get("tuned")), _fmt(g.get("threshold")),
+                  _fmt(g.get("minChange")), g.get("onFail", "Fail"), result)
     return t

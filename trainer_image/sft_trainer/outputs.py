@@ -2,8 +2,11 @@
 
     model/              the fine-tuned model and tokenizer (best weights when validation ran;
                         LoRA: the adapter, or the merged model with peft.merge)
+    rejected/model/     instead of model/: the model a failed evaluation gate (onFail Fail) rejected, kept for
+                        inspection where a pipeline that reads model/ does not pick it up
     checkpoints/        atomic training checkpoints (checkpoint.py)
-    metrics.json        final metrics: losses, best checkpoint, forgetting, throughput, data statistics
+    metrics.json        final metrics: losses, best checkpoint, forgetting, the evaluation gates, throughput,
+                        data statistics
     trainer_log.jsonl   one JSON object per optimizer step and per evaluation
     loss.png            train and eval loss curves
 
@@ -27,6 +30,7 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+REJECTED_DIR = "rejected"
 CHECKPOINT_DIR = "checkpoints"
 METRICS = "metrics.json"
 LOG = "trainer_log.jsonl"
@@ -87,6 +91,12 @@ def readable_by_all(folder: Path) -> None:
             path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
+def model_dir(out_dir: Path) -> Path:
+    """Where a finished run's model is: model/, or rejected/model/ when an evaluation gate rejected it."""
+    rejected = out_dir / REJECTED_DIR / MODEL_DIR
+    return rejected if rejected.is_dir() and not (out_dir / MODEL_DIR).is_dir() else out_dir / MODEL_DIR
+
+
 def save_model(model, tokenizer, out: Path, *, merge_lora: bool = False) -> Path:
     """Save model and tokenizer into ``out`` via a temporary folder, so a reader never sees half a
     model; readable by every user, as a model on a shared volume must be."""
@@ -136,7 +146,7 @@ def export_pending(run_id: str, destination: str) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         log.warning("%s: unreadable (%s); the run trains again", marker, e)
         return None
-    staged = Path(doc.get("staging", "")) / MODEL_DIR
+    staged = model_dir(Path(doc.get("staging", "")))
     if doc.get("destination") != destination or not staged.is_dir():
         log.warning("%s: for %s with the model in %s, not this run's output (%s); the run trains again",
                     marker, doc.get("destination"), staged, destination)
@@ -150,7 +160,7 @@ def _adopt_kept_model(marker: Path, destination: str) -> None:
             doc = json.loads(other.read_text())
         except (OSError, ValueError):
             continue
-        if doc.get("destination") == destination and (Path(doc.get("staging", "")) / MODEL_DIR).is_dir():
+        if doc.get("destination") == destination and model_dir(Path(doc.get("staging", ""))).is_dir():
             log.info("%s: the trained model of run %s awaits its export to %s; this run adopts and exports it",
                      other, doc.get("runId"), destination)
             write_metrics(marker, {**doc, "runId": marker.stem, "adoptedFrom": doc.get("runId")})

@@ -17,8 +17,9 @@ from .config import TrainerResult
 from .exit_codes import DEFAULT_TERMINATION_LOG
 
 TERMINATION_LIMIT = 4096  # bytes the kubelet reads from the termination message file
-# Dropped in this order until the message fits; outputModel always stays.
-OPTIONAL_STRINGS = ("warning", "best_checkpoint", "mlflow_run_id", "output_uri")
+# Dropped in this order until the message fits (the evaluation also came in progress reports); outputModel
+# always stays.
+OPTIONAL_STRINGS = ("warning", "best_checkpoint", "mlflow_run_id", "output_uri", "evaluation")
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def trainer_result(metrics: dict[str, Any]) -> TrainerResult:
         general_loss_before=metrics.get("generalLossBefore"),
         general_loss_after=metrics.get("generalLossAfter"),
         tokens_per_second=metrics.get("tokensPerSecond"),
+        evaluation=metrics.get("evaluation"),
     )
 
 

@@ -29,6 +29,7 @@ PERSISTED = {
     "general_loss_before": "generalLossBefore",
     "last_eval_loss": "lastEvalLoss",
     "trained_tokens": "tokens",
+    "base_metrics": "baseMetrics",
 }
 
 
@@ -46,6 +47,7 @@ class RunState:
     general_loss_before: float | None = None  # forgetting baseline
     last_eval_loss: float | None = None
     trained_tokens: int = 0  # non-padding tokens trained on, over the whole run
+    base_metrics: dict[str, float | None] | None = None  # the evaluation gates' baseline: the base model's values
     guard: StabilityGuard = field(default_factory=StabilityGuard)
     # ---- this process only
     first_step: int = 0  # where this process started (> 0 after a resume)
@@ -55,6 +57,7 @@ class RunState:
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0
     tokens_this_process: int = 0
+    evaluation: Any = None  # config.EvaluationResult once the tuned model is judged
 
     @property
     def epochs_done(self) -> float:

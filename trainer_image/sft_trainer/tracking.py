@@ -3,8 +3,15 @@
 What a run records: the effective hyperparameters (effective batch, world size, data, model, LoRA, freezing)
 as params; ``train_loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second`` per optimizer step and
 ``eval_loss`` per evaluation as metrics; at the end the forgetting measurement (``general_loss_before``,
-``general_loss_after``, ``forgetting``), best eval loss and throughput, the tag ``sft.output_uri``, and
-``metrics.json`` and ``loss.png`` as artifacts.
+``general_loss_after``, ``forgetting``), best eval loss and throughput, the evaluation gates
+(``gate_<metric>_base``, ``gate_<metric>_tuned``, ``evaluation_passed`` 1/0, the tag ``sft.evaluation``), the
+tag ``sft.output_uri``, and ``metrics.json`` and ``loss.png`` as artifacts.
+
+Promotion: with ``registeredModel`` set, the exported model becomes a new version of that registered model in
+the Model Registry (created if missing), its source the model's location (``s3://.../model``), tagged
+``sft.uid`` (the SFTJob's uid, the run id) and one ``sft.gate.<metric>`` per gate; the alias (``candidate``) is
+moved to it only when every gate passed. A model the gates rejected (``rejected/model``) is registered without
+the alias, so the registry keeps the record.
 
 The run is started when the sink is made (so a run that fails before its first step is recorded as FAILED)
 and ended by ``end`` once the output is durable (``run_hooks``: after the export, so the run can name its
@@ -86,6 +93,7 @@ class MlflowSink(Sink):
         self.run_name = settings.run_name or run_name or os.environ.get("SFT_JOB_NAME") or "sft"
         self.run_id: str | None = None
         self.warning: str | None = None
+        self.registered: tuple[str, str, str | None] | None = None  # (registered model, version, alias or None)
         self.last_step = 0
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="sft-mlflow", daemon=True)
@@ -198,9 +206,14 @@ class MlflowSink(Sink):
         step = int(metrics.get("steps") or self.last_step)
         ts = int(time.time() * 1000)
         final = [Metric(name, float(metrics[k]), ts, step) for k, name in END_METRICS.items() if isinstance(metrics.get(k), (int, float))]
+        final += [Metric(name, value, ts, step) for name, value in gate_metrics(metrics.get("evaluation")).items()]
         params = [Param(k, str(metrics[src])) for k, src in (("precision_used", "precision"), ("total_steps", "totalSteps")) if metrics.get(src) is not None]
         tags = [RunTag("sft.output_uri", output_uri)] if output_uri else []
+        if metrics.get("evaluation"):
+            tags.append(RunTag("sft.evaluation", verdict(metrics["evaluation"])))
         self._client.log_batch(self.run_id, metrics=final, params=params, tags=tags)
+        if self.settings.registered_model and status == "FINISHED" and metrics.get("outputModel"):
+            self._safely_register(metrics)
         for path in artifacts:
             if path.is_file():
                 try:
@@ -208,6 +221,31 @@ class MlflowSink(Sink):
                 except Exception as e:  # noqa: BLE001 - artifacts are a convenience
                     self._warn(f"MLflow at {self.uri}: could not store {path.name}: {_short(e)}")
         self._client.set_terminated(self.run_id, status=status)
+
+    def _safely_register(self, metrics: dict[str, Any]) -> None:
+        try:
+            self._register(metrics)
+        except Exception as e:  # noqa: BLE001 - the model is trained and stored; say the registry failed
+            self._warn(f"MLflow at {self.uri}: could not register the model as {self.settings.registered_model!r}: "
+                       f"{type(e).__name__}: {_short(e)}")
+
+    def _register(self, metrics: dict[str, Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        name = self.settings.registered_model
+        try:
+            self._client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = registry_tags(metrics)
+        version = self._client.create_model_version(name, metrics["outputModel"], run_id=self.run_id, tags=tags)
+        promoted = promotable(metrics)
+        if promoted:
+            self._client.set_registered_model_alias(name, self.settings.alias, version.version)
+        self.registered = (name, version.version, self.settings.alias if promoted else None)
+        log.info("MLflow: registered %s as %s version %s%s", metrics["outputModel"], name, version.version,
+                 f", alias {self.settings.alias}" if promoted else " (no alias: an evaluation gate failed)")
 
     def _read_run_file(self) -> dict[str, Any]:
         try:
@@ -223,6 +261,42 @@ class MlflowSink(Sink):
             os.replace(tmp, self.run_file)
         except OSError as e:
             log.debug("cannot write %s: %s", self.run_file, e)
+
+
+def verdict(evaluation: dict[str, Any] | None) -> str:
+    if not evaluation:
+        return "none"
+    return {True: "passed", False: "failed"}.get(evaluation.get("passed"), "unknown")
+
+
+def gate_metrics(evaluation: dict[str, Any] | None) -> dict[str, float]:
+    """The gates as MLflow metrics (pure): base and tuned value per gate, and 1/0 for the verdict."""
+    if not evaluation:
+        return {}
+    out = {}
+    for g in evaluation.get("gates", []):
+        for which in ("base", "tuned"):
+            if isinstance(g.get(which), (int, float)):
+                out[f"gate_{g['metric']}_{which}"] = float(g[which])
+    if evaluation.get("passed") is not None:
+        out["evaluation_passed"] = 1.0 if evaluation["passed"] else 0.0
+    return out
+
+
+def registry_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """A model version's tags (pure): the SFTJob's uid and each gate's result."""
+    tags = {"sft.uid": str(metrics.get("runId", "")), "sft.evaluation": verdict(metrics.get("evaluation"))}
+    for g in (metrics.get("evaluation") or {}).get("gates", []):
+        tags[f"sft.gate.{g['metric']}"] = (
+            f"{'passed' if g.get('passed') else 'failed'}: base {g.get('base')}, tuned {g.get('tuned')}, "
+            f"threshold {g.get('threshold')}, minChange {g.get('minChange')}")
+    return {k: v for k, v in tags.items() if v}
+
+
+def promotable(metrics: dict[str, Any]) -> bool:
+    """The alias goes to a version only when every gate passed (a run without gates has none that failed)."""
+    evaluation = metrics.get("evaluation")
+    return not evaluation or evaluation.get("passed") is True
 
 
 def _short(e: Exception) -> str:

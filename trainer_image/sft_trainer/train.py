@@ -25,15 +25,25 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, collate, data, memory, modeling, outputs, ownership, paths
-from .config import CheckpointStrategy, DistributedStrategy, EvalStrategy, LrScheduler, ProgressReport, TrainingSpec, is_s3
+from . import checkpoint, collate, data, evaluation, gates, memory, modeling, outputs, ownership, paths
+from .config import (
+    GENERATION_METRICS,
+    CheckpointStrategy,
+    DistributedStrategy,
+    EvalStrategy,
+    GateMetric,
+    LrScheduler,
+    ProgressReport,
+    TrainingSpec,
+    is_s3,
+)
 from .distributed import (
     Dist,
     StopFlag,
@@ -171,6 +181,7 @@ class Run:
     sinks: list[Sink]
     stop: StopFlag
     lock: ownership.DestinationLock | None = None  # rank 0: the destination's lock, a fence before each commit
+    prompts: list[evaluation.Prompt] = field(default_factory=list)  # evaluation.prompts: the generation gates' rows
 
     def fence(self) -> None:
         """Before a commit: stop (Superseded, exit 79) if another pod took the destination over."""
@@ -200,6 +211,28 @@ class Run:
         pad = self.tokenizer.pad_token_id
         return evaluate(model, examples, self.d, self.amp, lambda ex: collate.pad_batch(ex, pad),
                         2 * self.spec.hyperparameters.per_device_batch_size, shard)
+
+    def measure(self, names: set[str]) -> dict[str, float | None]:
+        """The gate metrics ``names`` of the model as it is now (every rank joins; all get the same numbers).
+        forgettingDelta is not measured here: it is the general loss after minus before (``finish``)."""
+        model, shard = (self.model, False) if self.fsdp else (self.base, True)
+        out: dict[str, float | None] = {}
+        if GateMetric.eval_loss.value in names:
+            out[GateMetric.eval_loss.value] = self.evaluate(self.datasets.validation)
+        if GateMetric.token_accuracy.value in names:
+            out[GateMetric.token_accuracy.value] = evaluation.token_accuracy(
+                model, self.datasets.validation, self.d, self.amp, self.tokenizer.pad_token_id,
+                2 * self.spec.hyperparameters.per_device_batch_size, shard)
+        if GENERATION_METRICS & names:
+            scores = evaluation.generation_scores(
+                model, self.tokenizer, self.prompts, self.spec.dataset, self.d, self.amp,
+                max_new_tokens=self.spec.evaluation.prompts.max_new_tokens, shard=shard, synced=self.fsdp)
+            out.update({k: v for k, v in scores.items() if k in names})
+        return out
+
+    @property
+    def gate_metrics(self) -> set[str]:
+        return {g.metric for g in self.spec.evaluation.gates}
 
     def display(self, *parts: str) -> str:
         """A location in the user's terms (pvc://claim/... stays pvc://)."""
@@ -342,6 +375,8 @@ def train(spec: TrainingSpec, d: Dist, rid: str, out_dir: Path, sinks: list[Sink
     scheduler = make_scheduler(optimizer, hp.lr_scheduler, math.ceil(hp.warmup_ratio * total_steps), total_steps)
     r = Run(spec, d, amp, tokenizer, datasets, model, base, optimizer, scheduler, trainable, batcher, strategy,
             config, pad_added, out_dir, sinks, stop, lock)
+    if spec.evaluation.prompts is not None:
+        r.prompts = evaluation.load_prompts(spec.evaluation.prompts)
     state = start(r, rid, total_steps, steps_per_epoch, StabilityGuard(loss_scaling=amp.scaler is not None))
     if d.main:
         log.info(
@@ -406,6 +441,12 @@ def start(r: Run, rid: str, total_steps: int, steps_per_epoch: int, guard: Stabi
             sink.on_start(None)
         if r.datasets.general_held_out:
             state.general_loss_before = r.evaluate(r.datasets.general_held_out)
+        if r.spec.evaluation.gates:  # the gates' baseline: the base model on the same data
+            state.base_metrics = r.measure(r.gate_metrics)
+            if GateMetric.forgetting_delta.value in r.gate_metrics:
+                state.base_metrics[GateMetric.forgetting_delta.value] = 0.0  # the base model forgets nothing
+            if r.d.main:
+                log.info("evaluation gates, base model: %s", state.base_metrics)
         return state
     tensors, states, saved = checkpoint.load(latest)
     load_trainable(r.model, tensors, optimizer=r.optimizer, optim_state=states["optimizer"])
@@ -487,6 +528,8 @@ def progress(r: Run, state: RunState, message: str | None = None, final: bool = 
         effective_batch_size=r.effective_batch,
         general_loss_before=state.general_loss_before,
         message=message,
+        evaluation=state.evaluation or (gates.baseline(r.spec.evaluation.gates, state.base_metrics or {})
+                                        if r.spec.evaluation.gates else None),
         **extra,
     )
 
@@ -587,15 +630,18 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
     if used_best:
         load_trainable(r.model, checkpoint.load_tensors(Path(state.best_checkpoint)))
     general_after = r.evaluate(r.datasets.general_held_out) if r.datasets.general_held_out else None
+    before = state.general_loss_before
+    rejected = judge_gates(r, state, general_after)
+    model_parts = (outputs.REJECTED_DIR, outputs.MODEL_DIR) if rejected else (outputs.MODEL_DIR,)
 
     full_sd = full_state_dict(r.model) if r.fsdp else None  # every rank joins the gather
     if d.main:
         merge = bool(spec.peft and spec.peft.merge)
         r.fence()
-        outputs.save_model(unsharded(r, full_sd) if r.fsdp else r.base, r.tokenizer, r.out_dir / outputs.MODEL_DIR,
-                           merge_lora=merge)
+        model_dir = r.out_dir.joinpath(*model_parts)
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        outputs.save_model(unsharded(r, full_sd) if r.fsdp else r.base, r.tokenizer, model_dir, merge_lora=merge)
     barrier(d)
-    before = state.general_loss_before
     best_display = r.display(outputs.CHECKPOINT_DIR, Path(state.best_checkpoint).name) if state.best_checkpoint else None
     metrics = {
         "steps": state.step,
@@ -622,9 +668,11 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
         "wallSeconds": round(time.time() - t_start, 2),
         "trainableParameters": sum(p.numel() for p in r.trainable),
         "runId": state.run_id,
-        "outputModel": r.display(outputs.MODEL_DIR),
+        "outputModel": r.display(*model_parts),
         "data": r.datasets.stats,
     }
+    if state.evaluation is not None:
+        metrics["evaluation"] = state.evaluation.model_dump(mode="json", by_alias=True, exclude_none=True)
     if d.main:
         r.fence()
         outputs.write_metrics(r.out_dir / outputs.METRICS, metrics)
@@ -636,6 +684,24 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
         for sink in r.sinks:
             sink.on_end(metrics, report)
     return metrics
+
+
+def judge_gates(r: Run, state: RunState, general_after: float | None) -> bool:
+    """The tuned model measured and judged against the base model's numbers; True when it is rejected
+    (a gate with onFail Fail failed). Every rank measures; all reach the same verdict."""
+    if not r.spec.evaluation.gates:
+        return False
+    tuned = r.measure(r.gate_metrics)
+    before = state.general_loss_before
+    if GateMetric.forgetting_delta.value in r.gate_metrics:
+        tuned[GateMetric.forgetting_delta.value] = (general_after - before) if before is not None and general_after is not None else None
+    state.evaluation = gates.judge(r.spec.evaluation.gates, state.base_metrics or {}, tuned)
+    if r.d.main:
+        for g in state.evaluation.gates:
+            log.info("evaluation gate %s (%s is better): base %s, tuned %s, threshold %s, minChange %s: %s",
+                     g.metric, g.direction, g.base, g.tuned, g.threshold, g.min_change,
+                     "passed" if g.passed else f"FAILED ({g.message}; onFail {g.on_fail})")
+    return gates.rejects(state.evaluation)
 
 
 def unsharded(r: Run, full_sd: dict[str, torch.Tensor]):
