@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 from sft_trainer.config import STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
 from sft_trainer.references import IMAGE_RULES
+from sft_trainer.config import EvaluationResult
 
 from . import API_VERSION, KIND
 
@@ -291,6 +292,12 @@ class ConditionType(str, Enum):
     failed = "Failed"
 
 
+# Only on jobs with evaluation gates (spec.evaluation.gates): True when every gate passed, False when one failed
+# (reason EvaluationFailed: a Fail gate failed the job; GatesFailed: only Mark gates failed), Unknown while the
+# tuned model is not judged yet. A GitOps pipeline waits on it: `kubectl wait --for=condition=EvaluationPassed`.
+EVALUATION_PASSED = "EvaluationPassed"
+
+
 class Stage(str, Enum):
     """status.progress.stage: what the pods are doing (from the trainer's reports)."""
 
@@ -348,6 +355,10 @@ class SFTJobStatus(ApiModel):
     output: OutputStatus | None = None
     applied_defaults: PlatformDefaults | None = Field(
         default=None, description="What the platform's defaults filled in because the spec left it out."
+    )
+    evaluation: EvaluationResult | None = Field(
+        default=None,
+        description="The evaluation gates: per gate the base and tuned model's value, the bounds and whether it passed.",
     )
 
 

@@ -56,7 +56,7 @@ class Context:
         self.cache.forget(key)
         self.scheduler.forget(key)
         self.writer.forget(key)
-        metrics.remove_job(*key)
+        metrics.remove_job(*key, deleted=True)
         metrics.set_phase_counts(self.cache.phase_counts())
 
     async def post_event(self, sftjob: dict[str, Any], kind: str, reason: str, message: str) -> None:

@@ -23,6 +23,8 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "Percent done"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "description": "Latest train loss"},
+    {"name": "Evaluation", "type": "string", "jsonPath": '.status.conditions[?(@.type=="EvaluationPassed")].reason',
+     "description": "The evaluation gates: GatesPassed, GatesFailed (Mark), EvaluationFailed, Measuring"},
     {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.metrics.evalLoss", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

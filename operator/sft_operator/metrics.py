@@ -106,6 +106,13 @@ JOB_TOKENS_PER_SECOND = Gauge(
 JOB_LEARNING_RATE = Gauge(
     "sft_job_learning_rate", "Current learning rate of a running SFTJob.", _JOB_LABELS, registry=REGISTRY
 )
+# Set when a job's gates are judged and kept after it ends (the verdict outlives the run), removed with the SFTJob.
+JOB_EVALUATION_PASSED = Gauge(
+    "sft_job_evaluation_passed",
+    "1 when every evaluation gate of an SFTJob passed, 0 when one failed (jobs with spec.evaluation.gates).",
+    _JOB_LABELS,
+    registry=REGISTRY,
+)
 PER_JOB_GAUGES: tuple[Gauge, ...] = (
     JOB_TRAIN_LOSS,
     JOB_EVAL_LOSS,
@@ -124,6 +131,7 @@ ALL_METRICS: tuple[MetricWrapperBase, ...] = (
     JOBS,
     GPU_SECONDS,
     *PER_JOB_GAUGES,
+    JOB_EVALUATION_PASSED,
 )
 
 _lock = threading.Lock()
@@ -224,9 +232,13 @@ def set_job_metrics(namespace: str, name: str, report: ProgressReport) -> None:
             gauge.labels(namespace=namespace, sftjob=name).set(value)
 
 
-def remove_job(namespace: str, name: str) -> None:
-    """Drop every per-job series of `namespace/name` (the job ended or was deleted)."""
-    for gauge in PER_JOB_GAUGES:
+def set_evaluation_passed(namespace: str, name: str, passed: bool) -> None:
+    JOB_EVALUATION_PASSED.labels(namespace=namespace, sftjob=name).set(1.0 if passed else 0.0)
+
+
+def remove_job(namespace: str, name: str, *, deleted: bool = False) -> None:
+    """Drop the per-job series of `namespace/name`: the running job's when it ended, all once it is deleted."""
+    for gauge in (*PER_JOB_GAUGES, JOB_EVALUATION_PASSED) if deleted else PER_JOB_GAUGES:
         try:
             gauge.remove(namespace, name)
         except KeyError:

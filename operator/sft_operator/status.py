@@ -20,10 +20,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
-from sft_trainer.config import ProgressReport, TrainerResult
-from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED
+from sft_trainer.config import EvaluationResult, ProgressReport, TrainerResult
+from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED, ExitCode
 
-from .api import TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, PlatformDefaults, Progress, Stage
+from .api import EVALUATION_PASSED, TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, PlatformDefaults, Progress, Stage
 from .render import ANNOTATION_APPLIED_DEFAULTS, FETCH_CONTAINER, TRAINER_CONTAINER
 
 OWNED_FIELDS = (
@@ -819,6 +819,8 @@ def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, A
         out["metrics"] = {**(status.get("metrics") or {}), **_dump(metrics)}
     if _dump(output):
         out["output"] = {**(status.get("output") or {}), **_dump(output)}
+    if report.evaluation is not None:
+        out = with_evaluation(out, report.evaluation)
     if report.effective_batch_size is not None:
         out["effectiveBatchSize"] = report.effective_batch_size
     return out
@@ -842,6 +844,8 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
         "metrics": {**(status.get("metrics") or {}), **_dump(metrics)},
         "output": {**(status.get("output") or {}), **_dump(output)},
     }
+    if result.evaluation is not None:
+        out = with_evaluation(out, result.evaluation)
     if result.warning:  # e.g. the tracking server was down: the run succeeded, a person should know
         said = f"; warning: {result.warning}"  # once: applying the same result again changes nothing
         out["conditions"] = [{**c, "message": _clip(f"{c.get('message') or 'training finished'}{said}")}
@@ -849,6 +853,57 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
                              and said not in (c.get("message") or "") else c
                              for c in status.get("conditions") or []]
     return out
+
+
+def with_evaluation(status: dict[str, Any], evaluation: EvaluationResult) -> dict[str, Any]:
+    """``status`` with the gates the trainer reported; a judged evaluation is never replaced by a baseline."""
+    known = status.get("evaluation") or {}
+    if known.get("passed") is not None and evaluation.passed is None:
+        return status
+    return {**status, "evaluation": _dump(evaluation)}
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def evaluation_condition(status: dict[str, Any]) -> dict[str, Any] | None:
+    """EvaluationPassed, from status.evaluation and the job's end; None for a job without gates (pure)."""
+    if status.get("phase") == FAILED and status.get("reason") == REASONS[ExitCode.EVALUATION_FAILED]:
+        failed = condition(status, FAILED_C) or {}
+        return _condition(EVALUATION_PASSED, False, REASONS[ExitCode.EVALUATION_FAILED],
+                          _clip(failed.get("message") or "an evaluation gate failed"))
+    evaluation = status.get("evaluation")
+    if not evaluation or not evaluation.get("gates"):
+        return None
+    gates = evaluation["gates"]
+    if evaluation.get("passed") is None:
+        return {"type": EVALUATION_PASSED, "status": "Unknown", "reason": "Measuring",
+                "message": "the base model is measured; the tuned model is judged when training ends"}
+    summary = "; ".join(f"{g['metric']}: base {_number(g.get('base'))}, tuned {_number(g.get('tuned'))}"
+                        + ("" if g.get("passed") else f" ({g.get('message', 'failed')})") for g in gates)
+    if evaluation["passed"]:
+        return _condition(EVALUATION_PASSED, True, "GatesPassed", _clip(f"all {len(gates)} gate(s) passed: {summary}"))
+    rejected = any(g.get("passed") is False and g.get("onFail") == "Fail" for g in gates)
+    reason = REASONS[ExitCode.EVALUATION_FAILED] if rejected else "GatesFailed"
+    failed = [g for g in gates if g.get("passed") is False]
+    return _condition(EVALUATION_PASSED, False, reason,
+                      _clip(f"{len(failed)} of {len(gates)} gate(s) failed: {summary}"))
+
+
+def with_evaluation_condition(status: dict[str, Any], previous: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
+    """``status`` with its EvaluationPassed condition (after the others), stamped as merge_conditions does:
+    ``previous`` (the status as written) keeps its lastTransitionTime while the condition's status holds."""
+    fresh = evaluation_condition(status)
+    others = [c for c in status.get("conditions") or [] if c.get("type") != EVALUATION_PASSED]
+    if fresh is None:
+        return {**status, "conditions": others} if len(others) != len(status.get("conditions") or []) else status
+    old = condition(previous, EVALUATION_PASSED)
+    kept = old.get("lastTransitionTime") if old and old.get("status") == fresh["status"] else None
+    fresh["lastTransitionTime"] = kept or format_time(now)
+    if status.get("observedGeneration") is not None:
+        fresh["observedGeneration"] = status["observedGeneration"]
+    return {**status, "conditions": [*others, fresh]}
 
 
 def completion_index(pod: dict[str, Any]) -> str | None:
@@ -897,6 +952,7 @@ class Effects:
     started: bool = False  # first Running: record the time to running
     finished: tuple[str, str, float | None] | None = None  # (result, reason, seconds)
     stop_job: bool = False  # failed: the Job must not keep pods (and GPUs)
+    evaluation_passed: bool | None = None  # the gates were just judged: whether every one passed
 
 
 # Creation causes a person acts on (a quota, RBAC, a name taken); not the normal "Creating".
@@ -935,7 +991,15 @@ def transition(before: dict[str, Any], after: dict[str, Any], result_warning: st
             stop = True
     if phase == SUCCEEDED and result_warning:  # with Succeeded, or later if rank 0's pod showed its result later
         events.append(Event("Warning", COMPLETED_WITH_WARNING, result_warning))
-    return Effects(tuple(events), log, started, finished, stop)
+    judged = None
+    gate, old_gate = condition(after, EVALUATION_PASSED) or {}, condition(before, EVALUATION_PASSED) or {}
+    if gate.get("status") in ("True", "False") and (gate.get("status"), gate.get("reason")) != (
+        old_gate.get("status"), old_gate.get("reason")
+    ):
+        judged = gate["status"] == "True"
+        events.append(Event("Normal" if judged else "Warning", gate.get("reason", EVALUATION_PASSED),
+                            gate.get("message", "")))
+    return Effects(tuple(events), log, started, finished, stop, judged)
 
 
 def condition(status: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:

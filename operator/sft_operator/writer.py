@@ -44,6 +44,8 @@ from .status import (
     trainer_result,
     transition,
     volume_problem,
+    with_evaluation,
+    with_evaluation_condition,
     with_progress,
     with_result,
 )
@@ -180,6 +182,9 @@ class StatusWriter:
                     desired = with_progress(desired, report)
                 else:
                     self.mark(key, wait)
+            elif progress and progress.report is not None and progress.report.evaluation is not None:
+                # A gate that failed the job: its last report (the verdict) may come after the pod's end.
+                desired = with_evaluation(desired, progress.report.evaluation)
             # Level-triggered: a Succeeded status lacks its result until rank 0's pod shows it, whichever
             # came first (the Job's Complete or the pod's last update) and whenever the operator started.
             result_seen = desired.get("phase") == SUCCEEDED and bool(result_pods(pods))
@@ -189,6 +194,8 @@ class StatusWriter:
                     with_it = with_result(desired, result)
                     result = result if with_it != desired else None  # already in status: nothing new to say
                     desired = with_it
+
+            desired = with_evaluation_condition(desired, current, now)
 
             self._schedule_lookups(key, job, pods, now)
             recheck = recheck_seconds(pods, now, grace, notes.pod_problems, notes.start_clocks) if desired.get("phase") not in TERMINAL_PHASES else None
@@ -245,6 +252,8 @@ class StatusWriter:
             created = parse_time(sftjob["metadata"].get("creationTimestamp"))
             if created:
                 metrics.record_running(namespace, (_now() - created).total_seconds())
+        if effects.evaluation_passed is not None:
+            metrics.set_evaluation_passed(namespace, key[1], effects.evaluation_passed)
         if effects.finished:
             result, reason, seconds = effects.finished
             metrics.record_finished(namespace, result, reason, seconds)

@@ -121,8 +121,8 @@ def test_kubectl_get_shows_the_printer_columns(control_plane, sftjobs, namespace
     sftjobs.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "recipe", {
         "status": {"phase": "Running", "progress": {"percent": 42}, "metrics": {"trainLoss": 1.25}}})
     header, row = control_plane.kubectl("get", "sftjobs", "-n", namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "AGE"]
-    assert row.split()[:4] == ["recipe", "Running", "42", "1.25"]
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "EVALUATION", "AGE"]
+    assert row.split()[:5] == ["recipe", "Running", "42", "1.25", "<none>"]  # no gates: no EvaluationPassed
 
 
 def test_restricted_namespace_admits_the_rendered_job_pods(control_plane, sftjobs):

@@ -57,9 +57,10 @@ def test_status_subresource_and_printer_columns():
     version = crd_manifest()["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     shown = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert shown == ["Phase", "Progress", "Loss", "Age"]
+    assert shown == ["Phase", "Progress", "Loss", "Evaluation", "Age"]
     status = _schema()["properties"]["status"]["properties"]
-    assert {"conditions", "phase", "progress", "metrics", "output", "restarts", "startTime", "completionTime"} <= set(status)
+    assert {"conditions", "phase", "progress", "metrics", "output", "restarts", "startTime", "completionTime",
+            "evaluation"} <= set(status)
 
 
 def test_training_spec_is_immutable_but_run_policy_is_not():

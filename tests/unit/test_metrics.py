@@ -57,12 +57,13 @@ def test_metric_names_matches_what_a_scrape_shows():
     metrics.set_job_metrics("ns-names", "job", ProgressReport(step=1, total_steps=2, epoch=0.5, train_loss=1.0,
                                                               eval_loss=1.1, learning_rate=2e-5,
                                                               tokens_per_second=100.0))
+    metrics.set_evaluation_passed("ns-names", "job", True)
     try:
         scraped = _series_names()
         assert scraped == metrics.metric_names()
         assert not any(name.endswith("_created") for name in scraped)
     finally:
-        metrics.remove_job("ns-names", "job")
+        metrics.remove_job("ns-names", "job", deleted=True)
 
 
 def test_issue_metrics_are_all_there():
