@@ -159,3 +159,21 @@ def test_sftctl_run_prints_the_gate_table_and_exits_80_on_a_failed_gate(gate_spe
     assert "passed" in rows["evalLoss"] and "lower" in rows["evalLoss"]
     assert "failed: tuned" in rows["exactMatch"] and "Fail" in rows["exactMatch"]
     assert "EVALUATION_FAILED (exit 80): evaluation gate failed: gate exactMatch" in " ".join(text.split())
+
+
+def test_a_resumed_run_judges_against_the_baseline_measured_at_its_start(gate_spec, tmp_path):
+    from sft_trainer import train
+    from sft_trainer.config import TrainingSpec
+
+    from trainer_helpers import run_interrupted_at
+
+    spec = gate_spec([{"metric": "evalLoss", "minChange": 0.5}, {"metric": "contains", "threshold": 0.0}],
+                     hyperparameters={"maxSteps": 12}, checkpointing={"strategy": "steps", "steps": 4})
+    fresh = gate_spec([{"metric": "evalLoss", "minChange": 0.5}, {"metric": "contains", "threshold": 0.0}],
+                      hyperparameters={"maxSteps": 12}, output={"destination": str(tmp_path / "fresh")})
+    base = by_metric(train.run(TrainingSpec.model_validate(fresh), stdout=None)["evaluation"])
+    run_interrupted_at(spec, 6)  # a checkpoint at step 4 holds the base model's numbers
+    resumed = by_metric(train.run(TrainingSpec.model_validate(spec), stdout=None)["evaluation"])
+    # Not the half-trained model's loss at step 4: the base model's, as in an uninterrupted run.
+    assert resumed["evalLoss"]["base"] == pytest.approx(base["evalLoss"]["base"], rel=1e-6)
+    assert resumed["evalLoss"]["base"] - resumed["evalLoss"]["tuned"] >= 0.5
