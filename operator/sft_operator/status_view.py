@@ -1,4 +1,4 @@
-"""`sftctl status` and `sftctl watch`: a live SFTJob's phase, progress, losses and conditions."""
+"""`sftctl status` and `sftctl watch`: a live SFTJob's phase, progress, losses, conditions and evaluation gates."""
 
 from __future__ import annotations
 
@@ -80,7 +80,12 @@ def render(sftjob: dict[str, Any]) -> Group:
             style = "red"
         conditions.add_row(cond.get("type", ""), Text(cond.get("status", ""), style=style), cond.get("reason", ""),
                            cond.get("message", ""), cond.get("lastTransitionTime", ""))
-    return Group(summary, Text(""), conditions)
+    parts = [summary, Text(""), conditions]
+    if status.get("evaluation"):  # the evaluation gates: base and tuned values, as `sftctl run` prints them
+        from sft_trainer.local import gate_table
+
+        parts += [Text(""), gate_table(status["evaluation"])]
+    return Group(*parts)
 
 
 def exit_code(sftjob: dict[str, Any]) -> int:

@@ -134,3 +134,19 @@ def test_kubectl_get_shows_the_evaluation_reason():
     column = next(c for c in crd.PRINTER_COLUMNS if c["name"] == "Evaluation")
     assert column["jsonPath"] == '.status.conditions[?(@.type=="EvaluationPassed")].reason'
     assert column.get("priority", 0) == 0  # in the default view
+
+
+def test_sftctl_status_shows_the_gate_table():
+    from rich.console import Console
+
+    from sft_operator.status_view import render
+
+    sftjob = {"metadata": {"name": "demo", "namespace": "team-a"},
+              "status": {"phase": "Succeeded", "evaluation": MARKED.model_dump(mode="json", by_alias=True)}}
+    console = Console(width=200, record=True, color_system=None)
+    console.print(render(sftjob))
+    text = console.export_text()
+    assert "evaluation gates: FAILED" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
+    assert "2.5" in rows["evalLoss"] and "0.4" in rows["evalLoss"] and "passed" in rows["evalLoss"]
+    assert "failed: tuned 0.3 < threshold 0.5" in rows["exactMatch"] and "Mark" in rows["exactMatch"]
