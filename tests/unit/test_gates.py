@@ -82,3 +82,29 @@ def test_the_baseline_has_base_values_and_no_verdict_yet():
 ])
 def test_generation_scores_exact_match_and_contains(answer, expected, exact, contains):
     assert gates.score(answer, expected) == (exact, contains)
+
+
+def test_the_reports_after_training_still_carry_the_verdict(tmp_path):
+    """The operator keeps the latest progress report; the tracked run's last one must not drop the gates."""
+    from sft_trainer.config import TrainingSpec
+    from sft_trainer.run_hooks import RunHooks
+
+    class Tracker:
+        run_id, warning = "run-1", None
+
+        def end(self, *args, **kwargs):
+            pass
+
+    class Reporter:
+        reports: list = []
+
+        def report(self, report, final=False):
+            self.reports.append(report)
+
+    spec = TrainingSpec.model_validate({"model": {"source": "org/m"}, "dataset": {"train": {"source": "/d/t.jsonl"}},
+                                        "output": {"destination": str(tmp_path / "out")}})
+    verdict = gates.judge([gate(metric="evalLoss", threshold=1.0)], {"evalLoss": 2.0}, {"evalLoss": 1.5})
+    metrics = {"steps": 3, "totalSteps": 3, "evaluation": verdict.model_dump(mode="json", by_alias=True)}
+    reporter = Reporter()
+    RunHooks(spec, 0, tracker=Tracker()).succeeded(metrics, reporter=reporter)
+    assert reporter.reports and reporter.reports[-1].evaluation == verdict

@@ -159,5 +159,5 @@ class RunHooks:
     def _report(metrics: dict[str, Any], message: str, **fields: Any) -> ProgressReport:
         return ProgressReport(
             step=metrics.get("steps", 0), total_steps=metrics.get("totalSteps", 0), epoch=metrics.get("epochs", 0.0),
-            message=message[:1024], **fields,
+            message=message[:1024], evaluation=metrics.get("evaluation"), **fields,  # the latest report wins: keep it
         )
