@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 from sft_trainer.config import STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
 from sft_trainer.references import IMAGE_RULES
+from sft_trainer.config import DataSummary
 from sft_trainer.config import EvaluationResult
 
 from . import API_VERSION, KIND
@@ -350,6 +351,9 @@ class SFTJobStatus(ApiModel):
         default=None, ge=1, description="perDeviceBatchSize × gradientAccumulationSteps × world size."
     )
     job_name: Annotated[str, Field(max_length=253)] | None = None
+    data: DataSummary | None = Field(
+        default=None, description="The data check of the fetch stage: rows, invalid rows, lengths, estimated steps."
+    )
     progress: Progress | None = None
     metrics: Metrics | None = None
     output: OutputStatus | None = None

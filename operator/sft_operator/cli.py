@@ -18,6 +18,7 @@ from .validation import load_documents, parse_sftjob, problems_in
 
 EPILOG = """examples:
   sftctl validate examples/*.yaml           check manifests offline (exit 1 lists every bad field)
+  sftctl validate --data examples/local-tiny.yaml   and their data: bad rows by file and row, lengths, steps
   sftctl render examples/multi-node-lora.yaml   the ConfigMap, Service and Job the operator creates
   sftctl explain spec.hyperparameters       field docs, like kubectl explain
   sftctl example-assets && sftctl run examples/local-tiny.yaml   fine-tune a tiny model on this machine
@@ -56,9 +57,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
             warnings = [] if args.no_advice else advise(spec, plan=plan)
             for warning in warnings:
                 print(f"{where}: warning: {warning}")
+            if args.data and not check_data(where, document):
+                failed = True
+                continue
             if not args.quiet:
                 print(f"{where}: valid" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 1 if failed else 0
+
+
+def check_data(where: str, document: dict[str, Any]) -> bool:
+    """``validate --data``: the trainer's data check on this machine (sft_trainer.datacheck); True when the data
+    is fit to train on. pvc:// is read from $SFT_PVC_ROOT/<claim>, as ``sftctl run`` reads it."""
+    try:
+        from sft_trainer import datacheck, loading
+        from sft_trainer.errors import TrainerError
+        from sft_trainer.local import check_claims_mounted
+    except ImportError as err:
+        print(f"{where}: --data needs the trainer extra: pip install 'sft-operator[trainer]' ({err})", file=sys.stderr)
+        return False
+    spec = parse_sftjob(document).spec
+    world = spec.resources.nodes * max(1, spec.resources.gpus_per_node)
+    try:
+        check_claims_mounted(spec)
+        result = datacheck.check(spec, loading.load_tokenizer(spec), world)
+    except TrainerError as err:
+        print(f"{where}: data: {err.reason}", file=sys.stderr)
+        return False
+    for line in result.lines():
+        print(f"{where}: data: {line}")
+    if not result.ok:
+        print(f"{where}: data: {result.error().reason}", file=sys.stderr)
+    return result.ok
 
 
 def _single_document(path: str) -> dict[str, Any]:
@@ -198,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--no-advice", action="store_true", help="skip fine-tuning advice warnings")
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems and warnings")
+    p.add_argument("--data", action="store_true",
+                   help="also check the data as the trainer reads it: invalid rows, duplicates, token lengths, "
+                   "estimated steps (needs the trainer extra; pvc:// under $SFT_PVC_ROOT)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("render", help="print the children (ConfigMap, Service, Job) the operator would create")

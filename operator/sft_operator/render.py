@@ -369,18 +369,21 @@ def build_cache_claim(job: SFTJob, options: RenderOptions | None = None) -> dict
 
 
 def fetch_container(job: SFTJob, image: str, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The init container that downloads hub and s3:// sources into the cache once, before any rank starts."""
+    """The init container that downloads hub and s3:// sources into the cache once and then checks the data
+    (``sft_trainer.datacheck``), before any rank starts: it reads the spec's claims, and writes none of them."""
     keep = {CONFIG_DIR, TOKEN_DIR, "/tmp", CACHE_DIR}
+    res = job.spec.resources
     return {
         "name": FETCH_CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "sft_trainer.fetch"],
-        "args": ["--config", CONFIG_PATH],
+        "args": ["--config", CONFIG_PATH, f"--world-size={res.nodes * max(1, res.gpus_per_node)}"],
         "env": env,
         # No GPUs: init containers run before the trainer, and the pod's request is the larger of the two.
         "resources": _resources(job, gpus=False),
-        "volumeMounts": [m for m in mounts if m["mountPath"] in keep],
+        "volumeMounts": [m for m in mounts if m["mountPath"] in keep]
+        + [{**m, "readOnly": True} for m in mounts if m["mountPath"].startswith(f"{PVC_ROOT}/")],
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -395,7 +398,6 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
     volumes, mounts = _volumes(job, options)
     image = spec.image or options.default_image
     env = _env(job, options)
-    fetch = bool(remote_sources(spec))
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": image,
@@ -417,11 +419,11 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
+        # The fetch stage always runs: it fetches what is remote, then checks the data before any rank starts.
+        "initContainers": [fetch_container(job, image, env, mounts)],
         "containers": [container],
         "volumes": volumes,
     }
-    if fetch:
-        pod_spec["initContainers"] = [fetch_container(job, image, env, mounts)]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     sched = spec.scheduling
@@ -441,7 +443,7 @@ def build_job(job: SFTJob, options: RenderOptions) -> dict[str, Any]:
         "parallelism": nodes,
         "backoffLimit": spec.run_policy.backoff_limit,
         "suspend": spec.run_policy.suspend,
-        "podFailurePolicy": pod_failure_policy(fetch),
+        "podFailurePolicy": pod_failure_policy(fetch=True),
         "template": {"metadata": {"labels": _labels(job)}, "spec": pod_spec},
     }
     if spec.run_policy.active_deadline_seconds:

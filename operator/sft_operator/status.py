@@ -823,7 +823,13 @@ def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, A
         out = with_evaluation(out, report.evaluation)
     if report.effective_batch_size is not None:
         out["effectiveBatchSize"] = report.effective_batch_size
-    return out
+    return with_data(out, report)
+
+
+def with_data(status: dict[str, Any], report: ProgressReport) -> dict[str, Any]:
+    """``status`` with the fetch stage's data check (``status.data``), if the report carries one. Applied even
+    once the job has failed: a check that failed the job says why in numbers too."""
+    return {**status, "data": _dump(report.data)} if report.data is not None else status
 
 
 def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]:

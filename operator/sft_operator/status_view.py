@@ -63,6 +63,12 @@ def render(sftjob: dict[str, Any]) -> Group:
     summary.add_row("Restarts", str(status.get("restarts", 0)))
     if status.get("effectiveBatchSize"):
         summary.add_row("Effective batch", str(status["effectiveBatchSize"]))
+    data = status.get("data")
+    if data:  # the fetch stage's data check
+        summary.add_row("Data", f"{data.get('rows', 0)} rows ({data.get('format', '?')}), "
+                        f"{data.get('invalidRows', 0)} invalid, {data.get('duplicateRows', 0)} duplicate, "
+                        f"{data.get('truncatedRows', 0)} truncated, {data.get('droppedRows', 0)} dropped; "
+                        f"~{data.get('estimatedSteps', 0)} steps, ~{data.get('estimatedTokens', 0):,} tokens")
     summary.add_row("Started", status.get("startTime") or "-")
     if status.get("completionTime"):
         summary.add_row("Finished", status["completionTime"])

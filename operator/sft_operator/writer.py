@@ -44,6 +44,7 @@ from .status import (
     trainer_result,
     transition,
     volume_problem,
+    with_data,
     with_evaluation,
     with_evaluation_condition,
     with_progress,
@@ -185,6 +186,8 @@ class StatusWriter:
             elif progress and progress.report is not None and progress.report.evaluation is not None:
                 # A gate that failed the job: its last report (the verdict) may come after the pod's end.
                 desired = with_evaluation(desired, progress.report.evaluation)
+            if progress and progress.report is not None and desired.get("phase") in TERMINAL_PHASES:
+                desired = with_data(desired, progress.report)  # the data check that failed the job: kept
             # Level-triggered: a Succeeded status lacks its result until rank 0's pod shows it, whichever
             # came first (the Job's Complete or the pod's last update) and whenever the operator started.
             result_seen = desired.get("phase") == SUCCEEDED and bool(result_pods(pods))

@@ -13,10 +13,11 @@ scripts/build-images.sh builds. Nothing is simulated:
   MLflow run id, restarts), Events, objects in the bucket, the MLflow run, and the S3 server's own
   request log (what was downloaded, and how often).
 
-The scenarios are combined to keep the suite lean: four SFTJobs, the two failing ones at once. Measured
-warm (images built, 2 busy cores): the module ~2 min including the cluster's start; apply -> end ~26 s
-for the 2-pod job, ~35 s for the one killed mid-upload, ~5 s for the two failures. `pytest -s` prints
-each one's apply -> end time.
+The scenarios are combined to keep the suite lean: five SFTJobs, the three failing ones at once (one on
+bad rows, which the fetch stage's data check fails before the model loads). Measured warm (images built,
+2 busy cores): the module ~2 min including the cluster's start; apply -> end ~26 s for the 2-pod job,
+~35 s for the one killed mid-upload, ~5 s for the two storage failures. `pytest -s` prints each one's
+apply -> end time.
 """
 
 from __future__ import annotations
@@ -247,16 +248,24 @@ def test_a_pod_killed_while_exporting_resumes_the_upload_from_the_cache_and_a_de
     assert dead_mlflow in succeeded["message"]
 
 
-def test_wrong_credentials_and_a_missing_key_fail_at_once_naming_the_object_with_no_retry(
+def test_wrong_credentials_a_missing_key_and_bad_rows_fail_at_once_naming_the_object_or_row_with_no_retry(
         installed, storage, secrets, tmp_path):
     denied = installed.apply("s3-denied", tmp_path, evaluation={"strategy": "no"},
                              **s3_spec(storage.s3_auth.endpoint, secrets["s3-wrong-credentials"], "s3-denied"))
     missing_spec = s3_spec(storage.s3.endpoint, secrets["s3-credentials"], "s3-missing")
     missing_spec["dataset"]["train"]["source"] = f"s3://{BUCKET}/data/missing.jsonl"
     missing = installed.apply("s3-missing", tmp_path, evaluation={"strategy": "no"}, **missing_spec)
+    rows = [json.dumps({"instruction": f"Say {i}.", "output": str(i)}) for i in range(20)]
+    rows[2] = json.dumps({"instruction": "No answer."})
+    storage.s3.client().put_object(Bucket=BUCKET, Key="data/bad-rows.jsonl", Body="\n".join(rows).encode())
+    bad_spec = s3_spec(storage.s3.endpoint, secrets["s3-credentials"], "s3-badrows")
+    bad_spec["dataset"]["train"]["source"] = f"s3://{BUCKET}/data/bad-rows.jsonl"
+    bad = installed.apply("s3-badrows", tmp_path, evaluation={"strategy": "no"}, **bad_spec)
     expected = {
         "s3-denied": ("AccessDenied", f"s3://{BUCKET}/models/tiny: access denied", denied),
         "s3-missing": ("NotFound", f"s3://{BUCKET}/data/missing.jsonl: not found", missing),
+        # The data check: after the fetch, before any rank loads the model.
+        "s3-badrows": ("DataError", "1 invalid row(s) of 20: ", bad),
     }
     for name, (reason, message, applied) in expected.items():
         run = installed.follow(name, applied, timeout=300)
@@ -264,6 +273,9 @@ def test_wrong_credentials_and_a_missing_key_fail_at_once_naming_the_object_with
         failed = next(c for c in run.status["conditions"] if c["type"] == "Failed")
         assert (run.status.get("phase"), failed["reason"]) == ("Failed", reason), installed.explain(name, run.status)
         assert f"the fetch stage of pod {name}-0-" in failed["message"] and message in failed["message"], failed
+        if reason == "DataError":
+            assert "data/bad-rows.jsonl row 3: missing field 'output'" in failed["message"], failed
+            assert run.status["data"]["invalidRows"] == 1 and run.status["data"]["rows"] == 20, run.status
         # Terminal: no retry was used although backoffLimit allows 3.
         assert run.status["restarts"] == 0 and len(installed.pods(name)) == 1
         job = client.BatchV1Api(installed.cluster.api).read_namespaced_job(name, installed.work)

@@ -26,10 +26,14 @@ def env_for(cache: Path, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# The sources here are bytes, not a model and rows: the stage's data check (tests/trainer/test_datacheck.py) is off.
+FETCH = [sys.executable, "-m", "sft_trainer.fetch", "--no-data-check"]
+
+
 def fetch(spec: dict, tmp_path: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(spec))
-    return subprocess.run([sys.executable, "-m", "sft_trainer.fetch", "--config", str(config)],
+    return subprocess.run([*FETCH, "--config", str(config)],
                           env=env_for(tmp_path / "cache", env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,7 +93,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(s3_server, bucket, tmp
     config = tmp_path / "config.json"
     config.write_text(json.dumps(spec))
     part = tmp_path / "cache" / "s3" / bucket / "data" / "big.jsonl.part"
-    proc = subprocess.Popen([sys.executable, "-m", "sft_trainer.fetch", "--config", str(config)],
+    proc = subprocess.Popen([*FETCH, "--config", str(config)],
                             env=env_for(tmp_path / "cache", s3_server.env()), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size >= 2 << 20):

@@ -66,9 +66,9 @@ def test_pod_failure_policy_fails_fast_on_trainer_and_fetch_codes_and_ignores_di
                            for name in ("trainer", "fetch")]
     assert policy[4] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert _job(manifest())["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    local = manifest(model={"source": "pvc://models/base"})  # nothing to fetch: no fetch rule
+    local = manifest(model={"source": "pvc://models/base"})  # nothing to fetch: the stage still checks the data
     assert [r.get("onExitCodes", {}).get("containerName") for r in _job(local)["spec"]["podFailurePolicy"]["rules"]] == \
-        ["trainer", "trainer", None]
+        ["trainer", "fetch", "trainer", "fetch", None]
 
 
 def test_the_tmp_scratch_volume_is_bounded_and_overridable():
@@ -167,7 +167,8 @@ def test_s3_sources_get_a_cache_claim_a_fetch_stage_and_the_credentials_by_refer
     pod = kids["Job"]["spec"]["template"]["spec"]
     (fetch,) = pod["initContainers"]
     (trainer,) = pod["containers"]
-    assert fetch["command"] == ["python", "-m", "sft_trainer.fetch"] and fetch["args"] == ["--config", "/etc/sft/config.json"]
+    assert fetch["command"] == ["python", "-m", "sft_trainer.fetch"]
+    assert fetch["args"] == ["--config", "/etc/sft/config.json", "--world-size=1"]  # for the data check's steps
     assert fetch["image"] == trainer["image"] and fetch["securityContext"] == trainer["securityContext"]
     assert "nvidia.com/gpu" not in str(fetch["resources"])  # the trainer holds the GPU; init runs before it
     cache = {"name": "cache", "persistentVolumeClaim": {"claimName": "qwen-s3-mlflow-cache"}}
@@ -212,20 +213,27 @@ def test_a_multi_node_job_gets_a_read_write_many_cache_of_the_default_size():
     assert _by_kind(render_children(doc))["PersistentVolumeClaim"]["spec"]["storageClassName"] == "fast-rwx"
 
 
-def test_a_job_with_nothing_to_fetch_or_export_has_no_cache_and_no_fetch_stage():
-    doc = manifest(model={"source": "pvc://models/base"})
+def test_a_job_with_nothing_to_fetch_has_no_cache_and_its_fetch_stage_reads_the_claims_to_check_the_data():
+    doc = manifest(model={"source": "pvc://models/base"}, output={"destination": "pvc://out/run-1"},
+                   resources={"nodes": 2, "gpusPerNode": 4})
     kids = _by_kind(render_children(doc))
     assert set(kids) == {"ConfigMap", "Service", "Job"}
     pod = kids["Job"]["spec"]["template"]["spec"]
-    assert "initContainers" not in pod and not [v for v in pod["volumes"] if v["name"] == "cache"]
+    assert not [v for v in pod["volumes"] if v["name"] == "cache"]
     env = _env(pod["containers"][0])
     assert "SFT_CACHE_DIR" not in env and env["HF_HOME"] == "/tmp/hf"
+    (fetch,) = pod["initContainers"]
+    assert fetch["args"][-1] == "--world-size=8"
+    claims = {m["mountPath"]: m["readOnly"] for m in fetch["volumeMounts"] if m["mountPath"].startswith("/mnt/pvc/")}
+    assert claims == {"/mnt/pvc/datasets": True, "/mnt/pvc/models": True, "/mnt/pvc/out": True}  # it writes none
+    trainer = {m["mountPath"]: m["readOnly"] for m in pod["containers"][0]["volumeMounts"] if "/mnt/pvc/" in m["mountPath"]}
+    assert trainer["/mnt/pvc/out"] is False
 
 
-def test_an_s3_output_alone_gets_a_cache_to_stage_it_but_no_fetch_stage():
+def test_an_s3_output_alone_gets_a_cache_to_stage_it():
     doc = manifest(model={"source": "pvc://models/base"}, output={"destination": "s3://models/run-1"})
     kids = _by_kind(render_children(doc))
-    assert "PersistentVolumeClaim" in kids and "initContainers" not in kids["Job"]["spec"]["template"]["spec"]
+    assert "PersistentVolumeClaim" in kids
 
 
 def test_the_trainer_gets_the_pods_grace_period_to_save():

@@ -671,6 +671,22 @@ def test_fetching_reports_show_the_stage_and_bytes_and_a_result_clears_them():
     SFTJobStatus.model_validate(fetching)  # declared in the CRD: the API server would prune it otherwise
 
 
+def test_the_data_check_report_becomes_status_data_and_outlives_the_training_reports():
+    from sft_operator.api import SFTJobStatus
+    from sft_trainer.config import ProgressReport
+
+    data = {"format": "messages", "rows": 500, "invalidRows": 0, "duplicateRows": 3, "trainRows": 450,
+            "validationRows": 50, "generalRows": 0, "maxSeqLength": 2048, "truncatedRows": 7, "droppedRows": 0,
+            "tokenLengths": {"min": 12, "p50": 300, "p95": 1900, "max": 4100, "mean": 420.5},
+            "estimatedSteps": 170, "estimatedTokens": 567000, "estimatedTrainedTokens": 201000}
+    checked = st.with_progress({"phase": "Running"}, ProgressReport.model_validate(
+        {"step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "fetching", "data": data}))
+    assert checked["data"] == data
+    training = st.with_progress(checked, ProgressReport.model_validate({"step": 5, "totalSteps": 170, "epoch": 0.1}))
+    assert training["data"] == data and training["progress"]["totalSteps"] == 170
+    SFTJobStatus.model_validate(training)  # declared in the CRD: the API server would prune it otherwise
+
+
 def test_a_result_with_a_warning_succeeds_says_so_and_posts_one_warning_event():
     from sft_trainer.config import TrainerResult
 

@@ -49,3 +49,12 @@ def test_failed_job_exits_1_and_shows_the_reason():
     assert exit_code(failed) == 1
     text = text_of(failed)
     assert "DataError" in text and "row 17" in text
+
+
+def test_render_shows_the_data_check():
+    checked = {**RUNNING, "status": {**RUNNING["status"], "data": {
+        "format": "messages", "rows": 500, "invalidRows": 0, "duplicateRows": 3, "trainRows": 450,
+        "validationRows": 50, "maxSeqLength": 2048, "truncatedRows": 7, "droppedRows": 1, "estimatedSteps": 170,
+        "estimatedTokens": 567000, "estimatedTrainedTokens": 201000}}}
+    assert ("500 rows (messages), 0 invalid, 3 duplicate, 7 truncated, 1 dropped; ~170 steps, ~567,000 tokens"
+            in text_of(checked))

@@ -404,3 +404,35 @@ def test_succeeded_is_written_without_a_result_if_the_pod_never_shows_up(monkeyp
         assert "output" not in ctx.kube.writes[-1][1]
 
     run(test)
+
+
+DATA = {"format": "instruction", "rows": 14, "invalidRows": 1, "firstInvalid": ["/d.jsonl row 13: missing field 'output'"],
+        "duplicateRows": 1, "trainRows": 12, "validationRows": 1, "generalRows": 0, "maxSeqLength": 128, "truncatedRows": 0,
+        "droppedRows": 0, "estimatedSteps": 2, "estimatedTokens": 600, "estimatedTrainedTokens": 40}
+
+
+def test_a_data_check_that_fails_the_job_stays_in_status_with_the_failure():
+    """The fetch stage reports its data check, then exits 65: status says DataError, naming the row, and
+    status.data keeps the numbers although the job is final when the report is written."""
+    reason = "1 invalid row(s) of 14: /d.jsonl row 13: missing field 'output'"
+    failed_pod = pod("Failed")
+    failed_pod["status"]["initContainerStatuses"] = [
+        {"name": "fetch", "state": {"terminated": {"exitCode": 65, "message": reason,
+                                                   "finishedAt": "2020-01-01T00:00:09Z"}}}]
+    failed_pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "PodInitializing"}}
+
+    async def test(ctx):
+        ctx.cache.put("Job", job(active=1))
+        ctx.cache.put("Pod", pod())
+        ctx.writer.offer("team-a", "demo", "u-1", ProgressReport.model_validate(
+            {"step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "fetching", "data": DATA}))
+        ctx.cache.put("Job", job(conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]))
+        ctx.cache.put("Pod", failed_pod)
+        ctx.writer.mark(KEY)
+        await asyncio.sleep(0.3)
+        final = ctx.kube.writes[-1][1]
+        assert (final["phase"], final["reason"]) == ("Failed", "DataError")
+        assert reason in next(c["message"] for c in final["conditions"] if c["type"] == "Failed")
+        assert final["data"] == DATA
+
+    run(test)

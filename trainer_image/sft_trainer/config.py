@@ -218,6 +218,41 @@ class DatasetSpec(ApiModel):
         return self.validation is not None or self.effective_validation_split > 0
 
 
+class TokenLengths(ApiModel):
+    """Row lengths in tokens (prompt and response, EOS included), before maxSeqLength applies."""
+
+    min: int = Field(ge=0, le=10**9)
+    p50: int = Field(ge=0, le=10**9)
+    p95: int = Field(ge=0, le=10**9)
+    max: int = Field(ge=0, le=10**9)
+    mean: float = Field(ge=0.0, le=1e9)
+
+
+class DataSummary(ApiModel):
+    """What the data check (sft_trainer.datacheck) found before any model weight was loaded: the fetch stage
+    reports it and the operator keeps it as ``status.data``."""
+
+    format: Annotated[str, Field(max_length=32)] = Field(description="The row format: instruction, messages, ...")
+    rows: int = Field(ge=0, le=10**12, description="Rows read from the train and validation sources.")
+    invalid_rows: int = Field(ge=0, le=10**12, description="Rows the trainer would refuse.")
+    first_invalid: Annotated[list[Annotated[str, Field(max_length=512)]], Field(max_length=5)] | None = Field(
+        default=None, description="The first invalid rows, each as `file row N: why` (for JSONL, N is the line)."
+    )
+    duplicate_rows: int = Field(ge=0, le=10**12, description="Rows identical to an earlier row.")
+    train_rows: int = Field(ge=0, le=10**12, description="Training rows after the validation split and drops.")
+    validation_rows: int = Field(ge=0, le=10**12)
+    general_rows: int = Field(default=0, ge=0, le=10**12, description="General rows mixed into training.")
+    max_seq_length: int = Field(ge=1, le=10**9)
+    truncated_rows: int = Field(ge=0, le=10**12, description="Rows longer than maxSeqLength, cut (overlong: truncate).")
+    dropped_rows: int = Field(
+        ge=0, le=10**12, description="Rows left out: too long (overlong: drop), or no response left after the cut."
+    )
+    token_lengths: TokenLengths | None = Field(default=None, description="Training row lengths in tokens.")
+    estimated_steps: int = Field(ge=0, le=10**12, description="Optimizer steps the run will take.")
+    estimated_tokens: int = Field(ge=0, le=10**15, description="Tokens the run will process (all epochs).")
+    estimated_trained_tokens: int = Field(ge=0, le=10**15, description="Of those, response tokens that carry a loss.")
+
+
 class LrScheduler(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -736,6 +771,7 @@ class ProgressReport(ApiModel):
     stage: Literal["fetching", "training", "exporting"] | None = None
     bytes_done: int | None = Field(default=None, ge=0, le=10**15)
     bytes_total: int | None = Field(default=None, ge=0, le=10**15)
+    data: DataSummary | None = None  # the fetch stage's data check
     output_uri: Annotated[str, Field(max_length=1024)] | None = None
     mlflow_run_id: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-zA-Z_-]+$")] | None = None
     warning: Annotated[str, Field(max_length=1024)] | None = None

@@ -102,7 +102,9 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_file(path: Path) -> Iterable[RawRow]:
+def _read_file(path: Path, bad: list[tuple[str, int, str]] | None = None) -> Iterable[RawRow]:
+    """The file's rows. A JSONL line that is not JSON raises, or with ``bad`` (the data check) is added to it
+    as (file, row, reason)."""
     name = str(path)
     suffix = path.suffix.lower()
     try:
@@ -113,10 +115,13 @@ def _read_file(path: Path) -> Iterable[RawRow]:
                         continue
                     try:
                         data = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{name} row {lineno}: invalid JSON ({e.msg})") from None
-                    except RecursionError:
-                        raise DataError(f"{name} row {lineno}: JSON nested too deeply to be a training row") from None
+                    except (json.JSONDecodeError, RecursionError) as e:
+                        why = (f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError)
+                               else "JSON nested too deeply to be a training row")
+                        if bad is None:
+                            raise DataError(f"{name} row {lineno}: {why}") from None
+                        bad.append((name, lineno, f"{name} row {lineno}: {why}"))
+                        continue
                     yield RawRow(name, lineno, data)
         elif suffix == ".json":
             with path.open(encoding="utf-8") as f:
@@ -166,19 +171,19 @@ def _read_csv(path: Path, name: str) -> Iterable[RawRow]:
             yield RawRow(name, row, values)
 
 
-def read_rows(source: DataSource | str, split: str = "train") -> list[RawRow]:
-    """All rows of a data source: local file/folder, pvc:// path, or a hub dataset id."""
+def read_rows(source: DataSource | str, split: str = "train", bad: list[tuple[str, int, str]] | None = None) -> list[RawRow]:
+    """All rows of a data source: local file/folder, pvc:// path, or a hub dataset id. ``bad``: as ``_read_file``."""
     src = source.source if isinstance(source, DataSource) else source
     split = source.split if isinstance(source, DataSource) else split
     if paths.is_local(src) or src.lower().endswith(SUFFIXES):  # "data/x.jsonl" is a missing file, not a hub id
         reason = paths.missing_reason(src)
         if reason is not None:
             raise DataError(reason)
-        rows = [r for p in _files(paths.resolve(src)) for r in _read_file(p)]
+        rows = [r for p in _files(paths.resolve(src)) for r in _read_file(p, bad)]
     else:
         rows = _read_hub(src, split)
     if not rows:
-        raise DataError(f"{src}: no rows")
+        raise DataError(f"{src}: no rows" + (f" that parse; {bad[0][2]}" if bad else ""))
     return rows
 
 
@@ -458,6 +463,14 @@ def general_rows_needed(task_rows: int, mix_ratio: float) -> int:
     return round(task_rows * mix_ratio / (1.0 - mix_ratio))
 
 
+def split_validation(rows: list[RawRow], split: float, rng: random.Random) -> tuple[list[RawRow], list[RawRow]]:
+    """(train, validation): a ``split`` share of the rows, at least one, drawn with ``rng``; order kept."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    n_val = 0 if split <= 0 else max(1, round(len(rows) * split)) if len(rows) > 1 else 0
+    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
+
+
 def build(spec: DatasetSpec, tokenizer, seed: int) -> Datasets:
     """Training, validation and held-out general examples, plus the statistics the run reports."""
     rng = random.Random(seed)
@@ -466,12 +479,7 @@ def build(spec: DatasetSpec, tokenizer, seed: int) -> Datasets:
     if spec.validation is not None:
         val_rows = read_rows(spec.validation)
     else:
-        split = spec.effective_validation_split
-        order = list(range(len(train_rows)))
-        rng.shuffle(order)
-        n_val = 0 if split <= 0 else max(1, round(len(train_rows) * split)) if len(train_rows) > 1 else 0
-        val_rows = [train_rows[i] for i in sorted(order[:n_val])]
-        train_rows = [train_rows[i] for i in sorted(order[n_val:])]
+        train_rows, val_rows = split_validation(train_rows, spec.effective_validation_split, rng)
 
     train_stats, val_stats = LengthStats(), LengthStats()
     train = tokenize_rows(train_rows, fmt, spec, tokenizer, "task", train_stats)

@@ -1,4 +1,5 @@
-"""``python -m sft_trainer.fetch``: the fetch stage. Hub and s3:// sources, fetched once into the cache.
+"""``python -m sft_trainer.fetch``: the fetch stage. Hub and s3:// sources, fetched once into the cache; then
+the data checked (``datacheck``: every bad row named, exit 65) before any rank loads the model.
 
 In a cluster it runs as the trainer pod's init container on the cache volume (``SFT_CACHE_DIR``), before any
 rank starts; ``sftctl run`` calls ``fetch_all`` itself. Every rank and every restart then reads the cache
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", default=os.environ.get("SFT_CONFIG", DEFAULT_CONFIG), help="TrainingSpec JSON/YAML file")
     p.add_argument("--cache-dir", help="the cache folder (default: $SFT_CACHE_DIR)")
+    p.add_argument("--world-size", type=int, default=1, help="processes the run will have (for the estimated steps)")
+    p.add_argument("--no-data-check", action="store_true", help="fetch only; skip the data check")
     args = p.parse_args(argv)
     if args.cache_dir:
         os.environ["SFT_CACHE_DIR"] = args.cache_dir
@@ -436,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         reporter = ProgressReporter.from_env()
         with sigterm_interrupts("the fetch stage"):  # a pod deleted mid-download: retried uncounted, resumes
             fetch_all(spec, reporter=reporter)
+            if not args.no_data_check:
+                from . import datacheck
+
+                datacheck.run(spec, world=max(1, args.world_size), reporter=reporter)
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)

@@ -51,7 +51,7 @@ def _ensure_tiny_assets(spec, console) -> None:
             return
 
 
-def _check_claims_mounted(spec) -> None:
+def check_claims_mounted(spec) -> None:
     """A cluster spec's pvc:// claims must have local folders before anything is fetched or loaded."""
     from . import paths
 
@@ -86,7 +86,7 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
             doc = {**doc, "spec": {**(doc.get("spec") or {}), "output": {"destination": output}}}
         spec = parse_spec(doc, str(manifest) if not isinstance(manifest, dict) else "manifest")
         _ensure_tiny_assets(spec, console)
-        _check_claims_mounted(spec)
+        check_claims_mounted(spec)
     except TrainerError as e:
         console.print(f"[red]error:[/red] {e.reason}")
         return int(e.code)
@@ -95,11 +95,13 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
     logging.getLogger("httpx").setLevel(logging.WARNING)
     name = (doc.get("metadata") or {}).get("name", "sftjob")
     try:
+        from . import datacheck
         from .fetch import fetch_all
         from .progress import ProgressReporter
         from .run_hooks import RunHooks
 
         fetch_all(spec)  # hub and s3:// sources into the cache (~/.cache/sft-operator/fetch or $SFT_CACHE_DIR)
+        datacheck.run(spec)  # every bad row named before the model loads, as the cluster's fetch stage does
         hooks = RunHooks.start(spec, run_name=name)
         try:
             metrics = _train_with_progress(spec, name, console, hooks.sinks)

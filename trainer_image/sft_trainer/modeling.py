@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from . import hub, paths
 from .config import Precision, TrainingSpec
-from .errors import ConfigError, ModelLoadError, TrainerError
+from .errors import ConfigError
+from .loading import load_or_fail as _load, load_tokenizer, model_location as _where  # noqa: F401 - train loads the tokenizer here
 
 
 # ---------------------------------------------------------------- precision
@@ -54,38 +54,6 @@ def check_no_fp16_training(model, amp: Amp) -> None:
 
 
 # ---------------------------------------------------------------- loading
-
-
-def _where(spec: TrainingSpec) -> str:
-    src = spec.model.source
-    if not paths.is_local(src):
-        # A hub id the fetch stage mirrored into the cache loads from there (pinned revision).
-        return paths.hub_location(src, "model", spec.model.revision)
-    # A missing pvc://, s3:// or path is said as such: from_pretrained would take it for a hub id.
-    reason = paths.missing_reason(src)
-    if reason is not None:
-        raise ModelLoadError(reason)
-    return str(paths.resolve(src))
-
-
-def _load(what: str, load):
-    """A hub load with retries; a permanent failure is a model-load error with its reason."""
-    try:
-        return hub.with_retries(load, what)
-    except TrainerError:  # StorageUnavailable after retries (exit 69), or our own errors
-        raise
-    except Exception as e:  # noqa: BLE001 - any other loader failure is a model-load error with its reason
-        raise ModelLoadError(f"{what}: {type(e).__name__}: {e}") from None
-
-
-def load_tokenizer(spec: TrainingSpec):
-    from transformers import AutoTokenizer
-
-    kw = {"revision": spec.model.revision, "token": os.environ.get("HF_TOKEN")}
-    tok = _load(f"cannot load the tokenizer from {spec.model.source}",
-                lambda: AutoTokenizer.from_pretrained(_where(spec), **kw))
-    tok.padding_side = "right"
-    return tok
 
 
 def load_config(spec: TrainingSpec):
