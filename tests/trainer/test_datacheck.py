@@ -193,3 +193,14 @@ def test_sftctl_run_names_every_bad_row_before_training(make_spec, tmp_path):
     assert (f"2 invalid row(s) of 14: {f} row 5: missing field 'output'; {f} row 14: field 'output' is empty"
             in text), text
     assert "fine-tuning summary" not in text and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_long_reason_is_clipped_in_the_summary_but_whole_in_the_report(make_spec, tmp_path):
+    deep = tmp_path / ("d" * 200) / ("e" * 200)
+    deep.mkdir(parents=True)
+    f = write_jsonl(deep / "train.jsonl", [*GOOD, {"instruction": "x"}])
+    result = checked(make_spec(dataset={"train": {"source": str(f)}}))
+    (whole,) = result.invalid
+    (clipped,) = result.summary().first_invalid
+    assert whole == f"{f} row 13: missing field 'output'" and len(whole) > 400
+    assert len(clipped) == 300 and clipped.endswith("...") and whole.startswith(clipped[:-3])

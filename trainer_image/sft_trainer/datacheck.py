@@ -65,7 +65,7 @@ class DataCheck:
         t = self.train
         return DataSummary(
             format=self.format, rows=self.rows, invalid_rows=self.invalid_rows,
-            first_invalid=[r[:512] for r in self.invalid[:NAMED]] or None, duplicate_rows=self.duplicate_rows,
+            first_invalid=[_clip(r) for r in self.invalid[:NAMED]] or None, duplicate_rows=self.duplicate_rows,
             train_rows=self.train_rows, validation_rows=self.validation_rows, general_rows=self.general_rows,
             max_seq_length=self.max_seq_length, truncated_rows=t.truncated + self.validation.truncated,
             dropped_rows=t.dropped + self.validation.dropped,
@@ -101,6 +101,11 @@ class DataCheck:
                 f"(~{self.estimated_trained_tokens:,} trained)"
             )
         return out
+
+
+def _clip(reason: str, limit: int = 300) -> str:
+    """A reason short enough that five fit a progress report (16 KiB) whatever else it carries."""
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def _key(row: data.RawRow) -> str:
