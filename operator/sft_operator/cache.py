@@ -26,6 +26,7 @@ from .render import LABEL_JOB, cache_claim_name, config_map_name, service_name, 
 from .status import Cause, is_ignored_failure
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
+METADATA_ONLY = "PartialObjectMetadata"  # the kind of an object read by its metadata alone
 CHILD_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", "Job")  # the cache claim only when we create it
 DETAIL_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim")  # not read once the job is over (its Job is)
 CHILD_NAMES = {"ConfigMap": config_map_name, "Service": service_name, "PersistentVolumeClaim": cache_claim_name,
@@ -85,8 +86,8 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         out["status"] = slimmed
         account = (body.get("spec") or {}).get("serviceAccountName")
         out["spec"] = {"serviceAccountName": account} if account else {}
-    elif kind == "ConfigMap":
-        out["dataDigests"] = data_digests(body.get("data"))
+    elif kind == "ConfigMap":  # unknown (None) when only the metadata was read
+        out["dataDigests"] = None if body.get("kind") == METADATA_ONLY else data_digests(body.get("data"))
     return out
 
 
@@ -181,6 +182,8 @@ class Cache:
         obj = slim(kind, body)
         uid = obj["metadata"].get("uid", "")
         self.seen[uid] = time.monotonic()
+        if kind == "ConfigMap" and obj["dataDigests"] is None and not self._with_digests(key, obj):
+            return key  # an older version than the one held
         if kind == "SFTJob":
             self.sftjobs[key] = obj
             written = self.written.get(key)
@@ -195,6 +198,18 @@ class Cache:
         else:
             self.children[kind][key] = obj
         return key
+
+    def _with_digests(self, key: Key, obj: dict[str, Any]) -> bool:
+        """A ConfigMap read by its metadata keeps the digests held for the same version (our own create or
+        patch, which the watch then echoes); False when the held one is newer (the event is stale)."""
+        held = self.children["ConfigMap"].get(key)
+        if held is None or held["metadata"].get("uid") != obj["metadata"].get("uid"):
+            return True
+        version, held_version = obj["metadata"].get("resourceVersion"), held["metadata"].get("resourceVersion")
+        if version == held_version:
+            obj["dataDigests"] = held["dataDigests"]
+            return True
+        return _newer_or_same(version, held_version)
 
     def is_echo(self, body: Mapping[str, Any]) -> bool:
         """Whether an SFTJob event is our own last status write coming back (nothing new in it)."""

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from . import metrics
 from .advice import advise
 from .api import TERMINAL_PHASES, Phase, SFTJob
-from .cache import Key
+from .cache import Key, slim
 from .kube import ApiError
 from .reconcile import (
     CONFIG_KEY,
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .context import Context
 
 log = logging.getLogger("sft_operator.manage")
+METADATA_CREATED = ("ConfigMap", "Service", "PersistentVolumeClaim")
 
 
 class ChildrenBlocked(Exception):
@@ -208,7 +209,7 @@ async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[st
     existing = ctx.cache.child(kind, key)
     if existing is None:
         try:
-            ctx.cache.put(kind, await ctx.kube.create(child))
+            ctx.cache.put(kind, await _create(ctx, child))
             return True
         except ApiError as exc:
             if exc.status != 409:
@@ -223,12 +224,30 @@ async def _ensure(ctx: Context, key: Key, sftjob: dict[str, Any], child: dict[st
             existing = ctx.cache.child(kind, key)
     if ownership(existing, sftjob) != OURS:
         raise ChildrenBlocked(conflict_cause(kind, existing, sftjob))
+    if kind == "ConfigMap" and existing.get("dataDigests") is None:  # changed since we read its data (watched by metadata)
+        try:
+            fresh = await ctx.kube.get(kind, key[0], name)
+        except ApiError as exc:
+            raise ChildrenBlocked(api_error_cause(exc.status, exc.message, kind, name)) from exc
+        if ownership(fresh, sftjob) != OURS:
+            raise ChildrenBlocked(conflict_cause(kind, fresh, sftjob))
+        ctx.cache.put(kind, fresh)
+        existing = slim(kind, fresh)
     if kind == "ConfigMap":
         patch = config_map_patch(existing, child, keep)
         if patch is not None:
             log.info("SFTJob %s/%s: ConfigMap %s brought up to date", *key, name)
             ctx.cache.put(kind, await ctx.kube.patch(kind, key[0], name, patch))
     return False
+
+
+async def _create(ctx: Context, child: dict[str, Any]) -> dict[str, Any]:
+    """Create a child. The API server answers a ConfigMap, Service or claim with its metadata alone: the cache keeps
+    nothing else of them but a ConfigMap's data, which is what was sent. A Job comes back whole (its defaults)."""
+    if child["kind"] not in METADATA_CREATED:
+        return await ctx.kube.create(child)
+    meta = await ctx.kube.create(child, metadata_only=True)
+    return {**meta, "apiVersion": child.get("apiVersion"), "kind": child["kind"], "data": child.get("data")}
 
 
 async def _announce(ctx: Context, sftjob: dict[str, Any], parsed: SFTJob, warnings: list[str]) -> None:

@@ -9,6 +9,12 @@ while the watch was away is not missed. A list that fails (a timeout, a continue
 forgets nothing and is tried again after a backoff; until a scope's first list has completed, no
 status is written there (``Context.unlisted``), so a restart never rewrites a Running job as Pending.
 
+Services and claims are read by their metadata alone (the cache keeps nothing else of them), so they
+are listed and watched as PartialObjectMetadata: less for the API server to send and for us to decode.
+ConfigMaps are watched that way too, but listed whole: the cache keeps their data as digests, which
+the list and our own creates and patches give; an event with a version whose data we have not seen
+leaves the digests unknown, and the next reconcile reads that ConfigMap (``manage``).
+
 SFTJobs stay with Kopf (``handlers/handle_watches.py``); they are few and change rarely.
 """
 
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sft_operator.watch")
 WATCHED_KINDS = (*CHILD_KINDS, "Pod")
+METADATA_WATCHED = ("ConfigMap", "Service", "PersistentVolumeClaim")
+METADATA_LISTED = ("Service", "PersistentVolumeClaim")
 WATCH_SECONDS = 300  # the API server ends each watch after this; the watcher goes on from where it was
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 30.0
 
@@ -76,7 +84,8 @@ class Watcher:
         listed_at = time.monotonic()
         live: set[str] = set()
         version, pages = "", 0
-        async for items, version in self.ctx.kube.list_pages(self.kind, self.namespace, label_selector=LABEL_JOB):
+        async for items, version in self.ctx.kube.list_pages(self.kind, self.namespace, label_selector=LABEL_JOB,
+                                                             metadata_only=self.kind in METADATA_LISTED):
             pages += 1
             for item in items:
                 if self._wanted(item):
@@ -106,7 +115,8 @@ class Watcher:
                 if not version:
                     version = await self.relist()
                 async for event in self.ctx.kube.watch(self.kind, self.namespace, resource_version=version,
-                                                       label_selector=LABEL_JOB, timeout_seconds=WATCH_SECONDS):
+                                                       label_selector=LABEL_JOB, timeout_seconds=WATCH_SECONDS,
+                                                       metadata_only=self.kind in METADATA_WATCHED):
                     kind, body = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":  # 410 Gone: the version is too old to watch from; list again
                         version = ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -118,3 +119,34 @@ def test_a_list_is_read_in_pages_each_within_the_timeout():
     count, pages = asyncio.run(main())
     assert count == 1100
     assert [(p["limit"], p.get("continue")) for p in pages] == [("500", None), ("500", "500"), ("500", "1000")]
+
+
+def test_a_watch_by_metadata_asks_for_partial_objects_and_reads_events_cut_anywhere_by_the_network():
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    events = [{"type": "ADDED", "object": {"kind": "PartialObjectMetadata", "metadata": {"name": f"s{i}", "labels": {
+        "sft.dev/job-name": "é" * i}}}} for i in range(40)]
+    accepts: list[str] = []
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        accepts.append(request.headers["Accept"])
+        response = web.StreamResponse()
+        await response.prepare(request)
+        stream = b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in events) + b"\n"
+        for start in range(0, len(stream), 7):  # events (and a 2-byte character) split across writes
+            await response.write(stream[start:start + 7])
+        return response
+
+    async def main() -> list[dict]:
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/a/services", serve)
+        async with TestServer(app) as server:
+            client = KubeClient(Credentials(str(server.make_url("")).rstrip("/")))
+            try:
+                return [e async for e in client.watch("Service", "a", resource_version="1", metadata_only=True)]
+            finally:
+                await client.close()
+
+    assert asyncio.run(main()) == events
+    assert accepts == ["application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"]

@@ -30,6 +30,7 @@ class FakeKube:
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
         self.writes: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
+        self.gets: list[tuple[str, str]] = []
         self.uids = itertools.count(1)
 
     async def create(self, obj: dict[str, Any], **_: Any) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class FakeKube:
         return copy.deepcopy(made)
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        self.gets.append((kind, name))
         if (kind, namespace, name) not in self.objects:
             raise ApiError(404, "NotFound", f"{kind} {name} not found")
         return copy.deepcopy(self.objects[(kind, namespace, name)])
@@ -52,7 +54,21 @@ class FakeKube:
         self.patches.append((kind, name, patch))
         obj = self.objects[(kind, namespace, name)]
         obj.setdefault("spec", {}).update(patch.get("spec") or {})
+        for k, v in (patch.get("data") or {}).items():  # a merge patch: null removes the key
+            if v is None:
+                obj["data"].pop(k, None)
+            else:
+                obj["data"][k] = v
+        self.bump(obj)
         return copy.deepcopy(obj)
+
+    def bump(self, obj: dict[str, Any]) -> None:
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+
+    def metadata_event(self, kind: str, name: str) -> dict[str, Any]:
+        """What a watch by metadata (PartialObjectMetadata) shows of an object."""
+        obj = self.objects[(kind, "team-a", name)]
+        return {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": copy.deepcopy(obj["metadata"])}
 
     async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
         self.writes.append(status)
@@ -226,6 +242,44 @@ def test_a_failed_export_keeps_the_trained_model_when_the_sftjob_is_deleted():
                 "ownerReferences": None, "annotations": {"sft.dev/kept-for-export": "sftjob-uid"}}})]
             (event,) = [e for e in kube.events if e[1] == "ModelKept"]
             assert "storage.cache.claimName demo-cache" in event[2] and "kubectl delete pvc demo-cache" in event[2]
+        finally:
+            await ctx.scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_a_config_map_watched_by_its_metadata_is_read_again_only_when_someone_else_changed_it():
+    """The ConfigMap watch sends metadata only. Our own create's echo keeps the digests (no read); an edit by someone
+    else is read once and the progress CA brought back, while the running job keeps the config.json it started with."""
+    kube = FakeKube()
+    options = RenderOptions(progress_base_url="https://op:8443", progress_ca_pem="-----CA-----")
+
+    async def main() -> None:
+        ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, options)
+        try:
+            ctx.cache.put("SFTJob", sftjob())
+            await manage(ctx, KEY)
+            child_event(ctx, "ConfigMap", "ADDED", kube.metadata_event("ConfigMap", "demo-config"))  # our create's echo
+            await manage(ctx, KEY)
+            assert kube.gets == [] and kube.patches == []
+
+            edited = kube.objects[("ConfigMap", "team-a", "demo-config")]
+            started_with = edited["data"]["config.json"]
+            edited["data"].update({"config.json": "{}", "ca.crt": "someone else's"})
+            kube.bump(edited)
+            child_event(ctx, "ConfigMap", "MODIFIED", kube.metadata_event("ConfigMap", "demo-config"))
+            await manage(ctx, KEY)
+            await manage(ctx, KEY)  # converged: read once, patched once
+            assert kube.gets == [("ConfigMap", "demo-config")]
+            assert [p[2] for p in kube.patches if p[0] == "ConfigMap"] == [{"data": {"ca.crt": "-----CA-----"}}]
+            assert edited["data"] == {"config.json": "{}", "ca.crt": "-----CA-----"}  # the running job's config stays
+            assert started_with != "{}"
+
+            stale = kube.metadata_event("ConfigMap", "demo-config")
+            stale["metadata"]["resourceVersion"] = "1"  # an event older than what the cache holds
+            child_event(ctx, "ConfigMap", "MODIFIED", stale)
+            await manage(ctx, KEY)
+            assert len(kube.gets) == 1
         finally:
             await ctx.scheduler.close()
 
