@@ -6,8 +6,8 @@
 #
 #   bash scripts/alert-tests.sh
 #
-# promtool is built once from its Go module into ${SFT_CACHE:-~/.cache/sft-operator}/promtool-<version>
-# (about 15 minutes cold on 2 cores, which is why scripts/test.sh does not run this by default).
+# scripts/test.sh runs it after pytest. promtool is built once from its Go module into
+# ${SFT_CACHE:-~/.cache/sft-operator}/promtool-<version> (cold time in BENCHMARKS.md); later runs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, trainer and real-control-plane integration tests.
-# Sets up what is missing first; the integration fixtures start and stop the control plane.
+# The whole test suite: unit, trainer and real-control-plane integration tests, then the chart's
+# Prometheus alert rules with promtool (scripts/alert-tests.sh). Sets up what is missing first; the
+# integration fixtures start and stop the control plane. Fails if either part fails.
 #
 #   bash scripts/test.sh                 # everything
-#   bash scripts/test.sh -m "not cluster"   # extra args go to pytest
+#   bash scripts/test.sh -m "not cluster"   # extra args go to pytest (the alert tests always run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -32,5 +33,11 @@ status=0
 if [[ $status -eq 5 ]]; then
   echo "no tests collected for this selection"
   status=0
+fi
+alerts=0
+bash scripts/alert-tests.sh || alerts=$?
+if [[ $alerts -ne 0 ]]; then
+  echo "scripts/alert-tests.sh failed (exit $alerts): the alert rules or their promtool tests" >&2
+  [[ $status -ne 0 ]] || status=$alerts
 fi
 exit $status
