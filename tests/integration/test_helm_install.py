@@ -148,7 +148,8 @@ def test_install_in_a_restricted_namespace_upgrade_and_uninstall(control_plane, 
         assert f"https://{release.fullname}.{ns}.svc:8443" in installed.stdout
         docs = release.manifest()
         assert {d["kind"] for d in docs} == {"ServiceAccount", "Secret", "ClusterRole", "ClusterRoleBinding",
-                                            "Service", "Deployment", "NetworkPolicy"}
+                                            "Service", "Deployment", "NetworkPolicy", "ConfigMap",
+                                            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
         missing = [f"{d['kind']}/{d['metadata']['name']}" for d in docs if not _exists(control_plane, d)]
         assert not missing, f"not created: {missing}"
         # The CRD comes from crds/ (already present here: helm leaves it alone).

@@ -46,6 +46,8 @@ EVERYTHING = {
     "operator": {"extraEnv": [{"name": "SFT_POD_START_GRACE_SECONDS", "value": "600"}]},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
     "nodeSelector": {"kubernetes.io/os": "linux"},
+    "guardrails": {"allowedImagePrefixes": ["registry.corp.example/ml/"], "maxGpusPerJob": 16,
+                   "gpusPerNamespace": {"team-a": 16}, "namespaceSelector": {"matchLabels": {"gpu": "yes"}}},
 }
 
 
@@ -198,7 +200,8 @@ def test_default_render_is_strictly_valid(schema_dir):
     assert "Invalid: 0, Errors: 0, Skipped: 0" in summary, summary
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(manifests) if d)
     assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "Secret", "ClusterRole",
-                            "ClusterRoleBinding", "Service", "Deployment", "NetworkPolicy"])
+                            "ClusterRoleBinding", "Service", "Deployment", "NetworkPolicy",
+                            "ConfigMap", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
 
 
 def test_everything_enabled_render_is_strictly_valid(schema_dir):
@@ -207,7 +210,7 @@ def test_everything_enabled_render_is_strictly_valid(schema_dir):
     docs = [d for d in yaml.safe_load_all(manifests) if d]
     skipped = sum(d["kind"] in SKIPPED_KINDS for d in docs)
     assert f"Invalid: 0, Errors: 0, Skipped: {skipped}" in summary, summary
-    assert {d["kind"] for d in docs} >= {"Role", "RoleBinding", "ConfigMap", *SKIPPED_KINDS}
+    assert {d["kind"] for d in docs} >= {"Role", "RoleBinding", "ConfigMap", "ResourceQuota", *SKIPPED_KINDS}
 
 
 def test_kubeconform_catches_a_bad_manifest(schema_dir):

@@ -69,3 +69,17 @@ helm.sh/chart: {{ include "sft-operator.chart" . }}
 {{- define "sft-operator.progressURL" -}}
 {{- printf "https://%s.%s.svc:%d" (include "sft-operator.fullname" .) .Release.Namespace (int .Values.service.progressPort) }}
 {{- end }}
+
+{{/* trainer.defaults as the operator reads them (SFT_TRAINER_DEFAULTS): JSON without the empty fields. */}}
+{{- define "sft-operator.trainerDefaults" -}}
+{{- $d := .Values.trainer.defaults }}
+{{- $out := dict }}
+{{- with $d.nodeSelector }}{{ $_ := set $out "nodeSelector" . }}{{ end }}
+{{- with $d.tolerations }}{{ $_ := set $out "tolerations" . }}{{ end }}
+{{- with $d.priorityClassName }}{{ $_ := set $out "priorityClassName" . }}{{ end }}
+{{- $cache := dict }}
+{{- with $d.cache.storageClassName }}{{ $_ := set $cache "storageClassName" . }}{{ end }}
+{{- with $d.cache.size }}{{ $_ := set $cache "size" . }}{{ end }}
+{{- with $cache }}{{ $_ := set $out "cache" . }}{{ end }}
+{{- toJson $out }}
+{{- end }}
