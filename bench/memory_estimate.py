@@ -13,6 +13,7 @@ bf16 autocast and FSDP shards need a GPU to measure.
 
     python bench/memory_estimate.py                    # all architectures, ~1-2 min on 2 cores
     python bench/memory_estimate.py --only llama qwen2 --batch 2 --seq 512
+    python bench/memory_estimate.py --only qwen2 --setups full --hidden 256 --layers 2 --vocab 151936 --batch 2 --seq 2048
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--vocab", type=int, help="widen the vocabulary to this many tokens (random weights; the "
+                   "tokenizer's ids stay a corner of it), e.g. 151936 for Qwen's: a shape where the logits dominate")
     return p.parse_args(argv)
 
 
@@ -59,6 +62,17 @@ def scaled(family, hidden: int, layers: int):
     if "query_pre_attn_scalar" in cfg:
         cfg["query_pre_attn_scalar"] = hidden // heads
     return dataclasses.replace(family, config=cfg)
+
+
+def widen(model_dir: Path, vocab: int) -> None:
+    """Rewrite the model in ``model_dir`` with a ``vocab``-token embedding (and head), random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.vocab_size = vocab
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
 
 
 class StoragePeak:
@@ -167,7 +181,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     names = args.only or list(architectures.FAMILIES)
     errors = []
-    print(f"hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens, fp32, CPU; "
+    print(f"hidden {args.hidden}, {args.layers} layers{f', vocab {args.vocab:,}' if args.vocab else ''}, batch {args.batch} x {args.seq} tokens, fp32, CPU; "
           "error = estimate (less the GPU overhead) / measured peak - 1")
     print(f"{'architecture':<12} {'setup':<8} {'params':>8} {'measured MiB':>12} {'estimate MiB':>12} {'error':>7}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +189,8 @@ def main(argv=None) -> int:
         for name in names:
             family = scaled(architectures.FAMILIES[name], args.hidden, args.layers)
             model_dir = architectures.build(family, Path(tmp) / name, base)
+            if args.vocab:
+                widen(model_dir, args.vocab)
             shapes = memory.Shapes.from_config(json.loads((model_dir / "config.json").read_text()), "bench")
             for setup_name in args.setups:
                 peak, spec = measure(model_dir, SETUPS[setup_name], args)

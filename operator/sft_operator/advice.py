@@ -39,17 +39,19 @@ def billions_of_parameters(model_source: str) -> float | None:
 
 
 def memory_plan(spec: SFTJobSpec, *, network: bool = False) -> tuple[memory.Plan | None, str]:
-    """The per-GPU memory estimate for the GPUs the spec asks for, or (None, why there is none).
+    """The per-GPU memory estimate for the GPUs the spec asks for (gpusPerNode 0: the CPU process's, against
+    the pod's memory limit when the spec sets one), or (None, why there is none).
 
     Shapes: a local config.json, the bundled table, or (``network``: ``sftctl validate``) the hub. The
     operator never fetches: it has the table only.
     """
     res = spec.resources
-    if res.gpus_per_node == 0:
-        return None, "no GPU memory estimate: the job runs on CPU (gpusPerNode 0)"
     shapes, why = memory.find_shapes(spec.model.source, spec.model.revision, network=network)
     if shapes is None:
         return None, f"no memory estimate: {why}"
+    if res.gpus_per_node == 0:
+        limit = memory.parse_quantity(res.memory) if res.memory else None
+        return memory.plan(spec, shapes, spec.world_size, limit, device="cpu"), ""
     return memory.plan(spec, shapes, spec.world_size, memory.parse_quantity(res.gpu_memory)), ""
 
 

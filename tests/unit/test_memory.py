@@ -68,14 +68,16 @@ def test_fsdp_shards_the_states_and_gradient_checkpointing_and_lora_shrink_what_
 
 def test_the_logits_term_is_one_chunk_when_the_trainer_fuses_the_loss_with_the_head():
     # Qwen2.5-0.5B, batch 4 x 2048 (issue #20): the full fp32 logits, their softmax and gradient were 11.6 GiB
-    # of a 32.8 GiB estimate; fused (loss.py), one chunk of rows, the hidden states' gradient and the head's.
+    # of a 32.8 GiB estimate; fused (loss.py), one chunk of rows and the hidden states' gradient (the head's
+    # gradient, made in the forward, is the parameter's: counted under gradients once).
     import dataclasses
 
     shapes = memory.table_shapes("Qwen/Qwen2.5-0.5B")
     setup = memory.Setup(batch=4, seq=2048)
     fused = memory.estimate(shapes, setup)
     chunk = memory.LOSS_CHUNK_BYTES // (4 * shapes.vocab) * shapes.vocab * (4 + 4)
-    assert fused.logits == chunk + 4 * 2048 * shapes.hidden * 4 + 4 * shapes.vocab * shapes.hidden
+    assert fused.logits == chunk + 4 * 2048 * shapes.hidden * 4
+    assert fused.gradients == 4 * fused.trainable
     assert fused.logits < GiB and fused.total < 22 * GiB
     # An architecture whose head the fused loss does not reproduce keeps the full logits.
     unfused = memory.estimate(dataclasses.replace(shapes, model_type="somethingelse"), setup)
@@ -87,6 +89,29 @@ def test_the_operator_warns_when_the_gpus_asked_for_are_too_small():
     assert len(advice) == 1 and advice[0].field == "spec.resources"
     assert len(str(advice[0])) <= 1024  # an Event message
     assert not [a for a in advise(seven_b(gpus=1, gpu_memory="141Gi")) if a.reason == "MemoryWontFit"]
+
+
+def test_a_cpu_job_is_estimated_per_process_against_its_pods_memory_limit():
+    # gpusPerNode 0: the process's resident memory, with the runtime (Python, torch, the tokenizer) in place of
+    # the CUDA context, fp32 (the trainer's auto precision on CPU), checked against resources.memory.
+    def cpu_job(memory_limit=None):
+        resources = {"gpusPerNode": 0, **({"memory": memory_limit} if memory_limit else {})}
+        return spec_of(model={"source": "Qwen/Qwen2.5-0.5B"}, resources=resources,
+                       hyperparameters={"perDeviceBatchSize": 2}, dataset={"train": {"source": "pvc://data/t.jsonl"},
+                                                                           "maxSeqLength": 2048})
+
+    plan, why = memory_plan(cpu_job())
+    e = plan.estimate
+    assert why == "" and plan.fits and e.setup.precision == "fp32"
+    assert e.overhead == memory.CPU_RUNTIME
+    assert "memory per CPU process (estimate, full fine-tuning, 0.49B parameters, batch 2 x 2048 tokens, fp32; " \
+           "1 pod(s), no memory limit set)" in plan.report()
+    assert e.weights + e.gradients + e.optimizer == 16 * e.parameters  # fp32: no autocast copies
+    assert memory_plan(cpu_job("32Gi"))[0].fits
+    advice = [a for a in advise(cpu_job("16Gi")) if a.reason == "MemoryWontFit"]
+    assert len(advice) == 1 and advice[0].field == "spec.resources"
+    assert "memory limit 16.0 GiB): " in advice[0].message and "does NOT fit" in advice[0].message
+    assert "FSDP" not in advice[0].message and "LoRA (peft: {rank: 16})" in advice[0].message
 
 
 def test_every_example_fits_what_it_asks_for():

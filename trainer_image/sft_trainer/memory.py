@@ -1,4 +1,4 @@
-"""Peak GPU memory per device of a fine-tuning run, estimated from the model's config.json alone.
+"""Peak memory per device of a fine-tuning run (a GPU's, or a CPU process's), estimated from the model's config.json alone.
 
 Pure and light (the standard library only): the operator's advice, ``sftctl validate`` and the trainer
 (at start, before it allocates anything) all call it. What is counted, per device:
@@ -13,15 +13,18 @@ Pure and light (the standard library only): the operator's advice, ``sftctl vali
 - **activations** at per-device batch × maxSeqLength (the worst batch: every row at maxSeqLength). Per
   layer and token, a Llama-style block saves its residual input and the norm output, q/k/v after rotary,
   the attention output and 4 intermediate-size tensors of a gated MLP (2 for a plain one); sdpa /
-  flash-attention never materialise the seq × seq scores. Gradient checkpointing keeps one hidden
+  flash-attention never materialise the seq × seq scores (but on CPU, sdpa with a padded batch's mask
+  keeps 4.5 B per row, query and key in each layer: quadratic, it dominates long sequences there). Gradient checkpointing keeps one hidden
   vector per layer and token, plus one layer recomputed. LoRA dropout adds a copy of each adapted input.
 - **logits**: the trainer fuses the loss with the LM head (loss.py) for the architectures in
   ``FUSED_LOSS_TYPES``: one chunk of rows' fp32 logits at a time (and log-sum-exp's temporary),
   plus the hidden states' gradient at every position (fp32; the trainer keeps only response positions: an
-  upper bound) and, when the head trains, its fp32 gradient made in the forward. Any other architecture
+  upper bound); the head's gradient, made in the forward, is the gradients term's. Any other architecture
   (or ``SFT_FUSED_LOSS=0``, which the estimate does not know) holds them at every response position,
   counted at every position (compute dtype, the fp32 copy for the loss, its gradient).
-- **overhead**: CUDA context, communication buffers and allocator slack: 1.5 GiB + 5%.
+- **overhead**: on GPUs the CUDA context, communication buffers and allocator slack: 1.5 GiB + 5%. On CPU
+  (``Setup.device="cpu"``: what the process's resident memory peaks at) the runtime instead: the Python
+  interpreter, torch, transformers, the tokenizer, the rows, the allocator's own (``CPU_RUNTIME``).
 
 FSDP with ``cpuOffload`` moves the sharded weights, gradients and optimizer states to CPU memory.
 The estimate was checked against measured peaks on CPU (BENCHMARKS.md, "Memory estimate").
@@ -44,6 +47,12 @@ from typing import Any
 
 GiB = 1024**3
 OVERHEAD_FIXED = int(1.5 * GiB)
+# A CPU trainer's resident memory besides the tensors counted here: peak RSS less the estimated tensors on the
+# wide-vocabulary fixture was 810-900 MiB at 1k, 2k, 4k and 8k tokens (BENCHMARKS.md, "memory at a real vocabulary").
+CPU_RUNTIME = 850 * 2**20
+# sdpa on CPU with a padded batch (an explicit mask): each layer keeps 4.5 B per row, query and key in fp32
+# (measured with 1, 2 and 4 layers at 4,096 tokens); an unpadded batch keeps none. Not measured on GPUs.
+CPU_MASKED_ATTENTION_EXTRA = 0.5
 OVERHEAD_FRACTION = 0.05
 TABLE = Path(__file__).with_name("model_shapes.json")
 # Architectures whose MLP has two matrices (up, down) instead of a gated three (gate, up, down).
@@ -160,6 +169,7 @@ class Setup:
     lora_targets: tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.0
     frozen_layers: int = 0
+    device: str = "cuda"  # cuda: per GPU; cpu: one CPU process's resident memory
 
     @property
     def sharded(self) -> bool:
@@ -238,22 +248,26 @@ def estimate(shapes: Shapes, setup: Setup) -> Estimate:
     else:
         activations = tokens * s.layers * per_layer
     activations += tokens * s.hidden * (4 + 4 + act_b)  # embeddings output, final norm
-    logits = _logits_bytes(s, tokens, act_b, head_trains=full)
+    logits = _logits_bytes(s, tokens, act_b)
     subtotal = weights + gradients + optimizer + activations + logits
-    overhead = OVERHEAD_FIXED + int(OVERHEAD_FRACTION * subtotal)
+    if setup.device == "cpu":
+        overhead = CPU_RUNTIME
+    else:
+        overhead = OVERHEAD_FIXED + int(OVERHEAD_FRACTION * subtotal)
     return Estimate(setup, s, params, trainable, weights, gradients, optimizer, activations, logits, overhead)
 
 
-def _logits_bytes(s: Shapes, tokens: int, act_b: int, head_trains: bool) -> int:
+def _logits_bytes(s: Shapes, tokens: int, act_b: int) -> int:
     """The loss's share. Unfused: the logits at every position (compute dtype, the fp32 copy, its gradient).
     Fused with the head (loss.py): one chunk of rows, whose fp32 logits and log-sum-exp's temporary are alive
     at once (the gradient is made in place; the compute-dtype copies are smaller and never alive with both),
-    plus the hidden states' gradient (fp32) and the head's (fp32, when it trains), both made in the forward
-    and held until the backward."""
+    plus the hidden states' gradient (fp32), made in the forward and held until the backward. The head's
+    gradient, made in the forward too, is the one the gradients term counts (it becomes the parameter's
+    ``.grad``; counting it here as well put the wide-vocabulary fixture's tensors 27% over the measured peak)."""
     if s.model_type not in FUSED_LOSS_TYPES:
         return tokens * s.vocab * (act_b + 4 + 4)
     rows = max(1, min(tokens, LOSS_CHUNK_BYTES // (4 * s.vocab)))
-    return rows * s.vocab * (4 + 4) + tokens * s.hidden * 4 + (4 * s.vocab * s.hidden if head_trains else 0)
+    return rows * s.vocab * (4 + 4) + tokens * s.hidden * 4
 
 
 def _layer_activation_bytes(s: Shapes, setup: Setup, act_b: int) -> int:
@@ -272,6 +286,8 @@ def _layer_activation_bytes(s: Shapes, setup: Setup, act_b: int) -> int:
         out += 2 * h * norm
     if s.eager_attention:  # scores (and their soft-capped copy) and the fp32 softmax, per head and key
         out += s.heads * setup.seq * (act_b * 2 + 4)
+    elif setup.device == "cpu":  # sdpa's masked path on CPU (a padded batch): per key, not per head
+        out += int(setup.seq * (act_b + CPU_MASKED_ATTENTION_EXTRA))
     if setup.lora_rank is not None and setup.lora_dropout > 0:
         # each adapted layer's dropped-out input and its mask (1 B), saved for the adapter's backward
         out += sum(a for a, _ in s.linears().values()) * (act_b + 1)
@@ -287,9 +303,11 @@ def ways_out(shapes: Shapes, setup: Setup, gpu_bytes: int) -> list[str]:
 
     def option(text: str, changed: Setup) -> None:
         e = estimate(shapes, changed)
-        out.append((e.fits(gpu_bytes), f"{text} ({gib(e.total)} per GPU)"))
+        out.append((e.fits(gpu_bytes), f"{text} ({gib(e.total)} per {'CPU process' if changed.device == 'cpu' else 'GPU'})"))
 
-    if setup.world > 1 and not setup.sharded:
+    if setup.device == "cpu":
+        pass  # FSDP over more processes means more pods, each paying the runtime again: not offered on CPU
+    elif setup.world > 1 and not setup.sharded:
         option(f"distributed.strategy: fsdp over the {setup.world} GPUs", replace(setup, strategy="fsdp"))
     else:
         for n in (2, 4, 8, 16, 32, 64):
@@ -398,10 +416,12 @@ def find_shapes(source: str, revision: str | None = None, *, network: bool = Fal
 # ---------------------------------------------------------------- from a spec
 
 
-def setup_for(spec, world: int, strategy: str | None = None, precision: str | None = None) -> Setup:
-    """A ``Setup`` from a ``TrainingSpec`` (duck-typed, so the operator's SFTJobSpec works too)."""
+def setup_for(spec, world: int, strategy: str | None = None, precision: str | None = None, device: str = "cuda") -> Setup:
+    """A ``Setup`` from a ``TrainingSpec`` (duck-typed, so the operator's SFTJobSpec works too). ``device``
+    cpu: the trainer's ``auto`` precision is fp32 there."""
     hp = spec.hyperparameters
-    prec = precision or ("bf16" if hp.precision in ("auto", "bf16") else hp.precision)
+    auto = "fp32" if device == "cpu" else "bf16"
+    prec = precision or (auto if hp.precision == "auto" else hp.precision)
     lora = spec.peft
     return Setup(
         batch=hp.per_device_batch_size,
@@ -415,26 +435,34 @@ def setup_for(spec, world: int, strategy: str | None = None, precision: str | No
         lora_targets=tuple(lora.target_modules) if lora else ("all-linear",),
         lora_dropout=lora.dropout if lora else 0.0,
         frozen_layers=spec.freeze_layers,
+        device=device,
     )
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The estimate for a spec on ``world`` GPUs of ``gpu_bytes``, with ``auto`` resolved."""
+    """The estimate for a spec on ``world`` GPUs of ``gpu_bytes``, with ``auto`` resolved. On CPU
+    (``setup.device``), ``gpu_bytes`` is the pod's memory limit, or None when the spec sets none."""
 
     estimate: Estimate
     strategy: str
-    gpu_bytes: int
+    gpu_bytes: int | None
 
     @property
     def fits(self) -> bool:
-        return self.estimate.fits(self.gpu_bytes)
+        return self.gpu_bytes is None or self.estimate.fits(self.gpu_bytes)
 
     def report(self) -> str:
         s = self.estimate.setup
         how = "full fine-tuning" if s.lora_rank is None else f"LoRA rank {s.lora_rank}"
-        where = f"{s.world} GPU(s) of {gib(self.gpu_bytes)}" + (f", {self.strategy}" if s.world > 1 else "")
-        text = (f"memory per GPU (estimate, {how}, {self.estimate.parameters / 1e9:.2f}B parameters, batch {s.batch} x "
+        if s.device == "cpu":
+            per = "CPU process"
+            limit = "no memory limit set" if self.gpu_bytes is None else f"memory limit {gib(self.gpu_bytes)}"
+            where = f"{s.world} pod(s), {limit}"
+        else:
+            per = "GPU"
+            where = f"{s.world} GPU(s) of {gib(self.gpu_bytes)}" + (f", {self.strategy}" if s.world > 1 else "")
+        text = (f"memory per {per} (estimate, {how}, {self.estimate.parameters / 1e9:.2f}B parameters, batch {s.batch} x "
                 f"{s.seq} tokens, {s.precision}{', gradient checkpointing' if s.gradient_checkpointing else ''}; "
                 f"{where}): {self.estimate.summary()}; shapes from {self.estimate.shapes.source}")
         if self.fits:
@@ -443,9 +471,14 @@ class Plan:
         return text + ": does NOT fit. Ways out: " + "; ".join(ways)
 
 
-def plan(spec, shapes: Shapes, world: int, gpu_bytes: int, precision: str | None = None) -> Plan:
-    """Resolve ``distributed.strategy: auto`` (ddp when it fits, else fsdp) and estimate."""
+def plan(spec, shapes: Shapes, world: int, gpu_bytes: int | None, precision: str | None = None,
+         device: str = "cuda") -> Plan:
+    """Resolve ``distributed.strategy: auto`` (ddp when it fits, else fsdp; ddp on CPU) and estimate.
+    ``device`` cpu: ``gpu_bytes`` is the pod's memory limit (None: none set)."""
     strategy = spec.distributed.strategy
+    if device == "cpu":
+        e = estimate(shapes, setup_for(spec, world, "ddp" if strategy == "auto" else strategy, precision, "cpu"))
+        return Plan(e, e.setup.strategy, gpu_bytes)
     if world <= 1:
         strategy = "ddp"
     elif strategy == "auto":
