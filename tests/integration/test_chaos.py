@@ -9,26 +9,29 @@ Event that names each interruption of the training. docs/reliability.md has the 
 
 Faults are injected the way they happen: a SIGKILL of the operator's process (found by its pod's
 cgroup), `sftctl dev-cluster stop|start|restart COMPONENT` for the control plane and the node, the
-kubelet's own eviction after a node loss, a SIGKILL of one rank's processes.
+kubelet's own eviction after a node loss, a SIGKILL of one rank's processes, an eviction through the
+Eviction API (policy/v1) while the pod's worker is frozen (SIGSTOP) for longer than torchrun's own 30 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 
 import sft_devcluster as devcluster
 from sft_devcluster.node import NODE_IP, NODE_NAME
 from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.render import LABEL_JOB
+from sft_operator.render import LABEL_JOB, TRAINER_CONTAINER
 from storage_servers import FaultyProxy
 
 from .test_end_to_end import Installed, Run, installed  # noqa: F401 - the module's helm install
@@ -48,6 +51,7 @@ class Faults:
 
     injected: list[tuple[str, int]] = field(default_factory=list)
     interruptions: list[int] = field(default_factory=list)
+    resumed: dict[str, int] = field(default_factory=dict)  # pod name -> step, read before a fault deleted the pod
 
     def note(self, what: str, step: int, trainer_at: int | None = None) -> None:
         print(f"  fault: {what} at step {step}" + (f" (trainer at step {trainer_at})" if trainer_at is not None else ""))
@@ -56,15 +60,15 @@ class Faults:
             self.interruptions.append(trainer_at)
 
 
+def logged_step(installed: Installed, pod: str) -> int:
+    """The last step one trainer pod logged."""
+    tail = installed.cluster.kubectl("logs", "-n", installed.work, pod, "--tail=20", check=False).stdout
+    return max([0, *(int(m) for m in re.findall(r'"event": "progress", "step": (\d+)', tail))])
+
+
 def trainer_step(installed: Installed, name: str) -> int:
     """The last step the job's running trainer pods logged (the status lags while the operator is down)."""
-    steps = [0]
-    for pod in installed.pods(name):
-        if pod.status.phase == "Running":
-            tail = installed.cluster.kubectl("logs", "-n", installed.work, pod.metadata.name, "--tail=20",
-                                             check=False).stdout
-            steps += [int(m) for m in re.findall(r'"event": "progress", "step": (\d+)', tail)]
-    return max(steps)
+    return max([0, *(logged_step(installed, p.metadata.name) for p in installed.pods(name) if p.status.phase == "Running")])
 
 
 def step_of(run: Run) -> int:
@@ -155,14 +159,20 @@ def children(installed: Installed, name: str) -> dict[str, int]:
     }
 
 
-def resumed_steps(installed: Installed, name: str) -> list[int]:
-    """The step each trainer pod resumed from (its log: "resumed from ... (step N")."""
-    steps = []
+def resumed_step(installed: Installed, pod: str) -> int | None:
+    """The step a trainer pod resumed from (rank 0's log: "resumed from ... (step N")."""
+    match = re.search(r"resumed from \S+ \(step (\d+)", installed.logs(pod))
+    return int(match.group(1)) if match else None
+
+
+def resumed_steps(installed: Installed, name: str, before_deletion: dict[str, int] | None = None) -> list[int]:
+    """The step each trainer pod resumed from; ``before_deletion``: those read from pods deleted since."""
+    steps = dict(before_deletion or {})
     for pod in installed.pods(name):
-        match = re.search(r"resumed from \S+ \(step (\d+)", installed.logs(pod.metadata.name))
-        if match:
-            steps.append(int(match.group(1)))
-    return steps
+        step = resumed_step(installed, pod.metadata.name)
+        if step is not None:
+            steps[pod.metadata.name] = step
+    return list(steps.values())
 
 
 def assert_survived(installed: Installed, name: str, run: Run, max_steps: int, faults: Faults,
@@ -176,7 +186,7 @@ def assert_survived(installed: Installed, name: str, run: Run, max_steps: int, f
     assert (installed.models / name / "model" / "config.json").exists(), explain
     assert status["output"]["model"] == f"pvc://models/{name}/model", explain
     assert children(installed, name) == {"Job": 1, "ConfigMap": 1, "Service": 1}
-    resumed = resumed_steps(installed, name)
+    resumed = resumed_steps(installed, name, faults.resumed)
     print(f"  {name}: Succeeded, {status['progress']['step']} steps, restarts {status.get('restarts', 0)}, "
           f"faults {faults.injected}, resumed from {resumed}")
     if interrupted:
@@ -257,37 +267,161 @@ def test_the_operator_sigkilled_at_every_stage_of_a_run_loses_nothing(installed,
     assert run.status["output"].get("model"), run.status  # the late result was written (defect 5)
 
 
-def test_one_rank_sigkilled_restarts_the_whole_group_from_its_checkpoint(installed, tmp_path):
-    """A 2-pod run: rank 1's processes are SIGKILLed (a GPU fault, an OOM kill). That pod's failure is
-    counted, once; rank 0, which lost its peer, exits 76 (PeerLost), which is not; both pods are
-    replaced and the group resumes from its last checkpoint."""
+# ---------------------------------------------------------------- an eviction while the save is slow
+
+FROZEN_S = 40  # the evicted pod's worker saves no sooner than this after SIGTERM: past torchrun's own 30 s
+GRACE_S = 90  # runPolicy.terminationGracePeriodSeconds for that run: longer than the held save
+
+
+@dataclass
+class Ending:
+    """How one evicted trainer pod ended, as a watch on it saw it until it was gone."""
+
+    disruption: str | None = None  # the DisruptionTarget condition's reason
+    deletion: datetime | None = None  # deletionTimestamp: when SIGTERM was sent plus the grace period
+    grace: int | None = None
+    exit_code: int | None = None  # the trainer container's (the launcher's)
+    finished_at: datetime | None = None
+    frozen_through: list[str | None] = field(default_factory=list)  # the workers' states at the end of the hold
+
+    def seconds_to_exit(self) -> float:
+        return (self.finished_at - (self.deletion - timedelta(seconds=self.grace))).total_seconds()
+
+
+def process_state(pid: int) -> str | None:
+    """A process's state letter (T: stopped, Z: dead and not reaped), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def workers_of_pod(uid: str) -> list[int]:
+    """A trainer pod's torchrun workers: its processes other than the launcher (``sft_trainer.launch``)."""
+    workers = []
+    for pid in processes_of_pod(uid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "sft_trainer.launch" not in command:
+            workers.append(pid)
+    return workers
+
+
+def watch_until_gone(core: client.CoreV1Api, namespace: str, name: str, version: str, seen: Ending) -> None:
+    """Record what ``seen`` asks for from every change to one pod until it is deleted (the Job controller
+    removes an ended pod's finalizer within moments, so a poll could miss its exit code)."""
+    for event in watch.Watch().stream(core.list_namespaced_pod, namespace, field_selector=f"metadata.name={name}",
+                                      resource_version=version, timeout_seconds=GRACE_S + 120):
+        pod = event["object"]
+        for cond in pod.status.conditions or []:
+            if cond.type == "DisruptionTarget" and cond.status == "True":
+                seen.disruption = cond.reason
+        if pod.metadata.deletion_timestamp and seen.deletion is None:  # the eviction's (the kubelet's own delete shortens it)
+            seen.deletion, seen.grace = pod.metadata.deletion_timestamp, pod.metadata.deletion_grace_period_seconds
+        for container in pod.status.container_statuses or []:
+            if container.name == TRAINER_CONTAINER and container.state.terminated:
+                seen.exit_code, seen.finished_at = container.state.terminated.exit_code, container.state.terminated.finished_at
+        if event["type"] == "DELETED":
+            return
+
+
+def evict_with_a_slow_save(installed: Installed, pod: client.V1Pod) -> Ending:
+    """Evict ``pod`` (policy/v1, as `kubectl drain` does) while its save cannot finish within 30 s: its
+    workers are frozen (SIGSTOP) from just before the eviction for ``FROZEN_S``, as a stalled volume would
+    hold a save, so the SIGTERM they are forwarded waits; then they go on, save, and exit."""
+    core = client.CoreV1Api(installed.cluster.api)
+    name, namespace = pod.metadata.name, installed.work
+    workers = workers_of_pod(pod.metadata.uid)
+    assert workers, f"no worker process of {name} found"
+    seen = Ending()
+    version = core.read_namespaced_pod(name, namespace).metadata.resource_version
+    watcher = threading.Thread(target=watch_until_gone, args=(core, namespace, name, version, seen), daemon=True)
+    watcher.start()
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        core.create_namespaced_pod_eviction(name, namespace, client.V1Eviction(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace)))
+        time.sleep(FROZEN_S)
+        seen.frozen_through = [process_state(pid) for pid in workers]  # torchrun's own 30 s would have killed them
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    watcher.join(GRACE_S + 120)
+    return seen
+
+
+def test_a_2_pod_run_survives_a_rank_sigkilled_then_an_eviction_while_its_save_takes_over_30_s(installed, tmp_path):
+    """A 2-pod run meets two faults. First rank 1's processes are SIGKILLed (a GPU fault, an OOM kill):
+    that pod's failure is counted, once; rank 0, which lost its peer, exits 76 (PeerLost), which is not;
+    both pods are replaced and the group resumes from its last checkpoint. Then, once the replacements
+    train, rank 0's pod (the one that writes the checkpoint) is evicted while its save takes longer than
+    torchrun's 30 s: its worker gets the pod's grace period, the save completes, the pod exits 75, and the
+    group resumes from that save: nothing counted, nothing recomputed."""
     name, max_steps = "chaos-rank", 300
     faults = Faults()
-    applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps, resources={"nodes": 2},
-                                                            runPolicy={"backoffLimit": 1}))
-    killed = []
+    applied = installed.apply(name, tmp_path, **sftjob_spec(max_steps, resources={"nodes": 2}, runPolicy={
+        "backoffLimit": 1, "terminationGracePeriodSeconds": GRACE_S}))
+    killed: list[str] = []
+    first: set[str] = set()
+    evicted: dict[str, Ending] = {}
 
-    def on_running(run: Run) -> None:
-        step = step_of(run)
-        if killed or step < CHECKPOINT_EVERY + 10 or not list((installed.models / name / "checkpoints").glob("*/COMPLETE")):
+    def kill_rank_1(run: Run) -> None:
+        if step_of(run) < CHECKPOINT_EVERY + 10 or not list((installed.models / name / "checkpoints").glob("*/COMPLETE")):
             return
         at = trainer_step(installed, name)
-        for pod in installed.pods(name):
+        pods = installed.pods(name)
+        for pod in pods:
             index = pod.metadata.annotations.get("batch.kubernetes.io/job-completion-index")
             if index == "1" and pod.status.phase == "Running":
                 for pid in processes_of_pod(pod.metadata.uid):
                     os.kill(pid, signal.SIGKILL)
                 killed.append(pod.metadata.name)
-                faults.note("rank 1 SIGKILL", step, trainer_at=at)
+                first.update(p.metadata.name for p in pods)
+                faults.note("rank 1 SIGKILL", step_of(run), trainer_at=at)
+
+    def evict_rank_0(run: Run) -> None:
+        replacements = [p for p in installed.pods(name) if p.metadata.name not in first
+                        and p.status.phase == "Running" and p.metadata.deletion_timestamp is None]
+        rank0 = [p for p in replacements if p.metadata.annotations.get("batch.kubernetes.io/job-completion-index") == "0"]
+        if len(replacements) < 2 or not rank0:
+            return
+        pod = rank0[0].metadata.name
+        resumed, at = resumed_step(installed, pod), logged_step(installed, pod)
+        if resumed is None or at < resumed + 10:  # the group trains again
+            return
+        faults.resumed[pod] = resumed  # the eviction deletes the pod and its log
+        evicted[pod] = evict_with_a_slow_save(installed, rank0[0])
+        faults.note(f"rank 0 evicted, its save held {FROZEN_S} s", step_of(run), trainer_at=at)
+
+    def on_running(run: Run) -> None:
+        if not killed:
+            kill_rank_1(run)
+        elif not evicted:
+            evict_rank_0(run)
 
     run = installed.follow(name, applied, timeout=900, on_running=on_running)
-    assert killed, "the run ended before a checkpoint was complete"
-    assert_survived(installed, name, run, max_steps, faults, interrupted=1)
-    # backoffLimit 1: had rank 0's exit counted beside the killed rank's, the Job would have failed.
-    rank0 = [p for p in installed.pods(name) if p.status.container_statuses
+    assert killed and evicted, f"the run ended before both faults: killed {killed}, evicted {list(evicted)}"
+    (ending,) = evicted.values()
+    assert_survived(installed, name, run, max_steps, faults, interrupted=2)
+    # The evicted pod: its frozen worker outlived torchrun's 30 s, its save completed, it said so (exit 75).
+    assert ending.disruption == "EvictionByEvictionAPI", ending
+    assert ending.frozen_through and all(state == "T" for state in ending.frozen_through), ending
+    assert ending.exit_code == 75, f"{ending}\n{installed.explain(name, run.status)}"
+    assert ending.seconds_to_exit() > 30, ending
+    # Resumed from the save made at the eviction: nothing recomputed.
+    assert max(resumed_steps(installed, name)) >= faults.interruptions[-1], (resumed_steps(installed, name), faults)
+    # backoffLimit 1: the killed rank's failure is the one counted; rank 0's exit 76 and the eviction are not.
+    job = client.BatchV1Api(installed.cluster.api).read_namespaced_job(name, installed.work)
+    assert job.status.failed == 1, job.status
+    assert run.status.get("restarts", 0) >= 4, run.status  # two pods replaced after each fault
+    rank0 = [p for p in installed.pods(name) if p.metadata.name in first and p.status.container_statuses
              and p.status.container_statuses[0].state.terminated
              and p.status.container_statuses[0].state.terminated.exit_code == 76]
-    assert rank0, "rank 0 did not exit PeerLost (76)"
+    assert rank0, "rank 0 did not exit PeerLost (76) after rank 1 was killed"
 
 
 def test_the_api_server_and_etcd_restarting_and_a_helm_upgrade_mid_run_lose_nothing(installed, tmp_path):
