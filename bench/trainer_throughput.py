@@ -63,6 +63,9 @@ def parse(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/sft-bench", help="assets, runs and results (default /tmp/sft-bench)")
     p.add_argument("--rows", type=int, default=1800, help="training rows from the long-tailed set (default 1800)")
+    p.add_argument("--data", choices=("long-tail", "spread"), default="long-tail",
+                   help="long-tail (the tiny assets' set: median ~37 tokens, a tail past 250; default) or spread "
+                        "(list lengths uniform over 1-120 words: rows of 51-289 tokens, median 163, with small-tied's tokenizer)")
     p.add_argument("--eval-rows", type=int, default=200, help="held-out rows for the eval loss (default 200)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
@@ -153,8 +156,27 @@ def prompt_of(row: dict) -> str:
     return DEFAULT_PROMPT_TEMPLATE.replace("{instruction}", row["instruction"])
 
 
+def spread_rows(n: int) -> list[dict]:
+    """``--data spread``: the long-tailed set's list-reversal task with list lengths drawn uniformly from 1 to
+    120 words, so row lengths spread evenly (a random batch mixes short and long rows)."""
+    import random
+
+    from sft_trainer.tiny import WORDS
+
+    rng = random.Random(7)
+    rows = []
+    for _ in range(n):
+        items = [rng.choice(WORDS) for _ in range(rng.randint(1, 120))]
+        rows.append({"instruction": "Repeat the list backwards.", "input": " ".join(items),
+                     "output": " ".join(reversed(items))})
+    return rows
+
+
 def split_rows(args, assets: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (assets / "data" / "long_tail.jsonl").read_text().splitlines()]
+    if args.data == "spread":
+        rows = spread_rows(2000)
+    else:
+        rows = [json.loads(line) for line in (assets / "data" / "long_tail.jsonl").read_text().splitlines()]
     return rows[: args.rows], rows[len(rows) - args.eval_rows :]
 
 
@@ -352,7 +374,7 @@ def main(argv=None) -> int:
     tokens, held, stats = real_tokens_and_eval_set(args, assets)
     print(f"model: {args.model}, {n_params / 1e6:.1f}M non-embedding parameters; {args.device}, precision "
           f"{args.precision or 'each default'}, gradient checkpointing {args.gradient_checkpointing or 'each default'}")
-    print(f"data: {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
+    print(f"data: {args.data}, {args.rows} rows, lengths min/p50/p95/max {stats.min}/{stats.p50}/{stats.p95}/{stats.max} tokens; "
           f"{tokens:,} real tokens over {args.epochs} epoch(s); padded to {SEQ}: {args.rows * SEQ * args.epochs:,}")
     plan = [(seed, name) for seed in args.seeds for name in args.only]
     per_seed: dict[int, dict[str, dict]] = {seed: {} for seed in args.seeds}
