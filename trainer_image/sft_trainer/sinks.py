@@ -14,6 +14,7 @@ drops network errors, and so should any sink that talks to a server.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 from . import outputs
 from .config import ProgressReport
 from .progress import ProgressReporter
+
+log = logging.getLogger("sft_trainer")
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,11 @@ class TrainerLogSink(Sink):
         self.log.write(record.as_log())
 
     def on_end(self, metrics: dict[str, Any], progress: ProgressReport) -> None:
-        outputs.plot_loss(self.log.records(), self.plot)
+        try:
+            outputs.plot_loss(self.log.records(), self.plot)
+        except Exception as e:  # noqa: BLE001 - a chart is no reason to fail a trained run
+            log.warning("loss plot %s not written (%s: %s); the log and metrics.json have the numbers",
+                        self.plot.name, type(e).__name__, e)
 
 
 class ProgressSink(Sink):
