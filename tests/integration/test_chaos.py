@@ -412,6 +412,7 @@ def test_a_2_pod_run_survives_a_rank_sigkilled_then_an_eviction_while_its_save_t
     assert ending.frozen_through and all(state == "T" for state in ending.frozen_through), ending
     assert ending.exit_code == 75, f"{ending}\n{installed.explain(name, run.status)}"
     assert ending.seconds_to_exit() > 30, ending
+    print(f"  the evicted pod exited {ending.exit_code} {ending.seconds_to_exit():.0f} s after its SIGTERM")
     # Resumed from the save made at the eviction: nothing recomputed.
     assert max(resumed_steps(installed, name)) >= faults.interruptions[-1], (resumed_steps(installed, name), faults)
     # backoffLimit 1: the killed rank's failure is the one counted; rank 0's exit 76 and the eviction are not.
