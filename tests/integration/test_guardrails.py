@@ -161,10 +161,21 @@ def test_a_compliant_sftjob_is_admitted_and_its_labels_stay(guarded):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_namespaces_outside_the_selector_are_not_checked(guarded, namespace):
+def test_other_namespaces_are_not_checked_and_jobs_from_before_a_rule_stay_editable(guarded, namespace):
     doc = compliant("elsewhere")
     _set(doc, "spec.image", "docker.io/someone/miner:latest")
-    proc = guarded.apply(doc, namespace=namespace, dry_run=True)
+    _set(doc, "metadata.labels", None)
+    proc = guarded.apply(doc, namespace=namespace)
+    assert proc.returncode == 0, proc.stderr
+    # The namespace comes under the guardrails: new jobs like it are refused...
+    selector = guarded.release.values["guardrails"]["namespaceSelector"]["matchLabels"]
+    client.CoreV1Api(guarded.cp.api).patch_namespace(namespace, {"metadata": {"labels": selector}})
+    again = {**doc, "metadata": {"name": "elsewhere-again"}}
+    guarded.cp.wait_for(lambda: guarded.apply(again, namespace=namespace, dry_run=True).returncode != 0, 30,
+                        "the policy to cover the relabelled namespace")
+    # ...while the job admitted before can still be suspended, its missing labels and image notwithstanding.
+    proc = guarded.cp.kubectl("patch", "-n", namespace, "sftjob/elsewhere", "--type=merge",
+                              "-p", '{"spec": {"runPolicy": {"suspend": false}}}', check=False)
     assert proc.returncode == 0, proc.stderr
 
 

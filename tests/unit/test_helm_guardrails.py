@@ -31,7 +31,7 @@ def test_guardrails_ship_by_default_and_restrict_nothing():
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     assert binding["spec"]["paramRef"] == {"name": params["metadata"]["name"], "namespace": NAMESPACE,
-                                           "parameterNotFoundAction": "Deny"}
+                                           "parameterNotFoundAction": "Allow"}
     assert "matchResources" not in binding["spec"]  # every namespace
     assert params["data"] == {"allowedImagePrefixes": "", "allowedServiceAccounts": "", "allowedEndpointHosts": "",
                               "maxNodes": "0", "maxGpusPerJob": "0", "requiredLabels": ""}
