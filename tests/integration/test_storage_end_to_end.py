@@ -16,8 +16,8 @@ scripts/build-images.sh builds. Nothing is simulated:
 The scenarios are combined to keep the suite lean: five SFTJobs, the three failing ones at once (one on
 bad rows, which the fetch stage's data check fails before the model loads). Measured warm (images built,
 2 busy cores): the module ~2 min including the cluster's start; apply -> end ~26 s for the 2-pod job,
-~35 s for the one killed mid-upload, ~5 s for the two storage failures. `pytest -s` prints each one's
-apply -> end time.
+~35 s for the one killed mid-upload, ~5-8 s for the two storage failures, ~15 s for the bad rows (fetch,
+the tokenizer loaded, the check). `pytest -s` prints each one's apply -> end time.
 """
 
 from __future__ import annotations
