@@ -96,8 +96,9 @@ class Cluster:
                 raise
 
     def kubelet_reports_waiting(self, pod: str, reason: str, message: str = "") -> None:
-        """What a kubelet writes for a scheduled pod whose container cannot start (kwok never does). Only for
-        pods without init containers: kwok ends those at once, and an ended one cannot wait again."""
+        """What a kubelet writes for a scheduled pod whose container cannot start (kwok never does). kwok ends
+        init containers at once and an ended one cannot wait again: for a pod that must not be past its init
+        containers (a volume problem), launch it with the annotation sft.dev/kwok-unstarted."""
         self.core.patch_namespaced_pod_status(pod, self.ns, {"status": {
             "phase": "Pending",
             "containerStatuses": [{

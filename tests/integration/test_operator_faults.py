@@ -150,16 +150,24 @@ def test_every_deleted_child_comes_back_and_a_failed_recreate_is_retried(operato
 
 @pytest.mark.parametrize("problem", ["CreateContainerConfigError", "FailedMount", "MultiAttach"])
 def test_a_pod_that_cannot_start_is_named_then_failed_and_its_gpus_freed(operator, k8s, problem):
-    # A model in the image: no fetch stage (kwok would end its init container at once, and a pod whose
-    # init containers ran has mounted its volumes: no FailedMount any more).
+    # A model in the image: no download. A pod whose init containers ran has mounted its volumes, so for a
+    # volume problem kwok leaves the pods Pending once scheduled, as a kubelet that cannot mount them does.
     spec = {"model": {"source": "/models/qwen2.5-0.5b"}}
+    hold = {"sft.dev/kwok-hold": "true"}
+    if problem != "CreateContainerConfigError":
+        hold["sft.dev/kwok-unstarted"] = "true"
     if problem == "MultiAttach":  # two nodes reading one ReadWriteOnce claim: the second cannot attach it
         k8s.core.create_namespaced_persistent_volume_claim(k8s.ns, {
             "metadata": {"name": "shared"},
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
         spec.update(resources={"nodes": 2, "gpusPerNode": 1}, dataset={"train": {"source": "pvc://shared/train.jsonl"}})
-    k8s.launch("stuck", {"sft.dev/kwok-hold": "true"}, **spec)
-    k8s.wait_phase("stuck", "Running", timeout=40)
+    k8s.launch("stuck", hold, **spec)
+    if problem == "CreateContainerConfigError":
+        k8s.wait_phase("stuck", "Running", timeout=40)
+    else:
+        pods = 2 if problem == "MultiAttach" else 1
+        k8s.cp.wait_for(lambda: len(ps := k8s.pods("stuck")) == pods and all(p.spec.node_name for p in ps), 40,
+                        "the pods scheduled")
     pod = sorted(k8s.pods("stuck"), key=lambda p: p.metadata.name)[-1]
     if problem == "CreateContainerConfigError":
         k8s.kubelet_reports_waiting(pod.metadata.name, problem, f"couldn't find key tokn in Secret {k8s.ns}/hf-token")
