@@ -20,11 +20,18 @@ order that can be skipped into, and DDP needs every rank to get the same number 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .data import IGNORE, Example
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, rank: int = 0, world: int = 1) -> Iterator[list[Example]]:
+    """Evaluation batches: the rows by length (the least padding), and of those every ``world``-th from ``rank``."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))[rank::world]
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start : start + batch_size]]
 
 
 def epoch_batches(

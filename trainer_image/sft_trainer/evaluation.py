@@ -106,12 +106,9 @@ def token_accuracy(model, examples: list[data.Example], d: Dist, amp, pad_id: in
         return None
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-    if shard:
-        order = order[d.rank :: d.world]
     right = total = 0
-    for start in range(0, len(order), batch_size):
-        batch = collate.pad_batch([examples[i] for i in order[start : start + batch_size]], pad_id)
+    for rows in collate.eval_batches(examples, batch_size, *((d.rank, d.world) if shard else (0, 1))):
+        batch = collate.pad_batch(rows, pad_id)
         batch = {k: v.to(d.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         keep = torch.zeros_like(labels, dtype=torch.bool)

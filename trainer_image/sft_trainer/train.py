@@ -124,12 +124,9 @@ def evaluate(model, examples: list[data.Example], d: Dist, amp: Amp, collate_fn,
         return None
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-    if shard:
-        order = order[d.rank :: d.world]
     total, tokens = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate_fn([examples[i] for i in order[start : start + batch_size]])
+    for rows in collate.eval_batches(examples, batch_size, *((d.rank, d.world) if shard else (0, 1))):
+        batch = collate_fn(rows)
         n = collate.trained_tokens(batch)
         if n == 0:
             continue
