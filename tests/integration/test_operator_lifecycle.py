@@ -74,7 +74,7 @@ def test_apply_creates_children_runs_and_succeeds(control_plane, operator, k8s):
 
     got = control_plane.kubectl("get", "sftjobs", "-n", k8s.ns)
     header, row = got.stdout.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "EVALUATION", "AGE"]
     assert row.split()[:2] == ["happy", "Succeeded"]
     assert k8s.wide_reason("happy") == "Completed"
 
