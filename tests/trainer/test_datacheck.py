@@ -204,3 +204,19 @@ def test_a_long_reason_is_clipped_in_the_summary_but_whole_in_the_report(make_sp
     (clipped,) = result.summary().first_invalid
     assert whole == f"{f} row 13: missing field 'output'" and len(whole) > 400
     assert len(clipped) == 300 and clipped.endswith("...") and whole.startswith(clipped[:-3])
+
+
+def test_the_checks_report_keeps_the_fetched_bytes_so_status_still_shows_them(make_spec):
+    reports = []
+
+    class Reporter:
+        def report(self, report, final=False):
+            reports.append(report)
+
+    spec = TrainingSpec.model_validate(make_spec())
+    datacheck.run(spec, reporter=Reporter(), fetched=(1234, 1234))
+    datacheck.run(spec, reporter=Reporter(), fetched=(0, 0))  # nothing fetched: no bytes to show
+    (after_fetch, nothing_fetched) = reports
+    assert (after_fetch.stage, after_fetch.bytes_done, after_fetch.bytes_total) == ("fetching", 1234, 1234)
+    assert after_fetch.data is not None and after_fetch.data.rows > 0
+    assert nothing_fetched.bytes_total is None

@@ -207,9 +207,10 @@ def _general(ds: DatasetSpec, tokenizer, task_rows: int, out: DataCheck) -> data
     return stats
 
 
-def run(spec: TrainingSpec, world: int = 1, reporter=None) -> DataCheck:
+def run(spec: TrainingSpec, world: int = 1, reporter=None, fetched: tuple[int, int] | None = None) -> DataCheck:
     """The check as a stage: the model's tokenizer loaded (no weights), the report logged and sent to the
-    operator (``reporter``), DataError raised when a row is invalid."""
+    operator (``reporter``; with the fetch's ``(bytes done, total)``, so status keeps showing them), DataError
+    raised when a row is invalid."""
     from .config import ProgressReport
     from .loading import load_tokenizer
 
@@ -217,7 +218,9 @@ def run(spec: TrainingSpec, world: int = 1, reporter=None) -> DataCheck:
     for line in result.lines():
         log.info("data check: %s", line)
     if reporter is not None:
+        done, total = fetched if fetched and fetched[1] else (None, None)
         reporter.report(ProgressReport(step=0, total_steps=0, epoch=0.0, stage="fetching", data=result.summary(),
+                                       bytes_done=done, bytes_total=total,
                                        message=f"data checked: {result.invalid_rows} invalid row(s)"))
     if not result.ok:
         raise result.error()

@@ -155,14 +155,16 @@ def cache_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def fetch_all(spec: TrainingSpec, *, reporter=None) -> dict[str, Path]:
-    """Fetch every hub and s3:// source of ``spec`` into the cache; returns source -> local path."""
+def fetch_all(spec: TrainingSpec, *, reporter=None, progress: Progress | None = None) -> dict[str, Path]:
+    """Fetch every hub and s3:// source of ``spec`` into the cache; returns source -> local path.
+    ``progress``: the caller's, to read the bytes fetched afterwards."""
     remotes = remote_sources(spec)
     if not remotes:
         return {}
     root = paths.cache_root()
     (root / ".sft" / "done").mkdir(parents=True, exist_ok=True)
-    progress = Progress(root / ".sft" / "fetch-progress.json", reporter)
+    if progress is None:
+        progress = Progress(root / ".sft" / "fetch-progress.json", reporter)
     with cache_lock(root):
         plans = [_plan(r, spec) for r in remotes]
         if is_s3(spec.output.destination):  # before the download: an unwritable output fails in seconds, not hours
@@ -438,11 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_config(args.config)
         reporter = ProgressReporter.from_env()
         with sigterm_interrupts("the fetch stage"):  # a pod deleted mid-download: retried uncounted, resumes
-            fetch_all(spec, reporter=reporter)
+            progress = Progress(paths.cache_root() / ".sft" / "fetch-progress.json", reporter)
+            fetch_all(spec, reporter=reporter, progress=progress)
             if not args.no_data_check:
                 from . import datacheck
 
-                datacheck.run(spec, world=max(1, args.world_size), reporter=reporter)
+                datacheck.run(spec, world=max(1, args.world_size), reporter=reporter,
+                              fetched=(progress.done, progress.total))
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)
