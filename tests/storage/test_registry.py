@@ -4,6 +4,7 @@ a run whose gates passed becomes a new version with the alias; a rejected one a 
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,26 @@ def test_the_alias_is_configurable_and_a_failed_run_registers_nothing(mlflow_ser
     ok = sink(mlflow_server, tmp_path / "b", name, alias="staging")
     ok.end(finished("uid-2", True), "s3://models/run-1")
     assert client.get_model_version_by_alias(name, "staging").tags["sft.uid"] == "uid-2"
+
+
+def test_jobs_that_start_and_end_together_each_get_their_run_and_their_version(mlflow_server, tmp_path):
+    """A sweep: four jobs create the same new experiment and register into the same new model at once
+    (the losers of those races used to get no MLflow run at all, so nothing was registered)."""
+    client = mlflow_server.client()
+    name = f"sweep-{free_port()}"
+    settings = [MlflowSpec(tracking_uri=mlflow_server.uri, experiment=name, registered_model=name) for _ in range(4)]
+    sinks = [MlflowSink(s, tmp_path / str(i), run_params(SPEC, 1), run_name=f"run-{i}") for i, s in enumerate(settings)]
+    threads = [threading.Thread(target=s.end, args=(finished(f"uid-{i}", i % 2 == 0), "s3://models/run-1"))
+               for i, s in enumerate(sinks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [s.warning for s in sinks] == [None] * 4
+    versions = {v.tags["sft.uid"]: v for v in client.search_model_versions(f"name='{name}'")}
+    assert sorted(versions) == [f"uid-{i}" for i in range(4)]
+    assert {v.run_id for v in versions.values()} == {s.run_id for s in sinks}
+    assert client.get_model_version_by_alias(name, "candidate").tags["sft.uid"] in ("uid-0", "uid-2")
 
 
 def test_an_unreachable_registry_is_a_warning_not_a_failure(tmp_path):

@@ -180,8 +180,7 @@ class MlflowSink(Sink):
             except Exception:  # noqa: BLE001 - deleted or another server: start a new run
                 run_id = None
         if run_id is None:
-            exp = self._client.get_experiment_by_name(self.settings.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.settings.experiment)
+            exp_id = self._experiment_id(self.settings.experiment)
             run_id = self._client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
             self._client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
             log.info("MLflow: run %s in experiment %r at %s", run_id, self.settings.experiment, self.uri)
@@ -189,6 +188,21 @@ class MlflowSink(Sink):
             self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.run_id = run_id
         self._write_run_file()
+
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created when missing. Jobs starting together race to create it; the loser's
+        RESOURCE_ALREADY_EXISTS means the other one did, so it is read again."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self._client.get_experiment_by_name(name)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self._client.create_experiment(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self._client.get_experiment_by_name(name).experiment_id
 
     def _log_metrics(self, items: list[tuple]) -> None:
         from mlflow.entities import Metric
