@@ -155,16 +155,20 @@ def cache_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cache_progress(reporter=None) -> Progress:
+    """The fetch's progress in the cache (``.sft/fetch-progress.json``), reported through ``reporter``."""
+    return Progress(paths.cache_root() / ".sft" / "fetch-progress.json", reporter)
+
+
 def fetch_all(spec: TrainingSpec, *, reporter=None, progress: Progress | None = None) -> dict[str, Path]:
     """Fetch every hub and s3:// source of ``spec`` into the cache; returns source -> local path.
-    ``progress``: the caller's, to read the bytes fetched afterwards."""
+    ``progress``: the caller's (``cache_progress``), to read the bytes fetched afterwards."""
     remotes = remote_sources(spec)
     if not remotes:
         return {}
     root = paths.cache_root()
     (root / ".sft" / "done").mkdir(parents=True, exist_ok=True)
-    if progress is None:
-        progress = Progress(root / ".sft" / "fetch-progress.json", reporter)
+    progress = progress or cache_progress(reporter)
     with cache_lock(root):
         plans = [_plan(r, spec) for r in remotes]
         if is_s3(spec.output.destination):  # before the download: an unwritable output fails in seconds, not hours
@@ -440,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_config(args.config)
         reporter = ProgressReporter.from_env()
         with sigterm_interrupts("the fetch stage"):  # a pod deleted mid-download: retried uncounted, resumes
-            progress = Progress(paths.cache_root() / ".sft" / "fetch-progress.json", reporter)
-            fetch_all(spec, reporter=reporter, progress=progress)
+            progress = cache_progress(reporter)
+            fetch_all(spec, progress=progress)
             if not args.no_data_check:
                 from . import datacheck
 
