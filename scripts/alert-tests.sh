@@ -6,30 +6,13 @@
 #
 #   bash scripts/alert-tests.sh
 #
-# scripts/test.sh runs it after pytest. promtool comes from Debian's `prometheus` package, downloaded once
-# and unpacked into ${SFT_CACHE:-~/.cache/sft-operator}/promtool-<version> (about a second; nothing is
-# installed, so no Prometheus service appears). Building it from its Go module took 15 min on 2 busy cores.
+# scripts/test.sh runs it after pytest. promtool comes from Debian's `prometheus` package, unpacked once
+# by scripts/prometheus-bin.sh into ${SFT_CACHE:-~/.cache/sft-operator}/prometheus-<version> (seconds;
+# nothing is installed). Building it from its Go module took 15 min on 2 busy cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROMETHEUS_DEB=${PROMETHEUS_DEB:-prometheus=2.42.0+ds-5+deb12u1}
-CACHE=${SFT_CACHE:-$HOME/.cache/sft-operator}
-PROMTOOL_DIR=$CACHE/promtool-${PROMETHEUS_DEB#*=}
 PYTHON=${PYTHON:-python3}
-log() { echo "[alert-tests $(date +%H:%M:%S)] $*" >&2; }
-
-if [[ ! -x $PROMTOOL_DIR/promtool ]]; then
-  log "promtool: downloading Debian's $PROMETHEUS_DEB (once)"
-  deb=$(mktemp -d)
-  # apt-get download refuses nothing as root; it only warns that _apt cannot read the folder.
-  if ! (cd "$deb" && apt-get download "$PROMETHEUS_DEB" >&2 2>/dev/null || apt-get download "${PROMETHEUS_DEB%%=*}" >&2); then
-    log "cannot download the Debian package ${PROMETHEUS_DEB%%=*} (apt-get download; run apt-get update?)"
-    exit 1
-  fi
-  dpkg-deb -x "$deb"/prometheus_*.deb "$deb/root"
-  mkdir -p "$PROMTOOL_DIR"
-  install -m 0755 "$deb/root/usr/bin/promtool" "$PROMTOOL_DIR/promtool"
-  rm -rf "$deb"
-fi
+PROMTOOL=$(bash scripts/prometheus-bin.sh | tail -1)/promtool
 
 K8S_BIN=$(bash scripts/k8s-bin.sh | tail -1)
 K8S_VERSION=$(basename "$(dirname "$K8S_BIN")"); K8S_VERSION=${K8S_VERSION#k8s-v}
@@ -53,5 +36,5 @@ for panel in json.load(open(sys.argv[1]))["panels"]:
 yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sys.stdout, sort_keys=False)
 PY
 cp tests/alerts/*.test.yaml "$work/"
-"$PROMTOOL_DIR/promtool" check rules "$work/rules.yaml" "$work/dashboard-queries.yaml"
-"$PROMTOOL_DIR/promtool" test rules "$work"/*.test.yaml
+"$PROMTOOL" check rules "$work/rules.yaml" "$work/dashboard-queries.yaml"
+"$PROMTOOL" test rules "$work"/*.test.yaml
