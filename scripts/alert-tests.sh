@@ -23,18 +23,7 @@ trap 'rm -rf "$work"' EXIT
   "$PYTHON" -c 'import sys, yaml; rule = yaml.safe_load(sys.stdin); yaml.safe_dump({"groups": rule["spec"]["groups"]}, sys.stdout, sort_keys=False)' \
   >"$work/rules.yaml"
 # The dashboard's queries, with Grafana's variables filled in, must parse as PromQL too.
-"$PYTHON" - helm/sft-operator/dashboards/sft-operator.json >"$work/dashboard-queries.yaml" <<'PY'
-import json, sys, yaml
-grafana = {"$__rate_interval": "5m", "$__range": "6h", "$namespace": ".*", "$sftjob": ".*"}
-rules = []
-for panel in json.load(open(sys.argv[1]))["panels"]:
-    for target in panel.get("targets", []):
-        expr = target["expr"]
-        for var, value in grafana.items():
-            expr = expr.replace(var, value)
-        rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId'].lower()}", "expr": expr})
-yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sys.stdout, sort_keys=False)
-PY
+"$PYTHON" tests/dashboard_queries.py helm/sft-operator/dashboards/sft-operator.json >"$work/dashboard-queries.yaml"
 cp tests/alerts/*.test.yaml "$work/"
 "$PROMTOOL" check rules "$work/rules.yaml" "$work/dashboard-queries.yaml"
 "$PROMTOOL" test rules "$work"/*.test.yaml
