@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, trainer and real-control-plane integration tests, then the chart's
-# Prometheus alert rules with promtool (scripts/alert-tests.sh). Sets up what is missing first; the
-# integration fixtures start and stop the control plane. Fails if either part fails.
+# The whole test suite: unit, trainer and real-control-plane integration tests (Kueue's among them:
+# scripts/kueue-bin.sh builds it), then the chart's Prometheus alert rules with promtool
+# (scripts/alert-tests.sh). Sets up what is missing first; the integration fixtures start and stop the
+# control plane. Fails if either part fails.
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m "not cluster"   # extra args go to pytest (the alert tests always run)
@@ -18,6 +19,8 @@ if [[ $# -eq 0 ]]; then
   bash scripts/build-images.sh all >/dev/null 2>"$images_log" &
   images=$!
   bash scripts/setup.sh
+  # Kueue's manager for the Kueue end-to-end test (tests/integration/test_kueue_e2e.py), beside the images too.
+  bash scripts/kueue-bin.sh >/dev/null
   if ! wait "$images"; then
     tail -n 30 "$images_log" >&2
     echo "scripts/build-images.sh failed (log $images_log)" >&2

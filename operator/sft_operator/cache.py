@@ -28,7 +28,9 @@ from .status import Cause, is_ignored_failure
 Key = tuple[str, str]  # (namespace, SFTJob name)
 METADATA_ONLY = "PartialObjectMetadata"  # the kind of an object read by its metadata alone
 CHILD_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", "Job")  # the cache claim only when we create it
-DETAIL_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim")  # not read once the job is over (its Job is)
+# Kueue's Workload of a queued Job: held beside the children (not ours: never created or deleted here).
+QUEUE_KIND = "Workload"
+DETAIL_KINDS = ("ConfigMap", "Service", "PersistentVolumeClaim", QUEUE_KIND)  # not read once the job is over (its Job is)
 CHILD_NAMES = {"ConfigMap": config_map_name, "Service": service_name, "PersistentVolumeClaim": cache_claim_name,
                "Job": trainer_job_name}
 
@@ -40,12 +42,14 @@ _META_KEEP = {
     "ConfigMap": _META,
     "Service": _META,
     "PersistentVolumeClaim": _META,
+    QUEUE_KIND: _META,
 }
 _JOB_SPEC_KEEP = ("suspend", "completions", "parallelism", "activeDeadlineSeconds", "backoffLimit")
 _POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 _POD_STATUS_KEEP = ("phase", "reason", "message", "startTime")
 _CONTAINER_STATUSES = ("initContainerStatuses", "containerStatuses")  # the fetch stage is an init container
 _CONTAINER_STATUS_KEEP = ("name", "image", "state", "lastState")
+_CONDITION_KEEP = ("type", "status", "reason", "message", "lastTransitionTime")
 
 
 def _plain(value: Any) -> Any:
@@ -86,6 +90,9 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
         out["status"] = slimmed
         account = (body.get("spec") or {}).get("serviceAccountName")
         out["spec"] = {"serviceAccountName": account} if account else {}
+    elif kind == QUEUE_KIND:
+        conditions = (body.get("status") or {}).get("conditions") or []
+        out["status"] = {"conditions": [{k: c[k] for k in _CONDITION_KEEP if k in c} for c in conditions]}
     elif kind == "ConfigMap":  # unknown (None) when only the metadata was read
         out["dataDigests"] = None if body.get("kind") == METADATA_ONLY else data_digests(body.get("data"))
     return out
@@ -114,6 +121,11 @@ def key_of(kind: str, body: Mapping[str, Any]) -> Key | None:
     meta = body.get("metadata") or {}
     if kind == "SFTJob":
         return (meta.get("namespace", ""), meta.get("name", ""))
+    if kind == QUEUE_KIND:  # Kueue names the Job it queues as its owner; the Job has the SFTJob's name
+        for ref in meta.get("ownerReferences") or []:
+            if (ref.get("apiVersion"), ref.get("kind")) == ("batch/v1", "Job"):
+                return (meta.get("namespace", ""), ref.get("name", ""))
+        return None
     label = (meta.get("labels") or {}).get(LABEL_JOB)
     if not label or (kind in CHILD_NAMES and not is_child(kind, body, label)):
         return None
@@ -160,7 +172,8 @@ class Notes:
 @dataclass
 class Cache:
     sftjobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    children: dict[str, dict[Key, dict[str, Any]]] = field(default_factory=lambda: {k: {} for k in CHILD_KINDS})
+    children: dict[str, dict[Key, dict[str, Any]]] = field(
+        default_factory=lambda: {k: {} for k in (*CHILD_KINDS, QUEUE_KIND)})
     pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)  # key -> pod uid -> pod
     # The status we last wrote, by key: (SFTJob uid, resourceVersion of our write, status). A watch event
     # older than our write would otherwise take the cache back in time.
@@ -337,6 +350,12 @@ class Cache:
         job = self.children["Job"].get(key)
         uid = (self.sftjobs.get(key) or {}).get("metadata", {}).get("uid")
         return job if controlled_by(job, uid) else None
+
+    def workload_of(self, key: Key, job_uid: str | None) -> dict[str, Any] | None:
+        """Kueue's Workload of this key's Job (one of an earlier Job of the same name is not)."""
+        workload = self.children[QUEUE_KIND].get(key)
+        refs = ((workload or {}).get("metadata") or {}).get("ownerReferences") or []
+        return workload if job_uid and any(r.get("uid") == job_uid for r in refs) else None
 
     def pods_of(self, key: Key, job_uid: str | None) -> list[dict[str, Any]]:
         """Pods of this key's Job (pods of an earlier Job of the same name are ignored)."""

@@ -58,6 +58,7 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
     "Event": ("", "v1", "events"),
     "TokenReview": ("authentication.k8s.io", "v1", "tokenreviews"),
+    "Workload": ("kueue.x-k8s.io", "v1beta2", "workloads"),  # Kueue's, read only (see watch.OPTIONAL_KINDS)
 }
 
 # (verb, API group, resource): every call this client makes, and why.
@@ -91,6 +92,8 @@ PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({
     ("create", "", "events"),  # Warning events a person acts on
     ("list", "", "events"),  # why pods are not created (FailedCreate) or stuck (FailedMount, Multi-Attach)
     ("create", "authentication.k8s.io", "tokenreviews"),  # progress endpoint authentication
+    ("list", "kueue.x-k8s.io", "workloads"),  # Kueue's own message for a queued job (when Kueue is installed)
+    ("watch", "kueue.x-k8s.io", "workloads"),
 })
 
 # Not a call: under OwnerReferencesPermissionEnforcement (on by default in OpenShift) creating a child

@@ -458,6 +458,24 @@ class Observation:
     running_pods: int = 0
 
 
+def queue_state(workload: Mapping[str, Any] | None) -> tuple[str, str]:
+    """Reason and message of a Job that Kueue holds, in Kueue's own words (its Workload's conditions):
+    why it waits (QuotaReserved False: which quota is short), and why it stopped when it was preempted or
+    evicted. ("Queued", "") without a Workload (Kueue not installed, or not created yet)."""
+    conditions = {c.get("type"): c for c in ((workload or {}).get("status") or {}).get("conditions") or []}
+    waiting = conditions.get("QuotaReserved") or {}
+    evicted = conditions.get("Evicted") or {}
+    parts = []
+    if evicted.get("status") == "True" and evicted.get("message"):
+        parts.append(evicted["message"])
+    if waiting.get("status") == "False" and waiting.get("message"):
+        parts.append(waiting["message"])
+    elif waiting.get("status") == "True":
+        parts.append(waiting.get("message") or "quota reserved; starting")
+    reason = "Preempted" if evicted.get("status") == "True" and evicted.get("reason") == "Preempted" else "Queued"
+    return reason, "; ".join(parts)
+
+
 def observe(
     sftjob: dict[str, Any],
     job: dict[str, Any] | None,
@@ -470,6 +488,7 @@ def observe(
     pod_problems: Mapping[str, Cause] | None = None,
     start_clocks: Mapping[tuple[str, str], datetime] | None = None,
     replaced_pods: Collection[str] = (),
+    queue_workload: Mapping[str, Any] | None = None,
 ) -> Observation:
     """Phase, reason and message from the Job and its pods (not terminal-latched; see derive_status)."""
     previous = sftjob.get("status") or {}
@@ -493,7 +512,10 @@ def observe(
             return Observation(SUSPENDED, "Suspended", "runPolicy.suspend is true; the trainer pods are removed", restarts)
         queue = ((job.get("metadata") or {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
         where = f"queue {queue}" if queue else "its queue"
-        return Observation(QUEUED, "Queued", f"the trainer Job is suspended until {where} admits it", restarts)
+        reason, said = queue_state(queue_workload)
+        if said:
+            return Observation(QUEUED, reason, f"{where} (Kueue): {said}", restarts)
+        return Observation(QUEUED, reason, f"the trainer Job is suspended until {where} admits it", restarts)
 
     active = [p for p in pods if is_active(p)]
     waiting_phase = RESTARTING if restarts else PENDING
@@ -667,6 +689,7 @@ def derive_status(
     pod_problems: Mapping[str, Cause] | None = None,
     start_clocks: Mapping[tuple[str, str], datetime] | None = None,
     replaced_pods: Collection[str] = (),
+    queue_workload: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The cluster-derived status fields (``OWNED_FIELDS``) of an SFTJob, given its Job and that Job's pods
     (``replaced_pods``: uids of its pods that failed as disruptions or exit 75 and are gone)."""
@@ -693,6 +716,7 @@ def derive_status(
         pod_problems=pod_problems,
         start_clocks=start_clocks,
         replaced_pods=replaced_pods,
+        queue_workload=queue_workload,
     )
     status: dict[str, Any] = {
         "phase": obs.phase,

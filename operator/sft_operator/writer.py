@@ -172,6 +172,7 @@ class StatusWriter:
                 pod_problems=notes.pod_problems,
                 start_clocks=notes.start_clocks,
                 replaced_pods=notes.replaced_by((job or {}).get("metadata", {}).get("uid")),
+                queue_workload=ctx.cache.workload_of(key, (job or {}).get("metadata", {}).get("uid")),
             )
             desired = {**current, **derived}  # what the trainer reported stays
             report = result = None

@@ -19,7 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 PLURALS = {"pods": "Pod", "jobs": "Job", "configmaps": "ConfigMap", "services": "Service",
-           "persistentvolumeclaims": "PersistentVolumeClaim", "sftjobs": "SFTJob", "events": "Event"}
+           "persistentvolumeclaims": "PersistentVolumeClaim", "sftjobs": "SFTJob", "events": "Event",
+           "workloads": "Workload"}
 
 
 class FakeApiServer:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sft_devcluster import cluster, processes
+from sft_devcluster import cluster, kueue, processes
 from sft_devcluster import node as realnode
 from sft_devcluster.pki import Pki
 from sft_devcluster.processes import DevClusterError
@@ -69,8 +69,9 @@ def _dead_pid() -> int:
 
 
 def test_every_component_of_a_cluster_has_a_command_and_a_health_check(tmp_path):
-    info = _cluster(tmp_path, real_node=True, node_cache="/cache/node")
+    info = _cluster(tmp_path, real_node=True, node_cache="/cache/node", kueue="/cache/kueue-v0.17.0")
     assert set(cluster.cluster_commands(info)) == set(info.components) == set(cluster.COMPONENTS)
+    assert info.components[0] == "kueue"  # stopped first: it calls the API server and the node runs its pods
     assert set(cluster.HEALTH_CHECKS) == set(cluster.COMPONENTS)
     kwok_only = _cluster(tmp_path / "kwok-only")
     assert set(cluster.cluster_commands(kwok_only)) == set(kwok_only.components) == set(cluster.CONTROL_PLANE)
@@ -238,3 +239,31 @@ def test_a_process_whose_main_thread_exited_first_counts_as_alive_until_its_last
         proc.kill()
         proc.wait()
     assert not processes.alive(proc.pid)
+
+
+def test_kueue_runs_on_loopback_with_only_the_webhooks_it_serves(tmp_path):
+    manifests = [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+         "metadata": {"name": "mutating-webhook-configuration"},
+         "webhooks": [
+             {"name": "mjob.kb.io", "clientConfig": {"service": {"name": "webhook-service", "namespace": "system",
+                                                                 "path": "/mutate-batch-v1-job"}},
+              "rules": [{"apiGroups": ["batch"], "resources": ["jobs"]}], "failurePolicy": "Fail"},
+             # Not enabled here: a Fail webhook nobody serves would refuse every pod in the cluster.
+             {"name": "mpod.kb.io", "clientConfig": {"service": {"name": "webhook-service", "namespace": "system",
+                                                                 "path": "/mutate--v1-pod"}},
+              "rules": [{"apiGroups": [""], "resources": ["pods"]}], "failurePolicy": "Fail"}]},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+         "metadata": {"name": "validating-webhook-configuration"},
+         "webhooks": [{"name": "vdeploy.kb.io", "clientConfig": {"service": {"path": "/validate-apps-v1-deployment"}},
+                       "rules": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]},
+    ]
+    hooks = kueue.loopback_webhooks(manifests, 9443, b"CA")
+    assert [h["metadata"]["name"] for h in hooks] == ["kueue-mutating-webhook-configuration"]
+    assert hooks[0]["webhooks"] == [{**manifests[0]["webhooks"][0], "clientConfig": {
+        "url": "https://127.0.0.1:9443/mutate-batch-v1-job", "caBundle": "Q0E="}}]
+    assert manifests[0]["webhooks"][0]["clientConfig"]["service"]  # the input is left alone
+    config = kueue.configuration({"kueue-webhook": 9443, "kueue-health": 9444}, tmp_path)
+    assert config["integrations"]["frameworks"] == ["batch/job"]
+    assert config["webhook"] == {"host": "127.0.0.1", "port": 9443, "certDir": str(tmp_path)}
+    assert config["internalCertManagement"] == {"enable": False} and not config["manageJobsWithoutQueueName"]

@@ -701,3 +701,30 @@ def test_a_result_with_a_warning_succeeds_says_so_and_posts_one_warning_event():
     effects = st.transition(running, after, result.warning)
     assert [(e.type, e.reason, e.message) for e in effects.events] == [("Warning", "CompletedWithWarning", warning)]
     assert st.transition(running, st.with_result(done, TrainerResult(output_model="m")), None).events == ()
+
+
+def workload(*conditions: dict) -> dict:
+    return {"metadata": {"name": "job-demo-abcde"}, "status": {"conditions": list(conditions)}}
+
+
+@pytest.mark.parametrize("wl,reason,message", [
+    (None, "Queued", ""),
+    (workload({"type": "QuotaReserved", "status": "False", "reason": "Pending",
+               "message": "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"}),
+     "Queued", "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"),
+    (workload({"type": "Evicted", "status": "True", "reason": "Preempted",
+               "message": "Preempted to accommodate a workload (UID: u1) due to prioritization in the ClusterQueue"},
+              {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": "insufficient quota"}),
+     "Preempted", "Preempted to accommodate a workload (UID: u1) due to prioritization in the ClusterQueue; "
+                  "insufficient quota"),
+    (workload({"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved",
+               "message": "Quota reserved in ClusterQueue gpus"}), "Queued", "Quota reserved in ClusterQueue gpus"),
+], ids=["no workload", "waiting for quota", "preempted, waiting again", "admitted, not started yet"])
+def test_a_job_kueue_holds_is_explained_in_kueues_words(wl, reason, message):
+    assert st.queue_state(wl) == (reason, message)
+    queued = job(suspend=True, labels={"kueue.x-k8s.io/queue-name": "gpus"})
+    status = st.derive_status(sftjob(), queued, [], NOW, queue_workload=wl)
+    cond = st.condition(status, "Queued")
+    assert (status["phase"], cond["reason"]) == ("Queued", reason)
+    assert cond["message"] == (f"queue gpus (Kueue): {message}" if message
+                               else "the trainer Job is suspended until queue gpus admits it")

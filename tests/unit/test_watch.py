@@ -140,3 +140,88 @@ def test_a_running_job_is_not_rewritten_as_pending_while_its_pods_cannot_be_list
 @pytest.mark.parametrize("namespaces", [(), ("team-*",)])
 def test_cluster_wide_scopes_are_one_watch_per_kind(namespaces):
     assert watch.scopes(namespaces) == [(None, namespaces)]
+
+
+def queued_sftjob_and_job() -> tuple[dict[str, Any], dict[str, Any]]:
+    sftjob = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob",
+              "metadata": {"name": "waits", "namespace": NS, "uid": "s-waits", "generation": 1, "resourceVersion": "5",
+                           "creationTimestamp": "2020-01-01T00:00:00Z"},
+              "spec": {"model": {"source": "Qwen/Qwen2.5-0.5B"}, "dataset": {"train": {"source": "/d.jsonl"}},
+                       "output": {"destination": "/tmp/out"}, "scheduling": {"queueName": "team-a"}},
+              "status": {"phase": "Pending", "jobName": "waits"}}
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "waits", "namespace": NS, "uid": "j-waits", "creationTimestamp": "2020-01-01T00:00:01Z",
+                        "labels": {"sft.dev/job-name": "waits", "kueue.x-k8s.io/queue-name": "team-a"},
+                        "ownerReferences": [{"uid": "s-waits", "controller": True, "kind": "SFTJob", "name": "waits"}]},
+           "spec": {"suspend": True}, "status": {}}
+    return sftjob, job
+
+
+KUEUE_SAYS = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor gpu, 1 more needed"
+
+
+def written_messages(server: FakeApiServer) -> list[tuple[str, str]]:
+    """(phase, the Queued condition's message) of every status written."""
+    statuses = [op["value"] for _, _, patch in server.status_patches for op in patch if op["path"] == "/status"]
+    return [(s["phase"], next(c["message"] for c in s["conditions"] if c["type"] == "Queued")) for s in statuses]
+
+
+def test_a_job_kueue_holds_shows_kueues_own_message_from_its_workload():
+    sftjob, job = queued_sftjob_and_job()
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                "metadata": {"name": "job-waits-1a2b3", "namespace": NS, "uid": "w-1", "resourceVersion": "7",
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "waits",
+                                                  "uid": "j-waits", "controller": True}]},
+                "spec": {"queueName": "team-a", "podSets": [{"name": "main", "count": 1, "template": {"x": "y" * 100}}]},
+                "status": {"conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
+                                           "message": KUEUE_SAYS, "lastTransitionTime": "2020-01-01T00:00:02Z"}]}}
+
+    async def main() -> list[tuple[str, str]]:
+        async with FakeApiServer() as server:
+            server.add("Job", job)
+            server.add("Workload", workload)
+            ctx = context(server)
+            try:
+                watch.start_watchers(ctx)
+                await until(lambda: ctx.cache.workload_of(("team-a", "waits"), "j-waits") is not None)
+                await until(lambda: not ctx.unlisted)
+                ctx.cache.put("SFTJob", sftjob)
+                ctx.writer.mark(("team-a", "waits"))
+                await until(lambda: server.status_patches)
+                assert "podSets" not in str(ctx.cache.workload_of(("team-a", "waits"), "j-waits"))  # slimmed
+                # A Workload of an earlier Job of the same name says nothing about this one.
+                assert ctx.cache.workload_of(("team-a", "waits"), "j-other") is None
+                return written_messages(server)
+            finally:
+                await ctx.close()
+
+    assert asyncio.run(main()) == [("Queued", f"queue team-a (Kueue): {KUEUE_SAYS}")]
+
+
+def test_without_kueue_a_queued_job_says_so_in_the_operators_words_and_the_absence_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(watch, "OPTIONAL_RECHECK_SECONDS", 0.05)
+    sftjob, job = queued_sftjob_and_job()
+
+    async def main() -> list[tuple[str, str]]:
+        async with FakeApiServer() as server:
+            server.add("Job", job)
+            server.always_fail["Workload"] = 404  # the API server does not serve kueue.x-k8s.io
+            ctx = context(server)
+            try:
+                watchers = watch.start_watchers(ctx)
+                assert {w.kind for w in watchers} == set(watch.WATCHED_KINDS)  # nobody waits for the optional one
+                await until(lambda: len(server.pages_of("Workload")) >= 3)  # looked for again, later
+                await until(lambda: not ctx.unlisted)
+                ctx.cache.put("SFTJob", sftjob)
+                ctx.writer.mark(("team-a", "waits"))
+                await until(lambda: server.status_patches)
+                return written_messages(server)
+            finally:
+                await ctx.close()
+
+    with caplog.at_level("INFO", logger="sft_operator.watch"):
+        written = asyncio.run(main())
+    assert written == [("Queued", "the trainer Job is suspended until queue team-a admits it")]
+    absent = [r.getMessage() for r in caplog.records if "Workload" in r.getMessage()]
+    assert len(absent) == 1 and "not installed" in absent[0], absent
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "Workload" in r.getMessage()]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from . import kueue as kueue_component
 from . import node as realnode
 from .pki import COREDNS_USER, KUBELET_CLIENT_USER, Pki, ensure_pki
 from .processes import (
@@ -62,7 +63,8 @@ SERVICE_CIDR = realnode.SERVICE_CIDR
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Stop order: consumers first, storage last.
 CONTROL_PLANE = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
-ALL_COMPONENTS = (*realnode.COMPONENTS, *CONTROL_PLANE)
+QUEUE = ("kueue",)  # with `up --kueue`: stopped first, it calls the API server
+ALL_COMPONENTS = (*QUEUE, *realnode.COMPONENTS, *CONTROL_PLANE)
 # The taint kwok nodes carry when a real node is there: pods run for real unless they
 # tolerate it (scale and failure simulations do).
 KWOK_TAINT = {"key": "sft.dev/kwok-node", "value": "true", "effect": "NoSchedule"}
@@ -96,13 +98,15 @@ class ClusterInfo:
     # Everything else a command line depends on, so that `start` rebuilds it exactly as `up` did.
     profiling: bool = False
     node_cache: str = ""  # <cache>/node when up ran (SFT_CACHE may differ in the shell that runs start)
+    kueue: str = ""  # the Kueue build (scripts/kueue-bin.sh) when Kueue runs in this cluster
 
     @property
     def components(self) -> tuple[str, ...]:
         """What runs in this cluster, in stop order."""
+        queue = QUEUE if self.kueue else ()
         if self.real_node:
-            return (*realnode.COMPONENTS, *CONTROL_PLANE)
-        return CONTROL_PLANE
+            return (*queue, *realnode.COMPONENTS, *CONTROL_PLANE)
+        return (*queue, *CONTROL_PLANE)
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterInfo | None:
@@ -267,6 +271,9 @@ def cluster_commands(info: ClusterInfo) -> dict[str, list[str]]:
                               info.real_node, info.profiling)
     if info.real_node:
         cmds.update(realnode.component_commands(node_layout(info)))
+    if info.kueue:
+        cmds["kueue"] = kueue_component.command(Path(info.kueue), kueue_component.files(state_dir)["config"],
+                                                Path(info.kubeconfig))
     return cmds
 
 
@@ -291,6 +298,7 @@ COMPONENTS = {c.name: c for c in (
               needs=("kube-apiserver", "containerd"), on_node=True),
     Component("kube-proxy", "/healthz", needs=("kube-apiserver",), on_node=True),
     Component("coredns", "/ready", needs=("kube-apiserver",), on_node=True),
+    Component("kueue", "/readyz", needs=("kube-apiserver",)),
 )}
 
 
@@ -300,6 +308,8 @@ def component_problem(name: str, info: ClusterInfo | None, state_dir: Path) -> s
         return f"unknown component {name!r}; known: {', '.join(COMPONENTS)}"
     if info is None:
         return f"no dev cluster in {state_dir} (`sftctl dev-cluster up` starts one)"
+    if name in QUEUE and name not in info.components:
+        return f"Kueue does not run in the cluster in {state_dir} (`up --kueue` starts one with it)"
     if name not in info.components:
         return (f"{name} is part of the real node {realnode.NODE_NAME}, which the cluster in {state_dir} "
                 "doesn't have (it was started without it: `up --real-node` starts one with it)")
@@ -605,6 +615,7 @@ def up(
     image_archives: list[Path] = (),
     say=print,
     profiling: bool = False,
+    kueue: bool = False,
 ) -> ClusterInfo:
     """Start the control plane; return where it is. Stops what it started on failure.
 
@@ -615,12 +626,15 @@ def up(
     ``node_gpus`` nvidia.com/gpu on it, import ``image_archives`` into it, taint the kwok
     nodes, and create the default claims on local volumes.
     ``profiling``: serve kube-apiserver's /debug/pprof (off by default, as in a hardened cluster).
+    ``kueue``: also run Kueue (``sft_devcluster.kueue``; built on first use).
     """
     state_dir = (state_dir or default_state_dir()).resolve()
     if running_components(state_dir) or list((state_dir / "pids").glob("*.pid")):
         info = ClusterInfo.load(state_dir)
         alive_now = running_components(state_dir)
         if info and set(alive_now) == set(info.components):
+            if kueue and not info.kueue:
+                info = kueue_component.install(state_dir, timeout=timeout, say=say)
             _copy_kubeconfig(Path(info.kubeconfig), kubeconfig_out)
             return info
         if info and alive_now:
@@ -649,6 +663,8 @@ def up(
         info = _up(state_dir, bin_dir, gpu_nodes=gpu_nodes, crds_dir=crds_dir, timeout=timeout,
                    stop_with_pid=stop_with_pid, layout=layout, lock=lock,
                    node_gpus=node_gpus, image_archives=image_archives, say=say, profiling=profiling)
+        if kueue:
+            info = kueue_component.install(state_dir, timeout=timeout, say=say)
     except BaseException:
         if lock:
             lock.release()  # our copy; down takes it again once the node's processes are gone
@@ -854,6 +870,7 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
                 stopped.extend(stop_session(leaders[name], timeout))
 
     layout = realnode.NodeLayout(state_dir / "node", node_cache_dir(), Path(info.bin_dir) if info else Path())
+    stop(QUEUE)
     if has_node:
         stop(("kubelet", "kube-proxy", "coredns"))
         if "containerd" in leaders:
@@ -871,6 +888,8 @@ def down(state_dir: Path | None = None, timeout: float = 10.0) -> list[int]:
         pidfile(state_dir, name).unlink(missing_ok=True)
     if left:
         raise DevClusterError(f"processes survived SIGKILL: {left}")
+    if info and info.kueue:
+        kueue_component.remove_host_files()
     if has_node:
         _node_teardown(layout, state_dir)
         shutil.rmtree(spare_volumes_dir(state_dir), ignore_errors=True)  # up made them; only caches live there
@@ -1085,6 +1104,7 @@ HEALTH_CHECKS = {
     "kubelet": lambda info, since: _local_ok(info, "kubelet-healthz", "/healthz") and _node_back(info, since),
     "kube-proxy": lambda info, since: _local_ok(info, "kube-proxy-healthz", "/healthz"),
     "coredns": lambda info, since: _local_ok(info, "coredns-ready", "/ready"),
+    "kueue": lambda info, since: _local_ok(info, "kueue-health", "/readyz"),
 }
 
 
@@ -1127,6 +1147,9 @@ def add_subparser(subparsers) -> None:
                            "default: start it when scripts/node-bin.sh has built them)")
     node.add_argument("--no-real-node", dest="real_node", action="store_false",
                       help="kwok nodes only (simulated pods; no root needed)")
+    parser.add_argument("--kueue", action="store_true",
+                        help="up: also run Kueue (built from its Go module on first use, scripts/kueue-bin.sh; "
+                             "a running cluster gets it added)")
     parser.add_argument("--node-gpus", type=int, default=realnode.DEFAULT_GPUS,
                         help="nvidia.com/gpu advertised by the real node (pods then run on its CPUs)")
     parser.add_argument("--node-wait", type=float, default=0.0,
@@ -1184,16 +1207,17 @@ def run_cli(args) -> int:
     try:
         if args.action == "up":
             if status(args.dir)["running"]:
-                info = up(args.dir, kubeconfig_out=args.kubeconfig_out)
+                info = up(args.dir, kubeconfig_out=args.kubeconfig_out, kueue=args.kueue)
                 print(f"dev cluster already running: {info.server}")
                 print(f"export KUBECONFIG={args.kubeconfig_out or info.kubeconfig}")
                 return 0
             real_node = _want_real_node(args.real_node)
             info = up(args.dir, gpu_nodes=args.gpu_nodes, kubeconfig_out=args.kubeconfig_out,
                       crds_dir=args.crds, timeout=args.timeout, real_node=real_node, node_gpus=args.node_gpus, node_wait=args.node_wait,
-                      image_archives=default_image_archives() if real_node else [])
+                      image_archives=default_image_archives() if real_node else [], kueue=args.kueue)
             nodes = f"real node {realnode.NODE_NAME}, " if real_node else ""
-            print(f"dev cluster up in {info.startup_seconds}s: {info.server} ({nodes}{args.gpu_nodes} kwok GPU nodes)")
+            queue = ", Kueue" if info.kueue else ""
+            print(f"dev cluster up in {info.startup_seconds}s: {info.server} ({nodes}{args.gpu_nodes} kwok GPU nodes{queue})")
             if real_node:
                 print(f"kubectl get nodes shows {realnode.NODE_NAME} (Ready {info.node_ready_seconds}s after the "
                       f"kubelet started); claims {', '.join(DEFAULT_CLAIMS)} in namespace {VOLUMES_NAMESPACE} "

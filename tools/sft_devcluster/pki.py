@@ -152,3 +152,15 @@ def ensure_pki(directory: Path, node_name: str | None = None, node_ip: str | Non
         _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki.sa_key), cwd=directory)
         _openssl("pkey", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub), cwd=directory)
     return pki
+
+
+def ensure_serving_cert(pki: Pki, name: str, sans: list[str]) -> tuple[Path, Path]:
+    """A serving certificate ``<name>.crt``/``.key`` signed by the cluster CA for ``sans`` (made once per
+    SAN list); its (certificate, key) paths."""
+    crt, key = pki.client_crt(name), pki.client_key(name)
+    sans_file = pki.dir / f"{name}.sans"
+    if not crt.exists() or (sans_file.read_text() if sans_file.exists() else "") != ",".join(sans):
+        _ec_key(key)
+        _sign(pki, key, crt, f"/CN={name}", serving_extensions(sans))
+        sans_file.write_text(",".join(sans))
+    return crt, key
