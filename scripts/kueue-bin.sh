@@ -28,6 +28,10 @@ command -v go >/dev/null || { log "go is not installed (need Go >= 1.25)"; exit 
 mkdir -p "$ROOT/bin" "$ROOT/src"
 exec 9>"$ROOT/.lock"
 flock 9
+if [[ -f $MARKER && "$(cat "$MARKER")" == "$KUEUE_VERSION" ]]; then  # built meanwhile by whoever held the lock
+  echo "$ROOT"
+  exit 0
+fi
 
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 export GOCACHE=${GOCACHE_OVERRIDE:-$CACHE/gocache}

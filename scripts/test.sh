@@ -19,8 +19,10 @@ if [[ $# -eq 0 ]]; then
   bash scripts/build-images.sh all >/dev/null 2>"$images_log" &
   images=$!
   bash scripts/setup.sh
-  # Kueue's manager for the Kueue end-to-end test (tests/integration/test_kueue_e2e.py), beside the images too.
-  bash scripts/kueue-bin.sh >/dev/null
+  # Kueue's manager, for the Kueue end-to-end test (tests/integration/test_kueue_e2e.py), which runs
+  # among the last: built while the first tests run (its script's lock makes the test wait for it).
+  kueue_log=${SFT_CACHE:-$HOME/.cache/sft-operator}/kueue-bin.log
+  bash scripts/kueue-bin.sh >/dev/null 2>>"$kueue_log" &
   if ! wait "$images"; then
     tail -n 30 "$images_log" >&2
     echo "scripts/build-images.sh failed (log $images_log)" >&2
