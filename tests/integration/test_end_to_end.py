@@ -147,9 +147,10 @@ def unreadable_by_others(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(real_node, images, tiny_assets) -> Installed:
+def installed(request, real_node, images, tiny_assets) -> Installed:
     """The chart with the built operator image in a restricted namespace, and a restricted namespace
-    whose claims hold the tiny assets (`datasets`) and receive the results (`models`)."""
+    whose claims hold the tiny assets (`datasets`) and receive the results (`models`). Helm values: the
+    module's `RELEASE_VALUES` where it sets them, else none, as a user installs."""
     for image in images.values():  # imported only when the node lacks this build
         real_node.import_images(image.tar)
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
@@ -160,7 +161,7 @@ def installed(real_node, images, tiny_assets) -> Installed:
 
     system = make_namespace(real_node, "sft-system", RESTRICTED)
     work = make_namespace(real_node, "team-a", RESTRICTED)
-    release = Release(real_node, system, {})
+    release = Release(real_node, system, getattr(request.module, "RELEASE_VALUES", {}))
     datasets = devcluster.create_volume(real_node.api, real_node.state_dir, work, "datasets")
     shutil.copytree(tiny_assets, datasets / "tiny", dirs_exist_ok=True)
     models = devcluster.create_volume(real_node.api, real_node.state_dir, work, "models")
