@@ -25,7 +25,7 @@ from kubernetes import client
 from sft_devcluster import kueue as devcluster_kueue
 
 from .test_chaos import resumed_step, trainer_step
-from .test_end_to_end import Installed, Run, installed, release_values  # noqa: F401 - the module's helm install
+from .test_end_to_end import Installed, Run, installed  # noqa: F401 - the module's helm install
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images, pytest.mark.trainer, pytest.mark.slow]
 
