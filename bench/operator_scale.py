@@ -621,6 +621,7 @@ def summarize_profile(path: Path, top: int = 18) -> str:
     if not path.exists():
         return "(py-spy wrote no profile)"
     inclusive: Counter = Counter()
+    leaf: Counter = Counter()  # self time by function
     leaf_mod: Counter = Counter()
     total = 0
     for line in path.read_text().splitlines():
@@ -632,6 +633,7 @@ def summarize_profile(path: Path, top: int = 18) -> str:
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         for f in set(frames):
             inclusive[f] += n
+        leaf[frames[-1]] += n
         m = re.search(r"\(([^)]*)\)$", frames[-1])
         fname = m.group(1) if m else frames[-1]
         for mod in ("sft_operator", "kopf", "kubernetes", "urllib3", "aiohttp", "pydantic", "yaml", "json", "ssl",
@@ -648,6 +650,8 @@ def summarize_profile(path: Path, top: int = 18) -> str:
              "| self time by package | share |", "|---|---:|"]
     for mod, n in leaf_mod.most_common():
         lines.append(f"| {mod} | {100 * n / total:.0f}% |")
+    lines += ["", "| function (self) | share |", "|---|---:|"]
+    lines += [f"| `{f.replace('|', '/')[:110]}` | {100 * n / total:.0f}% |" for f, n in leaf.most_common(top)]
     lines += ["", "| function (inclusive) | share |", "|---|---:|"]
     generic = ("asyncio/", "runpy", "threading.py", "concurrent/futures", "sft_operator/main.py", "<module>",
                "kopf/_core/reactor/running.py", "kopf/_core/reactor/queueing.py", "kopf/_cogs/aiokits/", "copy.py)",
