@@ -29,6 +29,7 @@ NAMESPACE = "kueue-system"
 FRAMEWORKS = ("batch/job",)
 # Webhooks served with FRAMEWORKS enabled: Kueue's own kinds and batch/v1 Jobs.
 WEBHOOK_GROUPS = {"kueue.x-k8s.io", "batch"}
+WEBHOOK_KINDS = {"MutatingWebhookConfiguration": "mutating", "ValidatingWebhookConfiguration": "validating"}
 PORTS = ("kueue-webhook", "kueue-health")
 CERT_NAME = "kueue-webhook"
 LOOPBACK = "127.0.0.1"
@@ -149,17 +150,7 @@ def install(state_dir: Path | None = None, timeout: float = 120.0, say=print):
         ca = (state_dir / "pki" / "ca.crt").read_bytes()
         admission = client.AdmissionregistrationV1Api(api)
         for hooks in loopback_webhooks(manifests, info.ports["kueue-webhook"], ca):
-            name = hooks["metadata"]["name"]
-            if hooks["kind"] == "MutatingWebhookConfiguration":
-                _create_or_replace(lambda h=hooks: admission.create_mutating_webhook_configuration(h),
-                                   lambda h=hooks, n=name: admission.replace_mutating_webhook_configuration(
-                                       n, {**h, "metadata": {**h["metadata"], "resourceVersion": admission.
-                                           read_mutating_webhook_configuration(n).metadata.resource_version}}))
-            else:
-                _create_or_replace(lambda h=hooks: admission.create_validating_webhook_configuration(h),
-                                   lambda h=hooks, n=name: admission.replace_validating_webhook_configuration(
-                                       n, {**h, "metadata": {**h["metadata"], "resourceVersion": admission.
-                                           read_validating_webhook_configuration(n).metadata.resource_version}}))
+            _create_or_replace(admission, hooks)
         # The webhooks answer through the API server: a dry-run ResourceFlavor goes through both of them.
         custom = client.CustomObjectsApi(api)
         probe = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
@@ -184,14 +175,12 @@ def uninstall(state_dir: Path | None = None) -> None:
     api = config.new_client_from_config(config_file=info.kubeconfig)
     try:
         admission = client.AdmissionregistrationV1Api(api)
-        for name in ("kueue-mutating-webhook-configuration", "kueue-validating-webhook-configuration"):
-            for delete in (admission.delete_mutating_webhook_configuration,
-                           admission.delete_validating_webhook_configuration):
-                try:
-                    delete(name)
-                except client.ApiException as exc:
-                    if exc.status != 404:
-                        raise
+        for kind in WEBHOOK_KINDS.values():
+            try:
+                getattr(admission, f"delete_{kind}_webhook_configuration")(f"kueue-{kind}-webhook-configuration")
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
     finally:
         api.close()
     cluster.stop_component(state_dir, "kueue")
@@ -224,12 +213,16 @@ def _create_or_keep(create) -> None:
             raise
 
 
-def _create_or_replace(create, replace) -> None:
+def _create_or_replace(admission, hooks: dict[str, Any]) -> None:
+    """Create a webhook configuration, or replace the one of that name (a second install's port)."""
     from kubernetes import client
 
+    kind, name = WEBHOOK_KINDS[hooks["kind"]], hooks["metadata"]["name"]
     try:
-        create()
+        getattr(admission, f"create_{kind}_webhook_configuration")(hooks)
     except client.ApiException as exc:
         if exc.status != 409:
             raise
-        replace()
+        version = getattr(admission, f"read_{kind}_webhook_configuration")(name).metadata.resource_version
+        getattr(admission, f"replace_{kind}_webhook_configuration")(
+            name, {**hooks, "metadata": {**hooks["metadata"], "resourceVersion": version}})
