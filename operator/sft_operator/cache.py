@@ -121,10 +121,10 @@ def key_of(kind: str, body: Mapping[str, Any]) -> Key | None:
     meta = body.get("metadata") or {}
     if kind == "SFTJob":
         return (meta.get("namespace", ""), meta.get("name", ""))
-    if kind == QUEUE_KIND:  # Kueue names the Job it queues as its owner; the Job has the SFTJob's name
-        for ref in meta.get("ownerReferences") or []:
-            if (ref.get("apiVersion"), ref.get("kind")) == ("batch/v1", "Job"):
-                return (meta.get("namespace", ""), ref.get("name", ""))
+    if kind == QUEUE_KIND:  # Kueue makes the Job it queues the Workload's controller; the Job has the SFTJob's name
+        ref = controller_of(body) or {}
+        if (ref.get("apiVersion"), ref.get("kind")) == ("batch/v1", "Job"):
+            return (meta.get("namespace", ""), ref.get("name", ""))
         return None
     label = (meta.get("labels") or {}).get(LABEL_JOB)
     if not label or (kind in CHILD_NAMES and not is_child(kind, body, label)):
@@ -354,8 +354,7 @@ class Cache:
     def workload_of(self, key: Key, job_uid: str | None) -> dict[str, Any] | None:
         """Kueue's Workload of this key's Job (one of an earlier Job of the same name is not)."""
         workload = self.children[QUEUE_KIND].get(key)
-        refs = ((workload or {}).get("metadata") or {}).get("ownerReferences") or []
-        return workload if job_uid and any(r.get("uid") == job_uid for r in refs) else None
+        return workload if controlled_by(workload, job_uid) else None
 
     def pods_of(self, key: Key, job_uid: str | None) -> list[dict[str, Any]]:
         """Pods of this key's Job (pods of an earlier Job of the same name are ignored)."""

@@ -158,7 +158,8 @@ class StatusWriter:
             uid = sftjob["metadata"]["uid"]
             current = ctx.cache.current_status(key)
             job = ctx.cache.job_of(key)
-            pods = ctx.cache.pods_of(key, (job or {}).get("metadata", {}).get("uid"))
+            job_uid = (job or {}).get("metadata", {}).get("uid")
+            pods = ctx.cache.pods_of(key, job_uid)
             notes = ctx.cache.note(key)
             now = _now()
             grace = ctx.settings.pod_start_grace_seconds
@@ -171,8 +172,8 @@ class StatusWriter:
                 pod_creation_error=notes.pod_creation_error,
                 pod_problems=notes.pod_problems,
                 start_clocks=notes.start_clocks,
-                replaced_pods=notes.replaced_by((job or {}).get("metadata", {}).get("uid")),
-                queue_workload=ctx.cache.workload_of(key, (job or {}).get("metadata", {}).get("uid")),
+                replaced_pods=notes.replaced_by(job_uid),
+                queue_workload=ctx.cache.workload_of(key, job_uid),
             )
             desired = {**current, **derived}  # what the trainer reported stays
             report = result = None
