@@ -6,9 +6,8 @@
 #
 #   bash scripts/alert-tests.sh
 #
-# scripts/test.sh runs it after pytest. promtool comes from Debian's `prometheus` package, unpacked once
-# by scripts/prometheus-bin.sh into ${SFT_CACHE:-~/.cache/sft-operator}/prometheus-<version> (seconds;
-# nothing is installed). Building it from its Go module took 15 min on 2 busy cores.
+# scripts/test.sh runs it after pytest. promtool is built once from Prometheus' Go module by
+# scripts/prometheus-bin.sh into ${SFT_CACHE:-~/.cache/sft-operator}/prometheus-<version> (~3 min cold).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

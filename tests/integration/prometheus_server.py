@@ -1,14 +1,11 @@
 """A real Prometheus server on the host, configured from the chart's ServiceMonitor and PrometheusRule the
 way the Prometheus Operator would configure its own, for tests/integration/test_prometheus_e2e.py.
 
-The binary is Debian's (scripts/prometheus-bin.sh). `scrape_config` and `rule_file` are pure: they map
-the rendered monitoring.coreos.com objects to plain Prometheus configuration.
-
-Debian builds Prometheus without its Kubernetes service discovery (`kubernetes_sd_configs` is not a
-field there). `EndpointsDiscovery` stands in for it: an HTTP service discovery endpoint that lists
-the same Endpoints through the API server and gives each address the `__meta_kubernetes_*` labels
-Prometheus' `role: endpoints` gives it. Selecting the Service and port, and every target label, is
-then Prometheus' own relabelling, exactly as generated from the ServiceMonitor.
+The binary is built from Prometheus' Go module with its Kubernetes service discovery
+(scripts/prometheus-bin.sh). `scrape_config` and `rule_file` are pure: they map the rendered
+monitoring.coreos.com objects to plain Prometheus configuration: `kubernetes_sd_configs` with
+`role: endpoints` against the dev cluster's API server, then the relabelling the Prometheus Operator
+generates, so that selecting the Service and port, and every target label, is Prometheus' own work.
 """
 
 from __future__ import annotations
@@ -16,18 +13,15 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,98 +94,6 @@ def scrape_config(service_monitor: dict[str, Any], kubeconfig: str | Path, index
 def rule_file(prometheus_rule: dict[str, Any]) -> dict[str, Any]:
     """A Prometheus rule file holding the PrometheusRule's groups (what the Prometheus Operator mounts)."""
     return {"groups": prometheus_rule["spec"]["groups"]}
-
-
-def with_http_sd(job: dict[str, Any], url: str, refresh: str) -> dict[str, Any]:
-    """``job`` discovering its targets from ``url`` (an `EndpointsDiscovery`) instead of the Kubernetes API."""
-    out = {k: v for k, v in job.items() if k != "kubernetes_sd_configs"}
-    (sd,) = job["kubernetes_sd_configs"]
-    assert sd["role"] == "endpoints", sd
-    query = urllib.parse.urlencode({"namespace": sd["namespaces"]["names"]}, doseq=True)
-    return {**out, "http_sd_configs": [{"url": f"{url}?{query}", "refresh_interval": refresh}]}
-
-
-def _meta(prefix: str, labels: dict[str, str] | None) -> dict[str, str]:
-    out = {}
-    for key, value in (labels or {}).items():
-        out[f"{prefix}_{_label(key)}"] = value
-        out[f"{prefix.replace('_label', '_labelpresent')}_{_label(key)}"] = "true"
-    return out
-
-
-def endpoints_targets(core: client.CoreV1Api, namespaces: list[str]) -> list[dict[str, Any]]:
-    """Prometheus' `role: endpoints` discovery of ``namespaces``: one target per address and port of every
-    Endpoints object, with the labels of its Service and, for a pod address, of the pod and its container."""
-    groups = []
-    for ns in namespaces:
-        services = {s.metadata.name: s for s in core.list_namespaced_service(ns).items}
-        pods = {p.metadata.name: p for p in core.list_namespaced_pod(ns).items}
-        for eps in core.list_namespaced_endpoints(ns).items:
-            base = {"__meta_kubernetes_namespace": ns, "__meta_kubernetes_endpoints_name": eps.metadata.name,
-                    **_meta("__meta_kubernetes_endpoints_label", eps.metadata.labels)}
-            service = services.get(eps.metadata.name)
-            if service is not None:
-                base |= {"__meta_kubernetes_service_name": service.metadata.name,
-                         **_meta("__meta_kubernetes_service_label", service.metadata.labels)}
-            for subset in eps.subsets or []:
-                addresses = [(a, "true") for a in subset.addresses or []]
-                addresses += [(a, "false") for a in subset.not_ready_addresses or []]
-                for address, ready in addresses:
-                    for port in subset.ports or []:
-                        labels = {**base, "__address__": f"{address.ip}:{port.port}",
-                                  "__meta_kubernetes_endpoint_ready": ready,
-                                  "__meta_kubernetes_endpoint_port_name": port.name or "",
-                                  "__meta_kubernetes_endpoint_port_protocol": port.protocol or "TCP"}
-                        ref = address.target_ref
-                        if ref is not None:
-                            labels |= {"__meta_kubernetes_endpoint_address_target_kind": ref.kind,
-                                       "__meta_kubernetes_endpoint_address_target_name": ref.name}
-                        pod = pods.get(ref.name) if ref is not None and ref.kind == "Pod" else None
-                        if pod is not None:
-                            labels |= {"__meta_kubernetes_pod_name": pod.metadata.name,
-                                       "__meta_kubernetes_pod_ip": pod.status.pod_ip or "",
-                                       "__meta_kubernetes_pod_phase": pod.status.phase or "",
-                                       "__meta_kubernetes_pod_node_name": pod.spec.node_name or "",
-                                       **_meta("__meta_kubernetes_pod_label", pod.metadata.labels)}
-                            for container in pod.spec.containers:
-                                if any(cp.container_port == port.port for cp in container.ports or []):
-                                    labels["__meta_kubernetes_pod_container_name"] = container.name
-                        groups.append({"targets": [labels.pop("__address__")], "labels": labels})
-    return groups
-
-
-class EndpointsDiscovery:
-    """An HTTP service discovery endpoint on loopback answering `endpoints_targets` live, per request."""
-
-    def __init__(self, api: client.ApiClient) -> None:
-        core = client.CoreV1Api(api)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                namespaces = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("namespace", [])
-                try:
-                    body, code = json.dumps(endpoints_targets(core, namespaces)).encode(), 200
-                except client.ApiException as exc:  # Prometheus keeps the last good answer and logs this
-                    body, code = str(exc).encode(), 503
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sd"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def free_port() -> int:

@@ -1,15 +1,13 @@
 """A real Prometheus server against the operator on the real node: what a platform team's monitoring sees.
 
 The chart is installed once (test_end_to_end's `installed`, its own release for this module). A
-Prometheus server (Debian's build, scripts/prometheus-bin.sh) runs on the host with a configuration
-generated from the chart's rendered ServiceMonitor the way the Prometheus Operator generates one
-(tests/integration/prometheus_server.py): endpoints discovery in its namespaces, relabelling that keeps
-the Service its selector matches and the endpoint port it names, its path, scheme, interval and
-honorLabels. Debian's build lacks Kubernetes discovery, so the test serves the Endpoints objects, with
-the `__meta_kubernetes_*` labels Prometheus' own discovery gives them, over HTTP service discovery;
-the selection is Prometheus' relabelling. Its rule file is the chart's rendered PrometheusRule. The
-host reaches the pod IPs on the node's bridge, so Prometheus scrapes the pod the Service's endpoints
-list, as an in-cluster Prometheus would.
+Prometheus server (built from its Go module, scripts/prometheus-bin.sh) runs on the host with a
+configuration generated from the chart's rendered ServiceMonitor the way the Prometheus Operator
+generates one (tests/integration/prometheus_server.py): Kubernetes endpoints discovery in its
+namespaces through the API server, relabelling that keeps the Service its selector matches and the
+endpoint port it names, its path, scheme, interval and honorLabels. Its rule file is the chart's
+rendered PrometheusRule. The host reaches the pod IPs on the node's bridge, so Prometheus scrapes the
+pod the Service's endpoints list, as an in-cluster Prometheus would.
 
 Shorter than the chart's defaults, so that a test need not wait: the scrape and evaluation interval
 (2 s, `prometheus.serviceMonitor.interval`) and the operator's resync (`operator.extraArgs:
@@ -31,7 +29,7 @@ from kubernetes import client
 
 from dashboard_queries import queries as dashboard_queries
 
-from .prometheus_server import EndpointsDiscovery, Prometheus, rule_file, scrape_config, with_http_sd
+from .prometheus_server import Prometheus, rule_file, scrape_config
 from .test_end_to_end import Installed, Run, installed  # noqa: F401  (the module's helm release)
 from .test_helm_install import CHART
 
@@ -64,18 +62,15 @@ def render_monitoring(installed: Installed) -> tuple[dict, dict]:
 def prometheus(installed, tmp_path_factory):  # noqa: F811
     service_monitor, rule = render_monitoring(installed)
     job = scrape_config(service_monitor, installed.cluster.kubeconfig)
-    discovery = EndpointsDiscovery(installed.cluster.api)  # Debian's Prometheus has no Kubernetes discovery
     config = {"global": {"scrape_interval": f"{INTERVAL_SECONDS}s", "evaluation_interval": f"{INTERVAL_SECONDS}s"},
-              "scrape_configs": [with_http_sd(job, discovery.url, f"{INTERVAL_SECONDS}s")]}
+              "scrape_configs": [job]}
     server = Prometheus(tmp_path_factory.mktemp("prometheus"), config, rule_file(rule))
-    discovery.start()
     try:
         server.start()
         server.started = time.time()
         yield server
     finally:
         server.stop()
-        discovery.stop()
         print(f"--- prometheus log ---\n{server.log_tail()}")  # shown when a test failed
 
 
@@ -111,9 +106,9 @@ def gpu_job(installed, prometheus, tmp_path_factory) -> GpuJob:  # noqa: F811
     counter = f'sft_gpu_seconds_total{{namespace="{installed.work}"}}'
     before = settled(prometheus, counter)
     name = "two-gpus"
-    # About a minute Running (DDP on 2 cores), with an evaluation half-way so that eval loss is reported.
+    # Most of a minute Running (DDP on 2 cores), with an evaluation half-way so that eval loss is reported.
     applied = installed.apply(name, tmp_path_factory.mktemp(name), resources={"nodes": 2},
-                              hyperparameters={"maxSteps": 160}, evaluation={"strategy": "steps", "steps": 80})
+                              hyperparameters={"maxSteps": 100}, evaluation={"strategy": "steps", "steps": 50})
     run = installed.follow(name, applied)
     assert run.status.get("phase") == "Succeeded", installed.explain(name, run.status)
     return GpuJob(run, settled(prometheus, counter) - before)
