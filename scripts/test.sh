@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, trainer and real-control-plane integration tests (Kueue's among them:
-# scripts/kueue-bin.sh builds it), then the chart's Prometheus alert rules with promtool
-# (scripts/alert-tests.sh). Sets up what is missing first; the integration fixtures start and stop the
-# control plane. Fails if either part fails.
+# The whole test suite: unit, trainer and real-control-plane integration tests (Kueue's and
+# Prometheus' among them: scripts/kueue-bin.sh and scripts/prometheus-bin.sh build them), then the
+# chart's Prometheus alert rules with promtool (scripts/alert-tests.sh). Sets up what is missing
+# first; the integration fixtures start and stop the control plane. Fails if either part fails.
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m "not cluster"   # extra args go to pytest (the alert tests always run)
@@ -10,19 +10,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [[ $# -eq 0 ]]; then
-  # The whole suite needs the images too. Building them (downloads, unpacking) overlaps well with the
-  # Go builds of the control plane (CPU), which saves minutes on a cold machine; the image tests reuse them.
-  SKIP_K8S=1 bash scripts/setup.sh
+  # On a cold machine the setup steps overlap: the images (downloads, unpacking) and pip (torch's
+  # download) beside the Go builds of the control plane and the node (CPU). Minutes saved; warm, each
+  # step is a cache check. The image tests reuse the images.
   bash scripts/host-tools.sh
   images_log=${SFT_CACHE:-$HOME/.cache/sft-operator}/images/build.log
   mkdir -p "$(dirname "$images_log")"
   bash scripts/build-images.sh all >/dev/null 2>"$images_log" &
   images=$!
-  bash scripts/setup.sh
-  # Kueue's manager, for the Kueue end-to-end test (tests/integration/test_kueue_e2e.py), which runs
-  # among the last: built while the first tests run (its script's lock makes the test wait for it).
-  kueue_log=${SFT_CACHE:-$HOME/.cache/sft-operator}/kueue-bin.log
-  bash scripts/kueue-bin.sh >/dev/null 2>>"$kueue_log" &
+  { bash scripts/k8s-bin.sh >/dev/null && bash scripts/node-bin.sh >/dev/null; } &
+  binaries=$!
+  SKIP_K8S=1 bash scripts/setup.sh
+  if ! wait "$binaries"; then
+    echo "scripts/k8s-bin.sh or scripts/node-bin.sh failed (their log lines are above)" >&2
+    exit 1
+  fi
+  bash scripts/setup.sh  # everything is in place now: this checks it
+  # Prometheus (server and promtool) and Kueue's manager, for their end-to-end tests on the real node
+  # and the alert tests, which run among the last: built one after the other while the first tests
+  # run (each script's lock makes a test that needs it wait for it).
+  cache=${SFT_CACHE:-$HOME/.cache/sft-operator}
+  { bash scripts/prometheus-bin.sh >/dev/null 2>>"$cache/prometheus-bin.log"
+    bash scripts/kueue-bin.sh >/dev/null 2>>"$cache/kueue-bin.log"; } &
   if ! wait "$images"; then
     tail -n 30 "$images_log" >&2
     echo "scripts/build-images.sh failed (log $images_log)" >&2
