@@ -9,44 +9,55 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# pytest exits 5 when a selection collects no test; a filtered run with nothing to do is not a failure.
+pytest_status() { local rc=$1; [[ $rc -eq 5 ]] && { echo "no tests collected for this selection"; rc=0; }; return "$rc"; }
+
+status=0
 if [[ $# -eq 0 ]]; then
   # On a cold machine the setup steps overlap: the images (downloads, unpacking) and pip (torch's
-  # download) beside the Go builds of the control plane and the node (CPU). Minutes saved; warm, each
-  # step is a cache check. The image tests reuse the images.
+  # download) beside the Go builds of the control plane and the node (CPU), and the tests that need
+  # neither a cluster nor the images beside those builds once pip is done (they fill the cores the
+  # builds leave idle while they download and link). Minutes saved cold; warm, each build is a cache
+  # check and the two tiers run one after the other.
   bash scripts/host-tools.sh
-  images_log=${SFT_CACHE:-$HOME/.cache/sft-operator}/images/build.log
+  cache=${SFT_CACHE:-$HOME/.cache/sft-operator}
+  images_log=$cache/images/build.log
   mkdir -p "$(dirname "$images_log")"
   bash scripts/build-images.sh all >/dev/null 2>"$images_log" &
   images=$!
   { bash scripts/k8s-bin.sh >/dev/null && bash scripts/node-bin.sh >/dev/null; } &
   binaries=$!
   SKIP_K8S=1 bash scripts/setup.sh
+  first_log=$(mktemp /tmp/sft-tests-first-tier.XXXXXX.log)
+  echo "tests without a cluster or images: running beside the builds (output below when done; log $first_log)"
+  "$PYTHON" -m pytest tests -m "not cluster and not images" >"$first_log" 2>&1 &
+  first=$!
   if ! wait "$binaries"; then
     echo "scripts/k8s-bin.sh or scripts/node-bin.sh failed (their log lines are above)" >&2
+    kill "$first" 2>/dev/null || true
     exit 1
   fi
   bash scripts/setup.sh  # everything is in place now: this checks it
   # Prometheus (server and promtool) and Kueue's manager, for their end-to-end tests on the real node
-  # and the alert tests, which run among the last: built one after the other while the first tests
-  # run (each script's lock makes a test that needs it wait for it).
-  cache=${SFT_CACHE:-$HOME/.cache/sft-operator}
+  # and the alert tests, which run among the last: built one after the other while the tests run
+  # (each script's lock makes a test that needs it wait for it).
   { bash scripts/prometheus-bin.sh >/dev/null 2>>"$cache/prometheus-bin.log"
     bash scripts/kueue-bin.sh >/dev/null 2>>"$cache/kueue-bin.log"; } &
   if ! wait "$images"; then
     tail -n 30 "$images_log" >&2
     echo "scripts/build-images.sh failed (log $images_log)" >&2
+    kill "$first" 2>/dev/null || true
     exit 1
   fi
+  rc=0; wait "$first" || rc=$?
+  cat "$first_log" && rm -f "$first_log"
+  pytest_status "$rc" || status=$?
+  rc=0; "$PYTHON" -m pytest tests -m "cluster or images" || rc=$?
+  pytest_status "$rc" || status=$?
 else
   bash scripts/setup.sh
-fi
-
-status=0
-"$PYTHON" -m pytest tests "$@" || status=$?
-# pytest exits 5 when a selection collects no test; a filtered run with nothing to do is not a failure.
-if [[ $status -eq 5 ]]; then
-  echo "no tests collected for this selection"
-  status=0
+  rc=0; "$PYTHON" -m pytest tests "$@" || rc=$?
+  pytest_status "$rc" || status=$?
 fi
 alerts=0
 bash scripts/alert-tests.sh || alerts=$?
