@@ -26,6 +26,8 @@ def pytest_configure(config):
 _images: dict = {}
 
 
+# trylast: after `-m`/`-k` deselection, so that a selection without such tests builds nothing.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     """Build (or reuse) the images before any test starts, so that a cold build (about ten minutes)
     counts against no test's timeout."""

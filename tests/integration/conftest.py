@@ -91,6 +91,8 @@ def uses_real_node(item) -> bool:
     return bool({"real_node", "node_namespace"} & set(getattr(item, "fixturenames", ())))
 
 
+# trylast: after `-m`/`-k` deselection, so that a selection without such tests builds nothing.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     """Build (or find) the binaries before any test starts, so that a cold build (about
     15 minutes) doesn't count against the first test's timeout. The real node's tests go
