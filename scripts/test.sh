@@ -17,8 +17,8 @@ if [[ $# -eq 0 ]]; then
   # On a cold machine the setup steps overlap: the images (downloads, unpacking) and pip (torch's
   # download) beside the Go builds of the control plane and the node (CPU), and the tests that need
   # neither a cluster nor the images beside those builds once pip is done (they fill the cores the
-  # builds leave idle while they download and link). Minutes saved cold; warm, each build is a cache
-  # check and the two tiers run one after the other.
+  # builds leave idle while they download and link, though they slow the builds too: about a minute
+  # saved cold, BENCHMARKS.md). Warm, each build is a cache check and the two tiers run one after the other.
   bash scripts/host-tools.sh
   cache=${SFT_CACHE:-$HOME/.cache/sft-operator}
   images_log=$cache/images/build.log
