@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "contract"), str(ROOT / "trainer_image"), str(ROOT / "bench")]
 
 SHAPE_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151_936)
@@ -124,7 +124,7 @@ def spec_for(model: Path, rows: Path, out: Path, args, **extra) -> dict:
 
 
 def env_for(work: Path, name: str, **extra) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")]),
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "contract"), str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")]),
             "HF_HUB_OFFLINE": "1", "SFT_RUN_ID": f"gpu-{name}", "SFT_TERMINATION_LOG": str(work / f"{name}.termination"),
             **extra}
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from sft_trainer import memory
+    from sft_contract import memory
 
     gpus = torch.cuda.device_count()
     name = torch.cuda.get_device_name(0) if gpus else "CPU"

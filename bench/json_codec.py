@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image")]
+sys.path[:0] = [str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
 import orjson  # noqa: E402
 
-from sft_operator.api import SFTJob  # noqa: E402
-from sft_operator.reconcile import prepare_job  # noqa: E402
-from sft_operator.render import render_children  # noqa: E402
+from sft_operator.api.types import SFTJob  # noqa: E402
+from sft_operator.core.decisions import prepare_job  # noqa: E402
+from sft_operator.core.render import render_children  # noqa: E402
 
 STAMP = "2026-12-07T10:00:00Z"
 

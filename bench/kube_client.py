@@ -2,7 +2,7 @@
 """Which Kubernetes client for the operator: the same N ConfigMap creates, 16 in flight, three ways.
 
   threads   the kubernetes client (sync) in asyncio.to_thread, what the operator used before
-  aiohttp   raw aiohttp, JSON in and out (what sft_operator.kube does)
+  aiohttp   raw aiohttp, JSON in and out (what sft_operator.runtime.client does)
   kasync    kubernetes_asyncio, when importable (e.g. `pip install --target DIR kubernetes_asyncio`
             and --kubernetes-asyncio DIR; it is not a dependency of the project)
 
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image"), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer_image"), str(ROOT / "tools")]
 
 import sft_devcluster as devcluster  # noqa: E402
 
@@ -48,7 +48,7 @@ async def threads():
 
 async def raw_aiohttp():
     import aiohttp
-    from sft_operator.kube import KubeClient
+    from sft_operator.runtime.client import KubeClient
     kube = KubeClient.from_kubeconfig(kubeconfig, slots=conc)
     try:
         await asyncio.gather(*(kube.create(body(i)) for i in range(n)))
@@ -96,7 +96,7 @@ def main() -> int:
                 ns = f"kc-{kind}-{r}"
                 subprocess.run([*kubectl, "create", "ns", ns], check=True, capture_output=True)
                 env = {**os.environ, "KUBECONFIG": info.kubeconfig,
-                       "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer_image")]
+                       "PYTHONPATH": os.pathsep.join([str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer_image")]
                                                      + ([str(args.kubernetes_asyncio)] if kind == "kasync" else []))}
                 out = subprocess.run([sys.executable, str(work / "client.py"), kind, ns, str(args.creates)],
                                      capture_output=True, text=True, env=env, check=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The memory estimate (``sft_trainer.memory``) against measured peaks, on CPU.
+"""The memory estimate (``sft_contract.memory``) against measured peaks, on CPU.
 
 For each tiny architecture of ``sft_trainer.architectures`` (scaled up with ``--hidden``/``--layers`` so
 that activations, not fixed costs, dominate) and each setup (full fine-tuning, full with gradient
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "operator")]
+sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator")]
 
 SETUPS = {
     "full": {},
@@ -127,7 +127,7 @@ def measure(model_dir: Path, setup: dict, args) -> tuple[int, dict]:
     from transformers import AutoConfig, AutoTokenizer
 
     from sft_trainer import collate, data, modeling
-    from sft_trainer.config import TrainingSpec
+    from sft_contract.spec import TrainingSpec
     from sft_trainer.train import loss_sum
 
     spec = TrainingSpec.model_validate({
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sft_trainer import architectures, memory
+    from sft_trainer import architectures
+    from sft_contract import memory
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     from transformers.utils import logging as hf_logging

@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image"), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer_image"), str(ROOT / "tools")]
 
 import aiohttp
 import psutil
@@ -79,9 +79,9 @@ import yaml
 import sft_devcluster as devcluster
 from sft_devcluster.cluster import kwok_claim
 from sft_devcluster.operator_process import OperatorProcess
-from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.reconcile import prepare_job
-from sft_operator.render import LABEL_JOB, render_children
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.core.decisions import prepare_job
+from sft_operator.core.render import LABEL_JOB, render_children
 
 SECTION = "## Operator: SFTJobs at scale"
 NS_BARE, NS_WARM, NS_OP, NS_BARE2 = "opbench-bare", "opbench-warm", "opbench-op", "opbench-bare-again"
@@ -653,7 +653,7 @@ def summarize_profile(path: Path, top: int = 18) -> str:
     lines += ["", "| function (self) | share |", "|---|---:|"]
     lines += [f"| `{f.replace('|', '/')[:110]}` | {100 * n / total:.0f}% |" for f, n in leaf.most_common(top)]
     lines += ["", "| function (inclusive) | share |", "|---|---:|"]
-    generic = ("asyncio/", "runpy", "threading.py", "concurrent/futures", "sft_operator/main.py", "<module>",
+    generic = ("asyncio/", "runpy", "threading.py", "concurrent/futures", "sft_operator/runtime/main.py", "<module>",
                "kopf/_core/reactor/running.py", "kopf/_core/reactor/queueing.py", "kopf/_cogs/aiokits/", "copy.py)",
                "json/decoder.py", "operator_wrapper.py", "kopf/_cogs/clients/watching.py")
     shown = 0

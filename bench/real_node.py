@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "operator"), str(ROOT / "trainer_image")]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trainer_image")]
 
 import sft_devcluster as devcluster  # noqa: E402
 from sft_devcluster import node as realnode  # noqa: E402

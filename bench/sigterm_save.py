@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "operator")]
+sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator")]
 MODEL = "Qwen/Qwen2.5-0.5B"
 
 
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     args = p.parse_args(argv)
     work = Path(args.workdir)
-    from sft_trainer import memory, tiny
+    from sft_trainer import tiny
+    from sft_contract import memory
 
     assets = tiny.ensure(work / "tiny")
     model_dir = work / "qwen2.5-0.5b-random"
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     cfg_file = work / "config.json"
     cfg_file.write_text(json.dumps(spec))
     term = work / "termination-log"
-    env = {**os.environ, "SFT_TERMINATION_LOG": str(term), "PYTHONPATH": f"{ROOT / 'trainer_image'}:{ROOT / 'operator'}"}
+    env = {**os.environ, "SFT_TERMINATION_LOG": str(term), "PYTHONPATH": f"{ROOT / 'trainer_image'}:{ROOT / 'contract'}:{ROOT / 'operator'}"}
     proc = subprocess.Popen([sys.executable, "-m", "sft_trainer.launch", "--config", str(cfg_file)], env=env,
                             stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "operator")]
+sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator")]
 CONTENDERS = ("classic", "trl", "ours", "packed")
 SEQ = 512
 
@@ -149,7 +149,7 @@ def non_embedding_parameters(path: Path) -> int:
 
 
 def prompt_of(row: dict) -> str:
-    from sft_trainer.config import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE_WITH_INPUT
+    from sft_contract.spec import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE_WITH_INPUT
 
     if row.get("input"):
         return DEFAULT_PROMPT_TEMPLATE_WITH_INPUT.replace("{instruction}", row["instruction"]).replace("{input}", row["input"])
@@ -247,7 +247,7 @@ def run_trl(args, assets: Path, out: Path) -> tuple[float, float]:
 
 def run_ours(args, assets: Path, out: Path, packing: bool) -> tuple[float, float]:
     from sft_trainer import train
-    from sft_trainer.config import TrainingSpec
+    from sft_contract.spec import TrainingSpec
 
     train_rows, _ = split_rows(args, assets)
     data_file = out / "train.jsonl"
@@ -296,7 +296,7 @@ def real_tokens_and_eval_set(args, assets: Path):
     from transformers import AutoTokenizer
 
     from sft_trainer import data
-    from sft_trainer.config import DatasetSpec
+    from sft_contract.spec import DatasetSpec
 
     tok = AutoTokenizer.from_pretrained(model_path(args))
     spec = DatasetSpec.model_validate({"train": {"source": "x.jsonl"}, "maxSeqLength": SEQ})

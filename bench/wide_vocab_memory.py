@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "operator")]
+sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator")]
 
 VOCAB = 151_936
 CONTENDERS = ("ours", "unfused", "trl")
@@ -215,7 +215,7 @@ def eval_ce(model_dir: str, held) -> float:
 
 def held_out(tok, rows: list[dict], seq: int):
     from sft_trainer import data
-    from sft_trainer.config import DataFormat, DatasetSpec
+    from sft_contract.spec import DataFormat, DatasetSpec
 
     spec = DatasetSpec.model_validate({"train": {"source": "x.jsonl"}, "maxSeqLength": seq, "format": "prompt-completion"})
     raw = [data.RawRow("held.jsonl", i, r) for i, r in enumerate(rows, 1)]
@@ -230,7 +230,7 @@ def validate_estimate(work: Path, seq: int, batch: int) -> tuple[float, str]:
     come from the same estimate in this process (validate prints 0.1 GiB steps)."""
     import yaml
 
-    from sft_trainer import memory
+    from sft_contract import memory
 
     job = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": f"wide-{seq}"}, "spec": {
         "model": {"source": "pvc://bench/model"},
@@ -248,7 +248,7 @@ def validate_estimate(work: Path, seq: int, batch: int) -> tuple[float, str]:
     env = {**os.environ, "SFT_PVC_ROOT": str(work.parent), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(sys.path[:2])}
     try:
-        out = subprocess.run([sys.executable, "-m", "sft_operator.cli", "validate", str(path)], env=env,
+        out = subprocess.run([sys.executable, "-m", "sft_operator.cli.sftctl", "validate", str(path)], env=env,
                              capture_output=True, text=True, check=True).stdout
     finally:
         (work.parent / "bench").unlink()
@@ -326,7 +326,7 @@ def run_all(args) -> dict:
 
 
 def report(runs: list[dict], args) -> None:
-    from sft_trainer import memory
+    from sft_contract import memory
 
     results = [r for run in runs for r in run["results"]]
     print(f"Qwen2 layout, 2 layers, width 256, tied, vocab {VOCAB:,}; rows of ~{args.fill:.0%} of maxSeqLength "

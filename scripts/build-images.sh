@@ -121,7 +121,7 @@ inputs_hash() {
     cd "$ROOT"
     {
       printf '%s\n' "$1" pyproject.toml README.md trainer_image/constraints.txt .dockerignore
-      find operator/sft_operator trainer_image/sft_trainer -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | LC_ALL=C sort
+      find contract/sft_contract operator/sft_operator trainer_image/sft_trainer -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | LC_ALL=C sort
     } | xargs -d '\n' sha256sum
     echo "base $(cat "$BASE_TAR.sha256")"
   ) | sha256sum | cut -c1-64

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Test the checkout these tests are in, whichever checkout `pip install -e` last pointed at, and hand
 # the same packages to what the tests start (sftctl, the operator, the trainer) through PYTHONPATH.
-_CHECKOUT = [str(Path(__file__).resolve().parents[1] / d) for d in ("operator", "trainer_image", "tools")]
+_CHECKOUT = [str(Path(__file__).resolve().parents[1] / d) for d in ("contract", "operator", "trainer_image", "tools")]
 sys.path[:0] = [p for p in _CHECKOUT if p not in sys.path]
 os.environ["PYTHONPATH"] = os.pathsep.join(_CHECKOUT + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                         if p and p not in _CHECKOUT])

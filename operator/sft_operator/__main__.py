@@ -1,6 +1,6 @@
-"""`python -m sft_operator` / `sft-operator`: the operator process (``sft_operator.main``).
+"""`python -m sft_operator` / `sft-operator`: the operator process (``sft_operator.runtime.main``).
 
-The operator reaches the API server through Kopf's client and ``sft_operator.kube``, both on
+The operator reaches the API server through Kopf's client and ``sft_operator.runtime.client``, both on
 aiohttp. Kopf imports the kubernetes library whenever it is installed (``sftctl`` needs it for
 status and watch); in the operator that costs ~24 MiB of memory and a second of start-up for
 nothing, so this entry point keeps it out of the process (``kube.load_credentials`` still uses
@@ -19,7 +19,7 @@ def without_kubernetes_library() -> None:
 
 def run() -> None:
     without_kubernetes_library()
-    from .main import run as run_operator
+    from sft_operator.runtime.main import run as run_operator
 
     run_operator()
 

@@ -9,8 +9,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.render import LABEL_JOB
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.core.render import LABEL_JOB
 
 PULL_GRACE = 4  # --pod-start-grace-seconds of the operator under test
 

@@ -30,8 +30,8 @@ from kubernetes import client, watch
 
 import sft_devcluster as devcluster
 from sft_devcluster.node import NODE_IP, NODE_NAME
-from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.render import LABEL_JOB, TRAINER_CONTAINER
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.core.render import LABEL_JOB, TRAINER_CONTAINER
 from storage_servers import FaultyProxy
 
 from .test_end_to_end import Installed, Run, installed  # noqa: F401 - the module's helm install

@@ -128,7 +128,7 @@ def test_kubectl_get_shows_the_printer_columns(control_plane, sftjobs, namespace
 
 
 def test_restricted_namespace_admits_the_rendered_job_pods(control_plane, sftjobs):
-    from sft_operator.render import RenderOptions, render_children
+    from sft_operator.core.render import RenderOptions, render_children
 
     core, batch = client.CoreV1Api(control_plane.api), client.BatchV1Api(control_plane.api)
     ns = f"restricted-{uuid.uuid4().hex[:6]}"

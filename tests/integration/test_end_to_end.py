@@ -31,9 +31,9 @@ from kubernetes import client
 
 import sft_devcluster as devcluster
 from sft_devcluster import node as realnode
-from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.render import LABEL_JOB
-from sft_trainer.config import TrainerResult
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.core.render import LABEL_JOB
+from sft_contract.messages import TrainerResult
 
 from .conftest import ControlPlane
 from .test_helm_install import CHART, RESTRICTED, Release, delete_namespace, make_namespace

@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator import GROUP, PLURAL, VERSION
+from sft_operator.api import GROUP, PLURAL, VERSION
 
 from .test_helm_install import RESTRICTED, Operator, Release, delete_namespace, make_namespace
 

@@ -32,8 +32,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.render import LABEL_JOB
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.core.render import LABEL_JOB
 
 from support import REPO, OperatorProcess
 

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 from container_images import ROOT, Image, podman, run_restricted
 from sft_operator import __version__
-from sft_operator.render import CONFIG_DIR, PVC_ROOT, TRAINER_UID, render_children
+from sft_operator.core.render import CONFIG_DIR, PVC_ROOT, TRAINER_UID, render_children
 
 pytestmark = [pytest.mark.images, pytest.mark.slow]
 

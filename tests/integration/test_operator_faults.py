@@ -15,9 +15,9 @@ import uuid
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator import GROUP, PLURAL, VERSION
-from sft_operator.render import LABEL_JOB, RenderOptions
-from sft_operator.settings import OperatorSettings
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.core.render import LABEL_JOB, RenderOptions
+from sft_operator.runtime.settings import OperatorSettings
 
 from support import OperatorProcess
 from tls_certs import self_signed
@@ -372,10 +372,10 @@ def test_a_deletion_the_watch_missed_is_forgotten_at_the_next_list(control_plane
     """A 410 relist reports what exists, not what went: a deleted SFTJob (or pod) would stay in the
     cache forever, and be billed GPU-seconds. The lists run against the real API server here, on a
     cache that holds one SFTJob that exists, and an SFTJob and a pod whose DELETED events were missed."""
-    from sft_operator.context import Context
-    from sft_operator.handlers.handle_lifecycle import relist
-    from sft_operator.kube import KubeClient
-    from sft_operator.watch import Watcher
+    from sft_operator.runtime.context import Context
+    from sft_operator.runtime.loops import relist
+    from sft_operator.runtime.client import KubeClient
+    from sft_operator.runtime.watch import Watcher
 
     k8s = Cluster(control_plane, namespace)
     alive = k8s.create(manifest("alive", runPolicy={"suspend": True}))

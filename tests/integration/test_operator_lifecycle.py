@@ -27,7 +27,7 @@ import urllib.request
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from sft_operator.render import LABEL_JOB
+from sft_operator.core.render import LABEL_JOB
 
 from support import REPO
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 from kubernetes import client
 
-from sft_operator import GROUP, PLURAL, VERSION
+from sft_operator.api import GROUP, PLURAL, VERSION
 from support import OperatorProcess
 from tls_certs import self_signed
 

@@ -25,8 +25,8 @@ import aiohttp
 import pytest
 from sft_devcluster.cluster import KWOK_NODE_ANNOTATION, kwok_node
 
-from sft_operator.kube import kubeconfig_credentials
-from sft_operator.render import LABEL_JOB
+from sft_operator.runtime.client import kubeconfig_credentials
+from sft_operator.core.render import LABEL_JOB
 
 from support import OperatorProcess
 

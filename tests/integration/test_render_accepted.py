@@ -19,7 +19,7 @@ def test_rendered_children_pass_server_side_validation(control_plane, namespace,
     """Including the fetch stage's init container, its podFailurePolicy rule (the Job API matches init
     containers by name) and the cache claim."""
     rendered = subprocess.run(
-        [sys.executable, "-m", "sft_operator.cli", "render", "-n", namespace, str(ROOT / "examples" / example),
+        [sys.executable, "-m", "sft_operator.cli.sftctl", "render", "-n", namespace, str(ROOT / "examples" / example),
          "--progress-url", "https://sft-operator.sft-system.svc:8443"],
         capture_output=True, text=True, check=True,
     ).stdout

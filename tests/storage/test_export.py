@@ -38,7 +38,7 @@ def export_cmd(out: Path, destination: str, endpoint: str) -> list[str]:
     code = (
         "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
         "from pathlib import Path\n"
-        "from sft_trainer.config import S3Spec\n"
+        "from sft_contract.spec import S3Spec\n"
         "from sft_trainer.export import export\n"
         f"print(export(Path({str(out)!r}), {destination!r}, S3Spec(endpoint={endpoint!r})))\n"
     )
@@ -50,7 +50,7 @@ def interruptible_export_cmd(out: Path, destination: str, endpoint: str) -> list
     code = (
         "import sys, logging; logging.basicConfig(level=logging.INFO)\n"
         "from pathlib import Path\n"
-        "from sft_trainer.config import S3Spec\n"
+        "from sft_contract.spec import S3Spec\n"
         "from sft_trainer.errors import TrainerError, sigterm_interrupts\n"
         "from sft_trainer.export import export\n"
         "try:\n"
@@ -65,7 +65,7 @@ def interruptible_export_cmd(out: Path, destination: str, endpoint: str) -> list
 
 def env(server, **extra: str) -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "operator"), e.get("PYTHONPATH", "")])
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator"), e.get("PYTHONPATH", "")])
     e.update(server.env(SFT_S3_PART_SIZE=str(PART), SFT_STORAGE_BACKOFF="0.1", **extra))
     return e
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def env_for(cache: Path, extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "operator"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator"), env.get("PYTHONPATH", "")])
     env.update({"SFT_CACHE_DIR": str(cache), "SFT_TERMINATION_LOG": str(cache.parent / "termination-log"),
                 "SFT_STORAGE_BACKOFF": "0.1", **extra})
     return env

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "trainer_image"))
 
-from sft_trainer.config import MlflowSpec, ProgressReport, TrainingSpec  # noqa: E402
+from sft_contract.spec import MlflowSpec, TrainingSpec  # noqa: E402
+from sft_contract.messages import ProgressReport
 from sft_trainer.sinks import EvalRecord, StepRecord  # noqa: E402
 from sft_trainer.tracking import MlflowSink, run_params  # noqa: E402
 from storage_servers import free_port  # noqa: E402

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "trainer_image") not in sys.path:  # works without an editable install too
-    sys.path.insert(0, str(ROOT / "trainer_image"))
+for _path in ("contract", "trainer_image"):  # works without an editable install too
+    if str(ROOT / _path) not in sys.path:
+        sys.path.insert(0, str(ROOT / _path))
 # One thread: tiny matrices gain nothing from more, and the test machine's cores are shared.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 from sft_trainer import architectures, data, train  # noqa: E402
-from sft_trainer.config import DatasetSpec, TrainingSpec  # noqa: E402
+from sft_contract.spec import DatasetSpec, TrainingSpec  # noqa: E402
 
 from trainer_helpers import read_log, run_interrupted_at  # noqa: E402
 

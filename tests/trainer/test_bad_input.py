@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from sft_trainer import __main__ as entry  # noqa: E402
 from sft_trainer import architectures, data  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 
 from trainer_helpers import read_log, run_interrupted_at, run_module, trainer_env, write_config  # noqa: E402
 

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 from sft_trainer import collate, data  # noqa: E402
-from sft_trainer.config import DatasetSpec  # noqa: E402
+from sft_contract.spec import DatasetSpec  # noqa: E402
 from sft_trainer.errors import DataError  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 
 
 @pytest.fixture(scope="module")

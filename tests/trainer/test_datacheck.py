@@ -15,8 +15,8 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 from sft_trainer import architectures, collate, data, datacheck, fetch  # noqa: E402
-from sft_trainer.config import TrainingSpec  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.spec import TrainingSpec  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 from sft_trainer.loading import load_tokenizer  # noqa: E402
 
 from trainer_helpers import run_module, trainer_env, write_config  # noqa: E402
@@ -148,7 +148,7 @@ def test_the_fetch_stage_fails_a_bad_dataset_before_the_model_loads(make_spec, t
 
 
 def test_validate_data_prints_the_report_and_exits_1_on_bad_rows(make_spec, tiny, tmp_path, capsys, monkeypatch):
-    from sft_operator import cli
+    from sft_operator.cli import sftctl as cli
 
     f = write_jsonl(tmp_path / "train.jsonl", [*GOOD, {"instruction": "Blank.", "output": ""}])
     (tmp_path / "claims" / "models").mkdir(parents=True)  # the output claim: a cluster spec writes to pvc://

@@ -163,7 +163,7 @@ def test_sftctl_run_prints_the_gate_table_and_exits_80_on_a_failed_gate(gate_spe
 
 def test_a_resumed_run_judges_against_the_baseline_measured_at_its_start(gate_spec, tmp_path):
     from sft_trainer import train
-    from sft_trainer.config import TrainingSpec
+    from sft_contract.spec import TrainingSpec
 
     from trainer_helpers import run_interrupted_at
 

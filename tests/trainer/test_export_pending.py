@@ -15,7 +15,7 @@ pytestmark = pytest.mark.trainer
 pytest.importorskip("torch")
 
 from sft_trainer import __main__ as entry  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 
 from storage_servers import FaultyProxy  # noqa: E402
 from trainer_helpers import trainer_env, write_config  # noqa: E402

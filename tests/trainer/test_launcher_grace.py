@@ -18,7 +18,7 @@ pytestmark = pytest.mark.trainer
 pytest.importorskip("torch")
 
 from sft_trainer import checkpoint  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 from sft_trainer.launch import KILLED, combined_exit, shutdown_timeout  # noqa: E402
 
 from trainer_helpers import free_port, trainer_env, write_config  # noqa: E402

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 
 from sft_trainer import __main__ as entry  # noqa: E402
 from sft_trainer import checkpoint, ownership  # noqa: E402
-from sft_trainer.config import TrainingSpec  # noqa: E402
+from sft_contract.spec import TrainingSpec  # noqa: E402
 from sft_trainer.errors import TrainerError  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 
 from trainer_helpers import run_interrupted_at, write_config  # noqa: E402
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.trainer
 
 pytest.importorskip("torch")
 
-from sft_trainer.exit_codes import REASONS, UNCOUNTED, ExitCode  # noqa: E402
+from sft_contract.exit_codes import REASONS, UNCOUNTED, ExitCode  # noqa: E402
 
 from trainer_helpers import free_port, trainer_env, write_config  # noqa: E402
 

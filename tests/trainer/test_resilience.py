@@ -19,9 +19,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sft_trainer import __main__ as entry  # noqa: E402
 from sft_trainer import train  # noqa: E402
-from sft_trainer.config import TrainingSpec  # noqa: E402
+from sft_contract.spec import TrainingSpec  # noqa: E402
 from sft_trainer.errors import DivergenceError, Interrupted  # noqa: E402
-from sft_trainer.exit_codes import ExitCode  # noqa: E402
+from sft_contract.exit_codes import ExitCode  # noqa: E402
 from sft_trainer.stability import StabilityGuard  # noqa: E402
 
 from trainer_helpers import read_log, trainer_env, write_config  # noqa: E402

@@ -51,10 +51,10 @@ def test_sftctl_run_reads_s3_exports_to_s3_and_logs_to_mlflow(tiny, s3_server, b
     }
     path = tmp_path / "s3-tiny.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    assert subprocess.run([sys.executable, "-m", "sft_operator.cli", "validate", "-q", str(path)],
+    assert subprocess.run([sys.executable, "-m", "sft_operator.cli.sftctl", "validate", "-q", str(path)],
                           env=trainer_env(), capture_output=True).returncode == 0
     env = trainer_env(**s3_server.env(SFT_CACHE_DIR=str(tmp_path / "cache"), COLUMNS="200"))
-    result = subprocess.run([sys.executable, "-m", "sft_operator.cli", "run", str(path)], env=env,
+    result = subprocess.run([sys.executable, "-m", "sft_operator.cli.sftctl", "run", str(path)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -31,7 +31,7 @@ def test_pinned_base_non_root_user_and_launch_entrypoint():
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-[a-z]+", base)
     uid, gid = map(int, re.findall(r"^USER (\d+):(\d+)$", text, re.M)[-1])
     sys.path.insert(0, str(ROOT / "operator"))
-    render = pytest.importorskip("sft_operator.render")
+    render = pytest.importorskip("sft_operator.core.render")
     assert uid == gid == render.TRAINER_UID != 0
     assert 'ENTRYPOINT ["python", "-m", "sft_trainer.launch"]' in text
     assert not re.search(r"(?i)(token|password|secret)\s*=", text)

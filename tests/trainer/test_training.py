@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
 from sft_trainer import train  # noqa: E402
-from sft_trainer.config import TrainingSpec  # noqa: E402
+from sft_contract.spec import TrainingSpec  # noqa: E402
 
 from trainer_helpers import read_log  # noqa: E402
 

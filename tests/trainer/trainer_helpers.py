@@ -19,7 +19,7 @@ def write_config(spec: dict, path: Path) -> Path:
 
 def trainer_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "operator"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "contract"), str(ROOT / "operator"), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
@@ -61,7 +61,7 @@ def run_interrupted_at(spec: dict, step: int) -> None:
     import pytest
 
     from sft_trainer import train
-    from sft_trainer.config import TrainingSpec
+    from sft_contract.spec import TrainingSpec
     from sft_trainer.errors import Interrupted
 
     with pytest.raises(Interrupted):

@@ -1,5 +1,5 @@
 """A small stand-in for the API server's list, watch and status-patch calls, over real HTTP, so the
-operator's own client (``sft_operator.kube``) is what talks to it.
+operator's own client (``sft_operator.runtime.client``) is what talks to it.
 
 Lists page like the API server: ``limit`` and ``continue``, one resourceVersion for every page of a
 list. ``max_unpaged`` makes a list that would answer more objects than that in one response fail

@@ -1,7 +1,7 @@
 """Advice turns the fine-tuning guide into warnings on a valid spec."""
 
-from sft_operator.advice import advise, billions_of_parameters
-from sft_operator.api import SFTJob
+from sft_operator.core.advice import advise, billions_of_parameters
+from sft_operator.api.types import SFTJob
 
 from .helpers import ROOT, load, manifest
 

@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from sft_operator.api import SFTJob
-from sft_operator.validation import problems_in
+from sft_operator.api.types import SFTJob
+from sft_operator.core.validation import problems_in
 
 from .helpers import EXAMPLES, INVALID, MINIMAL, broken_field, load, manifest
 

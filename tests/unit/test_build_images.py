@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from sft_operator.render import RenderOptions
+from sft_operator.core.render import RenderOptions
 
 from .helpers import ROOT
 

@@ -8,7 +8,7 @@ import time
 
 import kopf
 
-from sft_operator.cache import Cache, slim
+from sft_operator.runtime.cache import Cache, slim
 
 
 def sftjob(uid: str, phase: str | None = None, rv: str = "1", name: str = "demo") -> dict:
@@ -120,7 +120,7 @@ def test_a_deleted_pod_that_failed_without_counting_stays_a_restart_after_it_is_
     once, maybe before any status write saw it. status.restarts must still count it."""
     from datetime import datetime, timezone
 
-    from sft_operator.status import derive_status
+    from sft_operator.core.status import derive_status
 
     cache = Cache()
     key = cache.put("SFTJob", sftjob("s1"))
@@ -171,7 +171,7 @@ def test_a_lost_nodes_pod_force_deleted_while_running_counts_as_a_restart():
     status.restarts and the Restarted Event must see it."""
     from datetime import datetime, timezone
 
-    from sft_operator.status import derive_status
+    from sft_operator.core.status import derive_status
 
     cache = Cache()
     key = cache.put("SFTJob", sftjob("s1"))

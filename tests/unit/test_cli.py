@@ -9,7 +9,7 @@ from .helpers import EXAMPLES, INVALID, ROOT, broken_field
 
 
 def sftctl(*args):
-    return subprocess.run([sys.executable, "-m", "sft_operator.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "sft_operator.cli.sftctl", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_validate_examples_exits_zero():

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from sft_operator.crd import CRD_FILE, crd_manifest, crd_yaml
+from sft_operator.api.crd import CRD_FILE, crd_manifest, crd_yaml
 
 from .helpers import ROOT
 
@@ -31,7 +31,7 @@ def test_checked_in_crd_matches_the_generator():
 
 
 def test_sftctl_crd_prints_the_same_crd():
-    out = subprocess.run([sys.executable, "-m", "sft_operator.cli", "crd"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "sft_operator.cli.sftctl", "crd"], capture_output=True, text=True, check=True)
     assert out.stdout == crd_yaml()
 
 
@@ -78,7 +78,7 @@ def test_exclusive_bounds_use_openapi_v3_booleans():
 def test_every_reference_field_carries_the_grammar_the_models_evaluate():
     # One rule list per grammar, in the CRD as CEL (the API server refuses) and in the models (sftctl validate):
     # the same regular expressions, so both refuse the same values.
-    from sft_trainer import references as ref
+    from sft_contract import references as ref
 
     spec = _schema()["properties"]["spec"]["properties"]
     fields = {
@@ -101,7 +101,7 @@ def test_every_reference_field_carries_the_grammar_the_models_evaluate():
 
 def test_grammar_rules_read_the_same_in_cel_and_python():
     # CEL strings unescape once: the regex the API server compiles is the pattern the models use.
-    from sft_trainer import references as ref
+    from sft_contract import references as ref
 
     rule = ref.Rule(r"^[^\x00-\x1f]*$", "m", when="pvc://")
     assert rule.cel()["rule"] == "!self.startsWith('pvc://') || self.matches('^[^\\\\x00-\\\\x1f]*$')"

@@ -40,7 +40,7 @@ def test_kwok_stages_include_the_failure_stages_tests_rely_on():
 
 
 def test_load_crds_falls_back_to_the_generated_crd(tmp_path):
-    from sft_operator.crd import crd_manifest
+    from sft_operator.api.crd import crd_manifest
 
     assert cluster.load_crds(tmp_path) == [crd_manifest()]
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cluster.PLACEHOLDER_CRD | {"metadata": {"name": "x.sft.dev"}}))

@@ -3,10 +3,10 @@ s3:// or hub prompt set is fetched into the cache by the fetch stage."""
 
 from __future__ import annotations
 
-from sft_operator.api import SFTJob
-from sft_operator.render import RenderOptions, pvc_claims, render_children
-from sft_trainer.config import TrainingSpec
-from sft_trainer.fetch import remote_sources
+from sft_operator.api.types import SFTJob
+from sft_operator.core.render import RenderOptions, pvc_claims, render_children
+from sft_contract.spec import TrainingSpec
+from sft_contract.sources import remote_sources
 
 from .helpers import manifest
 

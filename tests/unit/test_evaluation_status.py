@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from prometheus_client import generate_latest
-from sft_trainer.config import EvaluationResult, ProgressReport, TrainerResult
+from sft_contract.messages import EvaluationResult, ProgressReport, TrainerResult
 
-from sft_operator import crd, metrics
-from sft_operator import status as st
+from sft_operator.api import crd
+from sft_operator.runtime import metrics
+from sft_operator.core import status as st
 
 from .test_status import jcond, job, pod, sftjob, terminated
 
@@ -139,7 +140,7 @@ def test_kubectl_get_shows_the_evaluation_reason():
 def test_sftctl_status_shows_the_gate_table():
     from rich.console import Console
 
-    from sft_operator.status_view import render
+    from sft_operator.cli.status_view import render
 
     sftjob = {"metadata": {"name": "demo", "namespace": "team-a"},
               "status": {"phase": "Succeeded", "evaluation": MARKED.model_dump(mode="json", by_alias=True)}}

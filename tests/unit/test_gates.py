@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sft_trainer import gates
-from sft_trainer.config import Gate
+from sft_contract.spec import Gate
 
 
 def gate(**fields) -> Gate:
@@ -86,7 +86,7 @@ def test_generation_scores_exact_match_and_contains(answer, expected, exact, con
 
 def test_the_reports_after_training_still_carry_the_verdict(tmp_path):
     """The operator keeps the latest progress report; the tracked run's last one must not drop the gates."""
-    from sft_trainer.config import TrainingSpec
+    from sft_contract.spec import TrainingSpec
     from sft_trainer.run_hooks import RunHooks
 
     class Tracker:

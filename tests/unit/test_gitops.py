@@ -10,7 +10,7 @@ import copy
 import pytest
 import yaml
 
-from sft_operator import status as sft_status
+from sft_operator.core import status as sft_status
 
 from .helpers import ROOT
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sft_operator.crd import CRD_FILE, crd_yaml
+from sft_operator.api.crd import CRD_FILE, crd_yaml
 
 from .helpers import ROOT
 
@@ -267,7 +267,7 @@ def test_deployment_is_one_restricted_replica():
 
 def test_operator_env_is_what_settings_read():
     """Every SFT_* variable the chart sets is one the operator reads, and the ports agree."""
-    settings = (ROOT / "operator" / "sft_operator" / "settings.py").read_text()
+    settings = (ROOT / "operator" / "sft_operator" / "runtime" / "settings.py").read_text()
     read = set(re.findall(r'env\("(SFT_[A-Z_]+)"', settings))
     container = one(objects(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -379,7 +379,7 @@ METRIC = re.compile(r"\b(sft_[a-z0-9_]+)")
 
 
 def _exported_metric_names() -> set[str]:
-    from sft_operator.metrics import metric_names
+    from sft_operator.runtime.metrics import metric_names
 
     return metric_names()
 
@@ -482,7 +482,7 @@ def test_image_digest_pins_the_operator_image():
 
 # ---------------------------------------------------------------- RBAC == what the code calls
 
-# The operator has one client, sft_operator.kube, whose PERMISSIONS table lists every call it can
+# The operator has one client, sft_operator.runtime.client, whose PERMISSIONS table lists every call it can
 # make (it refuses anything else); no other module may reach the API through the kubernetes library.
 LIBRARY_IMPORT = re.compile(r"^\s*(from kubernetes\b|import kubernetes\b)", re.MULTILINE)
 # What Kopf itself does (kopf docs, "Deployment" / RBAC): list+watch every watched resource; scan
@@ -492,15 +492,15 @@ KOPF_EVENT_HANDLER = re.compile(r'@kopf\.on\.(event|create|update|resume|delete)
 
 def _needed_permissions(namespaced: bool) -> set[tuple[str, str, str]]:
     """(group, resource, verb) the operator's own code and Kopf use; CLI-only modules excluded."""
-    from sft_operator import GROUP, PLURAL
-    from sft_operator.kube import OWNER_REFERENCE_PERMISSIONS, PERMISSIONS
+    from sft_operator.api import GROUP, PLURAL
+    from sft_operator.runtime.client import OWNER_REFERENCE_PERMISSIONS, PERMISSIONS
 
     needed = {(group, resource, verb) for verb, group, resource in PERMISSIONS | OWNER_REFERENCE_PERMISSIONS}
-    sources = [p for p in (ROOT / "operator" / "sft_operator").rglob("*.py")
-               if p.name not in ("cli.py", "status_view.py")]
+    package = ROOT / "operator" / "sft_operator"
+    sources = [p for p in package.rglob("*.py") if p.parent != package / "cli"]
     for path in sources:
         text = path.read_text()
-        assert not LIBRARY_IMPORT.search(text) or path.name == "kube.py", f"{path.name} uses a client other than kube.py"
+        assert not LIBRARY_IMPORT.search(text) or path.name == "client.py", f"{path.name} uses a client other than client.py"
         for kind, group, plural in KOPF_EVENT_HANDLER.findall(text):
             group = GROUP if group == "GROUP" else group.strip('"')
             plural = PLURAL if plural == "PLURAL" else plural.strip('"')
@@ -535,7 +535,7 @@ def test_rbac_grants_exactly_what_the_operator_calls(values):
 
 def _trainer_pod_labels() -> dict[str, str]:
     """The labels of a trainer pod as the operator renders it."""
-    from sft_operator.render import render_children
+    from sft_operator.core.render import render_children
 
     from .helpers import manifest
 
@@ -596,7 +596,7 @@ def test_the_chart_promises_the_certificate_reload_the_operator_does():
     """A renewed serving certificate is picked up within --reload-seconds, without a restart
     (tests/unit/test_progress.py serves one); values.yaml and the schema say so to the person
     choosing `renewBefore`."""
-    from sft_operator.settings import OperatorSettings
+    from sft_operator.runtime.settings import OperatorSettings
 
     seconds = int(OperatorSettings().reload_seconds)
     lines = (CHART / "values.yaml").read_text().splitlines()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft_operator.api import PlatformDefaults
+from sft_operator.api.types import PlatformDefaults
 
 from .test_helm_chart import CHART, FULLNAME, NAMESPACE, helm, objects, one
 

@@ -29,7 +29,7 @@ def test_operator_package_never_imports_torch():
 
 
 def test_trainer_contract_modules_are_light():
-    loaded = _imported_after(["sft_trainer", "sft_trainer.config", "sft_trainer.exit_codes", "sft_trainer.memory",
+    loaded = _imported_after(["sft_trainer", "sft_contract.spec", "sft_contract.exit_codes", "sft_contract.memory",
                               "sft_trainer.fetch", "sft_trainer.paths"])
     assert not loaded
 

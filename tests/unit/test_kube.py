@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sft_operator.kube import CREATE, PERMISSIONS, STATUS, ApiError, Credentials, KubeClient, PriorityGate
+from sft_operator.runtime.client import CREATE, PERMISSIONS, STATUS, ApiError, Credentials, KubeClient, PriorityGate
 
 
 def test_status_writes_are_served_before_waiting_creates():

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from sft_operator.context import Context
-from sft_operator.kube import ApiError
-from sft_operator.manage import manage
-from sft_operator.render import RenderOptions
-from sft_operator.settings import OperatorSettings
-from sft_operator.watch import child_event
+from sft_operator.runtime.context import Context
+from sft_operator.runtime.client import ApiError
+from sft_operator.runtime.reconcile import manage
+from sft_operator.core.render import RenderOptions
+from sft_operator.runtime.settings import OperatorSettings
+from sft_operator.runtime.watch import child_event
 
 from .helpers import manifest
 
@@ -188,7 +188,7 @@ def test_an_upgraded_operator_keeps_a_running_jobs_config_and_does_not_fail_a_sp
             await old.scheduler.close()
         started_with = kube.objects[("ConfigMap", "team-a", "demo-config")]["data"]["config.json"]
 
-        import sft_operator.render as render
+        import sft_operator.core.render as render
 
         newer = render.trainer_config_json
         monkeypatch.setattr(render, "trainer_config_json", lambda job: newer(job)[:-1] + ', "newField": true}')

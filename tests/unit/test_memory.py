@@ -7,10 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sft_operator.advice import advise, grace_period_seconds, memory_plan
-from sft_operator.api import SFTJob
-from sft_operator.render import render_children
-from sft_trainer import memory
+from sft_operator.core.advice import advise, grace_period_seconds, memory_plan
+from sft_operator.api.types import SFTJob
+from sft_operator.core.render import render_children
+from sft_contract import memory
 
 from .helpers import EXAMPLES, ROOT, load, manifest
 
@@ -124,7 +124,7 @@ def test_the_7b_recipe_prints_its_estimate_in_sftctl_validate():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "sft_operator.cli", "validate", str(ROOT / "examples" / "llama2-7b-recipe.yaml")],
+    out = subprocess.run([sys.executable, "-m", "sft_operator.cli.sftctl", "validate", str(ROOT / "examples" / "llama2-7b-recipe.yaml")],
                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
                                                               "PYTHONPATH": ":".join(sys.path)})
     assert out.returncode == 0, out.stderr

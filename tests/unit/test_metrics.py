@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sft_operator import metrics
-from sft_trainer.config import ProgressReport
+from sft_operator.runtime import metrics
+from sft_contract.messages import ProgressReport
 from support import free_port
 
 

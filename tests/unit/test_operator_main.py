@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import kopf
 import pytest
 
-from sft_operator.settings import OperatorSettings
+from sft_operator.runtime.settings import OperatorSettings
 from support import REPO
 
 
@@ -26,7 +26,7 @@ from support import REPO
 )
 def test_a_configuration_that_cannot_work_exits_at_once_with_the_reason(args, message):
     env = {"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent/kubeconfig",
-           "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}"}
+           "PYTHONPATH": f"{REPO / 'contract'}:{REPO / 'operator'}:{REPO / 'trainer_image'}"}
     out = subprocess.run([sys.executable, "-m", "sft_operator", *args], capture_output=True, text=True,
                          timeout=60, env=env, cwd=REPO)
     assert out.returncode != 0
@@ -34,7 +34,7 @@ def test_a_configuration_that_cannot_work_exits_at_once_with_the_reason(args, me
 
 
 def test_liveness_fails_when_kubernetes_calls_stop_finishing():
-    from sft_operator.main import api_calls_flow
+    from sft_operator.runtime.handlers import api_calls_flow
 
     kube = SimpleNamespace(stalled_seconds=lambda: 12.0)
     memo = SimpleNamespace(get=lambda key: SimpleNamespace(kube=kube, settings=OperatorSettings(stuck_seconds=60)))

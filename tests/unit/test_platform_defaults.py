@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from sft_operator import settings as settings_module
-from sft_operator.api import PlatformDefaults
-from sft_operator.render import ANNOTATION_APPLIED_DEFAULTS, RenderOptions, render_children
-from sft_operator.status import derive_status
+from sft_operator.runtime import settings as settings_module
+from sft_operator.api.types import PlatformDefaults
+from sft_operator.core.render import ANNOTATION_APPLIED_DEFAULTS, RenderOptions, render_children
+from sft_operator.core.status import derive_status
 
 from .helpers import manifest
 

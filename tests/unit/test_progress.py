@@ -13,10 +13,10 @@ import aiohttp
 import aiohttp.web
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from sft_operator import progress
-from sft_operator.progress import Caller, Rejected, build_app
-from sft_operator.settings import OperatorSettings
-from sft_trainer.config import ProgressReport
+from sft_operator.runtime import progress
+from sft_operator.runtime.progress import Caller, Rejected, build_app
+from sft_operator.runtime.settings import OperatorSettings
+from sft_contract.messages import ProgressReport
 from support import free_port
 from tls_certs import self_signed
 
@@ -607,7 +607,7 @@ class _FakeKube:
         return self.review_status
 
     async def get(self, kind, namespace, name):
-        from sft_operator.kube import ApiError
+        from sft_operator.runtime.client import ApiError
 
         if self.fail_reads is not None:
             raise ApiError(self.fail_reads, "Forbidden", "no")

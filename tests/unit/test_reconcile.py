@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sft_operator.cache import slim
-from sft_operator.reconcile import (
+from sft_operator.runtime.cache import slim
+from sft_operator.core.decisions import (
     ANNOTATION_STOPPED_REASON,
     ANNOTATION_SUSPENDED_BY,
     FOREIGN,
@@ -22,7 +22,7 @@ from sft_operator.reconcile import (
     suspend_patch,
     unexported_model,
 )
-from sft_operator.scheduler import backoff_delay
+from sft_operator.runtime.scheduler import backoff_delay
 
 SFTJOB = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": "demo", "namespace": "a", "uid": "u-1"}}
 OURS = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": "demo", "uid": "u-1", "controller": True,
@@ -162,7 +162,7 @@ def test_back_off_doubles_from_five_seconds_to_five_minutes():
 
 
 def _spec(**spec):
-    from sft_operator.api import SFTJob
+    from sft_operator.api.types import SFTJob
 
     base = {"model": {"source": "pvc://datasets/base"}, "dataset": {"train": {"source": "pvc://datasets/train.jsonl"}},
             "output": {"destination": "pvc://models/run"}, **spec}
@@ -171,7 +171,7 @@ def _spec(**spec):
 
 
 def test_a_local_output_path_is_refused_with_the_way_out_and_cluster_destinations_are_not():
-    from sft_operator.reconcile import local_output_cause
+    from sft_operator.core.decisions import local_output_cause
 
     cause = local_output_cause(_spec(output={"destination": "/tmp/out"}).spec)
     assert cause.reason == "InvalidSpec" and cause.final
@@ -189,7 +189,7 @@ def pvc(name: str, *modes: str, bound: tuple[str, ...] = ()) -> dict:
 
 
 def test_several_nodes_writing_a_read_write_once_claim_fail_early_saying_how_to_fix_it():
-    from sft_operator.reconcile import shared_claims_check
+    from sft_operator.core.decisions import shared_claims_check
 
     job = _spec(resources={"nodes": 2})
     failure, warnings = shared_claims_check(job, {"models": pvc("models", "ReadWriteOnce"),
@@ -207,7 +207,7 @@ def test_several_nodes_writing_a_read_write_once_claim_fail_early_saying_how_to_
 
 
 def test_a_named_read_write_once_cache_fails_early_too_and_an_operator_made_one_is_never_checked():
-    from sft_operator.reconcile import shared_claims_check
+    from sft_operator.core.decisions import shared_claims_check
 
     named = _spec(resources={"nodes": 2}, model={"source": "s3://models/base"},
                   storage={"cache": {"claimName": "team-cache"}})

@@ -2,9 +2,9 @@
 
 import pytest
 
-from sft_operator.api import SFTJob
-from sft_operator.render import RenderOptions, render_children
-from sft_trainer.exit_codes import NON_RETRIABLE
+from sft_operator.api.types import SFTJob
+from sft_operator.core.render import RenderOptions, render_children
+from sft_contract.exit_codes import NON_RETRIABLE
 
 from .helpers import ROOT, load, manifest
 
@@ -114,7 +114,7 @@ def test_config_map_holds_the_training_part_only():
 
     data = json.loads(_by_kind(render_children(manifest(resources={"nodes": 3})))["ConfigMap"]["data"]["config.json"])
     assert data["model"]["source"] == "Qwen/Qwen2.5-0.5B" and "resources" not in data
-    from sft_trainer.config import TrainingSpec
+    from sft_contract.spec import TrainingSpec
 
     assert TrainingSpec.model_validate(data).hyperparameters.learning_rate == 2e-5
 

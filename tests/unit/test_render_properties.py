@@ -7,7 +7,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft_operator.render import render_children
+from sft_operator.core.render import render_children
 
 from .helpers import MINIMAL
 

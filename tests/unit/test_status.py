@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sft_operator import status as st
-from sft_operator.status import Cause
+from sft_operator.core import status as st
+from sft_operator.core.status import Cause
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
 T0 = "2026-11-28T11:50:00Z"
@@ -386,7 +386,7 @@ def test_a_transient_failed_mount_does_not_fail_a_fetch_that_runs_past_the_grace
 def test_multi_attach_until_the_six_minute_force_detach_does_not_fail_the_job():
     """After a node loss the replacement pod waits for the attach-detach controller's force-detach (6
     minutes): a recoverable job, within the default grace."""
-    from sft_operator.settings import OperatorSettings
+    from sft_operator.runtime.settings import OperatorSettings
 
     grace = OperatorSettings().pod_start_grace_seconds
     began = NOW - timedelta(minutes=6, seconds=30)
@@ -405,7 +405,7 @@ def test_multi_attach_until_the_six_minute_force_detach_does_not_fail_the_job():
 def test_a_slow_pull_of_our_image_with_one_transient_error_does_not_fail_the_job():
     """The 6.6 GB trainer image pulls for 5 minutes (ContainerCreating: no problem), then one ErrImagePull:
     its clock starts there, and the retried pull has the whole grace."""
-    from sft_operator.settings import OperatorSettings
+    from sft_operator.runtime.settings import OperatorSettings
 
     grace = OperatorSettings().pod_start_grace_seconds
     scheduled = NOW - timedelta(minutes=5)
@@ -538,7 +538,7 @@ def test_with_result_completes_output_metrics_and_progress():
 
 
 def test_with_progress_maps_a_report_onto_status_keeping_earlier_metrics():
-    from sft_trainer.config import ProgressReport
+    from sft_contract.messages import ProgressReport
 
     first = st.with_progress({"phase": "Running"}, ProgressReport.model_validate(
         {"step": 50, "totalSteps": 100, "epoch": 1.0, "trainLoss": 1.5, "evalLoss": 1.1, "etaSeconds": 120,
@@ -550,7 +550,7 @@ def test_with_progress_maps_a_report_onto_status_keeping_earlier_metrics():
                                                                     "outputModel": "pvc://m/out"}))
     assert second["progress"]["etaSeconds"] == 0 and second["metrics"] == {"trainLoss": 1.5, "evalLoss": 1.1}
     assert second["output"] == {"model": "pvc://m/out"}
-    from sft_operator.api import SFTJobStatus
+    from sft_operator.api.types import SFTJobStatus
 
     SFTJobStatus.model_validate(second)  # fits the CRD's schema
 
@@ -655,7 +655,7 @@ def test_a_fetch_image_that_cannot_be_pulled_is_a_start_problem():
 
 
 def test_fetching_reports_show_the_stage_and_bytes_and_a_result_clears_them():
-    from sft_trainer.config import ProgressReport, TrainerResult
+    from sft_contract.messages import ProgressReport, TrainerResult
 
     fetching = st.with_progress({"phase": "Running"}, ProgressReport.model_validate(
         {"step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "fetching", "bytesDone": 1024, "bytesTotal": 4096}))
@@ -666,14 +666,14 @@ def test_fetching_reports_show_the_stage_and_bytes_and_a_result_clears_them():
     assert (exporting["progress"]["stage"], exporting["progress"]["percent"]) == ("Exporting", 100)
     done = st.with_result({**exporting, "conditions": []}, TrainerResult(output_model="s3://b/run/model", steps=10))
     assert not {"stage", "bytesDone", "bytesTotal"} & set(done["progress"])
-    from sft_operator.api import SFTJobStatus
+    from sft_operator.api.types import SFTJobStatus
 
     SFTJobStatus.model_validate(fetching)  # declared in the CRD: the API server would prune it otherwise
 
 
 def test_the_data_check_report_becomes_status_data_and_outlives_the_training_reports():
-    from sft_operator.api import SFTJobStatus
-    from sft_trainer.config import ProgressReport
+    from sft_operator.api.types import SFTJobStatus
+    from sft_contract.messages import ProgressReport
 
     data = {"format": "messages", "rows": 500, "invalidRows": 0, "duplicateRows": 3, "trainRows": 450,
             "validationRows": 50, "generalRows": 0, "maxSeqLength": 2048, "truncatedRows": 7, "droppedRows": 0,
@@ -688,7 +688,7 @@ def test_the_data_check_report_becomes_status_data_and_outlives_the_training_rep
 
 
 def test_a_result_with_a_warning_succeeds_says_so_and_posts_one_warning_event():
-    from sft_trainer.config import TrainerResult
+    from sft_contract.messages import TrainerResult
 
     running = st.derive_status(sftjob(), job(active=1), [pod()], NOW)
     done = st.derive_status(sftjob(status=running), job([jcond("Complete")], completionTime=T1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from sft_operator.status_view import exit_code, render
+from sft_operator.cli.status_view import exit_code, render
 
 RUNNING = {
     "metadata": {"name": "demo", "namespace": "team-a"},

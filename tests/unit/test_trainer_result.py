@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sft_trainer.config import TrainerResult
+from sft_contract.messages import TrainerResult
 from sft_trainer.result import TERMINATION_LIMIT, termination_message, trainer_result, write_result
 
 METRICS = {"steps": 90, "totalSteps": 100, "epochs": 2.7, "trainLoss": 0.81, "evalLoss": 0.93, "bestEvalLoss": 0.9,

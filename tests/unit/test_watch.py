@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from .fake_apiserver import FakeApiServer
-from sft_operator import watch
-from sft_operator.context import Context
-from sft_operator.kube import Credentials, KubeClient
-from sft_operator.render import RenderOptions
-from sft_operator.settings import OperatorSettings
+from sft_operator.runtime import watch
+from sft_operator.runtime.context import Context
+from sft_operator.runtime.client import Credentials, KubeClient
+from sft_operator.core.render import RenderOptions
+from sft_operator.runtime.settings import OperatorSettings
 
 NS = "team-a"
 PAGE_LIMIT = 500  # what the API server answers in one response here before it "times out"
@@ -219,7 +219,7 @@ def test_without_kueue_a_queued_job_says_so_in_the_operators_words_and_the_absen
             finally:
                 await ctx.close()
 
-    with caplog.at_level("INFO", logger="sft_operator.watch"):
+    with caplog.at_level("INFO", logger="sft_operator.runtime.watch"):
         written = asyncio.run(main())
     assert written == [("Queued", "the trainer Job is suspended until queue team-a admits it")]
     absent = [r.getMessage() for r in caplog.records if "Workload" in r.getMessage()]

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from sft_operator.context import Context
-from sft_operator.render import RenderOptions
-from sft_operator.settings import OperatorSettings
-from sft_operator import writer
-from sft_operator.writer import ProgressRefused
-from sft_trainer.config import ProgressReport
+from sft_operator.runtime.context import Context
+from sft_operator.core.render import RenderOptions
+from sft_operator.runtime.settings import OperatorSettings
+from sft_operator.runtime import writer
+from sft_operator.runtime.writer import ProgressRefused
+from sft_contract.messages import ProgressReport
 
 KEY = ("team-a", "demo")
 
@@ -201,7 +201,7 @@ def ctx_now() -> str:
 
 
 def test_a_training_report_ends_the_fetching_stage_when_reports_are_coalesced():
-    from sft_operator.writer import merge_reports
+    from sft_operator.runtime.writer import merge_reports
 
     fetching = ProgressReport.model_validate({"step": 0, "totalSteps": 0, "epoch": 0.0, "stage": "fetching",
                                               "bytesDone": 10, "bytesTotal": 10})

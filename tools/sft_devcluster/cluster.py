@@ -375,7 +375,7 @@ def load_crds(crds_dir: Path) -> list[dict]:
     if docs:
         return docs
     try:
-        from sft_operator.crd import crd_manifest
+        from sft_operator.api.crd import crd_manifest
     except ImportError:
         return [PLACEHOLDER_CRD]
     return [crd_manifest()]
@@ -401,7 +401,7 @@ def _launch(info: ClusterInfo, name: str, lock: realnode.NodeLock | None = None)
 
 def _pythonpath() -> str:
     """PYTHONPATH that finds this package (and the product's) from a plain checkout too."""
-    roots = [str(REPO_ROOT / d) for d in ("tools", "operator", "trainer_image")]
+    roots = [str(REPO_ROOT / d) for d in ("tools", "contract", "operator", "trainer_image")]
     return os.pathsep.join(filter(None, [*roots, os.environ.get("PYTHONPATH")]))
 
 

@@ -27,7 +27,7 @@ class OperatorProcess:
         self.source = Path(source) if source else REPO_ROOT
         # Settings come from the flags and env given here only, never from the developer's shell.
         base = {k: v for k, v in os.environ.items() if not k.startswith("SFT_") and k != "KUBERNETES_SERVICE_HOST"}
-        paths = [str(self.source / "operator"), str(self.source / "trainer_image"), base.get("PYTHONPATH", "")]
+        paths = [str(self.source / "contract"), str(self.source / "operator"), str(self.source / "trainer_image"), base.get("PYTHONPATH", "")]
         self.env = {**base, "PYTHONUNBUFFERED": "1", "KUBECONFIG": str(kubeconfig),
                     "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -53,7 +53,7 @@ class OperatorProcess:
     @property
     def command(self) -> list[str]:
         package = self.source / "operator" / "sft_operator"
-        module = "sft_operator" if (package / "__main__.py").exists() else "sft_operator.main"  # older checkouts
+        module = "sft_operator" if (package / "__main__.py").exists() else "sft_operator.runtime.main"  # older checkouts
         return [sys.executable, "-m", module, *self.args]
 
     def start(self, wait: bool = True, timeout: float = 40) -> None:

@@ -1,7 +1,7 @@
 """SFT trainer: supervised fine-tuning of causal language models from an SFTJob's training spec.
 
 Only the standard library and pydantic are imported here, so the operator can import
-``sft_trainer.config`` and ``sft_trainer.exit_codes`` without torch.
+``sft_contract.spec`` and ``sft_contract.exit_codes`` without torch.
 """
 
 __version__ = "0.1.0"

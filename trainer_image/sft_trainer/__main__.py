@@ -21,10 +21,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sft_contract.exit_codes import DEFAULT_TERMINATION_LOG, ExitCode
+from sft_contract.spec import TRAINING_FIELDS, TrainingSpec
+
 from . import gates
-from .config import TRAINING_FIELDS, TrainingSpec
 from .errors import ConfigError, EvaluationFailed, TrainerError
-from .exit_codes import DEFAULT_TERMINATION_LOG, ExitCode
 from .result import TERMINATION_LIMIT, write_result
 
 DEFAULT_CONFIG = "/etc/sft/config.json"

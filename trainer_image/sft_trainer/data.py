@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from sft_contract.spec import DataFormat, DatasetSpec, DataSource, GeneralData, Overlong
+
 from . import hub, paths
-from .config import DataFormat, DatasetSpec, DataSource, GeneralData, Overlong
 from .errors import DataError, TrainerError
 
 log = logging.getLogger(__name__)

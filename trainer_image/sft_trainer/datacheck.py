@@ -17,8 +17,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from sft_contract.messages import DataSummary, TokenLengths
+from sft_contract.spec import DataFormat, DatasetSpec, TrainingSpec
+
 from . import data
-from .config import DataFormat, DataSummary, DatasetSpec, TokenLengths, TrainingSpec
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -211,7 +213,7 @@ def run(spec: TrainingSpec, world: int = 1, reporter=None, fetched: tuple[int, i
     """The check as a stage: the model's tokenizer loaded (no weights), the report logged and sent to the
     operator (``reporter``; with the fetch's ``(bytes done, total)``, so status keeps showing them), DataError
     raised when a row is invalid."""
-    from .config import ProgressReport
+    from sft_contract.messages import ProgressReport
     from .loading import load_tokenizer
 
     result = check(spec, load_tokenizer(spec), world)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import DistributedStrategy
+from sft_contract.spec import DistributedStrategy
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 
-from .exit_codes import ExitCode
+from sft_contract.exit_codes import ExitCode
 
 
 class TrainerError(Exception):

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sft_contract.spec import DatasetSpec, PromptSet
+
 from . import collate, data
-from .config import DatasetSpec, PromptSet
 from .distributed import Dist, all_sum
 from .errors import DataError
 from .gates import score

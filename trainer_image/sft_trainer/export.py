@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from sft_contract.spec import S3Spec
+
 from . import outputs, s3
-from .config import S3Spec
 
 log = logging.getLogger("sft_trainer.export")
 

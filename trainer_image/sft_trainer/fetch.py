@@ -44,51 +44,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from sft_contract.exit_codes import ExitCode
+from sft_contract.messages import ProgressReport
+from sft_contract.sources import Remote, remote_sources
+from sft_contract.spec import TrainingSpec, is_s3
+
 from . import paths
-from .config import ProgressReport, TrainingSpec, is_s3
 from .errors import AccessDenied, CacheTooSmall, NotFound, StorageUnavailable, TrainerError, sigterm_interrupts
-from .exit_codes import ExitCode
 
 log = logging.getLogger("sft_trainer.fetch")
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # as data.py: "x.jsonl" is a missing file, not a hub id
 PROGRESS_EVERY_S = 1.0
 HUB_WORKERS = 4
 
-
-@dataclass(frozen=True)
-class Remote:
-    """One source the fetch stage downloads."""
-
-    field: str  # where the spec names it, e.g. spec.model.source
-    source: str
-    kind: str  # "s3", "model" or "dataset" (hub repo types)
-    revision: str | None = None
-
-
-def remote_sources(spec: TrainingSpec) -> list[Remote]:
-    """The spec's hub and s3:// sources, each once (pure)."""
-    out: list[Remote] = []
-    m = spec.model
-    if is_s3(m.source):
-        out.append(Remote("spec.model.source", m.source, "s3"))
-    elif not paths.is_local(m.source):
-        out.append(Remote("spec.model.source", m.source, "model", m.revision))
-    ds = spec.dataset
-    sources = [(f"spec.dataset.{name}.source", data) for name, data in
-               (("train", ds.train), ("validation", ds.validation), ("general", ds.general))]
-    sources.append(("spec.evaluation.prompts.source", spec.evaluation.prompts))
-    for where, data in sources:
-        if data is None:
-            continue
-        if is_s3(data.source):
-            out.append(Remote(where, data.source, "s3"))
-        elif not paths.is_local(data.source) and not data.source.lower().endswith(DATA_SUFFIXES):
-            out.append(Remote(where, data.source, "dataset"))
-    unique: dict[tuple[str, str | None], Remote] = {}
-    for r in out:
-        unique.setdefault((r.source, r.revision), r)
-    return list(unique.values())
 
 
 # ---------------------------------------------------------------- progress
@@ -163,7 +131,7 @@ def cache_progress(reporter=None) -> Progress:
 def fetch_all(spec: TrainingSpec, *, reporter=None, progress: Progress | None = None) -> dict[str, Path]:
     """Fetch every hub and s3:// source of ``spec`` into the cache; returns source -> local path.
     ``progress``: the caller's (``cache_progress``), to read the bytes fetched afterwards."""
-    remotes = remote_sources(spec)
+    remotes = remote_sources(spec, lambda s: paths.resolve(s).exists())
     if not remotes:
         return {}
     root = paths.cache_root()

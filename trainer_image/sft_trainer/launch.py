@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .exit_codes import ExitCode
+from sft_contract.exit_codes import ExitCode
 
 GRACE_ENV = "SFT_TERMINATION_GRACE_SECONDS"
 SHUTDOWN_MARGIN_S = 5  # the launcher's time to collect the workers' codes and exit before the kubelet's SIGKILL

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
+from sft_contract.spec import TrainingSpec
+
 from . import hub, paths
-from .config import TrainingSpec
 from .errors import ModelLoadError, TrainerError
 
 

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sft_contract.exit_codes import ExitCode
+
 from . import gates
 from .errors import ConfigError, EvaluationFailed, TrainerError
-from .exit_codes import ExitCode
 from .outputs import REJECTED_DIR
 
 

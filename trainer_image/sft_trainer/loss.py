@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .memory import FUSED_LOSS_TYPES, LOSS_CHUNK_BYTES
+from sft_contract.memory import FUSED_LOSS_TYPES, LOSS_CHUNK_BYTES
 
 log = logging.getLogger("sft_trainer")
 

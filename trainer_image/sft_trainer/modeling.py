@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .config import Precision, TrainingSpec
+from sft_contract.spec import Precision, TrainingSpec
+
 from .errors import ConfigError
 from .loading import load_or_fail as _load, load_tokenizer, model_location as _where  # noqa: F401 - train loads the tokenizer here
 

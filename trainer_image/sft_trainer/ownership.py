@@ -36,10 +36,11 @@ import time
 import uuid
 from pathlib import Path
 
+from sft_contract.exit_codes import ExitCode
+from sft_contract.spec import TrainingSpec
+
 from . import checkpoint
-from .config import TrainingSpec
 from .errors import ConfigError, TrainerError
-from .exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
 

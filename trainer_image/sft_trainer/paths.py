@@ -24,8 +24,10 @@ import json
 import os
 from pathlib import Path
 
+from sft_contract.references import EXPLICIT_LOCAL, split_pvc, split_s3
+from sft_contract.sources import names_a_path
+
 from .errors import ConfigError
-from .references import EXPLICIT_LOCAL, split_pvc, split_s3
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 # `sftctl run` and a trainer started by hand; in a pod the operator sets SFT_CACHE_DIR to the cache volume.
@@ -149,9 +151,7 @@ def unmounted_claims(references: list[tuple[str, str]]) -> str | None:
 def is_local(source: str) -> bool:
     """True for pvc://, s3:// (read from the cache), absolute, ``~``, ``./`` paths and anything that exists here;
     hub ids otherwise."""
-    if source.startswith(("pvc://", "s3://", "/", "~", "./", "../")):
-        return True
-    return resolve(source).exists()
+    return names_a_path(source, lambda s: resolve(s).exists())
 
 
 def hub_location(repo_id: str, repo_type: str = "model", revision: str | None = None) -> str:

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, TextIO
 
-from .config import PROGRESS_PATH, ProgressReport
+from sft_contract.messages import PROGRESS_PATH, ProgressReport
 
 log = logging.getLogger(__name__)
 

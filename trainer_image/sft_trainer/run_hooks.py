@@ -23,10 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sft_contract.exit_codes import ExitCode
+from sft_contract.messages import ProgressReport
+from sft_contract.spec import TrainingSpec, is_s3
+
 from . import outputs, ownership, paths
-from .config import ProgressReport, TrainingSpec, is_s3
 from .errors import TrainerError, sigterm_interrupts
-from .exit_codes import ExitCode
 
 log = logging.getLogger("sft_trainer")
 

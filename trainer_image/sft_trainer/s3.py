@@ -38,7 +38,8 @@ import boto3
 import botocore.exceptions as bx
 from botocore.config import Config
 
-from .config import S3Spec
+from sft_contract.spec import S3Spec
+
 from .errors import AccessDenied, NotFound, StorageUnavailable, TrainerError
 
 log = logging.getLogger(__name__)

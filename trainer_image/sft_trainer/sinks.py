@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft_contract.messages import ProgressReport
+
 from . import outputs
-from .config import ProgressReport
 from .progress import ProgressReporter
 
 log = logging.getLogger("sft_trainer")

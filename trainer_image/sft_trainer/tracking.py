@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import MlflowSpec, ProgressReport, TrainingSpec
+from sft_contract.messages import ProgressReport
+from sft_contract.spec import MlflowSpec, TrainingSpec
+
 from .sinks import EvalRecord, Sink, StepRecord
 
 log = logging.getLogger("sft_trainer.tracking")

@@ -32,18 +32,14 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, collate, data, evaluation, gates, memory, modeling, outputs, ownership, paths
-from .config import (
-    GENERATION_METRICS,
-    CheckpointStrategy,
-    DistributedStrategy,
-    EvalStrategy,
-    GateMetric,
-    LrScheduler,
-    ProgressReport,
-    TrainingSpec,
-    is_s3,
+from sft_contract import memory
+from sft_contract.messages import ProgressReport
+from sft_contract.spec import (
+    GENERATION_METRICS, CheckpointStrategy, DistributedStrategy, EvalStrategy, GateMetric, LrScheduler,
+    TrainingSpec, is_s3,
 )
+
+from . import checkpoint, collate, data, evaluation, gates, modeling, outputs, ownership, paths
 from .distributed import (
     Dist,
     StopFlag,

@@ -21,9 +21,9 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.metrics import MetricWrapperBase
-from sft_trainer.config import ProgressReport
+from sft_contract.messages import ProgressReport
 
-from .api import Phase
+from sft_operator.api.types import Phase
 
 PREFIX = "sft_"
 

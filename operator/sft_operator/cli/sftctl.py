@@ -10,11 +10,11 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .advice import advise, memory_plan
-from .crd import crd_manifest, crd_yaml
-from .render import RenderOptions, render_children
-from .validation import load_documents, parse_sftjob, problems_in
+from sft_operator import __version__
+from sft_operator.core.advice import advise, memory_plan
+from sft_operator.api.crd import crd_manifest, crd_yaml
+from sft_operator.core.render import RenderOptions, render_children
+from sft_operator.core.validation import load_documents, parse_sftjob, problems_in
 
 EPILOG = """examples:
   sftctl validate examples/*.yaml           check manifests offline (exit 1 lists every bad field)
@@ -202,13 +202,13 @@ def cmd_example_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status_view import show_status
+    from sft_operator.cli.status_view import show_status
 
     return show_status(args.name, args.namespace, watch=False, kubeconfig=args.kubeconfig)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .status_view import show_status
+    from sft_operator.cli.status_view import show_status
 
     return show_status(args.name, args.namespace, watch=True, kubeconfig=args.kubeconfig)
 
@@ -290,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["operator", "run"]:
         # Everything after `operator run` (including --help) belongs to the operator's own parser.
-        from .__main__ import without_kubernetes_library
+        from sft_operator.__main__ import without_kubernetes_library
 
         without_kubernetes_library()
-        from .main import run_from_cli
+        from sft_operator.runtime.main import run_from_cli
 
         return run_from_cli(argv[2:])
     args = build_parser().parse_args(argv)

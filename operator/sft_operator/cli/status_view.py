@@ -10,8 +10,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import GROUP, PLURAL, VERSION
-from .api import TERMINAL_PHASES, Phase
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.api.types import TERMINAL_PHASES, Phase
 
 PHASE_STYLE = {
     Phase.succeeded.value: "bold green",

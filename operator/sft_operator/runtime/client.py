@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 import yaml
 
-from . import GROUP, PLURAL, VERSION
+from sft_operator.api import GROUP, PLURAL, VERSION
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -71,7 +71,7 @@ PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset({
     ("get", "batch", "jobs"),
     ("patch", "", "configmaps"),  # keep config.json and the progress CA current (CA rotation)
     ("patch", "batch", "jobs"),  # spec.suspend: runPolicy.suspend, and stopping a failed job's pods
-    ("list", "", "configmaps"),  # the children's watches (sft_operator.watch) list, then watch
+    ("list", "", "configmaps"),  # the children's watches (sft_operator.runtime.watch) list, then watch
     ("list", "", "services"),
     ("list", "batch", "jobs"),
     ("list", "", "pods"),

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .api import SFTJob
+from sft_operator.api.types import SFTJob
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ label of ours; the cache keeps those owned by a Job), so a queued job's status s
 Where the API server does not serve them (no Kueue) or RBAC forbids them, that watch says so once and
 looks again every few minutes; nothing waits for it.
 
-SFTJobs stay with Kopf (``handlers/handle_watches.py``); they are few and change rarely.
+SFTJobs stay with Kopf (``runtime/handlers.py``); they are few and change rarely.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .cache import CHILD_KINDS, QUEUE_KIND, Key
-from .kube import ApiError
-from .render import LABEL_JOB
+from sft_operator.runtime.cache import CHILD_KINDS, QUEUE_KIND, Key
+from sft_operator.runtime.client import ApiError
+from sft_operator.core.render import LABEL_JOB
 
 if TYPE_CHECKING:
-    from .context import Context
+    from sft_operator.runtime.context import Context
 
-log = logging.getLogger("sft_operator.watch")
+log = logging.getLogger("sft_operator.runtime.watch")
 WATCHED_KINDS = (*CHILD_KINDS, "Pod")
 OPTIONAL_KINDS = (QUEUE_KIND,)  # another controller's API: absent in many clusters
 NOT_KICKED = ("Pod", QUEUE_KIND)  # kinds whose deletion needs no reconcile (we never create them)

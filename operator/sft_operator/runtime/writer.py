@@ -23,13 +23,13 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sft_trainer.config import ProgressReport
+from sft_contract.messages import ProgressReport
 
-from . import metrics
-from .api import TERMINAL_PHASES, SFTJobSpec
-from .cache import Key
-from .kube import ApiError
-from .status import (
+from sft_operator.runtime import metrics
+from sft_operator.api.types import TERMINAL_PHASES, SFTJobSpec
+from sft_operator.runtime.cache import Key
+from sft_operator.runtime.client import ApiError
+from sft_operator.core.status import (
     LOOKUP_AGAIN_SECONDS,
     SUCCEEDED,
     Effects,
@@ -52,9 +52,9 @@ from .status import (
 )
 
 if TYPE_CHECKING:
-    from .context import Context
+    from sft_operator.runtime.context import Context
 
-log = logging.getLogger("sft_operator.status")
+log = logging.getLogger("sft_operator.core.status")
 LOOKUP_SLOTS = 2  # event reads in flight
 QUEUE_HOLD_SECONDS = 60.0  # children, pods or Complete awaited from a controller's queue (long in a burst)
 UNLISTED_RECHECK_SECONDS = 1.0  # a job whose scope's first lists are not complete yet: look again this soon

@@ -1,45 +1,33 @@
-"""The operator: `sft-operator` / `sftctl operator run` / `python -m sft_operator` (see ``__main__``).
+"""Every Kopf registration of the operator: start-up (all of Kopf's settings), login, clean-up, the
+liveness probes, and the SFTJob watch.
 
-This module only configures and runs Kopf; the handlers live in ``sft_operator.handlers``
-(crate-operator layout). Every Kopf setting is made in the one startup handler, ``configure``.
-A configuration that cannot work (no TLS for the progress endpoint, unreadable files) stops the
-process before Kopf starts; anything else failing at start-up stops it too, with exit code 1.
+The SFTJob watch is a plain event watcher: Kopf stores nothing on the SFTJobs (no finalizer, no
+annotation patch). Every change feeds the cache and asks for a reconcile (``runtime.reconcile``) and
+a status write (``runtime.writer``); nothing here waits for either. The children and pods are watched
+by ``runtime.watch`` (one list-then-watch per kind, fed straight into the cache).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
-import sys
 from typing import Any
 
 import kopf
 
-from . import __version__
-from . import handlers  # noqa: F401  (registers the handlers)
-from .context import Context
-from .handlers.handle_lifecycle import resync_loop, watch_ca_file
-from .kube import KubeClient, connection_info, load_credentials
-from .watch import start_watchers
-from .settings import OperatorSettings, add_arguments, from_args
+from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.runtime import metrics, progress
+from sft_operator.runtime.client import KubeClient, connection_info, load_credentials
+from sft_operator.runtime.context import Context
+from sft_operator.runtime.loops import resync_loop, watch_ca_file
+from sft_operator.runtime.reconcile import converged
+from sft_operator.runtime.settings import OperatorSettings
+from sft_operator.runtime.watch import start_watchers
 
 PREFIX = "sft.dev"
 FINALIZER = f"{PREFIX}/finalizer"
 WATCH_SERVER_TIMEOUT = 300  # the API server ends each watch after this; Kopf reconnects
 WATCH_CLIENT_TIMEOUT = 330  # a stalled watch (kopf#585, #957) is dropped after this
 PRIME_TIMEOUT_SECONDS = 60
-log = logging.getLogger("sft_operator")
-
-EPILOG = """Every flag also reads an environment variable (shown in each help line).
-
-Kubernetes credentials: in-cluster when run in a pod, otherwise $KUBECONFIG or ~/.kube/config.
-Endpoints: /metrics on --metrics-port, /healthz on --health-port, progress on --progress-port.
-
-examples:
-  sft-operator --progress-allow-plaintext --progress-url http://127.0.0.1:8443   local development
-  sft-operator -n team-a -n team-b --progress-tls-cert tls.crt --progress-tls-key tls.key
-"""
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -85,8 +73,6 @@ async def _configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
                   ours.render_options())
     memo.ctx = ctx
 
-    from . import metrics, progress
-
     metrics.start_metrics_server(ours.metrics_port)
     logger.info("metrics on :%d/metrics, liveness on :%d/healthz", ours.metrics_port, ours.health_port)
     await progress.start_progress_server(ctx, logger)
@@ -105,16 +91,14 @@ async def _configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
 
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
-    """Kopf's watches log in as sft_operator.kube does: in-cluster, else the kubeconfig."""
+    """Kopf's watches log in as sft_operator.runtime.client does: in-cluster, else the kubeconfig."""
     return connection_info(load_credentials())
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     ctx: Context | None = memo.get("ctx")
-    from .progress import stop_progress_server
-
-    await stop_progress_server()
+    await progress.stop_progress_server()
     if ctx is not None:
         await ctx.close()
 
@@ -140,63 +124,20 @@ def api_calls_flow(memo: kopf.Memo, **_: Any) -> float:
     return round(stalled, 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sft-operator",
-        description="Run the SFT operator: reconcile SFTJobs (sft.dev/v1alpha1) into trainer Jobs, "
-        "derive their status, serve the trainer progress endpoint and Prometheus metrics.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"sft-operator {__version__}")
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every handler run (Kopf's verbose mode)")
-    parser.add_argument("--debug", action="store_true", help="log everything, including Kopf internals")
-    parser.add_argument(
-        "--log-format", choices=["plain", "full", "json"], default="full", help="log line format (default: full)"
-    )
-    return parser
-
-
-def run_from_cli(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    settings = from_args(args)  # exits with the reason when the configuration cannot work
-    kopf.configure(
-        debug=args.debug,
-        verbose=args.verbose,
-        log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}[
-            args.log_format
-        ],
-    )
-    if not (args.verbose or args.debug):
-        # Our own loggers (sft_operator.*) report every phase change; Kopf's per-event
-        # "Handler ... succeeded" lines and the probe's access log would drown them.
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    scope = ", ".join(settings.namespaces) if settings.namespaces else "all namespaces"
-    log.info("sft-operator %s watching %s", __version__, scope)
-    try:
-        kopf.run(
-            standalone=True,  # one replica (Recreate); peering is not leader election
-            clusterwide=not settings.namespaces,
-            namespaces=list(settings.namespaces),
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
-            memo=kopf.Memo(settings=settings),
-        )
-    except KeyboardInterrupt:
-        return 130
-    except asyncio.CancelledError:
-        return 1
-    except Exception as exc:  # e.g. kopf's ActivityError: start-up failed for good
-        cause = exc.__cause__ or exc
-        log.error("sft-operator stopped: %s", cause)
-        return 1
-    return 0
-
-
-def run() -> None:
-    sys.exit(run_from_cli(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-    run()
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def sftjob_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    ctx: Context = memo.ctx
+    if event.get("type") == "DELETED":
+        uid = body["metadata"].get("uid")
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if (ctx.cache.sftjobs.get(key) or {}).get("metadata", {}).get("uid") in (uid, None):
+            ctx.forget(key)
+        return
+    echo = ctx.cache.is_echo(body)  # our own status write: nothing to derive again
+    key = ctx.cache.put("SFTJob", body)
+    if key is None:
+        return
+    if not converged(ctx, key):
+        ctx.kick(key)
+    if not echo:
+        ctx.writer.mark(key)

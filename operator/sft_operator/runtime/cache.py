@@ -11,8 +11,6 @@ fresh list no longer shows, so a deleted job stops counting GPU-seconds and phas
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -20,10 +18,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import KIND
-from .api import TERMINAL_PHASES, Phase
-from .render import LABEL_JOB, cache_claim_name, config_map_name, service_name, trainer_job_name
-from .status import Cause, is_ignored_failure
+from sft_operator.api import KIND
+from sft_operator.api.types import TERMINAL_PHASES, Phase
+from sft_operator.core.render import LABEL_JOB, cache_claim_name, config_map_name, service_name, trainer_job_name
+from sft_operator.core.decisions import controller_of, data_digests
+from sft_operator.core.status import Cause, is_ignored_failure
 
 Key = tuple[str, str]  # (namespace, SFTJob name)
 METADATA_ONLY = "PartialObjectMetadata"  # the kind of an object read by its metadata alone
@@ -61,12 +60,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def data_digests(data: Mapping[str, Any] | None) -> dict[str, str]:
-    """A short fingerprint of each key of a ConfigMap's data: the renderer's and the cluster's compare
-    equal, and a running job's config.json can be kept while its CA is brought up to date."""
-    return {key: hashlib.sha256(json.dumps(value).encode()).hexdigest()[:32] for key, value in (data or {}).items()}
-
-
 def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain-dict copy of the parts this operator reads; trims before copying."""
     meta = body.get("metadata") or {}
@@ -96,13 +89,6 @@ def slim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     elif kind == "ConfigMap":  # unknown (None) when only the metadata was read
         out["dataDigests"] = None if body.get("kind") == METADATA_ONLY else data_digests(body.get("data"))
     return out
-
-
-def controller_of(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    for ref in ((obj or {}).get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref
-    return None
 
 
 def is_child(kind: str, body: Mapping[str, Any], job_name: str) -> bool:

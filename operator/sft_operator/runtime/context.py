@@ -8,13 +8,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
-from .cache import Cache, Key
-from .kube import ApiError, KubeClient
-from .render import RenderOptions
-from .scheduler import Scheduler
-from .settings import OperatorSettings
-from .writer import StatusWriter
+from sft_operator.runtime import metrics
+from sft_operator.runtime.cache import Cache, Key
+from sft_operator.runtime.client import ApiError, KubeClient
+from sft_operator.core.render import RenderOptions
+from sft_operator.runtime.scheduler import Scheduler
+from sft_operator.runtime.settings import OperatorSettings
+from sft_operator.runtime.writer import StatusWriter
 
 log = logging.getLogger("sft_operator")
 MANAGE_CONCURRENCY = 32
@@ -33,7 +33,7 @@ class Context:
     # children in memory while they queue for the API; the client's slots are the real limit anyway.
     manage_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MANAGE_CONCURRENCY))
     # (kind, namespace or None) of the children's watches whose first list has not completed
-    # (sft_operator.watch): the writer derives no status in such a scope.
+    # (sft_operator.runtime.watch): the writer derives no status in such a scope.
     unlisted: set[tuple[str, str | None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -48,7 +48,7 @@ class Context:
 
     def kick(self, key: Key, delay: float = 0.0) -> None:
         """Reconcile ``key``'s children (soon, once: repeated kicks share one run)."""
-        from .manage import manage  # manage needs the context; the context only schedules it
+        from sft_operator.runtime.reconcile import manage  # manage needs the context; the context only schedules it
 
         self.scheduler.at(key, "manage", delay, lambda: manage(self, key))
 

@@ -4,7 +4,7 @@
 ``with_progress`` and ``with_result`` add what the trainer reported (``status.progress``,
 ``status.metrics``, ``status.output``), built from the API models; ``transition`` says which
 Events, metric records and Job stops follow a change from one status to the next. The status
-writer (``sft_operator.writer``) feeds them the cache and applies what they return.
+writer (``sft_operator.runtime.writer``) feeds them the cache and applies what they return.
 
 Phases are a convenience for people; automation reads the conditions. Terminal phases stick:
 once an SFTJob is Succeeded or Failed, later observations (its Job deleted, pods garbage
@@ -20,11 +20,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
-from sft_trainer.config import EvaluationResult, ProgressReport, TrainerResult
-from sft_trainer.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED, ExitCode
+from sft_contract.messages import EvaluationResult, ProgressReport, TrainerResult
+from sft_contract.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED, ExitCode
 
-from .api import EVALUATION_PASSED, TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, PlatformDefaults, Progress, Stage
-from .render import ANNOTATION_APPLIED_DEFAULTS, FETCH_CONTAINER, TRAINER_CONTAINER
+from sft_operator.api.types import (
+    EVALUATION_PASSED, TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, PlatformDefaults, Progress,
+    Stage,
+)
+from sft_operator.core.render import ANNOTATION_APPLIED_DEFAULTS, FETCH_CONTAINER, TRAINER_CONTAINER
 
 OWNED_FIELDS = (
     "observedGeneration",

@@ -12,9 +12,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cache import Key
+from sft_operator.runtime.cache import Key
 
-log = logging.getLogger("sft_operator.scheduler")
+log = logging.getLogger("sft_operator.runtime.scheduler")
 BACKOFF_FIRST_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
 

@@ -1,6 +1,6 @@
 """Pure decisions of reconciling: whose a child is, what to patch, what an API error means (no I/O).
 
-``sft_operator.manage`` fetches and writes; these functions decide.
+``sft_operator.runtime.reconcile`` fetches and writes; these functions decide.
 
 The operator adopts nothing. A child name that is taken by an object this SFTJob does not control
 is a ``NameConflict``, and the object is never touched: it may be someone's production Service
@@ -11,15 +11,17 @@ would also need ``delete`` on ConfigMaps, Services and Jobs under OwnerReference
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
-from sft_trainer.config import cluster_problems
+from sft_contract.spec import cluster_problems
 
-from . import API_VERSION, KIND
-from .api import SFTJob, SFTJobSpec
-from .cache import controller_of, data_digests
-from .render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, cache_claim_name, pvc_claim, pvc_claims
-from .status import INVALID_SPEC, NAME_CONFLICT, READ_WRITE_ONCE_CLAIM, Cause, job_condition
+from sft_operator.api import API_VERSION, KIND
+from sft_operator.api.types import SFTJob, SFTJobSpec
+from sft_operator.core.render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, cache_claim_name, pvc_claim, pvc_claims
+from sft_operator.core.status import INVALID_SPEC, NAME_CONFLICT, READ_WRITE_ONCE_CLAIM, Cause, job_condition
 
 # On a Job the operator suspended: only then does it resume the Job (a queue controller such as
 # Kueue suspends and resumes queued Jobs itself, and the operator must not overrule it).
@@ -35,6 +37,19 @@ CONFIG_MAP_KEYS = (CONFIG_KEY, CA_KEY)  # every key the renderer may write
 
 OURS, PREVIOUS, FOREIGN = "ours", "previous", "foreign"
 READ_WRITE_ONCE = frozenset({"ReadWriteOnce", "ReadWriteOncePod"})
+
+
+def data_digests(data: Mapping[str, Any] | None) -> dict[str, str]:
+    """A short fingerprint of each key of a ConfigMap's data: the renderer's and the cluster's compare
+    equal, and a running job's config.json can be kept while its CA is brought up to date."""
+    return {key: hashlib.sha256(json.dumps(value).encode()).hexdigest()[:32] for key, value in (data or {}).items()}
+
+
+def controller_of(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    for ref in ((obj or {}).get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref
+    return None
 
 
 def owner_reference(sftjob: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from .api import PlatformDefaults
-from .render import RenderOptions
+from sft_operator.api.types import PlatformDefaults
+from sft_operator.core.render import RenderOptions
 
 DEFAULT_TRAINER_IMAGE = RenderOptions.default_image
 DEFAULT_TOKEN_AUDIENCE = RenderOptions.token_audience

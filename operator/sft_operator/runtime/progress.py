@@ -9,7 +9,7 @@ Training code never gets write access to the API server. A trainer pod POSTs a
    pod named in the token (uid matching) carries ``sft.dev/job-name={name}`` and is owned by
    the Job that the SFTJob ``{ns}/{name}`` controls (uids checked along the chain),
 3. validates the size-bounded payload,
-4. hands the report to the status writer (``sft_operator.writer``), which refuses it for a
+4. hands the report to the status writer (``sft_operator.runtime.writer``), which refuses it for a
    finished SFTJob or one re-created under the same name (uid), and writes at most one status
    update with progress per ``progress_min_interval_seconds`` per job, final reports included.
 
@@ -44,17 +44,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import ValidationError
-from sft_trainer.config import PROGRESS_PATH, ProgressReport
+from sft_contract.messages import PROGRESS_PATH, ProgressReport
 
-from . import GROUP, KIND, VERSION
-from .kube import ApiError, KubeClient
-from .render import LABEL_JOB
-from .settings import DEFAULT_TOKEN_AUDIENCE
-from .writer import ProgressRefused
+from sft_operator.api import GROUP, KIND, VERSION
+from sft_operator.runtime.client import ApiError, KubeClient
+from sft_operator.core.render import LABEL_JOB
+from sft_operator.runtime.settings import DEFAULT_TOKEN_AUDIENCE
+from sft_operator.runtime.writer import ProgressRefused
 
 if TYPE_CHECKING:
-    from .cache import Cache
-    from .context import Context
+    from sft_operator.runtime.cache import Cache
+    from sft_operator.runtime.context import Context
 
 MAX_BODY_BYTES = 16 * 1024
 CACHE_TTL_SECONDS = 60.0

@@ -1,6 +1,6 @@
 """The SFTJob API (sft.dev/v1alpha1): the trainer's TrainingSpec plus the Kubernetes side.
 
-These models are the single source of truth for the CRD schema (``sft_operator.crd``),
+These models are the single source of truth for the CRD schema (``sft_operator.api.crd``),
 ``sftctl validate`` and the renderer.
 """
 
@@ -12,12 +12,12 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
-from sft_trainer.config import STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
-from sft_trainer.references import IMAGE_RULES
-from sft_trainer.config import DataSummary
-from sft_trainer.config import EvaluationResult
+from sft_contract.spec import STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
+from sft_contract.references import IMAGE_RULES
+from sft_contract.messages import DataSummary
+from sft_contract.messages import EvaluationResult
 
-from . import API_VERSION, KIND
+from sft_operator.api import API_VERSION, KIND
 
 # RFC 1123 subdomain (object names); the renderer derives child names from it.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from . import metrics
-from .advice import advise
-from .api import TERMINAL_PHASES, Phase, SFTJob
-from .cache import Key, slim
-from .kube import ApiError
-from .reconcile import (
+from sft_operator.runtime import metrics
+from sft_operator.core.advice import advise
+from sft_operator.api.types import TERMINAL_PHASES, Phase, SFTJob
+from sft_operator.runtime.cache import Key, slim
+from sft_operator.runtime.client import ApiError
+from sft_operator.core.decisions import (
     CONFIG_KEY,
     OURS,
     api_error_cause,
@@ -45,13 +45,13 @@ from .reconcile import (
     unexported_model,
     wanted_digests,
 )
-from .render import cache_claim, pvc_claims, render_children
-from .status import INVALID_SPEC, Cause, condition, parse_time
+from sft_operator.core.render import cache_claim, pvc_claims, render_children
+from sft_operator.core.status import INVALID_SPEC, Cause, condition, parse_time
 
 if TYPE_CHECKING:
-    from .context import Context
+    from sft_operator.runtime.context import Context
 
-log = logging.getLogger("sft_operator.manage")
+log = logging.getLogger("sft_operator.runtime.reconcile")
 METADATA_CREATED = ("ConfigMap", "Service", "PersistentVolumeClaim")
 
 

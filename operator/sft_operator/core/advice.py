@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sft_trainer import memory
-from sft_trainer.config import EvalStrategy, Precision, cluster_problems
+from sft_contract import memory
+from sft_contract.spec import EvalStrategy, Precision, cluster_problems
 
-from .api import SFTJobSpec
+from sft_operator.api.types import SFTJobSpec
 
 RECOMMENDED_LR = (1e-5, 2e-5)
 # Full fine-tuning wants 1-2 orders of magnitude below pre-training; LoRA tolerates ~10x more.

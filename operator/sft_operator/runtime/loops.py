@@ -13,11 +13,11 @@ import os
 import time
 from typing import Any
 
-from .. import metrics
-from ..cache import Key
-from ..context import Context
-from ..kube import ApiError
-from ..watch import scopes
+from sft_operator.runtime import metrics
+from sft_operator.runtime.cache import Key
+from sft_operator.runtime.context import Context
+from sft_operator.runtime.client import ApiError
+from sft_operator.runtime.watch import scopes
 
 log = logging.getLogger("sft_operator.lifecycle")
 RESYNC_SECONDS = 30.0
@@ -27,7 +27,7 @@ RELIST_EVERY = 10  # resync rounds between relists (5 minutes): catch deletions 
 async def relist(ctx: Context) -> set[Key]:
     """List the SFTJobs that exist now and forget those the cache still holds but the cluster does not
     (a deletion Kopf's watch missed across a 410 relist: it reports only what exists). The children's
-    watches do the same on every list of theirs (``sft_operator.watch``). Returns the SFTJobs forgotten."""
+    watches do the same on every list of theirs (``sft_operator.runtime.watch``). Returns the SFTJobs forgotten."""
     scoped = [ns for ns, _ in scopes(ctx.settings.namespaces)]
     namespaces = None if scoped == [None] else set(scoped)
     listed_at = time.monotonic()
