@@ -317,6 +317,6 @@ def test_crash_safety_fifty_jobs_with_the_operator_killed_while_creating(operato
 
 def test_help_and_liveness(operator):
     out = subprocess.run([sys.executable, "-m", "sft_operator", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and "--image-pull-grace-seconds" in out.stdout and "SFT_WATCH_NAMESPACES" in out.stdout
+    assert out.returncode == 0 and "--pod-start-grace-seconds" in out.stdout and "SFT_WATCH_NAMESPACES" in out.stdout
     with urllib.request.urlopen(f"http://127.0.0.1:{operator.ports['health']}/healthz", timeout=5) as resp:
         assert resp.status == 200

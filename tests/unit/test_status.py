@@ -255,17 +255,6 @@ def test_long_messages_are_clipped():
     assert len(cause.message) <= st.MAX_MESSAGE
 
 
-def test_image_pull_problem_is_timed_from_when_it_was_first_seen_not_from_scheduling():
-    p = pod(phase="Pending", state=waiting("ErrImagePull", "not found"), conditions=scheduled_at(T0))
-    clocks = st.track_start_clocks([p], {}, NOW - timedelta(seconds=30))
-    assert clocks == {("pod-1", "image"): NOW - timedelta(seconds=30)}
-    problem = st.image_pull_problem([p], NOW, clocks)
-    assert (problem.reason, problem.seconds) == ("ErrImagePull", 30)  # scheduled 10 minutes ago
-    deleting = copy.deepcopy(p)
-    deleting["metadata"]["deletionTimestamp"] = T1
-    assert st.image_pull_problem([deleting], NOW, clocks) is None
-
-
 def test_multi_node_is_running_only_when_every_active_pod_runs():
     pods = [pod("demo-0-a"), pod("demo-1-b", phase="Pending", state=waiting("ContainerCreating"))]
     assert st.derive_status(sftjob(), job(active=2), pods, NOW)["phase"] == "Pending"
@@ -562,16 +551,16 @@ def test_transition_posts_events_only_for_what_a_person_acts_on():
     pending = st.derive_status(sftjob(), job(active=1), [], NOW)
     running = st.derive_status(sftjob(status=pending), job(active=1), [pod()], NOW)
     effects = st.transition(pending, running)
-    assert effects.events == () and effects.started and not effects.stop_job
+    assert effects.events == () and effects.started
     done = st.derive_status(sftjob(status=running), job([jcond("Complete")], completionTime=T1),
                             [pod(phase="Succeeded", state=terminated(0, "Completed"))], NOW)
     effects = st.transition(running, done)
-    assert effects.events == () and effects.finished[:2] == ("Succeeded", "Completed") and not effects.stop_job
+    assert effects.events == () and effects.finished[:2] == ("Succeeded", "Completed")
     failed = st.derive_status(sftjob(status=running), job([jcond("Failed", "BackoffLimitExceeded")], failed=1),
                               [pod(phase="Failed", state=terminated(137, "OOMKilled"))], NOW)
     effects = st.transition(running, failed)
     assert [(e.type, e.reason) for e in effects.events] == [("Warning", "Failed")]
-    assert "OOMKilled" in effects.events[0].message and effects.stop_job
+    assert "OOMKilled" in effects.events[0].message
     assert st.transition(failed, failed) == st.Effects()  # nothing changed, nothing follows
     quota = st.derive_status(sftjob(), None, [], NOW, creation_error=Cause("QuotaExceeded", "exceeded quota: jobs"))
     assert [e.reason for e in st.transition({}, quota).events] == ["QuotaExceeded"]

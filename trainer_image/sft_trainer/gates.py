@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from sft_contract.spec import Gate, GateMetric, OnFail
 from sft_contract.messages import EvaluationResult, GateOutcome
+from sft_contract.spec import Gate, GateMetric, OnFail
 
 # Float noise (0.3 - 0.1) must not fail a gate set exactly at the boundary.
 EPSILON = 1e-9

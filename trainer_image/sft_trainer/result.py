@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Any
 
-from sft_contract.messages import TrainerResult
 from sft_contract.exit_codes import DEFAULT_TERMINATION_LOG
+from sft_contract.messages import TrainerResult
 
 TERMINATION_LIMIT = 4096  # bytes the kubelet reads from the termination message file
 # Dropped in this order until the message fits (the evaluation also came in progress reports); outputModel

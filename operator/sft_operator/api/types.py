@@ -12,15 +12,15 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
-from sft_contract.spec import STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference
-from sft_contract.references import IMAGE_RULES
-from sft_contract.messages import DataSummary
-from sft_contract.messages import EvaluationResult
 
+from sft_contract.messages import DataSummary, EvaluationResult
+from sft_contract.references import IMAGE_RULES
+from sft_contract.spec import (
+    DNS_SUBDOMAIN, STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference,
+)
 from sft_operator.api import API_VERSION, KIND
 
-# RFC 1123 subdomain (object names); the renderer derives child names from it.
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# RFC 1123 label; object names are RFC 1123 subdomains (DNS_SUBDOMAIN).
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # SFTJob names: the Service is named after the job and needs an RFC 1035 label (starts with a letter).
 DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"

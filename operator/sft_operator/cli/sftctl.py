@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 
 from sft_operator import __version__
-from sft_operator.core.advice import advise, memory_plan
 from sft_operator.api.crd import crd_manifest, crd_yaml
+from sft_operator.core.advice import advise, memory_plan
 from sft_operator.core.render import RenderOptions, render_children
 from sft_operator.core.validation import load_documents, parse_sftjob, problems_in
 

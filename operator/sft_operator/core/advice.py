@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from sft_contract import memory
 from sft_contract.spec import EvalStrategy, Precision, cluster_problems
-
 from sft_operator.api.types import SFTJobSpec
 
 RECOMMENDED_LR = (1e-5, 2e-5)

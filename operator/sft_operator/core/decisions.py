@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from sft_contract.spec import cluster_problems
-
 from sft_operator.api import API_VERSION, KIND
 from sft_operator.api.types import SFTJob, SFTJobSpec
 from sft_operator.core.render import CA_KEY, LABEL_KUEUE_QUEUE, cache_claim, cache_claim_name, pvc_claim, pvc_claims
@@ -50,18 +49,6 @@ def controller_of(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if ref.get("controller"):
             return ref
     return None
-
-
-def owner_reference(sftjob: dict[str, Any]) -> dict[str, Any]:
-    meta = sftjob["metadata"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def ownership(child: dict[str, Any], sftjob: dict[str, Any]) -> str:

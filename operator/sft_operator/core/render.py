@@ -10,15 +10,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sft_contract.spec import DEFAULT_CACHE_SIZE, is_s3
-from sft_contract.messages import PROGRESS_PATH
 from sft_contract.exit_codes import NON_RETRIABLE, UNCOUNTED
-from sft_contract.sources import remote_sources
+from sft_contract.messages import PROGRESS_PATH
 from sft_contract.references import split_pvc
-
+from sft_contract.sources import remote_sources
+from sft_contract.spec import DEFAULT_CACHE_SIZE, is_s3
 from sft_operator.api import API_VERSION, KIND
-from sft_operator.core.advice import grace_period_seconds
 from sft_operator.api.types import CacheDefaults, PlatformDefaults, SFTJob
+from sft_operator.core.advice import grace_period_seconds
 
 TRAINER_CONTAINER = "trainer"
 FETCH_CONTAINER = "fetch"  # the init container that fills the cache (python -m sft_trainer.fetch)

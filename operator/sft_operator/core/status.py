@@ -20,9 +20,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
-from sft_contract.messages import EvaluationResult, ProgressReport, TrainerResult
-from sft_contract.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED, ExitCode
 
+from sft_contract.exit_codes import NON_RETRIABLE, REASONS, UNCOUNTED, ExitCode
+from sft_contract.messages import EvaluationResult, ProgressReport, TrainerResult
 from sft_operator.api.types import (
     EVALUATION_PASSED, TERMINAL_PHASES, ConditionType, Metrics, OutputStatus, Phase, PlatformDefaults, Progress,
     Stage,
@@ -381,13 +381,6 @@ def start_problem(
             if worst is None or problem.seconds > worst.seconds:
                 worst = problem
     return worst
-
-
-def image_pull_problem(pods: list[dict[str, Any]], now: datetime,
-                       clocks: Mapping[tuple[str, str], datetime] | None = None) -> StartProblem | None:
-    """The longest-lasting image pull failure among active pods."""
-    problem = start_problem(pods, now, None, clocks)
-    return problem if problem is not None and problem.failed_reason == IMAGE_PULL_FAILED else None
 
 
 def _newer(pod: dict[str, Any], others: list[dict[str, Any]]) -> bool:
@@ -984,7 +977,6 @@ class Effects:
     log: str | None = None  # one line for the operator log
     started: bool = False  # first Running: record the time to running
     finished: tuple[str, str, float | None] | None = None  # (result, reason, seconds)
-    stop_job: bool = False  # failed: the Job must not keep pods (and GPUs)
     evaluation_passed: bool | None = None  # the gates were just judged: whether every one passed
 
 
@@ -993,7 +985,7 @@ _CREATION_WARNINGS = frozenset({"QuotaExceeded", "Forbidden", "NotFound", "Creat
 
 
 def transition(before: dict[str, Any], after: dict[str, Any], result_warning: str | None = None) -> Effects:
-    """The Events, metric records and Job stop that follow a status change (pure).
+    """The Events and metric records that follow a status change (pure).
 
     Events are only for what a person acts on: a failure, a pod replaced, children that cannot be
     created, a run that succeeded with a warning in its result (``result_warning``, given only by the
@@ -1014,14 +1006,12 @@ def transition(before: dict[str, Any], after: dict[str, Any], result_warning: st
         events.append(Event("Warning", created["reason"], created.get("message", "")))
     started = phase == RUNNING and old_phase != RUNNING and not before.get("startTime")
     finished = None
-    stop = False
     if phase in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
         cond = condition(after, phase) or {}
         reason = cond.get("reason", phase)
         finished = (phase, reason, duration_seconds(after))
         if phase == FAILED:
             events.append(Event("Warning", "Failed", f"{reason}: {cond.get('message', '')}"))
-            stop = True
     if phase == SUCCEEDED and result_warning:  # with Succeeded, or later if rank 0's pod showed its result later
         events.append(Event("Warning", COMPLETED_WITH_WARNING, result_warning))
     judged = None
@@ -1032,7 +1022,7 @@ def transition(before: dict[str, Any], after: dict[str, Any], result_warning: st
         judged = gate["status"] == "True"
         events.append(Event("Normal" if judged else "Warning", gate.get("reason", EVALUATION_PASSED),
                             gate.get("message", "")))
-    return Effects(tuple(events), log, started, finished, stop, judged)
+    return Effects(events=tuple(events), log=log, started=started, finished=finished, evaluation_passed=judged)
 
 
 def condition(status: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:

@@ -20,8 +20,8 @@ from typing import Any
 
 from sft_operator.api import KIND
 from sft_operator.api.types import TERMINAL_PHASES, Phase
-from sft_operator.core.render import LABEL_JOB, cache_claim_name, config_map_name, service_name, trainer_job_name
 from sft_operator.core.decisions import controller_of, data_digests
+from sft_operator.core.render import LABEL_JOB, cache_claim_name, config_map_name, service_name, trainer_job_name
 from sft_operator.core.status import Cause, is_ignored_failure
 
 Key = tuple[str, str]  # (namespace, SFTJob name)

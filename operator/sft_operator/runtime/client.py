@@ -111,11 +111,6 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
 
-    @property
-    def temporary(self) -> bool:
-        """Worth retrying: unreachable, throttled, a server error, a timeout."""
-        return self.status == 0 or self.status == 429 or self.status >= 500
-
 
 @dataclass(frozen=True)
 class Credentials:

@@ -8,10 +8,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from sft_operator.core.render import RenderOptions
 from sft_operator.runtime import metrics
 from sft_operator.runtime.cache import Cache, Key
 from sft_operator.runtime.client import ApiError, KubeClient
-from sft_operator.core.render import RenderOptions
 from sft_operator.runtime.scheduler import Scheduler
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.writer import StatusWriter

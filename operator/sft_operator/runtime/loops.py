@@ -15,8 +15,8 @@ from typing import Any
 
 from sft_operator.runtime import metrics
 from sft_operator.runtime.cache import Key
-from sft_operator.runtime.context import Context
 from sft_operator.runtime.client import ApiError
+from sft_operator.runtime.context import Context
 from sft_operator.runtime.watch import scopes
 
 log = logging.getLogger("sft_operator.lifecycle")

@@ -21,8 +21,8 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.metrics import MetricWrapperBase
-from sft_contract.messages import ProgressReport
 
+from sft_contract.messages import ProgressReport
 from sft_operator.api.types import Phase
 
 PREFIX = "sft_"

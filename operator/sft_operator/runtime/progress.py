@@ -44,11 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import ValidationError
-from sft_contract.messages import PROGRESS_PATH, ProgressReport
 
+from sft_contract.messages import PROGRESS_PATH, ProgressReport
 from sft_operator.api import GROUP, KIND, VERSION
-from sft_operator.runtime.client import ApiError, KubeClient
+from sft_operator.core.decisions import controller_of
 from sft_operator.core.render import LABEL_JOB
+from sft_operator.runtime.client import ApiError, KubeClient
 from sft_operator.runtime.settings import DEFAULT_TOKEN_AUDIENCE
 from sft_operator.runtime.writer import ProgressRefused
 
@@ -333,9 +334,6 @@ def _bearer_token(request: web.Request) -> str | None:
     return token
 
 
-APP_CACHE = web.AppKey("cache", VerificationCache)
-
-
 def build_app(
     verifier: Verifier,
     sink: Sink,
@@ -401,7 +399,6 @@ def build_app(
 
     # Bodies are read only after authentication; aiohttp's own cap stops oversized chunked ones.
     app = web.Application(client_max_size=max_body_bytes)
-    app[APP_CACHE] = cache
     app.router.add_post(PROGRESS_PATH, progress)
     app.router.add_get("/healthz", healthz)
     return app
@@ -412,13 +409,6 @@ def build_app(
 
 def _one(values: list[str] | None) -> str | None:
     return values[0] if values and len(values) == 1 and values[0] else None
-
-
-def _controller_ref(obj: dict[str, Any]) -> dict[str, Any] | None:
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref
-    return None
 
 
 class KubernetesVerifier:
@@ -487,14 +477,14 @@ class KubernetesVerifier:
             raise wrong_job
         if ((pod.get("spec") or {}).get("serviceAccountName") or "default") != sa_name:
             raise wrong_job
-        job_ref = _controller_ref(pod)
+        job_ref = controller_of(pod)
         if job_ref is None or job_ref.get("kind") != "Job" or job_ref.get("apiVersion") != "batch/v1":
             raise wrong_job
         job = self._cached("Job", namespace, job_ref.get("name", ""), job_ref.get("uid")) or await self._get(
             "Job", namespace, job_ref.get("name", ""), wrong_job)
         if (job.get("metadata") or {}).get("uid") != job_ref.get("uid"):
             raise wrong_job
-        owner = _controller_ref(job)
+        owner = controller_of(job)
         if (
             owner is None
             or owner.get("kind") != KIND

@@ -24,11 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from sft_operator.runtime import metrics
-from sft_operator.core.advice import advise
 from sft_operator.api.types import TERMINAL_PHASES, Phase, SFTJob
-from sft_operator.runtime.cache import Key, slim
-from sft_operator.runtime.client import ApiError
+from sft_operator.core.advice import advise
 from sft_operator.core.decisions import (
     CONFIG_KEY,
     OURS,
@@ -47,6 +44,9 @@ from sft_operator.core.decisions import (
 )
 from sft_operator.core.render import cache_claim, pvc_claims, render_children
 from sft_operator.core.status import INVALID_SPEC, Cause, condition, parse_time
+from sft_operator.runtime import metrics
+from sft_operator.runtime.cache import Key, slim
+from sft_operator.runtime.client import ApiError
 
 if TYPE_CHECKING:
     from sft_operator.runtime.context import Context

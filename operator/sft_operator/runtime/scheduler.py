@@ -67,11 +67,6 @@ class Scheduler:
 
         self.timers[(key, what)] = (when, loop.call_at(when, fire))
 
-    def pending(self, key: Key, what: str) -> float | None:
-        """Seconds until the (key, what) timer fires; None if none is set."""
-        timer = self.timers.get((key, what))
-        return None if timer is None else max(0.0, timer[0] - asyncio.get_running_loop().time())
-
     def cancel(self, key: Key, what: str | None = None) -> None:
         for timer_key in [t for t in self.timers if t[0] == key and (what is None or t[1] == what)]:
             self.timers.pop(timer_key)[1].cancel()

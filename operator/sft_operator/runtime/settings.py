@@ -139,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress-source-review-burst", type=int,
                         default=int(env("SFT_PROGRESS_SOURCE_REVIEW_BURST", "10")),
                         help="TokenReviews one source address may cause at once (env SFT_PROGRESS_SOURCE_REVIEW_BURST)")
-    parser.add_argument("--pod-start-grace-seconds", "--image-pull-grace-seconds", type=int,
+    parser.add_argument("--pod-start-grace-seconds", type=int,
                         dest="pod_start_grace_seconds",
                         default=int(env("SFT_POD_START_GRACE_SECONDS", env("SFT_IMAGE_PULL_GRACE_SECONDS", "900"))),
                         help="how long one start problem of a trainer pod (image pull, container config, volume "

@@ -31,9 +31,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from sft_operator.core.render import LABEL_JOB
 from sft_operator.runtime.cache import CHILD_KINDS, QUEUE_KIND, Key
 from sft_operator.runtime.client import ApiError
-from sft_operator.core.render import LABEL_JOB
 
 if TYPE_CHECKING:
     from sft_operator.runtime.context import Context

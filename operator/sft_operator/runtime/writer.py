@@ -23,12 +23,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sft_contract.messages import ProgressReport
 
-from sft_operator.runtime import metrics
+from sft_contract.messages import ProgressReport
 from sft_operator.api.types import TERMINAL_PHASES, SFTJobSpec
-from sft_operator.runtime.cache import Key
-from sft_operator.runtime.client import ApiError
 from sft_operator.core.status import (
     LOOKUP_AGAIN_SECONDS,
     SUCCEEDED,
@@ -50,6 +47,9 @@ from sft_operator.core.status import (
     with_progress,
     with_result,
 )
+from sft_operator.runtime import metrics
+from sft_operator.runtime.cache import Key
+from sft_operator.runtime.client import ApiError
 
 if TYPE_CHECKING:
     from sft_operator.runtime.context import Context
