@@ -74,21 +74,37 @@ class EvaluationResult(ApiModel):
 PROGRESS_PATH = "/v1/namespaces/{namespace}/sftjobs/{name}/progress"
 
 
-class ProgressReport(ApiModel):
-    """What the trainer pushes to the operator's progress endpoint (size-bounded)."""
+class RunMetrics(ApiModel):
+    """The run's numbers as ``status.metrics`` shows them: the one list of them. ProgressReport and
+    TrainerResult inherit these fields, so on the wire they stay flat (``trainLoss`` beside ``step``).
+    The trainer's result leaves out ``learningRate`` (a run that ended has no current rate)."""
 
-    step: int = Field(ge=0, le=10**9)
-    total_steps: int = Field(ge=0, le=10**9)
-    epoch: float = Field(ge=0.0, le=1e6)
     train_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     best_eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     learning_rate: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=10.0)
     tokens_per_second: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e12)
+    general_loss_before: float | None = Field(
+        default=None, allow_inf_nan=False, ge=0.0, le=1e6, description="Loss on held-out general data before."
+    )
+    general_loss_after: float | None = Field(
+        default=None, allow_inf_nan=False, ge=0.0, le=1e6, description="Loss on held-out general data after."
+    )
+
+    def run_metrics(self) -> dict[str, float]:
+        """Just the run's metrics that are set, by field name (a subclass's other fields left out)."""
+        return {name: value for name in RunMetrics.model_fields if (value := getattr(self, name)) is not None}
+
+
+class ProgressReport(RunMetrics):
+    """What the trainer pushes to the operator's progress endpoint (size-bounded): the run's metrics
+    (RunMetrics) and where the run is."""
+
+    step: int = Field(ge=0, le=10**9)
+    total_steps: int = Field(ge=0, le=10**9)
+    epoch: float = Field(ge=0.0, le=1e6)
     eta_seconds: int | None = Field(default=None, ge=0, le=10**8)
     effective_batch_size: int | None = Field(default=None, ge=1, le=10**8)
-    general_loss_before: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
-    general_loss_after: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
     output_model: Annotated[str, Field(max_length=1024)] | None = None
     best_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
     message: Annotated[str, Field(max_length=1024)] | None = None
@@ -109,8 +125,7 @@ class ProgressReport(ApiModel):
         return min(100, int(100 * self.step / self.total_steps))
 
 
-
-class TrainerResult(ApiModel):
+class TrainerResult(RunMetrics):
     """What a finished run leaves behind for the operator: rank 0 writes it as JSON to its termination
     message (``$SFT_TERMINATION_LOG``), the kubelet keeps it in the pod's terminated state, and the
     operator derives ``status.output``, the final ``status.metrics`` and 100 % progress from it. So an
@@ -139,10 +154,4 @@ class TrainerResult(ApiModel):
     total_steps: int | None = Field(default=None, ge=0, le=10**9)
     epochs: float | None = Field(default=None, ge=0.0, le=1e6)
     stopped_early: bool | None = None
-    train_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
-    eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
-    best_eval_loss: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
-    general_loss_before: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
-    general_loss_after: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e6)
-    tokens_per_second: float | None = Field(default=None, allow_inf_nan=False, ge=0.0, le=1e12)
     evaluation: EvaluationResult | None = Field(default=None, description="The evaluation gates, when the spec has any.")

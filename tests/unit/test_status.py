@@ -499,27 +499,27 @@ RESULT = ('{"outputModel":"pvc://models/demo/model","bestCheckpoint":"pvc://mode
 
 def test_the_result_of_rank_zero_is_read_from_its_termination_message():
     done = pod(phase="Succeeded", state=terminated(0, "Completed", RESULT))
-    result = st.trainer_result([done])
+    result = st.result_from_pods([done])
     assert (result.output_model, result.best_eval_loss) == ("pvc://models/demo/model", 0.85)
     other_rank = copy.deepcopy(done)
     other_rank["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] = "1"
-    assert st.trainer_result([other_rank]) is None
-    assert st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", "done"))]) is None
+    assert st.result_from_pods([other_rank]) is None
+    assert st.result_from_pods([pod(phase="Succeeded", state=terminated(0, "Completed", "done"))]) is None
     newer = '{"outputModel":"pvc://x/model","futureField":1}'  # a newer trainer's extra field is ignored
-    assert st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", newer))]).output_model == "pvc://x/model"
+    assert st.result_from_pods([pod(phase="Succeeded", state=terminated(0, "Completed", newer))]).output_model == "pvc://x/model"
 
 
 def test_a_result_without_steps_keeps_the_reported_progress_and_completes_it():
     reported = {"phase": "Succeeded", "progress": {"percent": 98, "step": 294, "totalSteps": 300, "epoch": 2.9,
                                                    "etaSeconds": 3}}
-    result = st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", '{"outputUri":"s3://b/run"}'))])
+    result = st.result_from_pods([pod(phase="Succeeded", state=terminated(0, "Completed", '{"outputUri":"s3://b/run"}'))])
     status = st.with_result(reported, result)
     assert status["progress"] == {"percent": 100, "step": 294, "totalSteps": 300, "epoch": 2.9, "etaSeconds": 0}
     assert status["output"] == {"uri": "s3://b/run"}
 
 
 def test_with_result_completes_output_metrics_and_progress():
-    result = st.trainer_result([pod(phase="Succeeded", state=terminated(0, "Completed", RESULT))])
+    result = st.result_from_pods([pod(phase="Succeeded", state=terminated(0, "Completed", RESULT))])
     status = st.with_result({"phase": "Succeeded", "metrics": {"learningRate": 1e-5, "trainLoss": 1.0}}, result)
     assert status["output"] == {"model": "pvc://models/demo/model", "bestCheckpoint": "pvc://models/demo/checkpoints/checkpoint-90"}
     assert status["metrics"] == {"learningRate": 1e-5, "trainLoss": 0.8, "evalLoss": 0.9, "bestEvalLoss": 0.85}

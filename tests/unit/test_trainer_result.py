@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
-from sft_contract.messages import TrainerResult
-from sft_trainer.result import TERMINATION_LIMIT, termination_message, trainer_result, write_result
+from sft_contract.messages import ProgressReport, TrainerResult
+from sft_trainer.result import TERMINATION_LIMIT, termination_message, result_from_metrics, write_result
 
 METRICS = {"steps": 90, "totalSteps": 100, "epochs": 2.7, "trainLoss": 0.81, "evalLoss": 0.93, "bestEvalLoss": 0.9,
            "bestCheckpoint": "pvc://models/run/checkpoints/checkpoint-60", "stoppedEarly": True,
@@ -53,10 +54,10 @@ def test_the_message_never_exceeds_what_the_kubelet_keeps():
 
 
 def test_the_result_comes_from_the_final_metrics():
-    result = trainer_result(METRICS)
+    result = result_from_metrics(METRICS)
     assert (result.steps, result.total_steps, result.epochs) == (90, 100, 2.7)
     assert result.output_uri is None and result.mlflow_run_id is None  # filled in when uploads/tracking exist
-    exported = trainer_result({**METRICS, "outputUri": "s3://bucket/run", "mlflowRunId": "abc123"})
+    exported = result_from_metrics({**METRICS, "outputUri": "s3://bucket/run", "mlflowRunId": "abc123"})
     assert (exported.output_uri, exported.mlflow_run_id) == ("s3://bucket/run", "abc123")
 
 
@@ -64,3 +65,33 @@ def test_a_result_without_the_model_location_is_still_read():
     """An earlier trainer's message (export location and run id only) is still a result."""
     result = TrainerResult.model_validate_json('{"outputUri":"s3://bucket/run","mlflowRunId":"abc123"}')
     assert result.output_model is None and result.output_uri == "s3://bucket/run"
+
+
+# What a trainer of the previous release wrote, key for key (its fields were spelled out in each message).
+EARLIER_RESULT = {"outputModel": "pvc://models/run/model", "outputUri": "s3://bucket/run",
+                  "bestCheckpoint": "pvc://models/run/checkpoints/checkpoint-60", "mlflowRunId": "abc123",
+                  "warning": "tracking lost", "steps": 90, "totalSteps": 100, "epochs": 2.7, "stoppedEarly": True,
+                  "trainLoss": 0.81, "evalLoss": 0.93, "bestEvalLoss": 0.9, "generalLossBefore": 2.1,
+                  "generalLossAfter": 2.2, "tokensPerSecond": 1234.5}
+EARLIER_REPORT = {"step": 5, "totalSteps": 10, "epoch": 0.5, "trainLoss": 1.2, "evalLoss": 1.3, "bestEvalLoss": 1.25,
+                  "learningRate": 1e-4, "tokensPerSecond": 900.0, "etaSeconds": 30, "effectiveBatchSize": 8,
+                  "generalLossBefore": 2.0, "generalLossAfter": 2.1, "outputModel": "pvc://m/model",
+                  "bestCheckpoint": "pvc://m/checkpoints/checkpoint-4", "message": "eval", "stage": "training"}
+
+
+def test_the_messages_on_the_wire_are_those_of_the_previous_release():
+    """Old and new trainers and operators read each other: the same camelCase keys, flat, the same values."""
+    result = TrainerResult.model_validate(EARLIER_RESULT)
+    assert json.loads(termination_message(result)) == EARLIER_RESULT
+    assert result_from_metrics({**METRICS, **EARLIER_RESULT}).model_dump(by_alias=True, exclude_none=True) == EARLIER_RESULT
+    report = ProgressReport.model_validate(EARLIER_REPORT)
+    assert report.model_dump(mode="json", by_alias=True, exclude_none=True) == EARLIER_REPORT
+    assert TrainerResult.model_validate({**EARLIER_RESULT, "newerField": 1}).train_loss == 0.81  # unknown: ignored
+
+
+def test_the_run_metrics_keep_their_bounds():
+    for model in (ProgressReport, TrainerResult):
+        for field, value in (("trainLoss", -1.0), ("generalLossAfter", 2e6), ("tokensPerSecond", float("nan"))):
+            base = {"step": 1, "totalSteps": 2, "epoch": 0.0} if model is ProgressReport else {}
+            with pytest.raises(ValidationError, match=field):
+                model.model_validate({**base, field: value})

@@ -1,6 +1,6 @@
 """The result of a successful run, as the operator reads it: rank 0's termination message.
 
-``train.run`` returns its final metrics; ``write_result`` turns them into a ``TrainerResult`` and
+``train.run`` returns its final metrics; ``write_result`` turns them (``result_from_metrics``) into a ``TrainerResult`` and
 writes it as one JSON object to ``$SFT_TERMINATION_LOG`` (default /dev/termination-log). The
 kubelet keeps at most 4096 bytes of that file in the pod's terminated state, where the operator
 finds it even after a restart (CONTRACTS.md, "Result").
@@ -24,26 +24,12 @@ OPTIONAL_STRINGS = ("warning", "best_checkpoint", "mlflow_run_id", "output_uri",
 log = logging.getLogger(__name__)
 
 
-def trainer_result(metrics: dict[str, Any]) -> TrainerResult:
-    """The result from ``train.run``'s final metrics (the same keys as metrics.json)."""
-    return TrainerResult(
-        output_model=metrics["outputModel"],
-        output_uri=metrics.get("outputUri"),
-        best_checkpoint=metrics.get("bestCheckpoint"),
-        mlflow_run_id=metrics.get("mlflowRunId"),
-        warning=metrics.get("warning"),
-        steps=metrics.get("steps"),
-        total_steps=metrics.get("totalSteps"),
-        epochs=metrics.get("epochs"),
-        stopped_early=metrics.get("stoppedEarly"),
-        train_loss=metrics.get("trainLoss"),
-        eval_loss=metrics.get("evalLoss"),
-        best_eval_loss=metrics.get("bestEvalLoss"),
-        general_loss_before=metrics.get("generalLossBefore"),
-        general_loss_after=metrics.get("generalLossAfter"),
-        tokens_per_second=metrics.get("tokensPerSecond"),
-        evaluation=metrics.get("evaluation"),
-    )
+def result_from_metrics(metrics: dict[str, Any]) -> TrainerResult:
+    """The result to write, from ``train.run``'s final metrics (the same keys as metrics.json): the
+    contract's fields of them (the run's metrics among them), the rest left out. Needs outputModel."""
+    if "outputModel" not in metrics:
+        raise KeyError("outputModel")
+    return TrainerResult.model_validate(metrics)
 
 
 def termination_message(result: TrainerResult, limit: int = TERMINATION_LIMIT) -> str:
@@ -66,7 +52,7 @@ def write_result(metrics: dict[str, Any]) -> None:
         return
     path = os.environ.get("SFT_TERMINATION_LOG", DEFAULT_TERMINATION_LOG)
     try:
-        text = termination_message(trainer_result(metrics))
+        text = termination_message(result_from_metrics(metrics))
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
     except (OSError, ValueError, KeyError) as exc:  # outside a pod the file may not exist

@@ -40,7 +40,7 @@ class RunResult:
     warning: str | None = None
 
     def fields(self) -> dict[str, str]:
-        """As keys of the run's metrics (``sft_trainer.result.trainer_result`` reads them)."""
+        """As keys of the run's metrics (``sft_trainer.result.result_from_metrics`` reads them)."""
         doc = {"outputUri": self.output_uri, "mlflowRunId": self.mlflow_run_id, "warning": self.warning}
         return {k: v for k, v in doc.items() if v is not None}
 

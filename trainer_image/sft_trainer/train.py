@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sft_contract import memory
-from sft_contract.messages import ProgressReport
+from sft_contract.messages import ProgressReport, RunMetrics
 from sft_contract.spec import (
     GENERATION_METRICS, CheckpointStrategy, DistributedStrategy, EvalStrategy, GateMetric, LrScheduler,
     TrainingSpec, is_s3,
@@ -640,21 +640,20 @@ def finish(r: Run, state: RunState, t_start: float) -> dict[str, Any]:
         "steps": state.step,
         "totalSteps": state.total_steps,
         "epochs": state.epochs_done,
-        "trainLoss": state.last_loss,
-        "evalLoss": state.last_eval_loss,
-        "bestEvalLoss": state.best_eval_loss,
+        # The run's metrics under their contract names, unchecked (metrics.json keeps even a loss out of bounds).
+        **RunMetrics.model_construct(
+            train_loss=state.last_loss, eval_loss=state.last_eval_loss, best_eval_loss=state.best_eval_loss,
+            tokens_per_second=state.tokens_per_second(), general_loss_before=before, general_loss_after=general_after,
+        ).model_dump(by_alias=True, exclude_unset=True),
         "bestCheckpoint": best_display,
         "outputUsesBestCheckpoint": used_best,
         "stoppedEarly": state.stopped_early,
-        "generalLossBefore": before,
-        "generalLossAfter": general_after,
         "forgetting": (general_after - before) if before is not None and general_after is not None else None,
         "effectiveBatchSize": r.effective_batch,
         "worldSize": d.world,
         "distributed": r.strategy if d.world > 1 else None,
         "precision": r.amp.name,
         "packing": spec.dataset.packing,
-        "tokensPerSecond": state.tokens_per_second(),
         "trainedTokens": state.trained_tokens,
         "trainSeconds": round(state.train_seconds, 2),
         "trainCpuSeconds": round(state.train_cpu_seconds, 2),

@@ -11,9 +11,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, create_model, field_validator, model_validator
 
-from sft_contract.messages import DataSummary, EvaluationResult
+from sft_contract.messages import DataSummary, EvaluationResult, RunMetrics
 from sft_contract.references import IMAGE_RULES
 from sft_contract.spec import (
     DNS_SUBDOMAIN, STORAGE_SIZE, TRAINING_SPEC_CEL, ApiModel, TrainingSpec, cel, cel_rules, reference,
@@ -318,14 +318,15 @@ class Progress(ApiModel):
     bytes_total: int | None = Field(default=None, ge=0, description="Fetching or Exporting: bytes to transfer in all.")
 
 
-class Metrics(ApiModel):
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    best_eval_loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_second: float | None = None
-    general_loss_before: float | None = Field(default=None, description="Loss on held-out general data before.")
-    general_loss_after: float | None = Field(default=None, description="Loss on held-out general data after.")
+# status.metrics: the run's metrics (RunMetrics' fields, in its order and with its descriptions) without the wire's
+# bounds: the operator fills it from messages already checked, and the CRD's schema has never bounded it.
+Metrics = create_model(
+    "Metrics",
+    __base__=ApiModel,
+    __module__=__name__,
+    **{name: (info.annotation, Field(default=None, description=info.description))
+       for name, info in RunMetrics.model_fields.items()},
+)
 
 
 class OutputStatus(ApiModel):

@@ -830,9 +830,7 @@ def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, A
     progress = Progress(percent=report.percent, step=report.step, total_steps=report.total_steps,
                         epoch=report.epoch, eta_seconds=eta, stage=STAGES[report.stage or "training"],
                         bytes_done=report.bytes_done, bytes_total=report.bytes_total)
-    metrics = Metrics(train_loss=report.train_loss, eval_loss=report.eval_loss, best_eval_loss=report.best_eval_loss,
-                      learning_rate=report.learning_rate, tokens_per_second=report.tokens_per_second,
-                      general_loss_before=report.general_loss_before, general_loss_after=report.general_loss_after)
+    metrics = Metrics.model_validate(report.run_metrics())
     output = OutputStatus(model=report.output_model or None, best_checkpoint=report.best_checkpoint or None)
     out = {**status, "progress": _dump(progress)}
     if _dump(metrics):
@@ -856,9 +854,7 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
     """``status`` with a finished run's result (its termination message): output, final metrics, 100 %."""
     output = OutputStatus(model=result.output_model, uri=result.output_uri, best_checkpoint=result.best_checkpoint,
                           mlflow_run_id=result.mlflow_run_id)
-    metrics = Metrics(train_loss=result.train_loss, eval_loss=result.eval_loss, best_eval_loss=result.best_eval_loss,
-                      tokens_per_second=result.tokens_per_second, general_loss_before=result.general_loss_before,
-                      general_loss_after=result.general_loss_after)
+    metrics = Metrics.model_validate(result.run_metrics())
     progress = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}  # what the result says wins
     for done in ("stage", "bytesDone", "bytesTotal"):  # the run is over: no stage any more
         progress.pop(done, None)
@@ -943,7 +939,7 @@ def result_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded" and completion_index(p) in ("0", None)]
 
 
-def trainer_result(pods: list[dict[str, Any]]) -> TrainerResult | None:
+def result_from_pods(pods: list[dict[str, Any]]) -> TrainerResult | None:
     """The result rank 0 left in its termination message when it succeeded (the newest such pod)."""
     for pod in sorted(result_pods(pods), key=_finished_at, reverse=True):
         state = terminated_state(pod) or {}

@@ -35,10 +35,10 @@ from sft_operator.core.status import (
     parse_time,
     pod_creation_cause,
     recheck_seconds,
+    result_from_pods,
     result_pods,
     settle_until,
     track_start_clocks,
-    trainer_result,
     transition,
     volume_problem,
     with_data,
@@ -194,7 +194,7 @@ class StatusWriter:
             # came first (the Job's Complete or the pod's last update) and whenever the operator started.
             result_seen = desired.get("phase") == SUCCEEDED and bool(result_pods(pods))
             if result_seen:
-                result = trainer_result(pods)
+                result = result_from_pods(pods)
                 if result is not None:
                     with_it = with_result(desired, result)
                     result = result if with_it != desired else None  # already in status: nothing new to say
