@@ -13,8 +13,9 @@ import aiohttp
 import aiohttp.web
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from sft_operator.runtime import progress
-from sft_operator.runtime.progress import Caller, Rejected, build_app
+from sft_operator.runtime import progress_auth, progress_server
+from sft_operator.runtime.progress_auth import Caller, Rejected
+from sft_operator.runtime.progress_server import build_app
 from sft_operator.runtime.settings import OperatorSettings
 from sft_contract.messages import ProgressReport
 from support import free_port
@@ -96,8 +97,8 @@ def auth(token: str = GOOD) -> dict[str, str]:
 
 
 def scenario(test: Callable[[TestClient, FakeVerifier, FakeSink], Awaitable[None]], *,
-             sink: FakeSink | None = None, max_body: int = progress.MAX_BODY_BYTES, verifier=None,
-             cache: Callable[[], progress.VerificationCache] | None = None) -> None:
+             sink: FakeSink | None = None, max_body: int = progress_server.MAX_BODY_BYTES, verifier=None,
+             cache: Callable[[], progress_auth.VerificationCache] | None = None) -> None:
     async def main() -> None:
         fake_verifier, fake_sink = verifier or FakeVerifier(), sink or FakeSink()
         app = build_app(fake_verifier, fake_sink, max_body_bytes=max_body, cache=cache() if cache else None)
@@ -189,9 +190,9 @@ def test_unauthenticated_or_foreign_callers_are_rejected(headers, status, reason
 )
 def test_a_token_its_own_claims_refuse_is_refused_without_a_token_review(token, status, message):
     with pytest.raises(Rejected) as exc:
-        progress.precheck(token, NS, AUDIENCE, now=1_700_000_000)
+        progress_auth.precheck(token, NS, AUDIENCE, now=1_700_000_000)
     assert exc.value.status == status and message in exc.value.message
-    progress.precheck(GOOD, NS, AUDIENCE, now=1_700_000_000)  # a real token passes on to the TokenReview
+    progress_auth.precheck(GOOD, NS, AUDIENCE, now=1_700_000_000)  # a real token passes on to the TokenReview
 
 
 def junk(i: int) -> dict[str, str]:
@@ -227,7 +228,7 @@ def test_a_thousand_junk_requests_cost_no_token_review_and_a_real_trainer_still_
 
 def test_a_source_flooding_well_formed_forgeries_gets_429_and_other_sources_get_through():
     now = [1000.0]
-    limiter = progress.SourceLimiter(per_second=1.0, burst=5, clock=lambda: now[0])
+    limiter = progress_auth.SourceLimiter(per_second=1.0, burst=5, clock=lambda: now[0])
 
     async def test(client, verifier, sink):
         forgeries = [jwt(signature=f"Zm9yZ2Vk{i}") for i in range(100)]
@@ -245,12 +246,12 @@ def test_a_source_flooding_well_formed_forgeries_gets_429_and_other_sources_get_
         now[0] += 2  # the flooding address recovers as its bucket refills
         assert (await client.post(URL, json=report(1), headers=auth(jwt(signature="bmV3")))).status == 401
 
-    scenario(test, cache=lambda: progress.VerificationCache(limiter=limiter))
+    scenario(test, cache=lambda: progress_auth.VerificationCache(limiter=limiter))
 
 
 def test_the_source_limiter_refills_answers_the_wait_and_stays_bounded():
     now = [0.0]
-    limiter = progress.SourceLimiter(per_second=0.5, burst=2, clock=lambda: now[0], max_sources=3)
+    limiter = progress_auth.SourceLimiter(per_second=0.5, burst=2, clock=lambda: now[0], max_sources=3)
     assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 2.0]
     now[0] += 1
     assert limiter.take("a") == 1.0
@@ -366,7 +367,7 @@ def test_a_refusal_is_remembered_briefly_then_verified_again():
 
     async def main():
         verifier = FakeVerifier()
-        cache = progress.VerificationCache(clock=lambda: now[0], failure_ttl_seconds=10)
+        cache = progress_auth.VerificationCache(clock=lambda: now[0], failure_ttl_seconds=10)
         for _ in range(5):
             with pytest.raises(Rejected):
                 await cache.verify(verifier, "forged", NS, JOB)
@@ -397,7 +398,7 @@ def test_verification_is_capped_and_excess_callers_get_503_at_once():
 
     async def main():
         verifier = SlowVerifier()
-        cache = progress.VerificationCache(concurrency=2, queue=5)
+        cache = progress_auth.VerificationCache(concurrency=2, queue=5)
         tasks = [asyncio.ensure_future(cache.verify(verifier, f"token-{i}", NS, JOB)) for i in range(8)]
         await asyncio.sleep(0.05)
         busy = [t for t in tasks if t.done()]
@@ -421,7 +422,7 @@ def test_concurrent_posts_share_one_verification():
 
 def test_cache_expires_and_never_outlives_the_token():
     now = [1000.0]
-    cache = progress.VerificationCache(ttl_seconds=60, clock=lambda: now[0])
+    cache = progress_auth.VerificationCache(ttl_seconds=60, clock=lambda: now[0])
     caller = Caller(NS, JOB, "p", "u", "system:serviceaccount:team-a:default")
     cache.put("k", caller)
     assert cache.get("k", NS, JOB) == caller
@@ -435,7 +436,7 @@ def test_cache_expires_and_never_outlives_the_token():
 
 
 def test_cache_is_bounded():
-    cache = progress.VerificationCache(max_entries=10)
+    cache = progress_auth.VerificationCache(max_entries=10)
     for i in range(100):
         cache.put(f"k{i}", Caller(NS, JOB, "p", "u", "sa"))
     assert len(cache._entries) <= 10
@@ -479,7 +480,7 @@ def _ctx(settings: OperatorSettings) -> SimpleNamespace:
 def test_refuses_plaintext_unless_allowed():
     settings = OperatorSettings(progress_port=free_port())
     with pytest.raises(RuntimeError, match="progress-tls-cert"):
-        asyncio.run(progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink()))
+        asyncio.run(progress_server.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink()))
 
 
 def test_serves_tls_with_the_configured_cert(tmp_path):
@@ -489,7 +490,7 @@ def test_serves_tls_with_the_configured_cert(tmp_path):
     sink = FakeSink()
 
     async def main():
-        await progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=sink, host="127.0.0.1")
+        await progress_server.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=sink, host="127.0.0.1")
         try:
             context = ssl.create_default_context(cafile=str(cert))
             async with aiohttp.ClientSession() as session:
@@ -502,7 +503,7 @@ def test_serves_tls_with_the_configured_cert(tmp_path):
                         raise aiohttp.ClientError("rejected")
             assert sink.steps == [3]
         finally:
-            await progress.stop_progress_server()
+            await progress_server.stop_progress_server()
 
     asyncio.run(main())
 
@@ -522,7 +523,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
                                 reload_seconds=0.05)
 
     async def main():
-        await progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
+        await progress_server.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
         try:
             served = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
             assert served.strip() == cert.read_text().strip()
@@ -535,7 +536,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
             served = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
             assert served.strip() == new_cert.read_text().strip()
         finally:
-            await progress.stop_progress_server()
+            await progress_server.stop_progress_server()
 
     asyncio.run(main())
 
@@ -545,13 +546,13 @@ def test_plaintext_when_explicitly_allowed():
     settings = OperatorSettings(progress_port=port, progress_allow_plaintext=True)
 
     async def main():
-        await progress.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
+        await progress_server.start_progress_server(_ctx(settings), verifier=FakeVerifier(), sink=FakeSink(), host="127.0.0.1")
         try:
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
                     assert response.status == 200
         finally:
-            await progress.stop_progress_server()
+            await progress_server.stop_progress_server()
 
     asyncio.run(main())
 
@@ -561,10 +562,10 @@ def test_unverified_audience_peek_handles_garbage():
         enc = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
         return f"e30.{enc}.sig"
 
-    assert progress.token_audiences(jwt({"aud": ["sft.dev/progress", "x"]})) == ["sft.dev/progress", "x"]
-    assert progress.token_audiences(jwt({"aud": "api"})) == ["api"]
-    assert progress.token_audiences("not-a-jwt") == []
-    assert progress.token_audiences("a.!!!.c") == []
+    assert progress_auth.token_audiences(jwt({"aud": ["sft.dev/progress", "x"]})) == ["sft.dev/progress", "x"]
+    assert progress_auth.token_audiences(jwt({"aud": "api"})) == ["api"]
+    assert progress_auth.token_audiences("not-a-jwt") == []
+    assert progress_auth.token_audiences("a.!!!.c") == []
 
 
 # ---- the Kubernetes verifier's decision logic, with fake API objects ---------------------------
@@ -578,7 +579,7 @@ class _FakeKube:
             "authenticated": True,
             "audiences": ["sft.dev/progress"],
             "user": {"username": f"system:serviceaccount:{NS}:default",
-                     "extra": {progress.POD_NAME_EXTRA: ["llama-0-abcde"], progress.POD_UID_EXTRA: ["pod-uid"]}},
+                     "extra": {progress_auth.POD_NAME_EXTRA: ["llama-0-abcde"], progress_auth.POD_UID_EXTRA: ["pod-uid"]}},
         }
         self.objects = {
             ("SFTJob", JOB): {"metadata": {"name": JOB, "uid": "sftjob-uid"}},
@@ -623,7 +624,7 @@ def _jwt(aud: list[str]) -> str:
 
 
 def _verify(kube: _FakeKube, token: str | None = None) -> Caller:
-    verifier = progress.KubernetesVerifier(kube, "sft.dev/progress")
+    verifier = progress_auth.KubernetesVerifier(kube, "sft.dev/progress")
     return asyncio.run(verifier(token or _jwt(["sft.dev/progress"]), NS, JOB))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from sft_operator.api import GROUP, PLURAL, VERSION
-from sft_operator.runtime import metrics, progress
+from sft_operator.runtime import metrics, progress_server
 from sft_operator.runtime.client import KubeClient, connection_info, load_credentials
 from sft_operator.runtime.context import Context
 from sft_operator.runtime.loops import resync_loop, watch_ca_file
@@ -75,7 +75,7 @@ async def _configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
 
     metrics.start_metrics_server(ours.metrics_port)
     logger.info("metrics on :%d/metrics, liveness on :%d/healthz", ours.metrics_port, ours.health_port)
-    await progress.start_progress_server(ctx, logger)
+    await progress_server.start_progress_server(ctx, logger)
     # The children and pods first: the first status derived after a restart sees the pods (a Running
     # job is never reported Pending for a moment), the first reconcile finds its children.
     watchers = start_watchers(ctx)
@@ -98,7 +98,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     ctx: Context | None = memo.get("ctx")
-    await progress.stop_progress_server()
+    await progress_server.stop_progress_server()
     if ctx is not None:
         await ctx.close()
 
