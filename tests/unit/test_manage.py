@@ -12,7 +12,6 @@ import pytest
 
 from sft_operator.runtime.context import Context
 from sft_operator.runtime.client import ApiError
-from sft_operator.runtime.reconcile import manage
 from sft_operator.core.render import RenderOptions
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.watch import child_event
@@ -120,7 +119,7 @@ def test_a_foreign_object_with_our_label_does_not_fail_a_running_job(kind, name,
         ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
         try:
             ctx.cache.put("SFTJob", sftjob())
-            await manage(ctx, KEY)
+            await ctx.reconciler.manage(KEY)
             job = ctx.cache.job_of(KEY)
             assert job is not None
             child_event(ctx, "Pod", "ADDED", running_pod(job["metadata"]["uid"]))
@@ -133,10 +132,10 @@ def test_a_foreign_object_with_our_label_does_not_fail_a_running_job(kind, name,
             if spec is not None:
                 foreign["spec"] = spec
             child_event(ctx, kind, "ADDED", foreign)
-            await manage(ctx, KEY)  # the periodic resync
+            await ctx.reconciler.manage(KEY)  # the periodic resync
             await asyncio.sleep(0.3)
             child_event(ctx, kind, "DELETED", foreign)
-            await manage(ctx, KEY)
+            await ctx.reconciler.manage(KEY)
             await asyncio.sleep(0.3)
 
             assert [w["phase"] for w in kube.writes] == ["Running"]  # never NameConflict, never Failed
@@ -162,7 +161,7 @@ def test_a_taken_child_name_is_still_a_name_conflict():
                 "name": "demo", "namespace": "team-a", "labels": {"sft.dev/job-name": "demo"}}}
             child_event(ctx, "Service", "ADDED", await kube.create(taken))
             ctx.cache.put("SFTJob", sftjob())
-            await manage(ctx, KEY)
+            await ctx.reconciler.manage(KEY)
             await asyncio.sleep(0.3)
             cause = ctx.cache.note(KEY).creation_error
             assert cause is not None and cause.reason == "NameConflict" and "Service team-a/demo" in cause.message
@@ -183,7 +182,7 @@ def test_an_upgraded_operator_keeps_a_running_jobs_config_and_does_not_fail_a_sp
         old = Context(OperatorSettings(status_window_seconds=0.05), kube, RenderOptions())
         try:
             old.cache.put("SFTJob", sftjob())
-            await manage(old, KEY)
+            await old.reconciler.manage(KEY)
         finally:
             await old.scheduler.close()
         started_with = kube.objects[("ConfigMap", "team-a", "demo-config")]["data"]["config.json"]
@@ -199,7 +198,7 @@ def test_an_upgraded_operator_keeps_a_running_jobs_config_and_does_not_fail_a_sp
                 child_event(upgraded, kind, "ADDED", copy.deepcopy(obj))
             job = upgraded.cache.job_of(KEY)
             child_event(upgraded, "Pod", "ADDED", running_pod(job["metadata"]["uid"]))
-            await manage(upgraded, KEY)
+            await upgraded.reconciler.manage(KEY)
             assert not [p for p in kube.patches if p[0] == "ConfigMap" and "config.json" in p[2].get("data", {})]
             assert kube.objects[("ConfigMap", "team-a", "demo-config")]["data"]["config.json"] == started_with
 
@@ -207,7 +206,7 @@ def test_an_upgraded_operator_keeps_a_running_jobs_config_and_does_not_fail_a_sp
             refused["metadata"]["generation"] = 2
             refused["spec"]["hyperparameters"] = {"learningRate": -1.0}  # what these models no longer accept
             upgraded.cache.put("SFTJob", refused)
-            await manage(upgraded, KEY)
+            await upgraded.reconciler.manage(KEY)
             await asyncio.sleep(0.3)
             assert upgraded.cache.note(KEY).creation_error is None
             assert all(w["phase"] != "Failed" for w in kube.writes), kube.writes
@@ -234,8 +233,8 @@ def test_a_failed_export_keeps_the_trained_model_when_the_sftjob_is_deleted():
             failed["status"] = {"phase": "Failed", "progress": {"step": 300, "totalSteps": 300},
                                 "conditions": [{"type": "Failed", "status": "True", "reason": "StorageUnavailable"}]}
             ctx.cache.put("SFTJob", failed)
-            await manage(ctx, KEY)
-            await manage(ctx, KEY)  # converged: once only
+            await ctx.reconciler.manage(KEY)
+            await ctx.reconciler.manage(KEY)  # converged: once only
             await asyncio.sleep(0.1)
             released = [p for p in kube.patches if p[0] == "PersistentVolumeClaim"]
             assert released == [("PersistentVolumeClaim", "demo-cache", {"metadata": {
@@ -258,9 +257,9 @@ def test_a_config_map_watched_by_its_metadata_is_read_again_only_when_someone_el
         ctx = Context(OperatorSettings(status_window_seconds=0.05), kube, options)
         try:
             ctx.cache.put("SFTJob", sftjob())
-            await manage(ctx, KEY)
+            await ctx.reconciler.manage(KEY)
             child_event(ctx, "ConfigMap", "ADDED", kube.metadata_event("ConfigMap", "demo-config"))  # our create's echo
-            await manage(ctx, KEY)
+            await ctx.reconciler.manage(KEY)
             assert kube.gets == [] and kube.patches == []
 
             edited = kube.objects[("ConfigMap", "team-a", "demo-config")]
@@ -268,8 +267,8 @@ def test_a_config_map_watched_by_its_metadata_is_read_again_only_when_someone_el
             edited["data"].update({"config.json": "{}", "ca.crt": "someone else's"})
             kube.bump(edited)
             child_event(ctx, "ConfigMap", "MODIFIED", kube.metadata_event("ConfigMap", "demo-config"))
-            await manage(ctx, KEY)
-            await manage(ctx, KEY)  # converged: read once, patched once
+            await ctx.reconciler.manage(KEY)
+            await ctx.reconciler.manage(KEY)  # converged: read once, patched once
             assert kube.gets == [("ConfigMap", "demo-config")]
             assert [p[2] for p in kube.patches if p[0] == "ConfigMap"] == [{"data": {"ca.crt": "-----CA-----"}}]
             assert edited["data"] == {"config.json": "{}", "ca.crt": "-----CA-----"}  # the running job's config stays
@@ -278,7 +277,7 @@ def test_a_config_map_watched_by_its_metadata_is_read_again_only_when_someone_el
             stale = kube.metadata_event("ConfigMap", "demo-config")
             stale["metadata"]["resourceVersion"] = "1"  # an event older than what the cache holds
             child_event(ctx, "ConfigMap", "MODIFIED", stale)
-            await manage(ctx, KEY)
+            await ctx.reconciler.manage(KEY)
             assert len(kube.gets) == 1
         finally:
             await ctx.scheduler.close()

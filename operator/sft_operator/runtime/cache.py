@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sft_operator.api import KIND
 from sft_operator.api.types import TERMINAL_PHASES, Phase
@@ -131,6 +131,30 @@ def _newer_or_same(version: str | None, than: str | None) -> bool:
         return True
 
 
+class ManagedAs(NamedTuple):
+    """What a reconcile was for: this SFTJob, this spec, these render options."""
+
+    uid: Any
+    generation: Any
+    render_version: int
+
+
+class Rendered(NamedTuple):
+    """The last complete reconcile of an SFTJob."""
+
+    managed_as: ManagedAs
+    config_digest: str | None  # of the ConfigMap's rendered data
+    kinds: tuple[str, ...]  # the children's kinds
+
+
+class Written(NamedTuple):
+    """Our last status write of an SFTJob, as the API server answered it."""
+
+    uid: str
+    resource_version: str
+    status: dict[str, Any]
+
+
 @dataclass
 class Notes:
     """What the operator learned about one SFTJob outside the watched objects."""
@@ -140,10 +164,8 @@ class Notes:
     pod_problems: dict[str, Cause] = field(default_factory=dict)  # pod uid -> FailedMount, Multi-Attach (with since)
     # (pod uid, start problem kind) -> when the operator first saw it (status.track_start_clocks)
     start_clocks: dict[tuple[str, str], datetime] = field(default_factory=dict)
-    # ((uid, generation, render version), digest of the ConfigMap's data, the children's kinds) of the last
-    # complete reconcile
-    rendered: tuple[tuple[Any, Any, int], str, tuple[str, ...]] | None = None
-    finished: tuple[Any, Any, int] | None = None  # (uid, generation, render version) of the finished job's last reconcile
+    rendered: Rendered | None = None
+    finished: ManagedAs | None = None  # what the finished job's last reconcile was for
     # pod uid -> its Job's uid, for pods that failed without counting (disruption, exit 75): the Job
     # controller deletes them at once, maybe before a status write saw them, and status.restarts counts them
     replaced_pods: dict[str, str] = field(default_factory=dict)
@@ -163,7 +185,7 @@ class Cache:
     pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)  # key -> pod uid -> pod
     # The status we last wrote, by key: (SFTJob uid, resourceVersion of our write, status). A watch event
     # older than our write would otherwise take the cache back in time.
-    written: dict[Key, tuple[str, str, dict[str, Any]]] = field(default_factory=dict)
+    written: dict[Key, Written] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)  # uid -> when the watch last reported it
     notes: dict[Key, Notes] = field(default_factory=dict)
     phases: dict[Key, str] = field(default_factory=dict)  # phase per SFTJob, for the sft_jobs gauge
@@ -186,7 +208,7 @@ class Cache:
         if kind == "SFTJob":
             self.sftjobs[key] = obj
             written = self.written.get(key)
-            if written and (written[0] != uid or _newer_or_same(obj["metadata"].get("resourceVersion"), written[1])):
+            if written and (written.uid != uid or _newer_or_same(obj["metadata"].get("resourceVersion"), written.resource_version)):
                 del self.written[key]
             self._count_phase(key)
             if self.finished(key):
@@ -214,7 +236,7 @@ class Cache:
         """Whether an SFTJob event is our own last status write coming back (nothing new in it)."""
         meta = body.get("metadata") or {}
         written = self.written.get((meta.get("namespace", ""), meta.get("name", "")))
-        return bool(written and written[0] == meta.get("uid") and written[1] == meta.get("resourceVersion"))
+        return bool(written and written.uid == meta.get("uid") and written.resource_version == meta.get("resourceVersion"))
 
     def drop(self, kind: str, body: Mapping[str, Any]) -> Key | None:
         """A DELETED event: forget the object if it is the one we hold (same uid)."""
@@ -275,7 +297,7 @@ class Cache:
     def record_write(self, key: Key, written: Mapping[str, Any]) -> None:
         """Our own status write (the API server's answer): newer than anything the watch has shown."""
         meta = written.get("metadata") or {}
-        self.written[key] = (meta.get("uid", ""), meta.get("resourceVersion", ""), _plain(written.get("status") or {}))
+        self.written[key] = Written(meta.get("uid", ""), meta.get("resourceVersion", ""), _plain(written.get("status") or {}))
         self._count_phase(key)
         if self.finished(key):  # the final status is written: the pods have said all they had to say
             self._drop_details(key)
@@ -351,8 +373,8 @@ class Cache:
         """The SFTJob's status: our last write if the watch has not caught up with it yet."""
         sftjob = self.sftjobs.get(key) or {}
         written = self.written.get(key)
-        if written and written[0] == (sftjob.get("metadata") or {}).get("uid"):
-            return written[2]
+        if written and written.uid == (sftjob.get("metadata") or {}).get("uid"):
+            return written.status
         return sftjob.get("status") or {}
 
     def phase_counts(self) -> dict[str, int]:

@@ -19,7 +19,6 @@ from sft_operator.runtime import metrics, progress_server
 from sft_operator.runtime.client import KubeClient, connection_info, load_credentials
 from sft_operator.runtime.context import Context
 from sft_operator.runtime.loops import resync_loop, watch_ca_file
-from sft_operator.runtime.reconcile import converged
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.watch import start_watchers
 
@@ -137,7 +136,7 @@ async def sftjob_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, 
     key = ctx.cache.put("SFTJob", body)
     if key is None:
         return
-    if not converged(ctx, key):
+    if not ctx.reconciler.converged(key):
         ctx.kick(key)
     if not echo:
         ctx.writer.mark(key)

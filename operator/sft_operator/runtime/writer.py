@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -48,11 +48,12 @@ from sft_operator.core.status import (
     with_result,
 )
 from sft_operator.runtime import metrics
-from sft_operator.runtime.cache import Key
+from sft_operator.runtime.cache import Cache, Key
 from sft_operator.runtime.client import ApiError
-
-if TYPE_CHECKING:
-    from sft_operator.runtime.context import Context
+from sft_operator.runtime.clock import SYSTEM_CLOCK, Clock
+from sft_operator.runtime.events import EventPoster, post_event
+from sft_operator.runtime.scheduler import Scheduler
+from sft_operator.runtime.settings import OperatorSettings
 
 log = logging.getLogger("sft_operator.core.status")
 LOOKUP_SLOTS = 2  # event reads in flight
@@ -84,8 +85,11 @@ def merge_reports(older: ProgressReport | None, newer: ProgressReport) -> Progre
     return ProgressReport.model_validate(data)
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+class StatusApi(EventPoster, Protocol):
+    """What the writer asks of the API server (runtime.client.KubeClient)."""
+
+    async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]: ...
+    async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -95,8 +99,16 @@ class _Progress:
 
 
 class StatusWriter:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    """``on_finished(key)`` is called once a job's final status is written (the reconciler then stops a
+    failed run's Job and arms its TTL); ``unlisted`` holds the (kind, namespace or None) scopes of the
+    children's watches whose first list has not completed (runtime.watch): no status is derived there."""
+
+    def __init__(self, kube: StatusApi, cache: Cache, scheduler: Scheduler, settings: OperatorSettings, *,
+                 on_finished: Callable[[Key], None], unlisted: set[tuple[str, str | None]] | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self.kube, self.cache, self.scheduler, self.settings, self.clock = kube, cache, scheduler, settings, clock
+        self.on_finished = on_finished
+        self.unlisted = unlisted if unlisted is not None else set()
         self.progress: dict[Key, _Progress] = {}
         self.looked_up: dict[tuple[Key, str], float] = {}  # (key, object uid) -> when its events were read
         self._effective_batch: dict[tuple[str, int], int | None] = {}
@@ -106,23 +118,23 @@ class StatusWriter:
 
     def mark(self, key: Key, delay: float | None = None) -> None:
         """Something about ``key`` changed: write its status after the window (or ``delay``)."""
-        window = self.ctx.settings.status_window_seconds if delay is None else delay
-        self.ctx.scheduler.at(key, "status", window, lambda: self.write(key))
+        window = self.settings.status_window_seconds if delay is None else delay
+        self.scheduler.at(key, "status", window, lambda: self.write(key))
 
     def offer(self, namespace: str, name: str, uid: str, report: ProgressReport) -> None:
         """A verified trainer's report for the SFTJob with this uid; raises ProgressRefused."""
         key = (namespace, name)
-        sftjob = self.ctx.cache.sftjobs.get(key)
+        sftjob = self.cache.sftjobs.get(key)
         if sftjob is None:
             raise ProgressRefused(404, "NotFound", f"SFTJob {namespace}/{name} not found")
         if sftjob["metadata"].get("uid") != uid:
             raise ProgressRefused(409, "Recreated", f"SFTJob {namespace}/{name} was deleted and created again")
-        if self.ctx.cache.current_status(key).get("phase") in TERMINAL_PHASES:
+        if self.cache.current_status(key).get("phase") in TERMINAL_PHASES:
             raise ProgressRefused(409, "Finished", f"SFTJob {namespace}/{name} has finished; its status is final")
         state = self.progress.setdefault(key, _Progress())
         state.report = merge_reports(state.report, report)
-        wait = state.last_write + self.ctx.settings.progress_min_interval_seconds - time.monotonic()
-        self.mark(key, max(wait, self.ctx.settings.status_window_seconds))
+        wait = state.last_write + self.settings.progress_min_interval_seconds - self.clock.monotonic()
+        self.mark(key, max(wait, self.settings.status_window_seconds))
 
     def forget(self, key: Key) -> None:
         self.progress.pop(key, None)
@@ -135,7 +147,7 @@ class StatusWriter:
         meta = sftjob.get("metadata") or {}
         cache_key = (meta.get("uid", ""), meta.get("generation", 0))
         if cache_key not in self._effective_batch:
-            if len(self._effective_batch) > 4 * len(self.ctx.cache.sftjobs) + 64:
+            if len(self._effective_batch) > 4 * len(self.cache.sftjobs) + 64:
                 self._effective_batch.clear()
             try:
                 size = SFTJobSpec.model_validate(sftjob.get("spec") or {}).effective_batch_size
@@ -145,24 +157,23 @@ class StatusWriter:
         return self._effective_batch[cache_key]
 
     async def write(self, key: Key) -> None:
-        ctx = self.ctx
-        async with ctx.scheduler.lock(key):
-            sftjob = ctx.cache.sftjobs.get(key)
+        async with self.scheduler.lock(key):
+            sftjob = self.cache.sftjobs.get(key)
             if sftjob is None or sftjob["metadata"].get("deletionTimestamp"):
                 self.progress.pop(key, None)
                 return
-            if any(namespace in (None, key[0]) for _, namespace in ctx.unlisted):
+            if any(namespace in (None, key[0]) for _, namespace in self.unlisted):
                 # After a restart, until the pods are listed: derived now, a Running job would read Pending.
                 self.mark(key, UNLISTED_RECHECK_SECONDS)
                 return
             uid = sftjob["metadata"]["uid"]
-            current = ctx.cache.current_status(key)
-            job = ctx.cache.job_of(key)
+            current = self.cache.current_status(key)
+            job = self.cache.job_of(key)
             job_uid = (job or {}).get("metadata", {}).get("uid")
-            pods = ctx.cache.pods_of(key, job_uid)
-            notes = ctx.cache.note(key)
-            now = _now()
-            grace = ctx.settings.pod_start_grace_seconds
+            pods = self.cache.pods_of(key, job_uid)
+            notes = self.cache.note(key)
+            now = self.clock.now()
+            grace = self.settings.pod_start_grace_seconds
             notes.start_clocks = track_start_clocks(pods, notes.start_clocks, now)
             derived = derive_status(
                 {**sftjob, "status": current}, job, pods, now,
@@ -173,13 +184,13 @@ class StatusWriter:
                 pod_problems=notes.pod_problems,
                 start_clocks=notes.start_clocks,
                 replaced_pods=notes.replaced_by(job_uid),
-                queue_workload=ctx.cache.workload_of(key, job_uid),
+                queue_workload=self.cache.workload_of(key, job_uid),
             )
             desired = {**current, **derived}  # what the trainer reported stays
             report = result = None
             progress = self.progress.get(key)
             if progress and progress.report is not None and desired.get("phase") not in TERMINAL_PHASES:
-                wait = progress.last_write + ctx.settings.progress_min_interval_seconds - time.monotonic()
+                wait = progress.last_write + self.settings.progress_min_interval_seconds - self.clock.monotonic()
                 if wait <= 0:
                     report = progress.report
                     desired = with_progress(desired, report)
@@ -209,7 +220,7 @@ class StatusWriter:
 
             if desired == current:
                 if result_seen:
-                    ctx.cache.result_read(key)
+                    self.cache.result_read(key)
                 return
             until = None if report is not None else settle_until(
                 current, desired, sftjob, job, pods,
@@ -218,22 +229,22 @@ class StatusWriter:
                 self.mark(key, (until - now).total_seconds())
                 return
             try:
-                written = await ctx.kube.replace_status(key[0], key[1], uid, desired)
+                written = await self.kube.replace_status(key[0], key[1], uid, desired)
             except ApiError as exc:
                 self._write_failed(key, exc)
                 return
-            ctx.scheduler.succeeded(key, "status")
+            self.scheduler.succeeded(key, "status")
             if result_seen:  # written: rank 0's pod has nothing more to say
-                ctx.cache.result_read(key)
-            ctx.cache.record_write(key, written)
+                self.cache.result_read(key)
+            self.cache.record_write(key, written)
             if report is not None and progress is not None:
-                progress.last_write = time.monotonic()
+                progress.last_write = self.clock.monotonic()
                 if progress.report is report:
                     progress.report = None
                 metrics.set_job_metrics(key[0], key[1], report)
             effects = transition(current, desired, result.warning if result is not None else None)
         self._apply(key, sftjob, effects)
-        metrics.set_phase_counts(ctx.cache.phase_counts())
+        metrics.set_phase_counts(self.cache.phase_counts())
 
     def _write_failed(self, key: Key, exc: ApiError) -> None:
         if exc.status == 404:  # deleted meanwhile: the watch says so too
@@ -242,21 +253,20 @@ class StatusWriter:
         if exc.status == 422:  # the uid test failed (re-created) or the status broke the schema: not retried
             log.warning("SFTJob %s/%s: status write refused: %s", *key, exc.message)
             return
-        delay = self.ctx.scheduler.failed(key, "status")
+        delay = self.scheduler.failed(key, "status")
         log.warning("SFTJob %s/%s: status write failed (%s); retrying in %.0fs", *key, exc, delay)
         self.mark(key, delay)
 
     def _apply(self, key: Key, sftjob: dict[str, Any], effects: Effects) -> None:
-        ctx = self.ctx
         namespace = key[0]
         if effects.log:
             log.info("SFTJob %s/%s: %s", *key, effects.log)
         for event in effects.events:
-            ctx.scheduler.spawn(ctx.post_event(sftjob, event.type, event.reason, event.message), name=f"event {key}")
+            self.scheduler.spawn(post_event(self.kube, sftjob, event.type, event.reason, event.message), name=f"event {key}")
         if effects.started:
             created = parse_time(sftjob["metadata"].get("creationTimestamp"))
             if created:
-                metrics.record_running(namespace, (_now() - created).total_seconds())
+                metrics.record_running(namespace, (self.clock.now() - created).total_seconds())
         if effects.evaluation_passed is not None:
             metrics.set_evaluation_passed(namespace, key[1], effects.evaluation_passed)
         if effects.finished:
@@ -264,12 +274,12 @@ class StatusWriter:
             metrics.record_finished(namespace, result, reason, seconds)
             metrics.remove_job(*key)  # per-job series live only while the job runs
             self.progress.pop(key, None)
-            ctx.kick(key)  # stop the Job of a failed run, arm ttlSecondsAfterFinished
+            self.on_finished(key)  # stop the Job of a failed run, arm ttlSecondsAfterFinished
 
     # ---- reading events that explain a stuck job ----
 
     def _schedule_lookups(self, key: Key, job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime) -> None:
-        notes = self.ctx.cache.note(key)
+        notes = self.cache.note(key)
         if notes.pod_creation_error is not None and [p for p in pods if p.get("status", {}).get("phase") != "Failed"]:
             notes.pod_creation_error = None  # pods exist: the old FailedCreate no longer speaks for them
         live = {p["metadata"].get("uid") for p in pods}
@@ -278,16 +288,16 @@ class StatusWriter:
         for lookup in lookups(job, pods, now):
             last = self.looked_up.get((key, lookup.uid))
             delay = lookup.after_seconds if last is None else max(lookup.after_seconds,
-                                                                   last + LOOKUP_AGAIN_SECONDS - time.monotonic())
-            self.ctx.scheduler.at(key, f"events {lookup.uid}", delay,
+                                                                   last + LOOKUP_AGAIN_SECONDS - self.clock.monotonic())
+            self.scheduler.at(key, f"events {lookup.uid}", delay,
                                   lambda lookup=lookup: self._read_events(key, lookup.kind, lookup.name, lookup.uid))
 
     def _still_due(self, key: Key, uid: str) -> bool:
         """Whether the lookup of ``uid`` still explains something now: the pods it waited for may have
         appeared or started meanwhile (in a burst nearly every Job waits a while for its pods)."""
-        job = self.ctx.cache.job_of(key)
-        pods = self.ctx.cache.pods_of(key, (job or {}).get("metadata", {}).get("uid"))
-        return any(lookup.uid == uid and lookup.after_seconds <= 1.0 for lookup in lookups(job, pods, _now()))
+        job = self.cache.job_of(key)
+        pods = self.cache.pods_of(key, (job or {}).get("metadata", {}).get("uid"))
+        return any(lookup.uid == uid and lookup.after_seconds <= 1.0 for lookup in lookups(job, pods, self.clock.now()))
 
     async def _read_events(self, key: Key, kind: str, name: str, uid: str) -> None:
         # Listing events costs the API server a scan of the namespace's events. In a burst many Jobs
@@ -295,13 +305,13 @@ class StatusWriter:
         async with self.lookup_slots:
             if not self._still_due(key, uid):
                 return
-            self.looked_up[(key, uid)] = time.monotonic()
+            self.looked_up[(key, uid)] = self.clock.monotonic()
             try:
-                events = await self.ctx.kube.events_of(key[0], kind, name, uid)
+                events = await self.kube.events_of(key[0], kind, name, uid)
             except ApiError as exc:  # e.g. no RBAC to list events: status just says less
                 log.debug("cannot list events of %s %s/%s: %s", kind, key[0], name, exc)
                 return
-        notes = self.ctx.cache.note(key)
+        notes = self.cache.note(key)
         newest = sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
         if kind == "Job":
             failed = [e for e in newest if e.get("reason") == "FailedCreate"]
@@ -313,7 +323,7 @@ class StatusWriter:
             cause = volume_problem(events)
             if cause is not None and cause.since is None:  # events without times: from our first read of them
                 old = notes.pod_problems.get(uid)
-                cause = replace(cause, since=old.since if old is not None and old.since else _now())
+                cause = replace(cause, since=old.since if old is not None and old.since else self.clock.now())
             changed = notes.pod_problems.get(uid) != cause
             if cause is not None:
                 notes.pod_problems[uid] = cause
