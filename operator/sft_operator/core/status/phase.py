@@ -102,76 +102,79 @@ def observe(
     """Phase, reason and message from the Job and its pods (not terminal-latched; see derive_status)."""
     previous = sftjob.get("status") or {}
     restarts = count_restarts(job, pods, as_int(previous.get("restarts")), replaced_pods)
+
+    def seen(phase: str, reason: str, message: str, **more: Any) -> Observation:  # with the restarts counted above
+        return Observation(phase=phase, reason=reason, message=message, restarts=restarts, **more)
+
     if creation_error is not None and creation_error.final:
-        return Observation(FAILED, creation_error.reason, creation_error.message, restarts=restarts, created=creation_error)
+        return seen(FAILED, creation_error.reason, creation_error.message, created=creation_error)
     if job is None:
         if creation_error is not None:
-            return Observation(PENDING, creation_error.reason, creation_error.message, restarts=restarts, created=creation_error)
-        return Observation(PENDING, "Creating", "creating the trainer Job", restarts=restarts, created=Cause("Creating", "creating children"))
+            return seen(PENDING, creation_error.reason, creation_error.message, created=creation_error)
+        return seen(PENDING, "Creating", "creating the trainer Job", created=Cause("Creating", "creating children"))
 
     if job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet"):
-        return Observation(SUCCEEDED, "Completed", "training finished", restarts=restarts)
+        return seen(SUCCEEDED, "Completed", "training finished")
     failure = job_failure(job, pods)
     if failure is not None:
-        return Observation(FAILED, failure.reason, failure.message, restarts=restarts)
+        return seen(FAILED, failure.reason, failure.message)
 
     run_policy = (sftjob.get("spec") or {}).get("runPolicy") or {}
     if (job.get("spec") or {}).get("suspend"):
         if run_policy.get("suspend"):
-            return Observation(SUSPENDED, "Suspended", "runPolicy.suspend is true; the trainer pods are removed", restarts=restarts)
+            return seen(SUSPENDED, "Suspended", "runPolicy.suspend is true; the trainer pods are removed")
         queue = ((job.get("metadata") or {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
         where = f"queue {queue}" if queue else "its queue"
         queued = queue_state(queue_workload)
         if queued.message:
-            return Observation(QUEUED, queued.reason, f"{where} (Kueue): {queued.message}", restarts=restarts)
-        return Observation(QUEUED, queued.reason, f"the trainer Job is suspended until {where} admits it", restarts=restarts)
+            return seen(QUEUED, queued.reason, f"{where} (Kueue): {queued.message}")
+        return seen(QUEUED, queued.reason, f"the trainer Job is suspended until {where} admits it")
 
     active = [p for p in pods if is_active(p)]
     waiting_phase = RESTARTING if restarts else PENDING
     if not active and pod_creation_error is not None:
         # The Job exists but cannot create its pods (a GPU ResourceQuota, admission): say why.
-        return Observation(waiting_phase, pod_creation_error.reason, pod_creation_error.message, restarts=restarts)
+        return seen(waiting_phase, pod_creation_error.reason, pod_creation_error.message)
     problem = start_problem(active, now, pod_problems, start_clocks)
     if problem is not None:
         if problem.seconds >= start_grace_seconds:
-            return Observation(
+            return seen(
                 FAILED,
                 problem.failed_reason,
                 f"{problem.message} (failing for {int(problem.seconds)}s, grace {int(start_grace_seconds)}s)",
-                restarts=restarts,
             )
         # A time, not the seconds left: the message (and so the status) stays the same while the problem lasts.
         until = format_time(problem.since + timedelta(seconds=start_grace_seconds))
-        return Observation(waiting_phase, problem.reason, f"{problem.message}; the job fails if this lasts until {until} "
-                           f"(grace {int(start_grace_seconds)}s)", restarts=restarts)
+        return seen(waiting_phase, problem.reason, f"{problem.message}; the job fails if this lasts until {until} "
+                           f"(grace {int(start_grace_seconds)}s)")
     blocked = unschedulable(active)
     if blocked is not None:
-        return Observation(waiting_phase, blocked.reason, blocked.message, restarts=restarts)
+        return seen(waiting_phase, blocked.reason, blocked.message)
     running = [p for p in active if (p.get("status") or {}).get("phase") == "Running"]
     if running and len(running) == len(active):
-        return Observation(RUNNING, "PodsRunning", f"{len(running)} trainer pod(s) running", restarts=restarts, running_pods=len(running))
+        return seen(RUNNING, "PodsRunning", f"{len(running)} trainer pod(s) running", running_pods=len(running))
     fetching = [p for p in active if is_fetching(p)]
     if fetching and len(running) + len(fetching) == len(active):  # the pods hold their GPUs already
-        return Observation(RUNNING, FETCHING, f"{len(fetching)} pod(s) fetching the model and data into the cache "
-                           "(status.progress has the bytes)", restarts=restarts, running_pods=len(active))
+        return seen(RUNNING, FETCHING, f"{len(fetching)} pod(s) fetching the model and data into the cache "
+                           "(status.progress has the bytes)", running_pods=len(active))
     if not active and pods:  # every pod ended; the Job controller has not decided yet
         finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
         ended = failed_pods(pods)
         if finished and not any(not is_ignored_failure(p) and _newer(p, finished) for p in ended):
-            return Observation(RUNNING, "PodsCompleted", "the trainer pods finished; the Job is completing", restarts=restarts)
+            return seen(RUNNING, "PodsCompleted", "the trainer pods finished; the Job is completing")
         if previous.get("phase") in (RUNNING, RESTARTING) and ended:
             cause = pod_failure(ended[-1])
             text = cause.message if cause else "a trainer pod failed"
-            return Observation(previous["phase"], "PodFailed", f"{text}; the Job is deciding whether to retry", restarts=restarts)
+            return seen(previous["phase"], "PodFailed", f"{text}; the Job is deciding whether to retry")
     terminating = [p for p in pods if not is_active(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
     if terminating:  # deleted, evicted or preempted while running; the Job controller replaces it
         name = terminating[0].get("metadata", {}).get("name", "?")
-        return Observation(RESTARTING, "PodTerminating", f"pod {name} is being deleted; the Job replaces it", restarts=restarts)
+        return seen(RESTARTING, "PodTerminating", f"pod {name} is being deleted; the Job replaces it")
     if restarts:
         failures = [c for c in map(pod_failure, failed_pods(pods)) if c is not None]
         last = f": {failures[-1].message}" if failures else ""
-        return Observation(RESTARTING, "Restarting", f"replacing a trainer pod (restart {restarts}){last}", restarts=restarts)
-    return Observation(PENDING, "PodsStarting", "waiting for the trainer pods to start", restarts=restarts)
+        return seen(RESTARTING, "Restarting", f"replacing a trainer pod (restart {restarts}){last}")
+    return seen(PENDING, "PodsStarting", "waiting for the trainer pods to start")
 
 
 def owned(status: dict[str, Any] | None) -> dict[str, Any]:
