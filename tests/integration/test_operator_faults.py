@@ -9,6 +9,7 @@ ValidatingAdmissionPolicy (the API server's own CEL admission) for its namespace
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 
@@ -33,6 +34,12 @@ def gone(read) -> bool:
     except ApiException as exc:
         return exc.status == 404
     return False
+
+
+def reconciles(operator) -> float:
+    """How many reconciles the operator has finished (its sft_reconcile_duration_seconds histogram)."""
+    found = re.search(r"^sft_reconcile_duration_seconds_count (\S+)$", operator.metrics(), re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def owner_uid(obj) -> str | None:
@@ -269,7 +276,8 @@ def test_stopping_the_job_of_a_failed_sftjob_is_retried_until_it_works(operator,
     (pod,) = k8s.pods("stopme")
     k8s.kubelet_reports_waiting(pod.metadata.name, "ErrImagePull", "failed to resolve reference")
     assert cond(k8s.wait_phase("stopme", "Failed", timeout=PULL_GRACE + 30), "Failed")["reason"] == "ImagePullFailed"
-    time.sleep(3)
+    # The back-off between the tries is tests/unit/test_manage.py's; here the real API server refuses one.
+    k8s.cp.wait_for(lambda: "could not stop its Job" in operator.log_tail(400), 30, "a refused try to stop the Job")
     assert not k8s.job("stopme").spec.suspend  # refused so far...
     k8s.allow(policy)
     k8s.cp.wait_for(lambda: k8s.job("stopme").spec.suspend, 30, "...then retried: the Job suspended")
@@ -300,7 +308,14 @@ def test_a_child_the_api_server_calls_invalid_fails_the_job_with_its_message(ope
         assert failed["reason"] == "InvalidSpec" and "64Gii" in failed["message"]
     finally:
         k8s.allow(policy)
-    time.sleep(6)  # longer than the first back-off: a retry would have created the Job by now
+    # That no retry is scheduled is tests/unit/test_manage.py's; here: once the API server would take the
+    # Job, a reconcile of the job (a watch event: an annotation) still creates nothing.
+    k8s.cp.wait_for(lambda: not denied(), 15, "the admission policy lifted")
+    before = reconciles(operator)
+    k8s.custom.patch_namespaced_custom_object(GROUP, VERSION, k8s.ns, PLURAL, "invalid",
+                                              {"metadata": {"annotations": {"test.sft.dev/poke": "1"}}},
+                                              _content_type="application/merge-patch+json")
+    k8s.cp.wait_for(lambda: reconciles(operator) > before, 30, "a reconcile after the policy was lifted")
     assert gone(lambda: k8s.job("invalid")) and k8s.status("invalid")["phase"] == "Failed"
 
 

@@ -16,74 +16,10 @@ from sft_operator.core.render import RenderOptions
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.watch import child_event
 
+from .fakes import FakeKube, Operator
 from .helpers import manifest
 
 KEY = ("team-a", "demo")
-
-
-class FakeKube:
-    """Creates, reads and patches objects in memory like the API server (uids, 409 on a taken name)."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.patches: list[tuple[str, str, dict[str, Any]]] = []
-        self.writes: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-        self.gets: list[tuple[str, str]] = []
-        self.uids = itertools.count(1)
-
-    async def create(self, obj: dict[str, Any], **_: Any) -> dict[str, Any]:
-        meta = obj["metadata"]
-        where = (obj["kind"], meta.get("namespace", "team-a"), meta["name"])
-        if where in self.objects:
-            raise ApiError(409, "AlreadyExists", f"{obj['kind']} {meta['name']} already exists")
-        made = copy.deepcopy(obj)
-        made["metadata"].update(namespace=where[1], uid=f"{obj['kind'].lower()}-{next(self.uids)}", resourceVersion="1",
-                                creationTimestamp="2026-12-07T10:00:00Z")
-        self.objects[where] = made
-        return copy.deepcopy(made)
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        self.gets.append((kind, name))
-        if (kind, namespace, name) not in self.objects:
-            raise ApiError(404, "NotFound", f"{kind} {name} not found")
-        return copy.deepcopy(self.objects[(kind, namespace, name)])
-
-    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        self.patches.append((kind, name, patch))
-        obj = self.objects[(kind, namespace, name)]
-        obj.setdefault("spec", {}).update(patch.get("spec") or {})
-        for k, v in (patch.get("data") or {}).items():  # a merge patch: null removes the key
-            if v is None:
-                obj["data"].pop(k, None)
-            else:
-                obj["data"][k] = v
-        self.bump(obj)
-        return copy.deepcopy(obj)
-
-    def bump(self, obj: dict[str, Any]) -> None:
-        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-
-    def metadata_event(self, kind: str, name: str) -> dict[str, Any]:
-        """What a watch by metadata (PartialObjectMetadata) shows of an object."""
-        obj = self.objects[(kind, "team-a", name)]
-        return {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": copy.deepcopy(obj["metadata"])}
-
-    async def replace_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
-        self.writes.append(status)
-        return {"metadata": {"uid": uid, "resourceVersion": str(100 + len(self.writes))}, "status": status}
-
-    async def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        self.events.append((kind, reason, message))
-
-    async def events_of(self, namespace: str, kind: str, name: str, uid: str) -> list[dict[str, Any]]:
-        return []
-
-    def stalled_seconds(self) -> float:
-        return 0.0
-
-    async def close(self) -> None:
-        pass
 
 
 def sftjob() -> dict[str, Any]:
@@ -283,3 +219,201 @@ def test_a_config_map_watched_by_its_metadata_is_read_again_only_when_someone_el
             await ctx.scheduler.close()
 
     asyncio.run(main())
+
+
+# ---- on the fakes of tests/unit/fakes.py: a fake API server, a fake clock, timers that wait for the test ----
+
+
+def run_op(test, **settings: Any) -> Operator:
+    op = Operator(OperatorSettings(**settings))
+
+    async def main() -> None:
+        try:
+            await test(op)
+        finally:
+            await op.close()
+
+    asyncio.run(main())
+    return op
+
+
+def edited(doc: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """``doc`` after a spec edit: the next generation, as the API server stores it."""
+    doc = copy.deepcopy(doc)
+    doc["spec"].update(spec)
+    meta = doc["metadata"]
+    meta.update(generation=meta["generation"] + 1, resourceVersion=str(int(meta["resourceVersion"]) + 1))
+    return doc
+
+
+def children(kube: FakeKube) -> list[tuple[str, str]]:
+    return sorted((kind, name) for kind, _, name in kube.objects)
+
+
+def test_missing_children_are_created_once_and_a_deleted_one_again():
+    async def test(op):
+        op.cache.put("SFTJob", sftjob())
+        await op.reconciler.manage(KEY)
+        made = children(op.kube)
+        assert made == [("ConfigMap", "demo-config"), ("Job", "demo"), ("PersistentVolumeClaim", "demo-cache"),
+                        ("Service", "demo")]
+        for ours in op.kube.objects.values():
+            assert ours["metadata"]["ownerReferences"][0]["uid"] == "sftjob-uid"
+        creates = len(op.kube.creates)
+        await op.reconciler.manage(KEY)  # converged: the resync creates nothing
+        assert len(op.kube.creates) == creates
+
+        service = op.kube.objects.pop(("Service", "team-a", "demo"))  # someone deletes the Service
+        op.cache.drop("Service", service)
+        await op.reconciler.manage(KEY)
+        assert children(op.kube) == made and op.kube.creates[creates:] == [("Service", "demo")]
+
+    run_op(test)
+
+
+def test_after_a_crash_the_children_it_created_are_found_by_their_409_and_none_is_made_twice():
+    """A restart before the watches listed anything: every create answers 409; the objects are ours, so
+    they are taken as they are and the job goes on (no NameConflict, no second Job)."""
+    kube = FakeKube()
+
+    async def main() -> None:
+        first, after_crash = Operator(), Operator()
+        first.kube = first.reconciler.kube = first.writer.kube = kube
+        after_crash.kube = after_crash.reconciler.kube = after_crash.writer.kube = kube
+        try:
+            first.cache.put("SFTJob", sftjob())
+            await first.reconciler.manage(KEY)
+            made = children(kube)
+            after_crash.cache.put("SFTJob", sftjob())
+            await after_crash.reconciler.manage(KEY)
+            assert children(kube) == made
+            assert after_crash.cache.note(KEY).creation_error is None
+            assert after_crash.cache.job_of(KEY)["metadata"]["uid"] == kube.objects[("Job", "team-a", "demo")]["metadata"]["uid"]
+            assert after_crash.scheduler.delay(KEY, "manage") is None  # nothing to retry
+        finally:
+            await first.close()
+            await after_crash.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_create_says_why_and_is_retried_with_a_doubling_back_off_until_it_works():
+    async def test(op):
+        op.kube.fail("create", ApiError(500, "InternalError", "etcd leader changed"),
+                     ApiError(500, "InternalError", "etcd leader changed"), kind="Job")
+        op.cache.put("SFTJob", sftjob())
+        await op.reconciler.manage(KEY)
+        assert op.scheduler.delay(KEY, "manage") == 5.0
+        await op.scheduler.advance(0)  # the status says why at once
+        assert op.status(KEY)["reason"] == "CreateFailed" and "etcd leader changed" in str(op.status(KEY))
+        assert ("Job", "team-a", "demo") not in op.kube.objects
+
+        await op.scheduler.advance(4.9)
+        assert [c for c in op.kube.creates if c[0] == "Job"] == [("Job", "demo")]  # not before the back-off
+        await op.scheduler.advance(0.1)
+        assert [c for c in op.kube.creates if c[0] == "Job"] == [("Job", "demo")] * 2
+        assert op.scheduler.delay(KEY, "manage") == 10.0  # the second failure: twice as long
+
+        await op.scheduler.advance(10)
+        assert ("Job", "team-a", "demo") in op.kube.objects
+        assert op.cache.note(KEY).creation_error is None and op.scheduler.delay(KEY, "manage") is None
+        assert op.scheduler.failures == {}  # the next failure starts at 5 s again
+        await op.scheduler.advance(120)
+        assert op.status(KEY).get("reason") != "CreateFailed"
+
+    run_op(test)
+
+
+def test_a_child_the_api_server_calls_invalid_fails_the_job_with_its_message_and_is_never_retried():
+    """(Was a 6-second sleep in tests/integration/test_operator_faults.py.) A 422 is final: no retry
+    can make the object valid, so the Job is never created, however long one waits or resyncs."""
+    message = 'spec.template.spec.containers[0].resources.limits[memory]: Invalid value: "64Gii"'
+
+    async def test(op):
+        op.kube.fail("create", ApiError(422, "Invalid", message), kind="Job")
+        op.cache.put("SFTJob", sftjob())
+        await op.reconciler.manage(KEY)
+        await op.scheduler.advance(0)
+        status = op.status(KEY)
+        failed = [c for c in status["conditions"] if c["type"] == "Failed"][0]
+        assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec" and "64Gii" in failed["message"]
+        assert op.scheduler.delay(KEY, "manage") is None  # no retry scheduled
+
+        await op.scheduler.advance(600)  # far past every back-off
+        await op.reconciler.manage(KEY)  # and the periodic resync
+        assert ("Job", "team-a", "demo") not in op.kube.objects
+        assert [c for c in op.kube.creates if c[0] == "Job"] == [("Job", "demo")]  # the one refused try
+        assert op.status(KEY)["phase"] == "Failed"
+
+    run_op(test)
+
+
+def test_stopping_the_job_of_a_failed_sftjob_is_retried_with_back_off_until_it_works():
+    """(Was a 3-second sleep in tests/integration/test_operator_faults.py.) A refused suspend leaves the
+    Job running and is tried again after 5 s, then 10 s, until the API server takes it."""
+    async def test(op):
+        doc = sftjob()
+        op.cache.put("SFTJob", doc)
+        await op.reconciler.manage(KEY)
+        failed = copy.deepcopy(doc)
+        failed["metadata"]["resourceVersion"] = "2"
+        failed["status"] = {"phase": "Failed", "conditions": [{"type": "Failed", "status": "True", "reason": "ImagePullFailed",
+                                                               "message": "image cannot be pulled"}]}
+        op.cache.put("SFTJob", failed)
+        refused = ApiError(403, "Forbidden", "suspending Jobs is paused here")
+        op.kube.fail("patch", refused, refused, kind="Job")
+
+        def suspended() -> bool:
+            return bool(op.kube.objects[("Job", "team-a", "demo")]["spec"].get("suspend"))
+
+        await op.reconciler.manage(KEY)
+        assert not suspended() and op.scheduler.delay(KEY, "manage") == 5.0
+        await op.scheduler.advance(5)
+        assert not suspended() and op.scheduler.delay(KEY, "manage") == 10.0
+        await op.scheduler.advance(10)
+        assert suspended()
+        annotations = op.kube.objects[("Job", "team-a", "demo")]["metadata"]["annotations"]
+        assert "ImagePullFailed" in annotations.values()
+        assert op.scheduler.delay(KEY, "manage") is None
+        patches = len(op.kube.patches)
+        await op.reconciler.manage(KEY)  # converged: stopped once
+        assert len(op.kube.patches) == patches
+
+    run_op(test)
+
+
+def test_suspend_and_resume_patch_only_the_jobs_suspension():
+    async def test(op):
+        doc = edited(sftjob(), runPolicy={"suspend": True})
+        op.cache.put("SFTJob", doc)
+        await op.reconciler.manage(KEY)
+        job = op.kube.objects[("Job", "team-a", "demo")]
+        assert job["spec"]["suspend"] is True  # created suspended: no pod ever starts
+
+        doc = edited(doc, runPolicy={"suspend": False})
+        op.cache.put("SFTJob", doc)
+        await op.reconciler.manage(KEY)
+        assert job["spec"]["suspend"] is False
+        doc = edited(doc, runPolicy={"suspend": True})
+        op.cache.put("SFTJob", doc)
+        await op.reconciler.manage(KEY)
+        assert job["spec"]["suspend"] is True
+        assert [(kind, patch["spec"]) for kind, _, patch in op.kube.patches] == [
+            ("Job", {"suspend": False}), ("Job", {"suspend": True})]  # nothing but spec.suspend
+        assert [c[0] for c in op.kube.creates].count("Job") == 1
+
+    run_op(test)
+
+
+def test_a_name_taken_by_an_object_we_did_not_create_fails_the_job_and_is_never_retried():
+    async def test(op):
+        await op.kube.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "demo", "namespace": "team-a"}})
+        op.cache.put("SFTJob", sftjob())
+        await op.reconciler.manage(KEY)
+        await op.scheduler.advance(0)
+        assert op.status(KEY)["phase"] == "Failed" and op.status(KEY)["reason"] == "NameConflict"
+        assert op.scheduler.delay(KEY, "manage") is None
+        assert "ownerReferences" not in op.kube.objects[("Service", "team-a", "demo")]["metadata"]  # left alone
+        assert ("Job", "team-a", "demo") not in op.kube.objects
+
+    run_op(test)

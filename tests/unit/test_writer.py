@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 
-from sft_operator.runtime.context import Context
-from sft_operator.core.render import RenderOptions
-from sft_operator.runtime.settings import OperatorSettings
-from sft_operator.runtime import writer
-from sft_operator.runtime.writer import ProgressRefused
 from sft_contract.messages import ProgressReport
+from sft_operator.core.render import RenderOptions
+from sft_operator.runtime import writer
+from sft_operator.runtime.client import ApiError
+from sft_operator.runtime.context import Context
+from sft_operator.runtime.settings import OperatorSettings
+from sft_operator.runtime.writer import ProgressRefused
+
+from .fakes import Operator
 
 KEY = ("team-a", "demo")
 
@@ -436,3 +439,142 @@ def test_a_data_check_that_fails_the_job_stays_in_status_with_the_failure():
         assert final["data"] == DATA
 
     run(test)
+
+
+# ---- on the fakes of tests/unit/fakes.py: a fake clock; timers fire only when the test moves it ----
+
+
+def run_on_fakes(test, **settings: Any) -> Operator:
+    op = Operator(OperatorSettings(**{"status_window_seconds": 2.0, **settings}))
+    finished: list[tuple[str, str]] = []
+    op.writer.on_finished = finished.append  # the reconciler is not under test here
+
+    async def main() -> None:
+        op.cache.put("SFTJob", sftjob())
+        try:
+            await test(op)
+        finally:
+            await op.close()
+
+    asyncio.run(main())
+    return op
+
+
+def fresh_pod(op: Operator, phase: str = "Running", **status: Any) -> dict[str, Any]:
+    p = pod(phase)
+    p["metadata"]["creationTimestamp"] = op.clock.stamp()
+    p["status"].update(status)
+    return p
+
+
+def test_a_burst_within_the_window_is_one_write_at_the_windows_end():
+    async def test(op):
+        op.cache.put("Job", job(active=1))
+        op.writer.mark(KEY)
+        await op.scheduler.advance(1.0)
+        op.cache.put("Pod", pod())
+        op.writer.mark(KEY)  # a second change within the window: no second timer, no later write
+        assert op.scheduler.delay(KEY, "status") == 1.0
+        await op.scheduler.advance(0.9)
+        assert op.kube.writes == []
+        await op.scheduler.advance(0.1)
+        assert [w["phase"] for w in op.kube.writes] == ["Running"] and op.kube.write_times == [2.0]
+        op.writer.mark(KEY)  # nothing new: nothing written
+        await op.scheduler.advance(60)
+        assert len(op.kube.writes) == 1
+
+    run_on_fakes(test)
+
+
+@pytest.mark.parametrize("status", [409, 500, 503, 0], ids=["conflict", "server-error", "unavailable", "unreachable"])
+def test_a_status_write_that_fails_is_retried_with_a_doubling_back_off(status):
+    """A 409 on the status (the SFTJob changed under the write) and any error the API server may get
+    over: the write is tried again after 5 s, then 10 s, and lands."""
+    async def test(op):
+        error = ApiError(status, "Conflict" if status == 409 else "", "the object has been modified")
+        op.kube.fail("replace_status", error, error)
+        op.cache.put("Job", job(active=1))
+        op.cache.put("Pod", pod())
+        op.writer.mark(KEY)
+        await op.scheduler.advance(2.0)
+        assert op.kube.writes == [] and op.scheduler.delay(KEY, "status") == 5.0
+        await op.scheduler.advance(5.0)
+        assert op.kube.writes == [] and op.scheduler.delay(KEY, "status") == 10.0
+        await op.scheduler.advance(10.0)
+        assert [w["phase"] for w in op.kube.writes] == ["Running"] and op.kube.write_times == [17.0]
+        assert op.scheduler.failures == {}
+
+    run_on_fakes(test)
+
+
+@pytest.mark.parametrize("status", [422, 404], ids=["refused", "deleted"])
+def test_a_refused_status_write_is_not_retried_and_the_next_mark_writes(status):
+    """422: the uid precondition failed (the SFTJob was re-created) or the status broke the schema;
+    retrying the same write cannot help. 404: deleted meanwhile (the watch says so too)."""
+    async def test(op):
+        op.kube.fail("replace_status", ApiError(status, "Invalid", "status.phase: Unsupported value"))
+        op.cache.put("Job", job(active=1))
+        op.cache.put("Pod", pod())
+        op.writer.mark(KEY)
+        await op.scheduler.advance(2.0)
+        assert op.kube.writes == [] and op.scheduler.delay(KEY, "status") is None
+        await op.scheduler.advance(60)  # far past when a retry would come
+        assert op.kube.writes == [] and op.scheduler.failures == {}
+
+        op.writer.mark(KEY)  # the next resync or change: written as usual
+        await op.scheduler.advance(2.0)
+        assert [w["phase"] for w in op.kube.writes] == ["Running"]
+
+    run_on_fakes(test)
+
+
+def test_a_finished_job_is_handed_to_the_reconciler_once_its_final_status_is_written():
+    async def test(op):
+        op.cache.put("Job", job(conditions=[{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]))
+        op.writer.mark(KEY)
+        await op.scheduler.advance(2.0)
+        assert op.kube.writes[-1]["phase"] == "Failed"
+        assert op.writer.on_finished.__self__ == [KEY]  # the list the test gave: stop its Job, arm the TTL
+        assert [e[:2] for e in op.kube.events] == [("Warning", "Failed")]
+
+    run_on_fakes(test)
+
+
+def test_an_unschedulable_pod_stays_pending_with_the_schedulers_message_however_long_it_waits():
+    """(Was a 3-second sleep in tests/integration/test_operator_lifecycle.py.) A pod no node can take
+    is the queue's business, not a failed start: no start-grace period fails the job."""
+    message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+
+    async def test(op):
+        fresh = job(active=1)
+        fresh["metadata"]["creationTimestamp"] = op.clock.stamp()
+        op.cache.put("Job", fresh)
+        op.cache.put("Pod", fresh_pod(op, "Pending", conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+            containerStatuses=[]))
+        for _ in range(12):  # an hour, with a resync every five minutes
+            op.writer.mark(KEY)
+            await op.scheduler.advance(300)
+            status = op.status(KEY)
+            running = [c for c in status["conditions"] if c["type"] == "Running"][0]
+            failed = [c for c in status["conditions"] if c["type"] == "Failed"][0]
+            assert status["phase"] == "Pending" and status["reason"] == "Unschedulable"
+            assert running["reason"] == "Unschedulable" and "nvidia.com/gpu" in running["message"]
+            assert failed["status"] == "False"
+
+    run_on_fakes(test, pod_start_grace_seconds=60)
+
+
+def test_progress_reports_are_written_at_most_once_per_interval_and_the_newest_lands():
+    async def test(op):
+        op.cache.put("Job", job(active=1))
+        op.cache.put("Pod", pod())
+        for step in range(1, 61):  # one report every 0.1 s for 6 s
+            op.writer.offer("team-a", "demo", "u-1", report(step))
+            await op.scheduler.advance(0.1)
+        await op.scheduler.advance(5.0)
+        times = [t for t, w in zip(op.kube.write_times, op.kube.writes) if "progress" in w]
+        assert len(times) >= 2 and all(b - a >= 2.0 for a, b in zip(times, times[1:])), times
+        assert op.kube.writes[-1]["progress"]["step"] == 60
+
+    run_on_fakes(test, progress_min_interval_seconds=2.0, status_window_seconds=0.5)
