@@ -544,6 +544,22 @@ def test_with_progress_maps_a_report_onto_status_keeping_earlier_metrics():
     SFTJobStatus.model_validate(second)  # fits the CRD's schema
 
 
+def test_every_run_metric_a_trainer_sends_shows_in_status_metrics():
+    """RunMetrics is the one list: each metric of a progress report or of the result lands in status.metrics under
+    the same camelCase name, and status.metrics takes exactly those (the CRD's schema)."""
+    from sft_contract.messages import ProgressReport, RunMetrics, TrainerResult
+    from sft_operator.api.types import SFTJobStatus
+
+    values = {info.alias: (i + 1) / 10 for i, info in enumerate(RunMetrics.model_fields.values())}
+    assert set(values) == {"trainLoss", "evalLoss", "bestEvalLoss", "learningRate", "tokensPerSecond",
+                           "generalLossBefore", "generalLossAfter"}
+    report = ProgressReport.model_validate({"step": 1, "totalSteps": 2, "epoch": 0.5, **values})
+    assert st.with_progress({"phase": "Running"}, report)["metrics"] == values
+    finished = st.with_result({"phase": "Succeeded"}, TrainerResult.model_validate({"outputModel": "pvc://m/o", **values}))
+    assert finished["metrics"] == values
+    SFTJobStatus.model_validate(finished)
+
+
 # ---- transition: what follows a change ----------------------------------------------------------
 
 
@@ -555,7 +571,7 @@ def test_transition_posts_events_only_for_what_a_person_acts_on():
     done = st.derive_status(sftjob(status=running), job([jcond("Complete")], completionTime=T1),
                             [pod(phase="Succeeded", state=terminated(0, "Completed"))], NOW)
     effects = st.transition(running, done)
-    assert effects.events == () and effects.finished[:2] == ("Succeeded", "Completed")
+    assert effects.events == () and (effects.finished.result, effects.finished.reason) == ("Succeeded", "Completed")
     failed = st.derive_status(sftjob(status=running), job([jcond("Failed", "BackoffLimitExceeded")], failed=1),
                               [pod(phase="Failed", state=terminated(137, "OOMKilled"))], NOW)
     effects = st.transition(running, failed)
