@@ -4,8 +4,8 @@ The trainer owns this schema; the operator's ``SFTJobSpec`` embeds it and the CR
 is generated from it, so the API server, ``sftctl validate`` and the trainer reject the same input.
 Imports nothing heavier than pydantic (the operator imports this module).
 
-Cross-field rules live twice, side by side: as a pydantic validator (offline, trainer) and as a
-CEL rule in ``x-kubernetes-validations`` (API server). Keep each pair in step.
+Cross-field rules are written once, as CEL in ``x-kubernetes-validations`` on the model they belong to:
+the API server evaluates them from the CRD, ``sftctl validate`` and the trainer through ``sft_contract.cel``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from . import references
@@ -187,26 +187,6 @@ class DatasetSpec(ApiModel):
         description="Pack rows into full sequences with per-row attention isolation (position ids reset).",
     )
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_has_instruction(cls, v: str) -> str:
-        if "{instruction}" not in v:
-            raise ValueError("must contain {instruction}")
-        return v
-
-    @field_validator("prompt_template_with_input")
-    @classmethod
-    def _template_has_instruction_and_input(cls, v: str) -> str:
-        if "{instruction}" not in v or "{input}" not in v:
-            raise ValueError("must contain {instruction} and {input}")
-        return v
-
-    @model_validator(mode="after")
-    def _one_validation_source(self) -> DatasetSpec:
-        if self.validation is not None and (self.validation_split or 0) > 0:
-            raise ValueError("validationSplit: set either validation or validationSplit, not both")
-        return self
-
     @property
     def effective_validation_split(self) -> float:
         if self.validation is not None:
@@ -348,12 +328,6 @@ class Gate(ApiModel):
         "Mark: the job succeeds with the EvaluationPassed condition False.",
     )
 
-    @model_validator(mode="after")
-    def _has_a_bound(self) -> Gate:
-        if self.threshold is None and self.min_change is None:
-            raise ValueError("threshold: a gate needs threshold or minChange (or both)")
-        return self
-
     @property
     def better(self) -> str:
         if self.direction is not None:
@@ -402,19 +376,6 @@ class EvaluationSpec(ApiModel):
         default=None, description="Held-out prompts for the exactMatch and contains gates (JSONL of prompt, expected)."
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> EvaluationSpec:
-        if self.strategy == EvalStrategy.steps and self.steps is None:
-            raise ValueError("steps: required when strategy is steps")
-        if self.strategy == EvalStrategy.no and self.early_stopping is not None:
-            raise ValueError("earlyStopping: needs an evaluation strategy other than no")
-        metrics = [g.metric for g in self.gates]
-        for i, m in enumerate(metrics):
-            if m in metrics[:i]:
-                raise ValueError(f"gates.{i}.metric: {m} has a gate already (one gate per metric)")
-        if self.prompts is None and GENERATION_METRICS & set(metrics):
-            raise ValueError("prompts: a generation gate (exactMatch, contains) needs prompts")
-        return self
 
 
 class CheckpointStrategy(str, Enum):
@@ -433,12 +394,6 @@ class CheckpointingSpec(ApiModel):
     steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Save every N steps (strategy steps).")
     keep: int = Field(default=2, ge=1, le=100, description="Checkpoints kept (plus the best one).")
     resume: bool = Field(default=True, description="Resume from the newest complete checkpoint after a restart.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> CheckpointingSpec:
-        if self.strategy == CheckpointStrategy.steps and self.steps is None:
-            raise ValueError("steps: required when strategy is steps")
-        return self
 
 
 class OutputSpec(ApiModel):
@@ -476,12 +431,6 @@ class DistributedSpec(ApiModel):
         description="FSDP: keep the sharded parameters, gradients and optimizer states in CPU memory and move "
         "each layer to the GPU only while it runs (slower; for models that do not fit even sharded).",
     )
-
-    @model_validator(mode="after")
-    def _offload_needs_fsdp(self) -> DistributedSpec:
-        if self.cpu_offload and self.strategy == DistributedStrategy.ddp:
-            raise ValueError("cpuOffload: needs strategy fsdp or auto")
-        return self
 
 
 # ---- where data comes from and where models go: object storage, the fetch cache, tracking (docs/storage.md)
@@ -556,14 +505,6 @@ class CacheSpec(ApiModel):
         default=None, description="StorageClass of the created claim (default: the cluster's default)."
     )
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> CacheSpec:
-        if self.claim_name is not None and self.size is not None:
-            raise ValueError("size: set claimName or size, not both")
-        if self.storage_class_name is not None and self.size is None:
-            raise ValueError("storageClassName: needs size")
-        return self
-
 
 class StorageSpec(ApiModel):
     """Object storage and the fetch cache."""
@@ -618,43 +559,7 @@ def cluster_problems(spec: TrainingSpec) -> list[tuple[str, str]]:
     )]
 
 
-class TrainingSpec(ApiModel):
-    """Everything the trainer needs: immutable once an SFTJob is created."""
-
-    model: ModelSpec
-    dataset: DatasetSpec
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    freeze_layers: int = Field(
-        default=0, ge=0, le=1000, description="Freeze the first N transformer layers (against forgetting)."
-    )
-    freeze_embeddings: bool = Field(default=False, description="Also freeze the token embeddings.")
-    peft: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
-    output: OutputSpec
-    storage: StorageSpec | None = Field(default=None, description="Object storage settings and the fetch cache.")
-    tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
-
-    @model_validator(mode="after")
-    def _early_stopping_needs_validation(self) -> TrainingSpec:
-        if self.evaluation.early_stopping is not None and not self.dataset.has_validation:
-            raise ValueError("evaluation.earlyStopping: needs validation data (dataset.validation or validationSplit > 0)")
-        if self.evaluation.strategy != EvalStrategy.no and not self.dataset.has_validation:
-            raise ValueError("evaluation.strategy: needs validation data; set it to no or add validation data")
-        for i, gate in enumerate(self.evaluation.gates):
-            if gate.metric in VALIDATION_METRICS and not self.dataset.has_validation:
-                raise ValueError(f"evaluation.gates.{i}: {gate.metric} needs validation data (dataset.validation or "
-                                 "validationSplit > 0)")
-            if gate.metric == GateMetric.forgetting_delta and not (self.dataset.general and self.dataset.general.held_out_rows):
-                raise ValueError(f"evaluation.gates.{i}: forgettingDelta needs dataset.general with heldOutRows > 0")
-        return self
-
-
-# The spec's training fields (snake_case); everything else in an SFTJob spec is the cluster's business.
-TRAINING_FIELDS = tuple(TrainingSpec.model_fields)
-
-# Mirrors of TrainingSpec's cross-object validators, placed on the enclosing spec in the CRD.
+# Rules across TrainingSpec's parts, on the spec itself (the CRD's spec object).
 TRAINING_SPEC_CEL = [
     cel(
         "!has(self.evaluation) || !has(self.evaluation.earlyStopping) || has(self.dataset.validation) || "
@@ -683,3 +588,28 @@ TRAINING_SPEC_CEL = [
         ".evaluation.gates",
     ),
 ]
+
+
+class TrainingSpec(ApiModel):
+    """Everything the trainer needs: immutable once an SFTJob is created."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(*TRAINING_SPEC_CEL))
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    freeze_layers: int = Field(
+        default=0, ge=0, le=1000, description="Freeze the first N transformer layers (against forgetting)."
+    )
+    freeze_embeddings: bool = Field(default=False, description="Also freeze the token embeddings.")
+    peft: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
+    output: OutputSpec
+    storage: StorageSpec | None = Field(default=None, description="Object storage settings and the fetch cache.")
+    tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+
+
+# The spec's training fields (snake_case); everything else in an SFTJob spec is the cluster's business.
+TRAINING_FIELDS = tuple(TrainingSpec.model_fields)

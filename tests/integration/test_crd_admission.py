@@ -5,6 +5,8 @@ the pods our renderer produces."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 import uuid
 from pathlib import Path
 
@@ -13,12 +15,27 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from sft_operator.api.crd import crd_manifest
+from sft_operator.core.validation import problems_in
+
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "sft.dev", "v1alpha1", "sftjobs"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 INVALID = sorted((ROOT / "tests" / "invalid").glob("*.yaml"))
+
+
+def _rule_messages(node) -> set[str]:
+    if isinstance(node, list):
+        return set().union(*map(_rule_messages, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    own = {r["message"] for r in node.get("x-kubernetes-validations", [])}
+    return own.union(*map(_rule_messages, node.values()))
+
+
+RULE_MESSAGES = _rule_messages(crd_manifest())
 
 
 def load(path: Path) -> dict:
@@ -79,6 +96,14 @@ def test_invalid_manifest_is_rejected_naming_the_field(sftjobs, crd_namespace, p
     assert err.value.status in (400, 422), err.value.body
     last_segment = field.rsplit(".", 1)[-1]
     assert last_segment in err.value.body, f"{path.name}: rejection doesn't name {field!r}: {err.value.body}"
+    # sftctl validate evaluates the CRD's CEL rules offline: where it reports a rule's message, the API server
+    # reports the same message at the same field.
+    said = json.loads(err.value.body)["message"]
+    for problem in problems_in(load(path)):
+        if problem.message in RULE_MESSAGES:
+            where = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", problem.path)
+            assert f"{where}: Invalid value" in said and problem.message in said, (
+                f"{path.name}: sftctl says {problem}; the API server: {said}")
 
 
 @pytest.fixture

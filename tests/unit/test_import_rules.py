@@ -1,6 +1,6 @@
 """The layers, as the imports show them (docs/architecture.md).
 
-- ``sft_contract`` is at the bottom: the standard library and pydantic only.
+- ``sft_contract`` is at the bottom: the standard library, pydantic and the CEL library only.
 - ``sft_operator.api`` imports only the contract; ``sft_operator.core`` only ``api`` and the contract.
 - ``sft_operator.runtime`` and ``sft_operator.cli`` sit on top; nothing below imports them.
 - Nothing in ``sft_operator`` imports ``sft_trainer``; the trainer never imports the operator.

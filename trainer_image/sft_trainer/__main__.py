@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sft_contract import cel
 from sft_contract.exit_codes import DEFAULT_TERMINATION_LOG, ExitCode
 from sft_contract.spec import TRAINING_FIELDS, TrainingSpec
 
@@ -56,13 +57,20 @@ def _camel(name: str) -> str:
 
 
 def parse_spec(doc: dict[str, Any], where: str = "config") -> TrainingSpec:
+    """The schema (pydantic), then the CRD's CEL rules on the same fields (sft_contract.cel)."""
+    part = training_part(doc)
     try:
-        return TrainingSpec.model_validate(training_part(doc))
+        spec = TrainingSpec.model_validate(part)
     except ValidationError as e:
         errors = "; ".join(
             f"{'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()[:5]
         )
         raise ConfigError(f"{where}: invalid training spec: {errors}") from None
+    broken = cel.problems(TrainingSpec, part)
+    if broken:
+        errors = "; ".join(f"{path or '(root)'}: {message}" for path, message in broken[:5])
+        raise ConfigError(f"{where}: invalid training spec: {errors}")
+    return spec
 
 
 def load_config(path: str) -> TrainingSpec:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, create_model, field_validator, model_validator
 
+from sft_contract.cel import own_rules
 from sft_contract.messages import DataSummary, EvaluationResult, RunMetrics
 from sft_contract.references import IMAGE_RULES
 from sft_contract.spec import (
@@ -99,13 +100,8 @@ class Toleration(ApiModel):
 
     @model_validator(mode="after")
     def _as_the_api_server_checks(self) -> Toleration:
-        if not self.key and self.operator != "Exists":
-            raise ValueError("operator: a toleration without a key must use operator Exists")
-        if self.operator == "Exists" and self.value:
-            raise ValueError("value: operator Exists takes no value")
-        if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("tolerationSeconds: needs effect NoExecute")
-        return self
+        # Tolerations also come from the operator's --trainer-defaults, outside any manifest.
+        return own_rules(self)
 
 
 class Scheduling(ApiModel):

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sft_contract import cel
 from sft_operator.api.types import SFTJob
 
 
@@ -35,13 +36,25 @@ def _problem(error: dict[str, Any]) -> Problem:
 
 
 def problems_in(document: Any) -> list[Problem]:
+    """The schema's problems (pydantic: types, bounds, patterns), then the CRD's CEL rules, as the API server
+    reports both. A rule at a field that already has a problem adds nothing."""
     if not isinstance(document, dict):
         return [Problem("<root>", "expected a mapping (an SFTJob manifest)")]
     try:
         SFTJob.model_validate(document)
+        found: list[Problem] = []
     except ValidationError as err:
-        return [_problem(e) for e in err.errors(include_url=False)]
-    return []
+        found = [_problem(e) for e in err.errors(include_url=False)]
+    try:
+        broken = cel.problems(SFTJob, document)
+    except cel.RuleError:
+        if found:  # a value of the wrong type, already reported
+            return found
+        raise
+    for path, message in broken:
+        if not any(p.path == path or p.path.startswith(path + ".") for p in found):
+            found.append(Problem(path, message))
+    return found
 
 
 def load_documents(path: Path) -> list[Any]:
