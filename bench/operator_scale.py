@@ -77,7 +77,7 @@ import aiohttp
 import psutil
 import yaml
 import sft_devcluster as devcluster
-from sft_devcluster.cluster import kwok_claim
+from sft_devcluster.kwok import kwok_claim
 from sft_devcluster.operator_process import OperatorProcess
 from sft_operator.api import GROUP, PLURAL, VERSION
 from sft_operator.core.decisions import prepare_job

@@ -71,7 +71,7 @@ def pod_round_trips(info, count: int) -> list[float]:
             break
         except client.ApiException:
             time.sleep(0.2)
-    image = realnode.archive_reference(devcluster.cluster.node_cache_dir() / "images" / "busybox.tar")
+    image = realnode.archive_reference(devcluster.state.node_cache_dir() / "images" / "busybox.tar")
     durations = []
     for i in range(count):
         name = f"hello-{i}"
@@ -104,7 +104,7 @@ def sftjob_round_trips(info, count: int) -> list[tuple[float, float]]:
     from sft_trainer import tiny
 
     kubectl = [str(Path(info.bin_dir) / "kubectl"), f"--kubeconfig={info.kubeconfig}"]
-    tiny.generate(devcluster.cluster.volume_path(Path(info.state_dir), "default", "datasets") / "tiny")
+    tiny.generate(devcluster.node_objects.volume_path(Path(info.state_dir), "default", "datasets") / "tiny")
     subprocess.run(kubectl + ["create", "namespace", "sft-system"], check=True, capture_output=True)
     subprocess.run(kubectl + ["label", "namespace", "sft-system", "pod-security.kubernetes.io/enforce=restricted"],
                    check=True, capture_output=True)

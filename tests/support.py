@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft_devcluster.cluster import free_port
+from sft_devcluster.processes import free_port
 from sft_devcluster.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]

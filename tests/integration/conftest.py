@@ -113,7 +113,7 @@ def pytest_collection_modifyitems(session, config, items):
         builds.append(("node", "real node", "node-bin", devcluster.ensure_node_binaries))
     for key, what, script, build in builds:
         if reporter:
-            log = devcluster.cluster.cache_dir() / f"{script}.log"
+            log = devcluster.state.cache_dir() / f"{script}.log"
             reporter.write_line(f"{what} binaries: scripts/{script}.sh (log {log})")
         try:
             _binaries[key] = str(build())

@@ -185,7 +185,7 @@ def test_etcd_and_api_server_restarts_keep_every_object_and_the_api_answers_agai
     core = client.CoreV1Api(api)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "kept"}, "data": {"step": "42"}})
     for name, kill in (("etcd", False), ("kube-apiserver", False), ("etcd", True), ("kube-apiserver", True)):
-        before = devcluster.cluster.running_components(control_plane.state_dir)[name]
+        before = devcluster.state.running_components(control_plane.state_dir)[name]
         started = devcluster.restart_component(control_plane.state_dir, name, kill=kill)
         assert started.pid != before and not started.not_checked
         # The API server's etcd client reconnects on its own: poll until it answers.
@@ -229,7 +229,7 @@ def _processes_with(token: str) -> list[int]:
 def test_pods_keep_running_while_the_kubelet_and_containerd_are_down_and_the_node_comes_back(
         real_node, node_namespace):
     core = client.CoreV1Api(real_node.api)
-    busybox = realnode.archive_reference(devcluster.cluster.node_cache_dir() / "images" / "busybox.tar")
+    busybox = realnode.archive_reference(devcluster.state.node_cache_dir() / "images" / "busybox.tar")
     token = f"survivor-{uuid.uuid4().hex[:8]}"
     script = f"i=0; while true; do i=$((i+1)); echo $i; sleep 1; done # {token}"
     core.create_namespaced_pod(node_namespace, {
@@ -250,7 +250,7 @@ def test_pods_keep_running_while_the_kubelet_and_containerd_are_down_and_the_nod
     state = real_node.state_dir
     devcluster.stop_component(state, "kubelet", kill=True)  # a crash
     devcluster.stop_component(state, "containerd")
-    assert {"kubelet", "containerd"}.isdisjoint(devcluster.cluster.running_components(state))
+    assert {"kubelet", "containerd"}.isdisjoint(devcluster.state.running_components(state))
     assert _processes_with(token) == [pid]  # the container outlives both
 
     assert devcluster.start_component(state, "containerd").not_checked == ()

@@ -193,11 +193,11 @@ def test_operator_runs_on_the_real_node_as_non_root_on_a_read_only_root(installe
 def test_the_node_keeps_each_image_once(installed, images):
     """Imported images are kept as unpacked snapshots only: the trainer's 6 GiB of layers are not
     also stored as blobs in containerd's content store (disk is what a dev machine runs out of)."""
-    ctr = [str(devcluster.cluster.node_cache_dir() / "bin" / "ctr"), f"--address={realnode.RUN_DIR}/containerd.sock",
+    ctr = [str(devcluster.state.node_cache_dir() / "bin" / "ctr"), f"--address={realnode.RUN_DIR}/containerd.sock",
            "--namespace=k8s.io"]
     listed = subprocess.run(ctr + ["images", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split()
     assert {images["operator"].ref, images["trainer"].ref} <= set(listed)
-    blobs = devcluster.cluster.node_cache_dir() / "containerd" / "io.containerd.content.v1.content" / "blobs"
+    blobs = devcluster.state.node_cache_dir() / "containerd" / "io.containerd.content.v1.content" / "blobs"
 
     def blob_bytes() -> int:
         return sum(f.stat().st_size for f in blobs.rglob("*") if f.is_file())

@@ -37,7 +37,7 @@ def mlflow(real_node, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts(installed) -> str:
     """Held-out prompts of the tiny tasks on the `datasets` claim."""
-    folder = devcluster.cluster.volume_path(installed.cluster.state_dir, installed.work, "datasets") / "gate"
+    folder = devcluster.node_objects.volume_path(installed.cluster.state_dir, installed.work, "datasets") / "gate"
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(11)
     rows = []

@@ -30,7 +30,7 @@ WGET = "timeout 10 wget -q -O -"
 @pytest.fixture(scope="module")
 def busybox() -> str:
     """The tests' image (scripts/node-bin.sh), imported into the node by `up`."""
-    return realnode.archive_reference(devcluster.cluster.node_cache_dir() / "images" / "busybox.tar")
+    return realnode.archive_reference(devcluster.state.node_cache_dir() / "images" / "busybox.tar")
 
 
 def pod(name: str, image: str, script: str, container: dict | None = None, **spec) -> dict:
@@ -255,10 +255,10 @@ def test_gpu_pod_schedules_on_the_real_node_and_runs_on_its_cpu(real_node, node_
 def test_claims_on_local_volumes_are_writable_by_restricted_pods_and_land_on_the_host(
         real_node, node_namespace, busybox):
     core = client.CoreV1Api(real_node.api)
-    for claim in devcluster.cluster.DEFAULT_CLAIMS:  # what examples/*.yaml name, made by `up`
-        got = core.read_namespaced_persistent_volume_claim(claim, devcluster.cluster.VOLUMES_NAMESPACE)
+    for claim in devcluster.node_objects.DEFAULT_CLAIMS:  # what examples/*.yaml name, made by `up`
+        got = core.read_namespaced_persistent_volume_claim(claim, devcluster.node_objects.VOLUMES_NAMESPACE)
         assert got.spec.storage_class_name == "sft-local"
-    folder = devcluster.cluster.create_volume(real_node.api, real_node.state_dir, node_namespace, "models")
+    folder = devcluster.node_objects.create_volume(real_node.api, real_node.state_dir, node_namespace, "models")
     (folder / "seeded.txt").write_text("from the host\n")
     body = pod("writer", busybox, "cat /models/seeded.txt && echo from-the-pod > /models/out.txt && id -G",
                container={"volumeMounts": [{"name": "models", "mountPath": "/models"}]},

@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sft_devcluster.cluster import KWOK_NODE_ANNOTATION, kwok_node
+from sft_devcluster.kwok import KWOK_NODE_ANNOTATION, kwok_node
 
 from sft_operator.runtime.client import kubeconfig_credentials
 from sft_operator.core.render import LABEL_JOB

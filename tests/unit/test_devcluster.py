@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sft_devcluster import cluster, kueue, processes
+from sft_devcluster import cluster, control_plane, kueue, kwok, processes, state
 from sft_devcluster import node as realnode
 from sft_devcluster.pki import Pki
 from sft_devcluster.processes import DevClusterError
@@ -19,7 +19,7 @@ from sft_devcluster.processes import DevClusterError
 
 def test_component_commands_wire_tokens_rbac_and_kwok(tmp_path):
     ports = dict.fromkeys(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"), 1)
-    cmds = cluster.component_commands(Path("/bin"), tmp_path, Pki(tmp_path / "pki"), ports)
+    cmds = control_plane.component_commands(Path("/bin"), tmp_path, Pki(tmp_path / "pki"), ports)
     api = " ".join(cmds["kube-apiserver"])
     assert "--authorization-mode=Node,RBAC" in api and "--service-account-signing-key-file" in api
     kcm = " ".join(cmds["kube-controller-manager"])
@@ -28,13 +28,13 @@ def test_component_commands_wire_tokens_rbac_and_kwok(tmp_path):
 
 
 def test_kwok_nodes_have_eight_gpus_and_are_selected_by_annotation():
-    node = cluster.kwok_node("kwok-gpu-0")
+    node = kwok.kwok_node("kwok-gpu-0")
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
 
 
 def test_kwok_stages_include_the_failure_stages_tests_rely_on():
-    names = {d["metadata"]["name"] for d in yaml.safe_load_all(cluster.KWOK_STAGES.read_text())}
+    names = {d["metadata"]["name"] for d in yaml.safe_load_all(kwok.KWOK_STAGES.read_text())}
     assert {"node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete",
             "sft-pod-exit-code", "sft-pod-oomkill", "pvc-provision"} <= names
 
@@ -50,10 +50,10 @@ def test_load_crds_falls_back_to_the_generated_crd(tmp_path):
 # ---------------------------------------------------------------- stop|start|restart COMPONENT
 
 
-def _cluster(state_dir: Path, real_node: bool = False, **fields) -> cluster.ClusterInfo:
+def _cluster(state_dir: Path, real_node: bool = False, **fields) -> state.ClusterInfo:
     names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "kubelet",
              "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics", "coredns-health", "coredns-ready")
-    info = cluster.ClusterInfo(str(state_dir), str(state_dir / "admin.kubeconfig"), "https://127.0.0.1:1",
+    info = state.ClusterInfo(str(state_dir), str(state_dir / "admin.kubeconfig"), "https://127.0.0.1:1",
                                "/k8s/bin", {name: 2000 + i for i, name in enumerate(names)},
                                real_node=real_node, **fields)
     (state_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -70,19 +70,19 @@ def _dead_pid() -> int:
 
 def test_every_component_of_a_cluster_has_a_command_and_a_health_check(tmp_path):
     info = _cluster(tmp_path, real_node=True, node_cache="/cache/node", kueue="/cache/kueue-v0.17.0")
-    assert set(cluster.cluster_commands(info)) == set(info.components) == set(cluster.COMPONENTS)
+    assert set(control_plane.cluster_commands(info)) == set(info.components) == set(control_plane.COMPONENTS)
     assert info.components[0] == "kueue"  # stopped first: it calls the API server and the node runs its pods
-    assert set(cluster.HEALTH_CHECKS) == set(cluster.COMPONENTS)
+    assert set(control_plane.HEALTH_CHECKS) == set(control_plane.COMPONENTS)
     kwok_only = _cluster(tmp_path / "kwok-only")
-    assert set(cluster.cluster_commands(kwok_only)) == set(kwok_only.components) == set(cluster.CONTROL_PLANE)
+    assert set(control_plane.cluster_commands(kwok_only)) == set(kwok_only.components) == set(state.CONTROL_PLANE)
 
 
 def test_start_rebuilds_the_command_lines_of_up_from_cluster_json_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache-when-up-ran"))
-    at_up = cluster.cluster_commands(_cluster(tmp_path, real_node=True, profiling=True,
-                                              node_cache=str(cluster.node_cache_dir())))
+    at_up = control_plane.cluster_commands(_cluster(tmp_path, real_node=True, profiling=True,
+                                              node_cache=str(state.node_cache_dir())))
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "another-shell"))  # start runs elsewhere
-    assert cluster.cluster_commands(cluster.ClusterInfo.load(tmp_path)) == at_up
+    assert control_plane.cluster_commands(state.ClusterInfo.load(tmp_path)) == at_up
     assert "--profiling=true" in at_up["kube-apiserver"]
     assert at_up["containerd"][0] == str(tmp_path / "cache-when-up-ran" / "node" / "bin" / "containerd")
 
@@ -98,12 +98,12 @@ def test_start_launches_the_command_up_launched_and_waits_for_its_health(tmp_pat
 
     checked = []
     monkeypatch.setattr(cluster, "start", fake_start)
-    monkeypatch.setitem(cluster.HEALTH_CHECKS, "etcd", lambda info, since: checked.append(since) or True)
+    monkeypatch.setitem(control_plane.HEALTH_CHECKS, "etcd", lambda info, since: checked.append(since) or True)
     started = cluster.start_component(tmp_path, "etcd")
-    assert launched == [("etcd", cluster.cluster_commands(info)["etcd"])]
+    assert launched == [("etcd", control_plane.cluster_commands(info)["etcd"])]
     assert "--data-dir=" + str(tmp_path / "etcd") in launched[0][1]  # the data of the etcd that stopped
     assert started.pid == 4242 and started.not_checked == () and checked
-    assert cluster.ClusterInfo.load(tmp_path).pids["etcd"] == 4242
+    assert state.ClusterInfo.load(tmp_path).pids["etcd"] == 4242
 
 
 def test_start_does_not_wait_for_a_health_check_a_stopped_component_blocks(tmp_path, monkeypatch):
@@ -123,7 +123,7 @@ def test_stop_ends_only_the_components_own_process_and_start_knows_it_stopped(tm
         assert cluster.stop_component(tmp_path, "kwok") == proc.pid
         proc.wait(5)
         assert processes.alive(child)
-        assert cluster.running_components(tmp_path) == {}
+        assert state.running_components(tmp_path) == {}
         assert cluster.status(tmp_path)["components"]["kwok"] is None
         assert cluster.stop_component(tmp_path, "kwok") is None  # already stopped: nothing to do
     finally:

@@ -9,7 +9,7 @@ import tarfile
 import tomllib
 from pathlib import Path
 
-from sft_devcluster import cluster
+from sft_devcluster import control_plane, kwok, node_objects
 from sft_devcluster import node as realnode
 from sft_devcluster.images import archive_images, normalize
 from sft_devcluster.oci import image_blobs, rootfs_layer, write_archive
@@ -85,11 +85,11 @@ def test_gpus_are_advertised_with_a_json_patch_of_node_status():
 
 def test_api_server_listens_on_the_node_ip_with_a_real_node_and_on_loopback_without(tmp_path):
     ports = dict.fromkeys(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"), 1)
-    with_node = " ".join(cluster.component_commands(Path("/bin"), tmp_path, Pki(tmp_path), ports, real_node=True)
+    with_node = " ".join(control_plane.component_commands(Path("/bin"), tmp_path, Pki(tmp_path), ports, real_node=True)
                          ["kube-apiserver"])
     assert f"--bind-address={realnode.NODE_IP}" in with_node and f"--advertise-address={realnode.NODE_IP}" in with_node
     assert "--endpoint-reconciler-type=lease" in with_node and "--kubelet-client-certificate=" in with_node
-    without = " ".join(cluster.component_commands(Path("/bin"), tmp_path, Pki(tmp_path), ports)["kube-apiserver"])
+    without = " ".join(control_plane.component_commands(Path("/bin"), tmp_path, Pki(tmp_path), ports)["kube-apiserver"])
     assert "--bind-address=127.0.0.1" in without and "--endpoint-reconciler-type=none" in without
     assert "NodeRestriction" in with_node
 
@@ -101,32 +101,32 @@ def test_kubelet_command_names_the_node_and_labels_it():
 
 
 def test_kwok_nodes_are_tainted_only_next_to_a_real_node():
-    assert "taints" not in cluster.kwok_node("kwok-gpu-0")["spec"]
-    assert cluster.kwok_node("kwok-gpu-0", tainted=True)["spec"]["taints"] == [cluster.KWOK_TAINT]
+    assert "taints" not in kwok.kwok_node("kwok-gpu-0")["spec"]
+    assert kwok.kwok_node("kwok-gpu-0", tainted=True)["spec"]["taints"] == [kwok.KWOK_TAINT]
 
 
 def test_local_volumes_are_pre_bound_to_their_claim_on_the_real_node():
-    pv, pvc = cluster.local_volume(Path("/state"), "team-a", "models")
+    pv, pvc = node_objects.local_volume(Path("/state"), "team-a", "models")
     assert pv["spec"]["local"]["path"] == "/state/volumes/team-a/models"
     assert pv["spec"]["claimRef"] == {"namespace": "team-a", "name": "models"}
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
     term = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
     assert term["values"] == [realnode.NODE_NAME]
-    assert cluster.LOCAL_STORAGE_CLASS["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
+    assert node_objects.LOCAL_STORAGE_CLASS["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
     # one node: every pod of a multi-node job mounts it there, so several may write it
     assert pv["spec"]["accessModes"] == pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_spare_volumes_are_unclaimed_so_any_claim_of_the_default_class_binds_to_one():
-    pv = cluster.spare_volume(Path("/state"), 3)
+    pv = node_objects.spare_volume(Path("/state"), 3)
     assert "claimRef" not in pv["spec"] and pv["spec"]["local"]["path"] == "/state/spare-volumes/3"
-    assert pv["spec"]["storageClassName"] == cluster.LOCAL_STORAGE_CLASS["metadata"]["name"]
+    assert pv["spec"]["storageClassName"] == node_objects.LOCAL_STORAGE_CLASS["metadata"]["name"]
     assert {"ReadWriteOnce", "ReadWriteMany"} <= set(pv["spec"]["accessModes"])  # a cache for one node or several
     assert pv["spec"]["capacity"]["storage"] == "100Gi"  # the operator's default cache (50Gi) fits
 
 
 def test_node_rbac_lets_the_api_server_reach_the_kubelet_and_coredns_watch():
-    objs = {(o["kind"], o["metadata"]["name"]): o for o in cluster.node_rbac()}
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in node_objects.node_rbac()}
     assert objs["ClusterRoleBinding", "sft-dev:apiserver-kubelet-client"]["roleRef"]["name"] == "system:kubelet-api-admin"
     assert objs["ClusterRoleBinding", "sft-dev:coredns"]["subjects"][0]["name"] == "sft-dev:coredns"
     rules = objs["ClusterRole", "sft-dev:coredns"]["rules"]

@@ -91,9 +91,9 @@ def files(state_dir: Path) -> dict[str, Path]:
 
 def ensure_built() -> Path:
     """scripts/kueue-bin.sh: the Kueue dir (bin/kueue, crds/, webhooks.yaml), built once."""
-    from .cluster import REPO_ROOT, _run_build_script
+    from .state import REPO_ROOT, run_build_script
 
-    return _run_build_script(REPO_ROOT / "scripts" / "kueue-bin.sh")
+    return run_build_script(REPO_ROOT / "scripts" / "kueue-bin.sh")
 
 
 def prepare(info, kueue_dir: Path) -> None:
@@ -123,7 +123,7 @@ def install(state_dir: Path | None = None, timeout: float = 120.0, say=print):
     webhooks once it answers. Returns the updated ClusterInfo. Idempotent."""
     from kubernetes import client, config
 
-    from . import cluster
+    from . import cluster, control_plane
 
     state_dir, info = cluster._cluster_with(state_dir, "kube-apiserver")
     kueue_dir = ensure_built()
@@ -145,7 +145,7 @@ def install(state_dir: Path | None = None, timeout: float = 120.0, say=print):
             procs["kueue"] = cluster._launch(info, "kueue")
             info.pids["kueue"] = procs["kueue"].pid
             info.save()
-            wait_until("kueue /readyz", lambda: cluster.HEALTH_CHECKS["kueue"](info, 0.0), deadline, procs, state_dir)
+            wait_until("kueue /readyz", lambda: control_plane.HEALTH_CHECKS["kueue"](info, 0.0), deadline, procs, state_dir)
         manifests = [d for d in yaml.safe_load_all((kueue_dir / "webhooks.yaml").read_text()) if d]
         ca = (state_dir / "pki" / "ca.crt").read_bytes()
         admission = client.AdmissionregistrationV1Api(api)

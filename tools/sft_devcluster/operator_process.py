@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .cluster import REPO_ROOT, free_port
+from .processes import free_port
+from .state import REPO_ROOT
 
 
 class OperatorProcess:
