@@ -203,15 +203,35 @@ def _fresh_namespace(cluster: ControlPlane, request, labels: dict | None = None)
             raise
 
 
+_shared: dict[str, OperatorProcess] = {}
+
+
 @pytest.fixture
-def operator(control_plane, namespace, tmp_path):
-    """The operator as a subprocess watching the test's namespace (plaintext progress, short grace)."""
-    op = OperatorProcess.plaintext(control_plane.kubeconfig, tmp_path / f"operator-{namespace}.log", namespace,
-                                   "--pod-start-grace-seconds", str(PULL_GRACE))
-    op.start()
+def operator(control_plane, namespace, tmp_path_factory):
+    """The operator as a subprocess (plaintext progress, short grace), one for all the tests that use this
+    fixture: it watches every namespace and runs while such tests follow each other (starting it costs each
+    test more than a second); before any other test it is stopped (pytest_runtest_teardown below), since
+    that test may start an operator of its own. A test that stopped or killed it gets it back here."""
+    op = _shared.get("operator")
+    if op is None:
+        op = _shared["operator"] = OperatorProcess.plaintext(
+            control_plane.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", [],
+            "--pod-start-grace-seconds", str(PULL_GRACE))
+    if op.proc is None or op.proc.poll() is not None:
+        op.start()
+    else:
+        op.wait_healthy()
     yield op
-    op.stop()
-    print(f"--- operator log ({namespace}) ---\n{op.log_tail(200)}")  # shown when the test failed
+    print(f"--- operator log (this test: {namespace}) ---\n{op.log_tail(200)}")  # shown when the test failed
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The shared operator stops once the next test does not use it (or none follows)."""
+    op = _shared.get("operator")
+    if op is not None and "operator" in getattr(item, "fixturenames", ()) and (
+            nextitem is None or "operator" not in getattr(nextitem, "fixturenames", ())):
+        op.stop()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The operator against the real control plane, on kwok GPU nodes.
 
-The operator runs as a subprocess (`python -m sft_operator`), as it runs in production,
-watching only the namespace under test, so that it can be SIGKILLed in the crash test.
+The operator runs as a subprocess (`python -m sft_operator`), as it runs in production, so that
+it can be SIGKILLed in the crash test; one process watching every namespace serves the tests of this
+module and of test_operator_faults.py (the `operator` fixture), each test in a namespace of its own.
 
 How tests make kwok pods fail: the kwok stages of the dev cluster read pod annotations
 (`sft.dev/kwok-exit-code`, `sft.dev/kwok-oomkill`, `sft.dev/kwok-hold`, `sft.dev/kwok-delay`).
@@ -82,7 +83,7 @@ def test_apply_creates_children_runs_and_succeeds(control_plane, operator, k8s):
     assert not meta.get("finalizers") and not meta.get("annotations")  # the operator writes only status
     lines = operator.metrics().splitlines()
     assert f'sft_jobs_created_total{{namespace="{k8s.ns}"}} 1.0' in lines
-    (finished,) = [line for line in lines if line.startswith("sft_jobs_finished_total{")]
+    (finished,) = [line for line in lines if line.startswith("sft_jobs_finished_total{") and f'namespace="{k8s.ns}"' in line]
     assert 'result="Succeeded"' in finished and 'reason="Completed"' in finished and finished.endswith(" 1.0")
 
 
@@ -271,6 +272,7 @@ def test_gpu_quota_that_blocks_the_pods_shows_in_status(operator, k8s):
 
 
 def test_crash_safety_fifty_jobs_with_the_operator_killed_while_creating(operator, k8s):
+    starts = operator.starts  # the operator is shared: earlier tests may have (re)started it
     names = [f"crash-{i:02d}" for i in range(50)]
     template = manifest("x", resources={"gpusPerNode": 1})
     created: list[str] = []
@@ -311,7 +313,7 @@ def test_crash_safety_fifty_jobs_with_the_operator_killed_while_creating(operato
     uids = {n: k8s.get(n)["metadata"]["uid"] for n in names}
     for job in jobs:
         assert job.metadata.owner_references[0].uid == uids[job.metadata.labels[LABEL_JOB]]
-    assert operator.starts == 5
+    assert operator.starts == starts + 4
 
 
 def test_help_and_liveness(operator):
