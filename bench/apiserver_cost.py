@@ -41,7 +41,8 @@ sys.path[:0] = [str(ROOT / "contract"), str(ROOT / "operator"), str(ROOT / "trai
 import yaml
 import sft_devcluster as devcluster
 
-from operator_scale import Api, cpu_seconds, ensure_namespace
+from opscale.accounting import cpu_seconds
+from opscale.api import Api, ensure_namespace
 
 CRD_FILE = ROOT / "crds" / "sft.dev_sftjobs.yaml"
 VARIANTS = ("as-shipped", "no-cel", "no-transition-rules", "loose-status")
