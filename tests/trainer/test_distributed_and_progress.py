@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from sft_trainer import train  # noqa: E402
 from sft_contract.spec import TrainingSpec  # noqa: E402
 from sft_contract.messages import ProgressReport
-from sft_trainer.progress import ProgressReporter  # noqa: E402
+from sft_trainer.reporter import ProgressReporter  # noqa: E402
 
 from trainer_helpers import free_port, read_log, run_module, trainer_env, write_config  # noqa: E402
 

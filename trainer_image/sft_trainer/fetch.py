@@ -63,11 +63,11 @@ HUB_WORKERS = 4
 
 
 @dataclass
-class Progress:
+class FetchProgress:
     """Bytes done out of total across every source, written to a file and reported (rate-limited)."""
 
     file: Path
-    reporter: Any = None  # progress.ProgressReporter
+    reporter: Any = None  # reporter.ProgressReporter
     total: int = 0
     done: int = 0
     current: str = ""
@@ -123,12 +123,12 @@ def cache_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cache_progress(reporter=None) -> Progress:
+def cache_progress(reporter=None) -> FetchProgress:
     """The fetch's progress in the cache (``.sft/fetch-progress.json``), reported through ``reporter``."""
-    return Progress(paths.cache_root() / ".sft" / "fetch-progress.json", reporter)
+    return FetchProgress(paths.cache_root() / ".sft" / "fetch-progress.json", reporter)
 
 
-def fetch_all(spec: TrainingSpec, *, reporter=None, progress: Progress | None = None) -> dict[str, Path]:
+def fetch_all(spec: TrainingSpec, *, reporter=None, progress: FetchProgress | None = None) -> dict[str, Path]:
     """Fetch every hub and s3:// source of ``spec`` into the cache; returns source -> local path.
     ``progress``: the caller's (``cache_progress``), to read the bytes fetched afterwards."""
     remotes = remote_sources(spec, lambda s: paths.resolve(s).exists())
@@ -222,7 +222,7 @@ class _Plan:
     total: int = 0
     present: int = 0
 
-    def run(self, progress: Progress) -> Path:
+    def run(self, progress: FetchProgress) -> Path:
         raise NotImplementedError
 
 
@@ -260,7 +260,7 @@ class _S3Plan(_Plan):
         # Listed keys are the bucket's, not the spec's: one with a . or .. segment must not leave dest.
         return paths.within(self.dest, obj.key[len(self.loc.key) :].lstrip("/"), f"s3://{self.loc.bucket}/{obj.key}")
 
-    def run(self, progress: Progress) -> Path:
+    def run(self, progress: FetchProgress) -> Path:
         if not self.todo:
             log.info("%s: in the cache (%d object(s), unchanged)", self.remote.source, len(self.objects))
         for obj in self.todo:
@@ -293,7 +293,7 @@ class _HubPlan(_Plan):
                 if (self.dest / name).is_file() and (self.dest / name).stat().st_size == size
             )
 
-    def run(self, progress: Progress) -> Path:
+    def run(self, progress: FetchProgress) -> Path:
         if self.done:
             log.info("%s: in the cache (commit %s)", self.remote.source, self.commit)
             return self.dest
@@ -322,7 +322,7 @@ class _HubPlan(_Plan):
         _write_marker(self.remote, self.dest, {"commit": self.commit, "files": self.files})
         return self.dest
 
-    def _watch(self, progress: Progress, base: int, stop: threading.Event) -> None:
+    def _watch(self, progress: FetchProgress, base: int, stop: threading.Event) -> None:
         """huggingface_hub reports no bytes to us: count what is on disk, including files in flight."""
         while not stop.wait(0.5):
             on_disk = sum(
@@ -391,7 +391,7 @@ def _first_line(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .__main__ import DEFAULT_CONFIG, load_config, setup_logging, write_termination_log
-    from .progress import ProgressReporter
+    from .reporter import ProgressReporter
 
     p = argparse.ArgumentParser(
         prog="python -m sft_trainer.fetch",

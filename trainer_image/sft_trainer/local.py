@@ -98,7 +98,7 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
     try:
         from . import datacheck
         from .fetch import fetch_all
-        from .progress import ProgressReporter
+        from .reporter import ProgressReporter
         from .run_hooks import RunHooks
 
         fetch_all(spec)  # hub and s3:// sources into the cache (~/.cache/sft-operator/fetch or $SFT_CACHE_DIR)

@@ -93,7 +93,7 @@ class RunHooks:
         report. Export errors raise."""
         if self.rank != 0:
             return None
-        from .progress import ProgressReporter
+        from .reporter import ProgressReporter
 
         own = reporter is None
         reporter = ProgressReporter.from_env() if own else reporter

@@ -22,7 +22,7 @@ from typing import Any
 from sft_contract.messages import ProgressReport
 
 from . import outputs
-from .progress import ProgressReporter
+from .reporter import ProgressReporter
 
 log = logging.getLogger("sft_trainer")
 

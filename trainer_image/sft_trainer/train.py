@@ -56,7 +56,7 @@ from .distributed import (
 from .errors import ConfigError, Interrupted, TrainerError
 from .loss import fused_head
 from .modeling import Amp
-from .progress import ProgressReporter
+from .reporter import ProgressReporter
 from .run_state import RunState, restore_rng, rng_state
 from .sinks import EvalRecord, ProgressSink, Sink, StepRecord, TrainerLogSink
 from .stability import StabilityGuard
