@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from sft_devcluster.kwok import KWOK_NODE_ANNOTATION, kwok_node
 
-from sft_operator.runtime.client import kubeconfig_credentials
+from sft_operator.runtime.credentials import kubeconfig_credentials
 from sft_operator.core.render import LABEL_JOB
 
 from support import OperatorProcess

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sft_contract import gate_rows
 from sft_contract.exit_codes import ExitCode
 
 from . import gates
@@ -213,14 +214,12 @@ def summary_table(m: dict[str, Any]):
 def gate_table(evaluation: dict[str, Any]):
     """The evaluation gates: the base and tuned model's values, the bounds, the verdict."""
     from rich.table import Table
+    from rich.text import Text
 
-    verdict = {True: "passed", False: "FAILED", None: "not judged"}[evaluation.get("passed")]
-    t = Table(title=f"evaluation gates: {verdict}", title_justify="left")
-    for col in ("gate", "better", "base", "tuned", "threshold", "minChange", "onFail", "result"):
+    t = Table(title=f"evaluation gates: {gate_rows.verdict(evaluation)}", title_justify="left")
+    for col in gate_rows.COLUMNS:
         t.add_column(col)
-    for g in evaluation.get("gates", []):
-        result = "[green]passed[/green]" if g.get("passed") else (
-            f"[red]failed[/red]: {g.get('message', '')}" if g.get("passed") is False else "-")
-        t.add_row(g["metric"], g["direction"], _fmt(g.get("base")), _fmt(g.get("tuned")), _fmt(g.get("threshold")),
-                  _fmt(g.get("minChange")), g.get("onFail", "Fail"), result)
+    for cells, passed, message in gate_rows.rows(evaluation):
+        word, rest = gate_rows.result_cell(passed, message)
+        t.add_row(*cells, Text.assemble((word, {True: "green", False: "red"}.get(passed, "")), rest))
     return t

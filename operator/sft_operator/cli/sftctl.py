@@ -290,9 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["operator", "run"]:
         # Everything after `operator run` (including --help) belongs to the operator's own parser.
-        from sft_operator.__main__ import without_kubernetes_library
-
-        without_kubernetes_library()
         from sft_operator.runtime.main import run_from_cli
 
         return run_from_cli(argv[2:])

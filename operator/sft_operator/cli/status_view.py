@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from contextlib import aclosing
 from typing import Any
 
 from rich.console import Console, Group
@@ -10,8 +12,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_contract import gate_rows
+from sft_operator.api import GROUP, PLURAL
 from sft_operator.api.types import TERMINAL_PHASES, Phase
+from sft_operator.runtime.client import ApiError, KubeClient
+from sft_operator.runtime.credentials import load_credentials
+
+# What sftctl reads with the user's credentials: one SFTJob, and a watch on it.
+READ_SFTJOBS: frozenset[tuple[str, str, str]] = frozenset({("get", GROUP, PLURAL), ("watch", GROUP, PLURAL)})
 
 PHASE_STYLE = {
     Phase.succeeded.value: "bold green",
@@ -88,93 +96,107 @@ def render(sftjob: dict[str, Any]) -> Group:
                            cond.get("message", ""), cond.get("lastTransitionTime", ""))
     parts = [summary, Text(""), conditions]
     if status.get("evaluation"):  # the evaluation gates: base and tuned values, as `sftctl run` prints them
-        from sft_trainer.local import gate_table
-
         parts += [Text(""), gate_table(status["evaluation"])]
     return Group(*parts)
+
+
+def gate_table(evaluation: dict[str, Any]) -> Table:
+    table = Table(title=f"evaluation gates: {gate_rows.verdict(evaluation)}", title_justify="left")
+    for column in gate_rows.COLUMNS:
+        table.add_column(column)
+    for cells, passed, message in gate_rows.rows(evaluation):
+        word, rest = gate_rows.result_cell(passed, message)
+        table.add_row(*cells, Text.assemble((word, {True: "green", False: "red"}.get(passed, "")), rest))
+    return table
 
 
 def exit_code(sftjob: dict[str, Any]) -> int:
     return 1 if (sftjob.get("status") or {}).get("phase") == Phase.failed.value else 0
 
 
-def _client(kubeconfig: str | None):
-    from kubernetes import client, config
-
-    if kubeconfig:
-        api = config.new_client_from_config(config_file=kubeconfig)
-        _, current = config.list_kube_config_contexts(config_file=kubeconfig)
-    else:
-        try:
-            config.load_incluster_config()
-            return client.CustomObjectsApi(), _incluster_namespace()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.ApiClient()
-        _, current = config.list_kube_config_contexts()
-    namespace = (current or {}).get("context", {}).get("namespace") or "default"
-    return client.CustomObjectsApi(api), namespace
-
-
-def _incluster_namespace() -> str:
-    try:
-        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as handle:
-            return handle.read().strip()
-    except OSError:
-        return "default"
-
-
 def show_status(name: str, namespace: str | None, watch: bool, kubeconfig: str | None) -> int:
     """Print one SFTJob; with watch, follow it until it finishes. 0 unless it Failed (or is missing)."""
-    from kubernetes import watch as kwatch
-    from kubernetes.client.exceptions import ApiException
-
-    console = Console()
     try:
-        custom, default_namespace = _client(kubeconfig)
-    except Exception as exc:  # no kubeconfig, unreadable file
+        credentials = load_credentials(kubeconfig)
+    except Exception as exc:  # no kubeconfig, unreadable file, a failing exec plugin
         print(f"cannot reach the cluster: {exc}", file=sys.stderr)
         return 2
-    namespace = namespace or default_namespace
+    client = KubeClient(credentials, refresh=lambda: load_credentials(kubeconfig), permissions=READ_SFTJOBS,
+                        field_manager="sftctl")
     try:
-        sftjob = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
+        return asyncio.run(_show(client, name, namespace or credentials.namespace or "default", watch))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _show(client: KubeClient, name: str, namespace: str, watch: bool) -> int:
+    try:
+        return await _follow(client, name, namespace, watch, Console())
+    finally:
+        await client.close()
+
+
+async def _read(client: KubeClient, name: str, namespace: str) -> dict[str, Any] | None:
+    try:
+        return await client.get("SFTJob", namespace, name)
+    except ApiError as exc:
         if exc.status == 404:
             print(f"SFTJob {namespace}/{name} not found", file=sys.stderr)
+        elif exc.status == 0:
+            print(f"cannot reach the cluster: {exc.message}", file=sys.stderr)
         else:
-            print(f"reading SFTJob {namespace}/{name}: {exc.status} {exc.reason}", file=sys.stderr)
+            print(f"reading SFTJob {namespace}/{name}: {exc.status} {exc.reason or exc.message}", file=sys.stderr)
+        return None
+
+
+async def _follow(client: KubeClient, name: str, namespace: str, watch: bool, console: Console) -> int:
+    sftjob = await _read(client, name, namespace)
+    if sftjob is None:
         return 2
     if not watch or (sftjob.get("status") or {}).get("phase") in TERMINAL_PHASES:
         console.print(render(sftjob))
         return exit_code(sftjob)
 
     with Live(render(sftjob), console=console, refresh_per_second=4) as live:
-        version = sftjob["metadata"].get("resourceVersion")
+        version = sftjob["metadata"].get("resourceVersion") or ""
         while True:
-            stream = kwatch.Watch()
             try:
-                for event in stream.stream(
-                    custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                    field_selector=f"metadata.name={name}", resource_version=version, timeout_seconds=300,
-                ):
-                    obj = event["object"]
-                    if event["type"] == "DELETED":
-                        live.update(render(obj))
-                        print(f"SFTJob {namespace}/{name} was deleted", file=sys.stderr)
-                        return 2
-                    version = obj["metadata"].get("resourceVersion", version)
-                    live.update(render(obj))
-                    if (obj.get("status") or {}).get("phase") in TERMINAL_PHASES:
-                        return exit_code(obj)
-            except ApiException as exc:
-                if exc.status != 410:  # 410 Gone: the version expired; read again and go on
-                    raise
-                obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-                version = obj["metadata"].get("resourceVersion")
+                outcome = await _watch_once(client, name, namespace, version, live)
+            except ApiError as exc:
+                if exc.status != 410:
+                    print(f"watching SFTJob {namespace}/{name}: {exc.status} {exc.reason or exc.message}",
+                          file=sys.stderr)
+                    return 2
+                # 410 Gone: the version expired; read again and go on
+                obj = await _read(client, name, namespace)
+                if obj is None:
+                    return 2
                 live.update(render(obj))
                 if (obj.get("status") or {}).get("phase") in TERMINAL_PHASES:
                     return exit_code(obj)
-            except KeyboardInterrupt:
-                return 130
-            finally:
-                stream.stop()
+                outcome = obj["metadata"].get("resourceVersion") or ""
+            if isinstance(outcome, int):
+                return outcome
+            version = outcome
+
+
+async def _watch_once(client: KubeClient, name: str, namespace: str, version: str, live: Live) -> int | str:
+    """One watch stream: the exit code once the SFTJob finishes or goes, else the last resourceVersion seen
+    when the server ends the stream (a watch has a timeout)."""
+    events = client.watch("SFTJob", namespace, resource_version=version, field_selector=f"metadata.name={name}",
+                          timeout_seconds=300)
+    async with aclosing(events):
+        async for event in events:
+            obj = event.get("object") or {}
+            if event.get("type") == "ERROR":  # e.g. 410 Expired, inside the stream
+                raise ApiError(int(obj.get("code") or 0), str(obj.get("reason") or ""), str(obj.get("message") or ""))
+            version = (obj.get("metadata") or {}).get("resourceVersion") or version
+            if event.get("type") == "BOOKMARK":
+                continue
+            live.update(render(obj))
+            if event.get("type") == "DELETED":
+                print(f"SFTJob {namespace}/{name} was deleted", file=sys.stderr)
+                return 2
+            if (obj.get("status") or {}).get("phase") in TERMINAL_PHASES:
+                return exit_code(obj)
+    return version

@@ -1,4 +1,6 @@
-"""The operator's one Kubernetes client: asyncio + aiohttp, plain dicts in and out, a timeout on every call.
+"""The one Kubernetes client of the operator and ``sftctl status``/``watch``: asyncio + aiohttp, plain
+dicts in and out, a timeout on every call. Logging in (in-cluster, kubeconfig, exec plugins) is
+``sft_operator.runtime.credentials``.
 
 Measured before choosing (BENCHMARKS.md, "Kubernetes client"): creating 600 ConfigMaps with 16 in
 flight, aiohttp costs 0.55 ms of client CPU per create, kubernetes_asyncio 1.3 ms and the
@@ -8,33 +10,28 @@ trainer pod's watch event in about half the standard library's time (BENCHMARKS.
 
 Every call the operator makes is listed in ``PERMISSIONS`` (verb, API group, resource); a call
 outside it fails at once, so the chart's RBAC (tests/unit/test_helm_chart.py) can be checked
-against the table. Calls share ``slots`` connections and wait in two queues: status writes go
-ahead of creates (in a burst a pod that starts is reflected in seconds, not after the whole
-creation backlog), and Events behind everything else. ``stalled_seconds`` tells liveness when
-calls stop getting through.
+against the table (``sftctl`` passes its own, read-only table). Calls share ``slots`` connections
+and wait in two queues: status writes go ahead of creates (in a burst a pod that starts is
+reflected in seconds, not after the whole creation backlog), and Events behind everything else.
+``stalled_seconds`` tells liveness when calls stop getting through.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import ssl
-import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
 from sft_operator.api import GROUP, PLURAL, VERSION
+from sft_operator.runtime.credentials import Credentials, load_credentials
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -46,7 +43,6 @@ DEFAULT_SLOTS = 16  # calls in flight; the benchmark's bare client uses as many
 DEFAULT_TIMEOUT_SECONDS = 30.0
 LIST_PAGE_SIZE = 500  # objects per list call, as client-go's reflectors ask
 CONNECT_TIMEOUT_SECONDS = 10.0
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 # kind -> (API group, version, plural)
 RESOURCES: dict[str, tuple[str, str, str]] = {
@@ -110,133 +106,6 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Where the API server is and how to authenticate, in plain files and strings."""
-
-    server: str
-    ca_file: str | None = None
-    insecure: bool = False
-    token: str | None = None
-    token_file: str | None = None  # re-read when it changes (projected tokens rotate)
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        if not self.server.startswith("https"):
-            return False
-        if self.insecure:
-            return False
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if self.cert_file and self.key_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        return context
-
-
-def connection_info(credentials: Credentials) -> Any:
-    """The same credentials for Kopf's own client (its watches): one login for the whole operator."""
-    import kopf
-
-    token = credentials.token
-    if credentials.token_file:
-        token = Path(credentials.token_file).read_text().strip()
-    return kopf.ConnectionInfo(
-        server=credentials.server,
-        ca_path=credentials.ca_file,
-        insecure=credentials.insecure or None,
-        scheme="Bearer" if token else None,
-        token=token,
-        certificate_path=credentials.cert_file,
-        private_key_path=credentials.key_file,
-    )
-
-
-def in_cluster_credentials() -> Credentials | None:
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
-    token = SERVICE_ACCOUNT_DIR / "token"
-    if not host or not port or not token.exists():
-        return None
-    host = f"[{host}]" if ":" in host else host
-    return Credentials(f"https://{host}:{port}", ca_file=str(SERVICE_ACCOUNT_DIR / "ca.crt"), token_file=str(token))
-
-
-def _materialize(data: str, name: str, directory: list[str]) -> str:
-    """A kubeconfig's base64 ``*-data`` as a private file (the ssl module loads client certs from files)."""
-    if not directory:
-        directory.append(tempfile.mkdtemp(prefix="sft-operator-"))
-    path = Path(directory[0]) / name
-    path.write_bytes(base64.b64decode(data))
-    path.chmod(0o600)
-    return str(path)
-
-
-def kubeconfig_credentials(path: str | None = None) -> Credentials:
-    """From a kubeconfig (``path``, else ``$KUBECONFIG``, else ~/.kube/config): the current context's
-    server, CA, client certificate or token. A user that needs an exec plugin or an auth provider is
-    handed to the kubernetes library (imported only then)."""
-    paths = [p for p in (path or os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]
-    current, contexts, clusters, users = None, {}, {}, {}
-    for item in paths:
-        doc = yaml.safe_load(Path(item).expanduser().read_text()) or {}
-        current = current or doc.get("current-context")
-        for table, key in ((contexts, "contexts"), (clusters, "clusters"), (users, "users")):
-            for entry in doc.get(key) or []:
-                table.setdefault(entry["name"], entry.get(key[:-1]) or {})
-    if current is None or current not in contexts:
-        raise ValueError(f"kubeconfig {':'.join(paths)}: no current context")
-    context = contexts[current]
-    cluster, user = clusters[context["cluster"]], users.get(context.get("user"), {})
-    if "exec" in user or "auth-provider" in user:
-        return _library_credentials(path)
-    files: list[str] = []
-
-    def file(key: str, name: str, source: dict[str, Any]) -> str | None:
-        if source.get(f"{key}-data"):
-            return _materialize(source[f"{key}-data"], name, files)
-        return str(Path(source[key]).expanduser()) if source.get(key) else None
-
-    return Credentials(
-        server=cluster["server"],
-        ca_file=file("certificate-authority", "ca.crt", cluster),
-        insecure=bool(cluster.get("insecure-skip-tls-verify")),
-        token=user.get("token"),
-        token_file=user.get("tokenFile"),
-        cert_file=file("client-certificate", "client.crt", user),
-        key_file=file("client-key", "client.key", user),
-    )
-
-
-def _library_credentials(path: str | None) -> Credentials:
-    """Exec plugins and auth providers, through the kubernetes library (the operator's entry point keeps
-    it out of the process otherwise: it costs ~24 MiB)."""
-    if sys.modules.get("kubernetes", False) is None:
-        del sys.modules["kubernetes"]
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    config.load_kube_config(config_file=path, client_configuration=configuration)
-    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
-        "authorization"
-    )
-    return Credentials(
-        server=configuration.host,
-        ca_file=configuration.ssl_ca_cert,
-        insecure=not configuration.verify_ssl,
-        token=header.split(" ", 1)[-1] if header else None,
-        cert_file=configuration.cert_file,
-        key_file=configuration.key_file,
-    )
-
-
-def load_credentials(kubeconfig: str | None = None) -> Credentials:
-    """In-cluster when running in a pod, otherwise the kubeconfig (``kubeconfig``, $KUBECONFIG, ~/.kube/config)."""
-    if kubeconfig is None:
-        found = in_cluster_credentials()
-        if found is not None:
-            return found
-    return kubeconfig_credentials(kubeconfig)
 
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -323,9 +192,12 @@ class KubeClient:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         field_manager: str = "sft-operator",
         refresh: Any = None,
+        permissions: frozenset[tuple[str, str, str]] = PERMISSIONS,
     ) -> None:
         self.credentials = credentials
-        self.refresh = refresh  # () -> Credentials, tried once on 401 (e.g. an exec plugin's token expired)
+        # () -> Credentials: called when an exec plugin's credentials expire, and tried once on 401
+        self.refresh = refresh
+        self.permissions = permissions  # sftctl reads with its own, smaller table
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=CONNECT_TIMEOUT_SECONDS)
         self.gate = PriorityGate(slots)
         self.slots = slots
@@ -333,6 +205,7 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
         self._token: tuple[float, str | None] = (-1.0, credentials.token)
+        self._renewing = asyncio.Lock()
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None, **kwargs: Any) -> KubeClient:
@@ -392,8 +265,9 @@ class KubeClient:
     ) -> Any:
         group, _, plural = RESOURCES[kind]
         resource = f"{plural}/{subresource}" if subresource else plural
-        if (verb, group, resource) not in PERMISSIONS:
+        if (verb, group, resource) not in self.permissions:
             raise PermissionError(f"{verb} {resource}.{group or 'core'} is not in kube.PERMISSIONS")
+        await self._renew_if_expired()
         data = orjson.dumps(body) if body is not None else None
 
         async def call() -> Any:
@@ -420,9 +294,20 @@ class KubeClient:
             await self._reauthenticate()
             return await self.gate(priority, call())
 
+    async def _renew_if_expired(self) -> None:
+        if self.refresh is None or not self.credentials.expired():
+            return
+        async with self._renewing:  # calls that find it expired together run the plugin once
+            if self.credentials.expired():
+                await self._reauthenticate()
+
     async def _reauthenticate(self) -> None:
+        old = self.credentials
         self.credentials = await asyncio.to_thread(self.refresh)
         self._token = (-1.0, self.credentials.token)
+        tls = ("server", "ca_file", "insecure", "cert_file", "key_file")
+        if all(getattr(old, f) == getattr(self.credentials, f) for f in tls):
+            return  # a new token only: each call reads it, the connections stay
         for session in (self._session, self._watch_session):
             if session is not None:
                 await session.close()
@@ -482,20 +367,23 @@ class KubeClient:
         return items
 
     async def watch(self, kind: str, namespace: str | None, *, resource_version: str,
-                    label_selector: str | None = None, timeout_seconds: int = 300,
-                    metadata_only: bool = False) -> AsyncIterator[dict[str, Any]]:
+                    label_selector: str | None = None, field_selector: str | None = None,
+                    timeout_seconds: int = 300, metadata_only: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) until the server ends the stream;
         ``metadata_only``: each event's object is a PartialObjectMetadata (kind, apiVersion of meta.k8s.io).
 
         Each event is decoded and handed over before the next is read: a consumer that falls behind
         slows the stream down (TCP) instead of piling decoded objects up in memory."""
         group, _, plural = RESOURCES[kind]
-        if ("watch", group, plural) not in PERMISSIONS:
+        if ("watch", group, plural) not in self.permissions:
             raise PermissionError(f"watch {plural}.{group or 'core'} is not in kube.PERMISSIONS")
+        await self._renew_if_expired()
         params = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds),
                   "resourceVersion": resource_version}
         if label_selector:
             params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         headers = {"Accept": METADATA if metadata_only else JSON}
         token = self._bearer()
         if token:
