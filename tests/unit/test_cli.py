@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from .helpers import EXAMPLES, INVALID, ROOT, broken_field
@@ -82,3 +83,27 @@ def test_validate_refuses_credentials_in_a_url_naming_the_field_and_the_secret_r
     assert out.returncode == 1
     assert f"{path}: spec.tracking.mlflow.trackingUri: must not carry credentials" in out.stderr
     assert "tokenSecretRef" in out.stderr and "hunter2" not in out.stderr + out.stdout
+
+
+def test_commands_of_packages_that_are_not_installed_are_listed_and_say_what_to_install(monkeypatch, capsys):
+    """sftctl finds run, example-assets and dev-cluster through entry points; without those packages
+    (e.g. the operator image) --help still lists them and running one names what to install."""
+    from sft_operator.cli import sftctl as cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(command in listed for command in ("run", "example-assets", "dev-cluster"))
+    assert cli.main(["run", "examples/local-tiny.yaml"]) == 1
+    assert capsys.readouterr().err.strip() == "sftctl run needs the trainer: pip install 'sft-operator[trainer]'"
+    assert cli.main(["dev-cluster", "up"]) == 1
+    assert "in a source checkout run `bash scripts/setup.sh`" in capsys.readouterr().err
+    doc = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
+    assert not cli.check_data("job.yaml", doc)
+    assert "job.yaml: --data needs the trainer: pip install 'sft-operator[trainer]'" in capsys.readouterr().err
+
+
+def test_the_checkouts_packages_contribute_their_commands():
+    assert "--output" in sftctl("run", "--help").stdout  # the trainer's command, not the placeholder
+    assert "--gpu-nodes" in sftctl("dev-cluster", "--help").stdout

@@ -39,7 +39,7 @@ def test_kwok_stages_include_the_failure_stages_tests_rely_on():
             "sft-pod-exit-code", "sft-pod-oomkill", "pvc-provision"} <= names
 
 
-def test_load_crds_falls_back_to_the_generated_crd(tmp_path):
+def test_load_crds_falls_back_to_the_checked_in_crd_which_is_the_generated_one(tmp_path):
     from sft_operator.api.crd import crd_manifest
 
     assert cluster.load_crds(tmp_path) == [crd_manifest()]

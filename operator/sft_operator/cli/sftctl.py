@@ -1,10 +1,16 @@
-"""`sftctl`: validate, render, explain and run SFTJobs; read live ones; start the dev cluster."""
+"""`sftctl`: validate, render, explain and run SFTJobs; read live ones; start the dev cluster.
+
+``run``, ``example-assets`` and the data check of ``validate --data`` come from the trainer, and
+``dev-cluster`` from the development tools (tools/, sft-devtools): other packages, found through entry
+points (``PLUGIN_GROUP``, ``DATA_CHECK_GROUP``), so this CLI imports neither.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,18 @@ from sft_operator.api.crd import crd_manifest, crd_yaml
 from sft_operator.core.advice import advise, memory_plan
 from sft_operator.core.render import RenderOptions, render_children
 from sft_operator.core.validation import load_documents, parse_sftjob, problems_in
+
+PLUGIN_GROUP = "sftctl.commands"  # name: the command; value: register(subparsers), which adds it
+DATA_CHECK_GROUP = "sftctl.data_check"  # value: check(where, spec, world_size) -> bool, for validate --data
+TRAINER = "the trainer: pip install 'sft-operator[trainer]'"
+DEV_TOOLS = ("the dev cluster, a development tool that is not installed here: in a source checkout run "
+             "`bash scripts/setup.sh` (it installs tools/ as sft-devtools)")
+# The commands other packages contribute: listed in --help whether or not their package is installed.
+PLUGIN_COMMANDS = {
+    "run": ("run the trainer on this machine on an SFTJob manifest (no cluster)", TRAINER),
+    "example-assets": ("generate the tiny offline model, tokenizer and datasets", TRAINER),
+    "dev-cluster": ("local dev/test cluster (needs the tools/ package of a source checkout)", DEV_TOOLS),
+}
 
 EPILOG = """examples:
   sftctl validate examples/*.yaml           check manifests offline (exit 1 lists every bad field)
@@ -66,28 +84,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def check_data(where: str, document: dict[str, Any]) -> bool:
-    """``validate --data``: the trainer's data check on this machine (sft_trainer.datacheck); True when the data
-    is fit to train on. pvc:// is read from $SFT_PVC_ROOT/<claim>, as ``sftctl run`` reads it."""
+    """``validate --data``: the data check the trainer contributes (``DATA_CHECK_GROUP``); True when the data
+    is fit to train on."""
+    checks = entry_points(group=DATA_CHECK_GROUP)
     try:
-        from sft_trainer import datacheck, loading
-        from sft_trainer.errors import TrainerError
-        from sft_trainer.local import check_claims_mounted
+        check = next(iter(checks)).load() if checks else None
     except ImportError as err:
-        print(f"{where}: --data needs the trainer extra: pip install 'sft-operator[trainer]' ({err})", file=sys.stderr)
+        print(f"{where}: --data needs {TRAINER} ({err})", file=sys.stderr)
+        return False
+    if check is None:
+        print(f"{where}: --data needs {TRAINER}", file=sys.stderr)
         return False
     spec = parse_sftjob(document).spec
-    world = spec.resources.nodes * max(1, spec.resources.gpus_per_node)
-    try:
-        check_claims_mounted(spec)
-        result = datacheck.check(spec, loading.load_tokenizer(spec), world)
-    except TrainerError as err:
-        print(f"{where}: data: {err.reason}", file=sys.stderr)
-        return False
-    for line in result.lines():
-        print(f"{where}: data: {line}")
-    if not result.ok:
-        print(f"{where}: data: {result.error().reason}", file=sys.stderr)
-    return result.ok
+    return check(where, spec, spec.world_size)
 
 
 def _single_document(path: str) -> dict[str, Any]:
@@ -183,24 +192,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        from sft_trainer import local  # torch lives in the trainer package, loaded only here
-    except ImportError as err:
-        print(f"sftctl run needs the trainer extra: pip install 'sft-operator[trainer]' ({err})", file=sys.stderr)
-        return 1
-    return local.run(args.file, output=args.output)
-
-
-def cmd_example_assets(args: argparse.Namespace) -> int:
-    try:
-        from sft_trainer import tiny
-    except ImportError as err:
-        print(f"sftctl example-assets needs the trainer extra: pip install 'sft-operator[trainer]' ({err})", file=sys.stderr)
-        return 1
-    return tiny.main([args.dir] if args.dir else [])
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from sft_operator.cli.status_view import show_status
 
@@ -247,14 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("field", nargs="?", default="", metavar="FIELD")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("run", help="run the trainer on this machine on an SFTJob manifest (no cluster)")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--output", help="override spec.output.destination")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("example-assets", help="generate the tiny offline model, tokenizer and datasets")
-    p.add_argument("dir", nargs="?", help="where to write them (default ~/.cache/sft-operator/tiny)")
-    p.set_defaults(func=cmd_example_assets)
+    plugins = {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+    _add_plugin(sub, "run", plugins)
+    _add_plugin(sub, "example-assets", plugins)
 
     for name, func, text in (
         ("status", cmd_status, "show phase, progress, loss and conditions of a live SFTJob"),
@@ -270,19 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
     op_sub = p.add_subparsers(dest="operator_command", required=True, metavar="COMMAND")
     op_sub.add_parser("run", help="run the Kopf operator (flags: `sftctl operator run --help`)")
 
-    try:
-        from sft_devcluster import add_subparser
-    except ImportError:  # a development tool: a checkout has it (tools/), the images don't
-        p = sub.add_parser("dev-cluster", help="local dev/test cluster (needs the tools/ package of a source checkout)")
-        p.set_defaults(func=_no_dev_cluster)
-    else:
-        add_subparser(sub)
+    _add_plugin(sub, "dev-cluster", plugins)  # a development tool: a checkout has it (tools/), the images don't
+    for name in sorted(plugins.keys() - PLUGIN_COMMANDS.keys()):
+        _add_plugin(sub, name, plugins)
     return parser
 
 
-def _no_dev_cluster(_args) -> int:
-    print("sftctl dev-cluster: the dev cluster is a development tool that is not installed here; "
-          "in a source checkout run `bash scripts/setup.sh` (it installs tools/ as sft-devtools)", file=sys.stderr)
+def _add_plugin(sub: Any, name: str, plugins: dict[str, Any]) -> None:
+    """The command ``name`` as its package registers it; without the package, one that says what to install."""
+    help_text, needs = PLUGIN_COMMANDS.get(name, ("", "its package"))
+    why = ""
+    if name in plugins:
+        try:
+            plugins[name].load()(sub)
+            return
+        except ImportError as err:
+            why = f" ({err})"
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=lambda _args: _missing(f"sftctl {name} needs {needs}{why}"))
+
+
+def _missing(message: str) -> int:
+    print(message, file=sys.stderr)
     return 1
 
 
