@@ -80,10 +80,10 @@ def test_braces_in_a_row_survive_the_prompt_template_untouched():
     spec = DatasetSpec.model_validate({"train": {"source": "unused.jsonl"}})
     row = data.RawRow("rows.jsonl", 1, {"instruction": "Fill {input} and {} in", "input": "x {instruction} y",
                                          "output": "done"})
-    (prompt, _), _ = data.render(row, data.DataFormat.instruction, spec, None)
+    (prompt, _), _ = data.row_segments(row, data.DataFormat.instruction, spec, None)
     assert prompt == "### Instruction:\nFill {input} and {} in\n\n### Input:\nx {instruction} y\n\n### Response:\n"
     row = data.RawRow("rows.jsonl", 2, {"instruction": "Say {instruction} and {input}", "output": "ok"})
-    (prompt, _), _ = data.render(row, data.DataFormat.instruction, spec, None)
+    (prompt, _), _ = data.row_segments(row, data.DataFormat.instruction, spec, None)
     assert prompt == "### Instruction:\nSay {instruction} and {input}\n\n### Response:\n"
 
 

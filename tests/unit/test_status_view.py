@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from sft_operator.cli.status_view import exit_code, render
+from sft_operator.cli.status_view import exit_code, status_panel
 
 RUNNING = {
     "metadata": {"name": "demo", "namespace": "team-a"},
@@ -26,7 +26,7 @@ RUNNING = {
 
 def text_of(obj) -> str:
     console = Console(width=160, record=True, color_system=None)
-    console.print(render(obj))
+    console.print(status_panel(obj))
     return console.export_text()
 
 

@@ -258,7 +258,7 @@ def fill_template(template: str, **values: str) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def render(row: RawRow, fmt: DataFormat, spec: DatasetSpec, tokenizer) -> Segments:
+def row_segments(row: RawRow, fmt: DataFormat, spec: DatasetSpec, tokenizer) -> Segments:
     """The row as prompt/response text segments, validated."""
     if fmt == DataFormat.instruction:
         instruction = _text(row, "instruction")
@@ -388,7 +388,7 @@ def tokenize_rows(
     rendered = []
     for row in rows:
         row_fmt = detect_format(row) if fmt == DataFormat.auto else fmt
-        rendered.append(render(row, row_fmt, spec, tokenizer))
+        rendered.append(row_segments(row, row_fmt, spec, tokenizer))
     # One batched tokenizer call over every segment (fast tokenizers are much quicker batched).
     flat = [text for segs in rendered for text, _ in segs]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []

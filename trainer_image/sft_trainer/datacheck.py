@@ -132,7 +132,7 @@ def _valid(rows: list[data.RawRow], fmt: DataFormat, spec: DatasetSpec, tokenize
     good = []
     for row in rows:
         try:
-            data.render(row, fmt, spec, tokenizer)
+            data.row_segments(row, fmt, spec, tokenizer)
         except DataError as e:
             check.add_invalid(row.file, row.row, e.reason)
             continue

@@ -303,7 +303,7 @@ class Stage(str, Enum):
     exporting = "Exporting"  # rank 0 uploads the output to s3://
 
 
-class Progress(ApiModel):
+class ProgressStatus(ApiModel):
     percent: int = Field(default=0, ge=0, le=100, description="Training steps done, in percent.")
     step: int = Field(default=0, ge=0)
     total_steps: int = Field(default=0, ge=0)
@@ -351,7 +351,7 @@ class SFTJobStatus(ApiModel):
     data: DataSummary | None = Field(
         default=None, description="The data check of the fetch stage: rows, invalid rows, lengths, estimated steps."
     )
-    progress: Progress | None = None
+    progress: ProgressStatus | None = None
     metrics: Metrics | None = None
     output: OutputStatus | None = None
     applied_defaults: PlatformDefaults | None = Field(

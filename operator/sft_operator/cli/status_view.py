@@ -45,7 +45,7 @@ def _duration(seconds: Any) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def render(sftjob: dict[str, Any]) -> Group:
+def status_panel(sftjob: dict[str, Any]) -> Group:
     """The summary table and the conditions table of one SFTJob (pure; no I/O)."""
     meta = sftjob.get("metadata") or {}
     status = sftjob.get("status") or {}
@@ -154,10 +154,10 @@ async def _follow(client: KubeClient, name: str, namespace: str, watch: bool, co
     if sftjob is None:
         return 2
     if not watch or (sftjob.get("status") or {}).get("phase") in TERMINAL_PHASES:
-        console.print(render(sftjob))
+        console.print(status_panel(sftjob))
         return exit_code(sftjob)
 
-    with Live(render(sftjob), console=console, refresh_per_second=4) as live:
+    with Live(status_panel(sftjob), console=console, refresh_per_second=4) as live:
         version = sftjob["metadata"].get("resourceVersion") or ""
         while True:
             try:
@@ -171,7 +171,7 @@ async def _follow(client: KubeClient, name: str, namespace: str, watch: bool, co
                 obj = await _read(client, name, namespace)
                 if obj is None:
                     return 2
-                live.update(render(obj))
+                live.update(status_panel(obj))
                 if (obj.get("status") or {}).get("phase") in TERMINAL_PHASES:
                     return exit_code(obj)
                 outcome = obj["metadata"].get("resourceVersion") or ""
@@ -193,7 +193,7 @@ async def _watch_once(client: KubeClient, name: str, namespace: str, version: st
             version = (obj.get("metadata") or {}).get("resourceVersion") or version
             if event.get("type") == "BOOKMARK":
                 continue
-            live.update(render(obj))
+            live.update(status_panel(obj))
             if event.get("type") == "DELETED":
                 print(f"SFTJob {namespace}/{name} was deleted", file=sys.stderr)
                 return 2

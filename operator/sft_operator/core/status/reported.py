@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sft_contract.messages import EvaluationResult, ProgressReport, TrainerResult
-from sft_operator.api.types import Metrics, OutputStatus, Progress, Stage
+from sft_operator.api.types import Metrics, OutputStatus, ProgressStatus, Stage
 from sft_operator.core.status.pods import finished_at, terminated_state
 from sft_operator.core.status.vocabulary import SUCCEEDED_C, clip
 
@@ -28,7 +28,7 @@ def with_progress(status: dict[str, Any], report: ProgressReport) -> dict[str, A
     eta = report.eta_seconds
     if eta is None and report.total_steps > 0 and report.step >= report.total_steps:
         eta = 0
-    progress = Progress(percent=report.percent, step=report.step, total_steps=report.total_steps,
+    progress = ProgressStatus(percent=report.percent, step=report.step, total_steps=report.total_steps,
                         epoch=report.epoch, eta_seconds=eta, stage=STAGES[report.stage or "training"],
                         bytes_done=report.bytes_done, bytes_total=report.bytes_total)
     metrics = Metrics.model_validate(report.run_metrics())
@@ -63,7 +63,7 @@ def with_result(status: dict[str, Any], result: TrainerResult) -> dict[str, Any]
     progress.update({k: v for k, v in said.items() if v is not None})
     out = {
         **status,
-        "progress": _dump(Progress.model_validate(progress)),
+        "progress": _dump(ProgressStatus.model_validate(progress)),
         "metrics": {**(status.get("metrics") or {}), **_dump(metrics)},
         "output": {**(status.get("output") or {}), **_dump(output)},
     }
