@@ -1,5 +1,5 @@
-"""SFTJobs on the real control plane: a manifest builder and small API helpers bound to a namespace
-(shared by the operator's integration tests; the fixtures are in conftest.py)."""
+"""SFTJobs on the real control plane: small API helpers bound to a namespace (shared by the operator's
+integration tests; the fixtures are in conftest.py). The manifest builder is tests/builders.py's."""
 
 from __future__ import annotations
 
@@ -12,25 +12,9 @@ from kubernetes.client.exceptions import ApiException
 from sft_operator.api import GROUP, PLURAL, VERSION
 from sft_operator.core.render import LABEL_JOB
 
+from builders import cluster_manifest as manifest  # noqa: F401  (re-exported)
+
 PULL_GRACE = 4  # --pod-start-grace-seconds of the operator under test
-
-
-def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    """An SFTJob whose hub model is fetched into the cache claim the operator creates (`<name>-cache`,
-    bound by kwok's volume stage), as most users' jobs are."""
-    base: dict[str, Any] = {
-        "model": {"source": "Qwen/Qwen2.5-0.5B"},
-        "dataset": {"train": {"source": "/data/train.jsonl"}},
-        "output": {"destination": f"s3://models/{name}"},
-        "resources": {"gpusPerNode": 8},
-        "runPolicy": {"backoffLimit": 0},
-    }
-    for key, value in spec.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SFTJob", "metadata": {"name": name}, "spec": base}
 
 
 class Cluster:

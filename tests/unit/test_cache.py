@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import collections
 import time
+from functools import partial
 
 import kopf
 
 from sft_operator.runtime.cache import Cache, slim
 
-
-def sftjob(uid: str, phase: str | None = None, rv: str = "1", name: str = "demo") -> dict:
-    return {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob",
-            "metadata": {"name": name, "namespace": "a", "uid": uid, "resourceVersion": rv},
-            "spec": {}, "status": {"phase": phase} if phase else {}}
+import builders
 
 
-def pod(uid: str, job_uid: str, name: str = "demo") -> dict:
-    return {"metadata": {"name": f"{name}-0-{uid}", "namespace": "a", "uid": uid,
-                         "labels": {"sft.dev/job-name": name}, "ownerReferences": [{"uid": job_uid, "controller": True}]},
-            "status": {"phase": "Running"}}
+sftjob = partial(builders.sftjob, namespace="a", spec={})
+pod = partial(builders.pod, namespace="a")
 
 
 def test_slim_keeps_what_status_derivation_reads_and_drops_the_pod_template():
@@ -60,26 +55,26 @@ def test_slim_pods_keep_status_and_service_account_and_config_maps_only_a_digest
 
 def test_pods_of_ignores_pods_of_an_earlier_job_with_the_same_name():
     cache = Cache()
-    cache.put("Pod", pod("p1", "old-job"))
-    cache.put("Pod", pod("p2", "new-job"))
+    cache.put("Pod", pod("demo-0-p1", uid="p1", job_uid="old-job"))
+    cache.put("Pod", pod("demo-0-p2", uid="p2", job_uid="new-job"))
     assert [p["metadata"]["uid"] for p in cache.pods_of(("a", "demo"), "new-job")] == ["p2"]
-    cache.drop("Pod", pod("p1", "old-job"))
-    cache.drop("Pod", pod("p2", "new-job"))
+    cache.drop("Pod", pod("demo-0-p1", uid="p1", job_uid="old-job"))
+    cache.drop("Pod", pod("demo-0-p2", uid="p2", job_uid="new-job"))
     assert ("a", "demo") not in cache.pods
 
 
 def test_our_write_is_the_status_until_the_watch_catches_up_for_the_same_uid_only():
     cache = Cache()
     key = ("a", "demo")
-    cache.put("SFTJob", sftjob("u1", "Pending", rv="10"))
+    cache.put("SFTJob", sftjob({"phase": "Pending"}, uid="u1", resourceVersion="10"))
     cache.record_write(key, {"metadata": {"uid": "u1", "resourceVersion": "12"}, "status": {"phase": "Running"}})
     assert cache.current_status(key) == {"phase": "Running"}
-    cache.put("SFTJob", sftjob("u1", "Pending", rv="11"))  # an older event arriving late
+    cache.put("SFTJob", sftjob({"phase": "Pending"}, uid="u1", resourceVersion="11"))  # an older event arriving late
     assert cache.current_status(key) == {"phase": "Running"}
-    cache.put("SFTJob", sftjob("u1", "Running", rv="12"))  # the watch saw our write
+    cache.put("SFTJob", sftjob({"phase": "Running"}, uid="u1", resourceVersion="12"))  # the watch saw our write
     assert key not in cache.written
     cache.record_write(key, {"metadata": {"uid": "u1", "resourceVersion": "13"}, "status": {"phase": "Succeeded"}})
-    cache.put("SFTJob", sftjob("u2", "Pending", rv="14"))  # deleted and re-created
+    cache.put("SFTJob", sftjob({"phase": "Pending"}, uid="u2", resourceVersion="14"))  # deleted and re-created
     assert cache.current_status(key) == {"phase": "Pending"}
     cache.forget(key)
     assert key not in cache.sftjobs and key not in cache.written
@@ -88,8 +83,8 @@ def test_our_write_is_the_status_until_the_watch_catches_up_for_the_same_uid_onl
 def test_phase_counts_are_kept_incrementally():
     cache = Cache()
     a, b = ("a", "one"), ("a", "two")
-    cache.put("SFTJob", sftjob("ua", name="one"))
-    cache.put("SFTJob", sftjob("ub", "Running", name="two"))
+    cache.put("SFTJob", sftjob(uid="ua", name="one"))
+    cache.put("SFTJob", sftjob({"phase": "Running"}, uid="ub", name="two"))
     assert cache.phase_counts() == {"Pending": 1, "Running": 1}
     cache.record_write(a, {"metadata": {"uid": "ua", "resourceVersion": "5"}, "status": {"phase": "Running"}})
     assert cache.phase_counts() == {"Running": 2}
@@ -102,11 +97,11 @@ def test_phase_counts_are_kept_incrementally():
 
 def test_sweep_forgets_what_a_relist_no_longer_shows_but_keeps_what_came_after_it():
     cache = Cache()
-    cache.put("SFTJob", sftjob("gone", "Running", name="deleted"))  # its DELETED event was missed
-    cache.put("SFTJob", sftjob("alive", "Running", name="kept"))
-    cache.put("Pod", pod("p-gone", "j", name="kept"))
+    cache.put("SFTJob", sftjob({"phase": "Running"}, uid="gone", name="deleted"))  # its DELETED event was missed
+    cache.put("SFTJob", sftjob({"phase": "Running"}, uid="alive", name="kept"))
+    cache.put("Pod", pod("kept-0-p-gone", uid="p-gone", job_uid="j", job="kept"))
     listed_at = time.monotonic()
-    cache.put("SFTJob", sftjob("new", name="newer"))  # created after the list began
+    cache.put("SFTJob", sftjob(uid="new", name="newer"))  # created after the list began
     assert cache.sweep("SFTJob", {"a"}, {"alive"}, listed_at) == {("a", "deleted")}
     assert set(cache.sftjobs) == {("a", "kept"), ("a", "newer")}
     assert cache.phase_counts() == {"Running": 1, "Pending": 1}
@@ -123,13 +118,13 @@ def test_a_deleted_pod_that_failed_without_counting_stays_a_restart_after_it_is_
     from sft_operator.core.status import derive_status
 
     cache = Cache()
-    key = cache.put("SFTJob", sftjob("s1"))
-    cache.put("Pod", pod("p1", "j1"))
-    disrupted = pod("p1", "j1")
+    key = cache.put("SFTJob", sftjob(uid="s1"))
+    cache.put("Pod", pod("demo-0-p1", uid="p1", job_uid="j1"))
+    disrupted = pod("demo-0-p1", uid="p1", job_uid="j1")
     disrupted["status"] = {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
     cache.drop("Pod", disrupted)  # the DELETED event carries the pod's last state
-    cache.put("Pod", pod("p2", "j1"))  # the replacement runs
-    cache.drop("Pod", {**pod("p0", "j0"), "status": disrupted["status"]})  # a pod of an earlier Job: not ours
+    cache.put("Pod", pod("demo-0-p2", uid="p2", job_uid="j1"))  # the replacement runs
+    cache.drop("Pod", {**pod("demo-0-p0", uid="p0", job_uid="j0"), "status": disrupted["status"]})  # a pod of an earlier Job: not ours
 
     job = {"metadata": {"name": "demo", "namespace": "a", "uid": "j1"}, "spec": {"completions": 1}, "status": {"active": 1}}
     status = derive_status(cache.sftjobs[key], job, cache.pods_of(key, "j1"), datetime.now(timezone.utc),
@@ -148,7 +143,7 @@ def config_map(uid: str, name: str = "demo-config", controller: str = "demo") ->
 
 def test_a_child_is_known_by_its_name_and_controller_not_by_the_label():
     cache = Cache()
-    key = cache.put("SFTJob", sftjob("s1"))
+    key = cache.put("SFTJob", sftjob(uid="s1"))
     assert cache.put("ConfigMap", config_map("c1")) == key
     assert cache.put("ConfigMap", config_map("x1", name="demo-notes")) is None  # someone's notes, our label
     notes = config_map("x2")
@@ -174,15 +169,15 @@ def test_a_lost_nodes_pod_force_deleted_while_running_counts_as_a_restart():
     from sft_operator.core.status import derive_status
 
     cache = Cache()
-    key = cache.put("SFTJob", sftjob("s1"))
-    lost = pod("p1", "j1")
+    key = cache.put("SFTJob", sftjob(uid="s1"))
+    lost = pod("demo-0-p1", uid="p1", job_uid="j1")
     lost["metadata"]["deletionTimestamp"] = "2026-12-07T10:00:00Z"
     lost["status"] = {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True",
                                                           "reason": "DeletionByTaintManager"}]}
     cache.put("Pod", lost)
     cache.drop("Pod", lost)
-    cache.put("Pod", pod("p2", "j1"))
-    finished = pod("p3", "j1")  # a pod deleted after it succeeded is no restart
+    cache.put("Pod", pod("demo-0-p2", uid="p2", job_uid="j1"))
+    finished = pod("demo-0-p3", uid="p3", job_uid="j1")  # a pod deleted after it succeeded is no restart
     finished["status"] = {"phase": "Succeeded", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
     cache.drop("Pod", finished)
     job = {"metadata": {"name": "demo", "namespace": "a", "uid": "j1"}, "spec": {"completions": 1}, "status": {"active": 1}}

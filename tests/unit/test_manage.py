@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
+from functools import partial
 from typing import Any
 
 import pytest
@@ -16,26 +16,19 @@ from sft_operator.core.render import RenderOptions
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.watch import child_event
 
+import builders
+
 from .fakes import FakeKube, Operator
-from .helpers import manifest
 
 KEY = ("team-a", "demo")
 
 
-def sftjob() -> dict[str, Any]:
-    doc = manifest()
-    doc["metadata"].update(uid="sftjob-uid", generation=1, resourceVersion="1", creationTimestamp="2026-12-07T10:00:00Z")
-    return doc
+sftjob = partial(builders.sftjob, uid="sftjob-uid", resourceVersion="1", creationTimestamp="2026-12-07T10:00:00Z",
+                 spec=builders.manifest()["spec"])
 
 
 def running_pod(job_uid: str) -> dict[str, Any]:
-    return {"kind": "Pod",
-            "metadata": {"name": "demo-0-abcde", "namespace": "team-a", "uid": "pod-1",
-                         "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"},
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo", "uid": job_uid,
-                                              "controller": True}]},
-            "status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}],
-                       "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": "2026-12-07T10:00:05Z"}}}]}}
+    return builders.pod(job_uid=job_uid, state={"running": {"startedAt": "2026-12-07T10:00:05Z"}})
 
 
 # A TensorBoard Service that copies the trainer pods' selector into its own labels, a notes ConfigMap, a scratch

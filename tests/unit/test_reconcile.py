@@ -3,6 +3,8 @@ failed job, ConfigMap drift, API errors."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from sft_operator.runtime.cache import slim
@@ -24,14 +26,14 @@ from sft_operator.core.decisions import (
 )
 from sft_operator.runtime.scheduler import backoff_delay
 
+import builders
+
 SFTJOB = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": "demo", "namespace": "a", "uid": "u-1"}}
 OURS = {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": "demo", "uid": "u-1", "controller": True,
         "blockOwnerDeletion": True}
 
 
-def job(suspend: bool, annotations: dict | None = None, labels: dict | None = None) -> dict:
-    return {"kind": "Job", "metadata": {"name": "demo", "annotations": annotations or {}, "labels": labels or {}},
-            "spec": {"suspend": suspend}}
+job = partial(builders.job, annotations={})
 
 
 def child(*refs: dict, labels: dict | None = None) -> dict:
@@ -87,12 +89,12 @@ def test_a_running_jobs_config_is_kept_while_its_ca_is_brought_up_to_date():
 
 
 def test_the_job_of_a_failed_sftjob_is_stopped_once():
-    patch = stop_patch(job(False), "ImagePullFailed")
+    patch = stop_patch(job(suspend=False), "ImagePullFailed")
     assert patch == {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: "sft-operator",
                                                   ANNOTATION_STOPPED_REASON: "ImagePullFailed"}},
                      "spec": {"suspend": True}}
-    assert stop_patch(job(True), "ImagePullFailed") is None
-    finished = {**job(False), "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    assert stop_patch(job(suspend=True), "ImagePullFailed") is None
+    finished = {**job(suspend=False), "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
     assert stop_patch(finished, "BackoffLimitExceeded") is None
     assert stop_patch(None, "NameConflict") is None
 
@@ -104,15 +106,15 @@ QUEUE = {"kueue.x-k8s.io/queue-name": "gpu"}
 @pytest.mark.parametrize(
     "want,job_,expected",
     [
-        (True, job(False), {"metadata": {"annotations": MINE}, "spec": {"suspend": True}}),
-        (True, job(True, MINE), None),
-        (True, job(True, labels=QUEUE), {"metadata": {"annotations": MINE}}),  # claim a queue-held Job
-        (False, job(True, MINE), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}),
-        (False, job(True, MINE, QUEUE), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}),
-        (False, job(True, labels=QUEUE), None),  # Kueue admits it, not us
-        (False, job(True), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}),
-        (False, job(False), None),
-        (False, job(False, MINE), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}}),
+        (True, job(suspend=False), {"metadata": {"annotations": MINE}, "spec": {"suspend": True}}),
+        (True, job(suspend=True, annotations=MINE), None),
+        (True, job(suspend=True, labels=QUEUE), {"metadata": {"annotations": MINE}}),  # claim a queue-held Job
+        (False, job(suspend=True, annotations=MINE), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}),
+        (False, job(suspend=True, annotations=MINE, labels=QUEUE), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}),
+        (False, job(suspend=True, labels=QUEUE), None),  # Kueue admits it, not us
+        (False, job(suspend=True), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}, "spec": {"suspend": False}}),
+        (False, job(suspend=False), None),
+        (False, job(suspend=False, annotations=MINE), {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY: None}}}),
     ],
 )
 def test_suspend_patch(want, job_, expected):
@@ -121,7 +123,7 @@ def test_suspend_patch(want, job_, expected):
 
 def test_suspend_patch_touches_only_suspend_and_our_annotation():
     for want in (True, False):
-        for j in (job(False), job(True), job(True, MINE, QUEUE)):
+        for j in (job(suspend=False), job(suspend=True), job(suspend=True, annotations=MINE, labels=QUEUE)):
             patch = suspend_patch(want, j) or {}
             assert set(patch) <= {"metadata", "spec"}
             assert set(patch.get("spec", {})) <= {"suspend"}
@@ -129,8 +131,8 @@ def test_suspend_patch_touches_only_suspend_and_our_annotation():
 
 
 def test_prepare_job_marks_a_suspended_job_as_ours():
-    assert prepare_job(job(True))["metadata"]["annotations"] == MINE
-    assert prepare_job(job(False))["metadata"]["annotations"] == {}
+    assert prepare_job(job(suspend=True))["metadata"]["annotations"] == MINE
+    assert prepare_job(job(suspend=False))["metadata"]["annotations"] == {}
 
 
 @pytest.mark.parametrize(

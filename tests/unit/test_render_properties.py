@@ -3,13 +3,14 @@
 import copy
 import json
 import re
+from functools import partial
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft_operator.core.render import render_children
 
-from .helpers import MINIMAL
+import builders
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -53,11 +54,7 @@ specs = st.fixed_dictionaries(
 )
 
 
-def sftjob(name, spec):
-    doc = copy.deepcopy(MINIMAL)
-    doc["metadata"] = {"name": name, "namespace": "ns", "uid": "u-1"}
-    doc["spec"] = spec
-    return doc
+sftjob = partial(builders.sftjob, namespace="ns")
 
 
 def _walk(node):
@@ -73,7 +70,7 @@ def _walk(node):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(names, specs)
 def test_children_never_hold_privileged_settings(name, spec):
-    children = render_children(sftjob(name, spec))
+    children = render_children(sftjob(name=name, spec=spec))
     job = next(c for c in children if c["kind"] == "Job")
     pod = job["spec"]["template"]["spec"]
     for key in ("hostNetwork", "hostPID", "hostIPC"):
@@ -93,14 +90,14 @@ def test_children_never_hold_privileged_settings(name, spec):
 @settings(max_examples=150, deadline=None)
 @given(names, specs)
 def test_children_names_are_valid_for_any_valid_sftjob_name(name, spec):
-    for child in render_children(sftjob(name, spec)):
+    for child in render_children(sftjob(name=name, spec=spec)):
         child_name = child["metadata"]["name"]
         assert len(child_name) <= 63 and DNS_1123_SUBDOMAIN.match(child_name)
         if child["kind"] in ("Service", "Job"):
             assert DNS_1035.match(child_name)  # Services need RFC 1035; Job names become pod label values
         for value in child["metadata"]["labels"].values():
             assert len(value) <= 63
-    job = render_children(sftjob(name, spec))[-1]
+    job = render_children(sftjob(name=name, spec=spec))[-1]
     nodes = spec["resources"]["nodes"]
     assert len(f"{job['metadata']['name']}-{nodes - 1}") <= 63  # indexed pod hostnames
 
@@ -108,6 +105,6 @@ def test_children_names_are_valid_for_any_valid_sftjob_name(name, spec):
 @settings(max_examples=100, deadline=None)
 @given(names, specs)
 def test_rendering_is_deterministic(name, spec):
-    first = json.dumps(render_children(sftjob(name, spec)), sort_keys=True)
-    second = json.dumps(render_children(sftjob(name, copy.deepcopy(spec))), sort_keys=True)
+    first = json.dumps(render_children(sftjob(name=name, spec=spec)), sort_keys=True)
+    second = json.dumps(render_children(sftjob(name=name, spec=copy.deepcopy(spec))), sort_keys=True)
     assert first == second

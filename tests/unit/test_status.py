@@ -11,66 +11,9 @@ import pytest
 from sft_operator.core import status as st
 from sft_operator.core.status import Cause
 
+from builders import T0, T1, jcond, job, pod, sftjob, terminated, waiting
+
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
-T0 = "2026-11-28T11:50:00Z"
-T1 = "2026-11-28T11:55:00Z"
-
-
-def sftjob(status: dict[str, Any] | None = None, suspend: bool = False, generation: int = 1) -> dict[str, Any]:
-    doc = {
-        "apiVersion": "sft.dev/v1alpha1",
-        "kind": "SFTJob",
-        "metadata": {"name": "demo", "namespace": "team-a", "generation": generation, "uid": "u-1"},
-        "spec": {"runPolicy": {"suspend": suspend, "backoffLimit": 3}},
-    }
-    if status is not None:
-        doc["status"] = status
-    return doc
-
-
-def job(conditions: list[dict[str, Any]] | None = None, suspend: bool = False, labels: dict[str, str] | None = None,
-        **status: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "demo", "namespace": "team-a", "labels": {"sft.dev/job-name": "demo", **(labels or {})}},
-        "spec": {"suspend": suspend, "completions": 1, "parallelism": 1},
-        "status": {"conditions": conditions or [], **status},
-    }
-
-
-def jcond(kind: str, reason: str = "", message: str = "", when: str = T1) -> dict[str, Any]:
-    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": when}
-
-
-def pod(name: str = "demo-0-abcde", phase: str = "Running", state: dict[str, Any] | None = None,
-        conditions: list[dict[str, Any]] | None = None, deleting: bool = False, uid: str = "pod-1",
-        **status: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "uid": uid, "creationTimestamp": T0,
-                            "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"}}
-    if deleting:
-        meta["deletionTimestamp"] = T1
-    container = {"name": "trainer", "image": "ghcr.io/sft-operator/trainer:0.1.0", "ready": phase == "Running",
-                 "restartCount": 0, "state": state if state is not None else {"running": {"startedAt": T0}}}
-    return {
-        "metadata": meta,
-        "status": {
-            "phase": phase,
-            "conditions": conditions if conditions is not None else [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": T0}
-            ],
-            "containerStatuses": [container],
-            **status,
-        },
-    }
-
-
-def terminated(code: int, reason: str = "Error", message: str = "") -> dict[str, Any]:
-    return {"terminated": {"exitCode": code, "reason": reason, "message": message, "startedAt": T0, "finishedAt": T1}}
-
-
-def waiting(reason: str, message: str = "") -> dict[str, Any]:
-    return {"waiting": {"reason": reason, "message": message}}
 
 
 UNSCHEDULABLE_MSG = "0/3 nodes are available: 2 Insufficient nvidia.com/gpu, 1 node(s) had untolerated taint."

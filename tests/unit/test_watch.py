@@ -5,6 +5,7 @@ a cache whose pods were never listed (a restart must not rewrite a Running job a
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import pytest
@@ -16,18 +17,15 @@ from sft_operator.runtime.client import Credentials, KubeClient
 from sft_operator.core.render import RenderOptions
 from sft_operator.runtime.settings import OperatorSettings
 
+import builders
+
 NS = "team-a"
 PAGE_LIMIT = 500  # what the API server answers in one response here before it "times out"
 
 
-def pod(i: int, job: str = "old", phase: str = "Succeeded", job_uid: str = "j-old") -> dict[str, Any]:
-    return {"metadata": {"name": f"{job}-{i}", "namespace": NS, "uid": f"p-{job}-{i}", "resourceVersion": "1",
-                         "labels": {"sft.dev/job-name": job},
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job, "uid": job_uid,
-                                              "controller": True}]},
-            "spec": {"containers": [{"name": "trainer", "image": "trainer:1", "env": [{"name": "X", "value": "y" * 200}]}]},
-            "status": {"phase": phase, "conditions": [{"type": "PodScheduled", "status": "True"}],
-                       "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": "2020-01-01T00:00:03Z"}}}]}}
+# An old Job's finished pods, each with the pod spec a list answer carries (what the cache slims away).
+pod = partial(builders.pod, phase="Succeeded", job="old", job_uid="j-old", resource_version="1",
+              spec={"containers": [{"name": "trainer", "image": "trainer:1", "env": [{"name": "X", "value": "y" * 200}]}]})
 
 
 def context(server: FakeApiServer) -> Context:
@@ -54,7 +52,7 @@ def test_a_relist_of_more_pods_than_one_answer_holds_reads_pages_and_caches_ever
         async with FakeApiServer() as server:
             server.max_unpaged = PAGE_LIMIT
             for i in range(1234):
-                server.add("Pod", pod(i))
+                server.add("Pod", pod(f"old-{i}", uid=f"p-old-{i}"))
             ctx = context(server)
             try:
                 await watch.Watcher(ctx, "Pod", NS).relist()
@@ -76,7 +74,7 @@ def test_a_relist_that_fails_midway_keeps_what_the_cache_knew_and_lists_again_af
     async def main() -> None:
         async with FakeApiServer() as server:
             for i in range(1200):
-                server.add("Pod", pod(i))
+                server.add("Pod", pod(f"old-{i}", uid=f"p-old-{i}"))
             ctx = context(server)
             watcher = watch.Watcher(ctx, "Pod", NS)
             try:
@@ -115,7 +113,7 @@ def test_a_running_job_is_not_rewritten_as_pending_while_its_pods_cannot_be_list
     async def main() -> list[str]:
         async with FakeApiServer() as server:
             server.add("Job", job)
-            server.add("Pod", pod(0, "live", "Running", "j-live"))
+            server.add("Pod", pod("live-0", phase="Running", uid="p-live-0", job="live", job_uid="j-live"))
             server.always_fail["Pod"] = 504  # the pod list times out, again and again
             ctx = context(server)
             try:

@@ -5,6 +5,7 @@ real API server is in tests/integration."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from sft_operator.runtime.client import ApiError
 from sft_operator.runtime.context import Context
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.writer import ProgressRefused
+
+import builders
 
 from .fakes import Operator
 
@@ -50,29 +53,11 @@ class RecordingKube:
         pass
 
 
-def sftjob(uid: str = "u-1") -> dict[str, Any]:
-    return {"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob",
-            "metadata": {"name": "demo", "namespace": "team-a", "uid": uid, "generation": 1, "resourceVersion": "1",
-                         "creationTimestamp": "2020-01-01T00:00:00Z"},
-            "spec": {"model": {"source": "Qwen/Qwen2.5-0.5B"}, "dataset": {"train": {"source": "/d.jsonl"}},
-                     "output": {"destination": "/tmp/out"}}}
-
-
-def job(**status: Any) -> dict[str, Any]:
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": "demo", "namespace": "team-a", "uid": "j-1", "labels": {"sft.dev/job-name": "demo"},
-                         "creationTimestamp": "2020-01-01T00:00:01Z",
-                         "ownerReferences": [{"apiVersion": "sft.dev/v1alpha1", "kind": "SFTJob", "name": "demo", "uid": "u-1",
-                                              "controller": True}]},
-            "spec": {"suspend": False}, "status": status}
-
-
-def pod(phase: str = "Running", state: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"metadata": {"name": "demo-0-x", "namespace": "team-a", "uid": "p-1", "creationTimestamp": "2020-01-01T00:00:02Z",
-                         "labels": {"sft.dev/job-name": "demo", "batch.kubernetes.io/job-completion-index": "0"},
-                         "ownerReferences": [{"uid": "j-1", "controller": True}]},
-            "status": {"phase": phase, "conditions": [{"type": "PodScheduled", "status": "True"}],
-                       "containerStatuses": [{"name": "trainer", "state": state or {"running": {"startedAt": "2020-01-01T00:00:03Z"}}}]}}
+# The builders (tests/builders.py) with this file's objects: SFTJob u-1 owns Job j-1, which owns the pod.
+sftjob = partial(builders.sftjob, resourceVersion="1", creationTimestamp="2020-01-01T00:00:00Z",
+                 spec=builders.manifest()["spec"])
+job = partial(builders.job, uid="j-1", owner_uid="u-1", created="2020-01-01T00:00:01Z")
+pod = partial(builders.pod, "demo-0-x", uid="p-1", job_uid="j-1")
 
 
 def report(step: int, **extra: Any) -> ProgressReport:
@@ -149,7 +134,7 @@ def test_reports_are_refused_once_the_job_finished_or_was_recreated():
 def complete_with(ctx, message: str) -> None:
     """A complete Job whose pod ended with ``message`` as its termination message."""
     ctx.cache.put("Job", job(conditions=[{"type": "Complete", "status": "True"}], completionTime="2020-01-01T00:01:00Z"))
-    ctx.cache.put("Pod", pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+    ctx.cache.put("Pod", pod(phase="Succeeded", state={"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
                                                          "finishedAt": "2020-01-01T00:00:59Z"}}))
 
 
@@ -175,7 +160,7 @@ def test_a_first_pods_starting_state_is_held_back_then_written(monkeypatch):
         fresh = job(active=1)
         fresh["metadata"]["creationTimestamp"] = ctx_now()
         ctx.cache.put("Job", fresh)
-        starting = pod("Pending", {"waiting": {"reason": "ContainerCreating"}})
+        starting = pod(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}})
         starting["metadata"]["creationTimestamp"] = ctx_now()
         ctx.cache.put("Pod", starting)
         ctx.writer.mark(KEY)
@@ -261,7 +246,7 @@ def ago(seconds: float) -> str:
 
 
 def starting_pod(scheduled_seconds_ago: float, state: dict[str, Any]) -> dict[str, Any]:
-    p = pod("Pending", state)
+    p = pod(phase="Pending", state=state)
     p["metadata"]["creationTimestamp"] = ago(scheduled_seconds_ago + 1)
     p["status"]["conditions"] = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": ago(scheduled_seconds_ago)}]
     p["status"]["containerStatuses"][0]["image"] = "ghcr.io/sft-operator/trainer:0.1.0"
@@ -336,7 +321,7 @@ RESULT = ('{"outputModel":"s3://b/run/model","outputUri":"s3://b/run","mlflowRun
 
 
 def succeeded_pod(message: str = RESULT) -> dict[str, Any]:
-    return pod("Succeeded", {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+    return pod(phase="Succeeded", state={"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
                                             "finishedAt": ago(2)}})
 
 
@@ -418,7 +403,7 @@ def test_a_data_check_that_fails_the_job_stays_in_status_with_the_failure():
     """The fetch stage reports its data check, then exits 65: status says DataError, naming the row, and
     status.data keeps the numbers although the job is final when the report is written."""
     reason = "1 invalid row(s) of 14: /d.jsonl row 13: missing field 'output'"
-    failed_pod = pod("Failed")
+    failed_pod = pod(phase="Failed")
     failed_pod["status"]["initContainerStatuses"] = [
         {"name": "fetch", "state": {"terminated": {"exitCode": 65, "message": reason,
                                                    "finishedAt": "2020-01-01T00:00:09Z"}}}]
@@ -461,7 +446,7 @@ def run_on_fakes(test, **settings: Any) -> Operator:
 
 
 def fresh_pod(op: Operator, phase: str = "Running", **status: Any) -> dict[str, Any]:
-    p = pod(phase)
+    p = pod(phase=phase)
     p["metadata"]["creationTimestamp"] = op.clock.stamp()
     p["status"].update(status)
     return p
