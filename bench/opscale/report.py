@@ -59,7 +59,7 @@ def summarize(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     per = writes_per_job(burst)
     lags = burst.latencies()
     lag99 = max((pct(xs, .99) or 0.0) for what, xs in lags.items() if what.startswith(("pod Running", "Job Complete")))
-    lines.append("| target (DESIGN.md, issue #12) | measured | goal |")
+    lines.append("| target (docs/practice.md, issue #12) | measured | goal |")
     lines.append("|---|---:|---:|")
     lines.append(f"| API writes per SFTJob over its life | {per['total']:.2f} (children {per['children']:.2f}, on the "
                  f"SFTJob {per['status']:.2f}, Events {per['events']:.2f}) | <= 6 (3 + 2 + 1) |")

@@ -1,4 +1,4 @@
-"""Fine-tuning advice: a spec in, warnings from the practice in DESIGN.md out (pure).
+"""Fine-tuning advice: a spec in, warnings from the practice in docs/practice.md out (pure).
 
 `sftctl validate` prints them and the operator records them as Warning Events. They never block
 a job: the spec is valid, it is just likely to train badly.
