@@ -185,9 +185,10 @@ class FakeKube:
 class Operator:
     """The status writer and the reconciler wired as runtime.context.Context wires them, on the fakes."""
 
-    def __init__(self, settings: OperatorSettings | None = None, render_options: RenderOptions | None = None) -> None:
+    def __init__(self, settings: OperatorSettings | None = None, render_options: RenderOptions | None = None,
+                 kube: FakeKube | None = None) -> None:
         self.clock = FakeClock()
-        self.kube = FakeKube()
+        self.kube = kube or FakeKube()
         self.kube.clock = self.clock
         self.cache = Cache()
         self.scheduler = ManualScheduler(self.clock)

@@ -270,9 +270,7 @@ def test_after_a_crash_the_children_it_created_are_found_by_their_409_and_none_i
     kube = FakeKube()
 
     async def main() -> None:
-        first, after_crash = Operator(), Operator()
-        first.kube = first.reconciler.kube = first.writer.kube = kube
-        after_crash.kube = after_crash.reconciler.kube = after_crash.writer.kube = kube
+        first, after_crash = Operator(kube=kube), Operator(kube=kube)  # one API server, two operator lives
         try:
             first.cache.put("SFTJob", sftjob())
             await first.reconciler.manage(KEY)
