@@ -140,12 +140,12 @@ def test_kubectl_get_shows_the_evaluation_reason():
 def test_sftctl_status_shows_the_gate_table():
     from rich.console import Console
 
-    from sft_operator.cli.status_view import render
+    from sft_operator.cli.status_view import status_panel
 
     sftjob = {"metadata": {"name": "demo", "namespace": "team-a"},
               "status": {"phase": "Succeeded", "evaluation": MARKED.model_dump(mode="json", by_alias=True)}}
     console = Console(width=200, record=True, color_system=None)
-    console.print(render(sftjob))
+    console.print(status_panel(sftjob))
     text = console.export_text()
     assert "evaluation gates: FAILED" in text
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 5}
