@@ -53,9 +53,21 @@ def test_apply_creates_children_runs_and_succeeds(control_plane, operator, k8s):
     running = k8s.wait_phase("happy", "Running", timeout=30)
     assert cond(running, "Running")["status"] == "True"
     assert running["startTime"]
+    sftctl = [sys.executable, "-m", "sft_operator.cli.sftctl"]
+    kubeconfig = f"--kubeconfig={control_plane.kubeconfig}"
+    watch = subprocess.Popen([*sftctl, "watch", "happy", "-n", k8s.ns, kubeconfig], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)  # follows it until it finishes
 
     wait = control_plane.kubectl("wait", "-n", k8s.ns, "--for=condition=Succeeded", "sftjob/happy", "--timeout=60s", check=False)
     assert wait.returncode == 0, wait.stderr
+    out, err = watch.communicate(timeout=60)
+    assert watch.returncode == 0 and "Succeeded" in out, err
+    shown = subprocess.run([*sftctl, "status", "happy", "-n", k8s.ns, kubeconfig], capture_output=True, text=True,
+                           cwd=REPO, timeout=60)
+    assert shown.returncode == 0 and f"{k8s.ns}/happy" in shown.stdout and "Succeeded" in shown.stdout, shown.stderr
+    missing = subprocess.run([*sftctl, "status", "nope", "-n", k8s.ns, kubeconfig], capture_output=True, text=True,
+                             cwd=REPO, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"SFTJob {k8s.ns}/nope not found"
 
     status = k8s.status("happy")
     assert status["phase"] == "Succeeded"
