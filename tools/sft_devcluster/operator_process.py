@@ -54,7 +54,8 @@ class OperatorProcess:
     @property
     def command(self) -> list[str]:
         package = self.source / "operator" / "sft_operator"
-        module = "sft_operator" if (package / "__main__.py").exists() else "sft_operator.runtime.main"  # older checkouts
+        # An --operator-source checkout may have no sft_operator/__main__.py.
+        module = "sft_operator" if (package / "__main__.py").exists() else "sft_operator.runtime.main"
         return [sys.executable, "-m", module, *self.args]
 
     def start(self, wait: bool = True, timeout: float = 40) -> None:

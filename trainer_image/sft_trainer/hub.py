@@ -1,8 +1,8 @@
 """Hub and network calls with retries.
 
-huggingface_hub already retries one HTTP request a few times (about 23 s in all). An outage longer than
-that used to end the run as ModelLoadError/DataError (non-retriable). Here the whole load is retried
-with exponential backoff while the failure is transient (connection refused or reset, timeouts, DNS,
+huggingface_hub already retries one HTTP request a few times (about 23 s in all); an outage longer than
+that would end the run as ModelLoadError/DataError (non-retriable) if nothing retried more. Here the
+whole load is retried with exponential backoff while the failure is transient (connection refused or reset, timeouts, DNS,
 HTTP 408/429/5xx anywhere in the exception chain); after the last attempt the run exits 69
 (STORAGE_UNAVAILABLE), which the Job retries. Anything else (404, 401/403, a gated repo, offline mode, a
 malformed file) is permanent and raised at once.
