@@ -596,7 +596,7 @@ def test_network_policy_admits_progress_only_from_trainer_pods_and_metrics_from_
 
 def test_the_chart_promises_the_certificate_reload_the_operator_does():
     """A renewed serving certificate is picked up within --reload-seconds, without a restart
-    (tests/unit/test_progress.py serves one); values.yaml and the schema say so to the person
+    (tests/unit/test_progress_endpoint.py serves one); values.yaml and the schema say so to the person
     choosing `renewBefore`."""
     from sft_operator.runtime.settings import OperatorSettings
 
