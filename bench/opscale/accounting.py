@@ -54,14 +54,8 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 REQ_RE = re.compile(r"^apiserver_request_total\{([^}]*)\}\s+([0-9.e+]+)$")
-
-
 WATCH_EVENTS_RE = re.compile(r"^apiserver_watch_events_total\{([^}]*)\}\s+([0-9.e+]+)$")
-
-
 INTERESTING = {"configmaps", "services", "jobs", "sftjobs", "events", "pods", "persistentvolumeclaims"}
-
-
 WATCH_EVENTS = "watch events sent"  # the "verb" of the watch-event counter: events sent to all watchers
 
 

@@ -17,7 +17,6 @@ import yaml
 from sft_devcluster.kwok import kwok_claim
 from sft_operator.api import GROUP, PLURAL, VERSION
 
-
 OUTPUT_CLAIM = "models"  # one per namespace, bound by kwok's volume stage
 
 

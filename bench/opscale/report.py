@@ -11,7 +11,6 @@ from typing import Any
 
 from .accounting import WATCH_EVENTS, writes_per_job
 
-
 SECTION = "## Operator: SFTJobs at scale"
 
 

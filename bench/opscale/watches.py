@@ -13,7 +13,6 @@ from sft_operator.core.render import LABEL_JOB
 
 from .api import Api
 
-
 PHASES_RUNNING_OR_LATER = ("Running", "Succeeded", "Failed")
 
 

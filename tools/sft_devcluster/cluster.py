@@ -86,7 +86,6 @@ from .state import (
     running_components,
 )
 
-
 # Only used if no crds/ folder has a CRD (a partial checkout).
 PLACEHOLDER_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",

@@ -1,4 +1,4 @@
-"""The processes of a dev cluster, pure: every component's command line (``cluster_commands``, the one
+"""The processes of a dev cluster: every component's command line (``cluster_commands``, pure, the one
 source for ``up`` and ``start``), what each one is (``COMPONENTS``), and the health checks that
 ``start`` waits for (``HEALTH_CHECKS``)."""
 
@@ -17,10 +17,7 @@ from .kwok import KWOK_NODE_ANNOTATION, KWOK_STAGES
 from .pki import Pki
 from .state import ClusterInfo, QUEUE, node_cache_dir
 
-
 SERVICE_CIDR = realnode.SERVICE_CIDR
-
-
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 

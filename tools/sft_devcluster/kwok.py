@@ -5,19 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 KWOK_STAGES = Path(__file__).with_name("kwok_stages.yaml")
-
-
 # The taint kwok nodes carry when a real node is there: pods run for real unless they
 # tolerate it (scale and failure simulations do).
 KWOK_TAINT = {"key": "sft.dev/kwok-node", "value": "true", "effect": "NoSchedule"}
-
-
 # kwok manages only nodes carrying this annotation, never the real node.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
-
-
 GPU_NODE_RESOURCES = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
 
 

@@ -41,23 +41,13 @@ LOCAL_STORAGE_CLASS = {
     "reclaimPolicy": "Retain",
     "volumeBindingMode": "WaitForFirstConsumer",
 }
-
-
 # Claims ``up`` creates: what examples/*.yaml read and write.
 DEFAULT_CLAIMS = ("datasets", "models")
-
-
 VOLUMES_NAMESPACE = "default"
-
-
 # Unclaimed local volumes ``up`` adds, so that a claim nobody made a volume for binds too: the operator's
 # cache claim `<job>-cache`, or a user's. Emptied by ``up`` and removed by ``down`` (caches, not data).
 SPARE_VOLUMES = 8
-
-
 SPARE_SIZE = "100Gi"
-
-
 # One node: every pod that mounts a volume runs on it, so ReadWriteMany is honest, and a multi-node job
 # (several pods) may write the claim (the operator refuses a ReadWriteOnce one for that).
 LOCAL_ACCESS_MODES = ["ReadWriteMany"]

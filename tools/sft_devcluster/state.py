@@ -14,23 +14,12 @@ from pathlib import Path
 from . import node as realnode
 from .processes import DevClusterError, running
 
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "k8s-bin.sh"
-
-
 NODE_BUILD_SCRIPT = REPO_ROOT / "scripts" / "node-bin.sh"
-
-
 # Stop order: consumers first, storage last.
 CONTROL_PLANE = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
-
-
 QUEUE = ("kueue",)  # with `up --kueue`: stopped first, it calls the API server
-
-
 ALL_COMPONENTS = (*QUEUE, *realnode.COMPONENTS, *CONTROL_PLANE)
 
 
