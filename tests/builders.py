@@ -54,7 +54,12 @@ def cluster_manifest(name: str, **spec: Any) -> dict[str, Any]:
         "resources": {"gpusPerNode": 8},
         "runPolicy": {"backoffLimit": 0},
     }
-    return {"apiVersion": API_VERSION, "kind": "SFTJob", "metadata": {"name": name}, "spec": merged(base, **spec)}
+    return to_create(name, merged(base, **spec))
+
+
+def to_create(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """An SFTJob with this spec, as a client sends it (the API call gives the namespace)."""
+    return {"apiVersion": API_VERSION, "kind": "SFTJob", "metadata": {"name": name}, "spec": copy.deepcopy(spec)}
 
 
 def sftjob(status: dict[str, Any] | None = None, suspend: bool = False, generation: int = 1, *,

@@ -3,6 +3,7 @@ integration tests; the fixtures are in conftest.py). The manifest builder is tes
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -15,6 +16,17 @@ from sft_operator.core.render import LABEL_JOB
 from builders import cluster_manifest as manifest  # noqa: F401  (re-exported)
 
 PULL_GRACE = 4  # --pod-start-grace-seconds of the operator under test
+
+
+def metric(operator, series: str) -> float:
+    """A sample of the operator's /metrics (``series`` with its labels, as exposed), 0 while absent."""
+    found = re.search(rf"^{re.escape(series)} (\S+)$", operator.metrics(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def reconciles(operator) -> float:
+    """How many reconciles the operator has finished (its sft_reconcile_duration_seconds histogram)."""
+    return metric(operator, "sft_reconcile_duration_seconds_count")
 
 
 class Cluster:

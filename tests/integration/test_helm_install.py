@@ -35,6 +35,7 @@ from kubernetes.client.exceptions import ApiException
 from sft_operator.api import GROUP, PLURAL, VERSION
 from sft_operator.core.render import LABEL_JOB
 
+from builders import cluster_manifest
 from support import REPO, OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -228,19 +229,6 @@ class Operator(OperatorProcess):
             conn.close()
 
 
-def sftjob(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "SFTJob", "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "Qwen/Qwen2.5-0.5B"},  # a hub model: a fetch stage and the cache claim <name>-cache
-            "dataset": {"train": {"source": "/data/train.jsonl"}},
-            "output": {"destination": "s3://models/rbac-proof"},
-            "resources": {"gpusPerNode": 8},  # lands on a kwok GPU node
-            "runPolicy": {"suspend": True, "backoffLimit": 0, "ttlSecondsAfterFinished": 3},
-        },
-    }
-
-
 FIELD_MANAGER = "platform-gitops"
 
 
@@ -285,7 +273,9 @@ def test_rbac_is_enough_for_a_whole_sftjob_life_and_no_more(control_plane, restr
         operator.start()
         name = "rbac-proof"
         # Applied the GitOps way (examples/server-side-apply.md): server-side, with our field manager.
-        manifest = sftjob(name)
+        # A hub model: a fetch stage and the cache claim <name>-cache; eight GPUs: it lands on a kwok GPU node.
+        manifest = cluster_manifest(name, output={"destination": "s3://models/rbac-proof"},
+                                    runPolicy={"suspend": True, "ttlSecondsAfterFinished": 3})
         apply_server_side(control_plane, work, manifest, tmp_path)
         control_plane.wait_for(lambda: batch.read_namespaced_job(name, work), 30, "the trainer Job")
         cache = core.read_namespaced_persistent_volume_claim(f"{name}-cache", work)  # created with the chart's RBAC

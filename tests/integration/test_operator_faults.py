@@ -9,7 +9,6 @@ ValidatingAdmissionPolicy (the API server's own CEL admission) for its namespace
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 
@@ -23,7 +22,7 @@ from sft_operator.runtime.settings import OperatorSettings
 from support import OperatorProcess
 from tls_certs import self_signed
 
-from .sftjob_cluster import PULL_GRACE, Cluster, cond, manifest
+from .sftjob_cluster import PULL_GRACE, Cluster, cond, manifest, reconciles
 
 pytestmark = pytest.mark.cluster
 
@@ -34,12 +33,6 @@ def gone(read) -> bool:
     except ApiException as exc:
         return exc.status == 404
     return False
-
-
-def reconciles(operator) -> float:
-    """How many reconciles the operator has finished (its sft_reconcile_duration_seconds histogram)."""
-    found = re.search(r"^sft_reconcile_duration_seconds_count (\S+)$", operator.metrics(), re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def owner_uid(obj) -> str | None:
@@ -310,7 +303,7 @@ def test_a_child_the_api_server_calls_invalid_fails_the_job_with_its_message(ope
         k8s.allow(policy)
     # That no retry is scheduled is tests/unit/test_manage.py's; here: once the API server would take the
     # Job, a reconcile of the job (a watch event: an annotation) still creates nothing.
-    k8s.cp.wait_for(lambda: not denied(), 15, "the admission policy lifted")
+    k8s.cp.wait_for(lambda: not denied(), 30, "the admission policy lifted")
     before = reconciles(operator)
     k8s.custom.patch_namespaced_custom_object(GROUP, VERSION, k8s.ns, PLURAL, "invalid",
                                               {"metadata": {"annotations": {"test.sft.dev/poke": "1"}}},

@@ -19,6 +19,7 @@ import requests
 from kubernetes import client
 
 from sft_operator.api import GROUP, PLURAL, VERSION
+from builders import to_create
 from support import OperatorProcess
 from tls_certs import self_signed
 
@@ -74,21 +75,6 @@ def server(control_plane, namespace, tmp_path):
         print(f"--- operator log ---\n{srv.op.log_tail(100)}")
 
 
-def sftjob(name: str) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "SFTJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/tiny"},
-            "dataset": {"train": {"source": "pvc://data/train.jsonl"}},
-            "hyperparameters": {"maxSteps": 100},
-            "output": {"destination": f"pvc://models/{name}"},
-            "resources": {"gpusPerNode": 0},
-        },
-    }
-
-
 def owned_job(name: str, owner: dict) -> dict:
     """A Job the SFTJob controls, shaped like the renderer's: pods labelled sft.dev/job-name."""
     return {
@@ -130,7 +116,13 @@ class Cluster:
         self.custom = client.CustomObjectsApi(control_plane.api)
 
     def create_sftjob_with_pod(self, name: str) -> tuple[dict, client.V1Pod]:
-        owner = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, sftjob(name))
+        owner = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, to_create(name, {
+            "model": {"source": "pvc://models/tiny"},
+            "dataset": {"train": {"source": "pvc://data/train.jsonl"}},
+            "hyperparameters": {"maxSteps": 100},
+            "output": {"destination": f"pvc://models/{name}"},
+            "resources": {"gpusPerNode": 0},
+        }))
         self.batch.create_namespaced_job(self.ns, owned_job(name, owner))
         pod = self.cp.wait_for(
             lambda: next(iter(self.core.list_namespaced_pod(self.ns, label_selector=f"job-name={name}").items), None),

@@ -30,7 +30,7 @@ from sft_operator.core.render import LABEL_JOB
 
 from support import OperatorProcess
 
-from .sftjob_cluster import PULL_GRACE, Cluster
+from .sftjob_cluster import PULL_GRACE, Cluster, metric
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # about 2 minutes on 2 cores
 
@@ -134,7 +134,17 @@ def test_a_restart_among_10000_finished_pods_lists_them_in_pages_and_a_running_j
         op.start(timeout=120)
         listed = k8s.cp.wait_for(lambda: re.search(r"listed (\d+) Pods in \S+ in (\d+) pages", op.log_path.read_text()),
                                  60, "the operator's pod list")
-        time.sleep(3)  # three resyncs (--resync-seconds 1): every status derived again from the listed pods
+        # Three resyncs (--resync-seconds 1), each deriving every status again from the listed pods; each
+        # after the first bills the Running job's GPUs, so three more GPU-second samples show three done.
+        samples = [metric(op, f'sft_gpu_seconds_total{{namespace="{namespace}"}}')]
+
+        def resynced_three_times() -> bool:
+            value = metric(op, f'sft_gpu_seconds_total{{namespace="{namespace}"}}')
+            if value != samples[-1]:
+                samples.append(value)
+            return len(samples) > 3
+
+        k8s.cp.wait_for(resynced_three_times, 30, "three resyncs after the list", interval=0.1)
         memory = peak_rss_mib(op.proc.pid)
     finally:
         stop.set()
