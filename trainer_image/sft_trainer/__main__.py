@@ -113,20 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_config(args.config)
         from . import train  # torch is imported only once the config is valid
-        from .run_hooks import RunHooks
+        from .run_hooks import train_under_hooks
 
-        # Rank 0: the output proved writable, MLflow tracking; the destination lock held through the export.
-        with RunHooks.start(spec) as hooks:
-            try:
-                metrics = train.run(spec, sinks=hooks.sinks, lock=hooks.lock)  # or a finished, unexported model's
-            except BaseException as e:
-                hooks.failed(e)
-                raise
-            done = hooks.succeeded(metrics)  # rank 0: export to s3:// (COMPLETE last), end the MLflow run
+        # The destination lock is held from training through the export; train.run may also return a
+        # finished, unexported model's metrics.
+        metrics = train_under_hooks(spec, lambda hooks: train.run(spec, sinks=hooks.sinks, lock=hooks.lock))
         rejected = gates.rejection(metrics)
         if rejected:  # exported (under rejected/) and tracked, but the job fails: exit 80
             raise EvaluationFailed(rejected)
-        write_result(metrics | (done.fields() if done else {}))  # rank 0: the result the operator reads
+        write_result(metrics)  # rank 0: the result the operator reads
         return ExitCode.OK
     except TrainerError as e:
         log.error("%s (exit %d %s)", e.reason, e.code, e.code.name)

@@ -100,18 +100,12 @@ def run(manifest: str | Path | dict[str, Any], *, output: str | None = None, con
         from . import datacheck
         from .fetch import fetch_all
         from .reporter import ProgressReporter
-        from .run_hooks import RunHooks
+        from .run_hooks import train_under_hooks
 
         fetch_all(spec)  # hub and s3:// sources into the cache (~/.cache/sft-operator/fetch or $SFT_CACHE_DIR)
         datacheck.run(spec)  # every bad row named before the model loads, as the cluster's fetch stage does
-        hooks = RunHooks.start(spec, run_name=name)
-        try:
-            metrics = _train_with_progress(spec, name, console, hooks.sinks)
-        except BaseException as e:
-            hooks.failed(e)
-            raise
-        result = hooks.succeeded(metrics, reporter=ProgressReporter(None, stdout=None))
-        metrics.update({"outputUri": result.output_uri, "mlflowRunId": result.mlflow_run_id})
+        metrics = train_under_hooks(spec, lambda hooks: _train_with_progress(spec, name, console, hooks.sinks),
+                                    run_name=name, reporter=ProgressReporter(None, stdout=None))
         if metrics.get("evaluation"):
             console.print(gate_table(metrics["evaluation"]))
         rejected = gates.rejection(metrics)

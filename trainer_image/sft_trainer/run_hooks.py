@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,3 +164,23 @@ class RunHooks:
             step=metrics.get("steps", 0), total_steps=metrics.get("totalSteps", 0), epoch=metrics.get("epochs", 0.0),
             message=message[:1024], evaluation=metrics.get("evaluation"), **fields,  # the latest report wins: keep it
         )
+
+
+def train_under_hooks(spec: TrainingSpec, train_fn: Callable[[RunHooks], dict[str, Any]], *,
+                      run_name: str | None = None, reporter=None) -> dict[str, Any]:
+    """A run's order, written once for the pod (``__main__``) and ``sftctl run`` (``local``): the hooks start
+    (rank 0: the output proved writable, MLflow tracking, the destination lock), ``train_fn(hooks)`` trains,
+    then the hooks finish (export to s3:// with COMPLETE last, the tracking run ended) or record the failure.
+
+    Returns the run's metrics with the export's fields (``outputUri``, ``mlflowRunId``, ``warning``). The
+    caller judges the gates: a rejected model is exported (under rejected/) and tracked before the job fails.
+    """
+    with RunHooks.start(spec, run_name=run_name) as hooks:
+        try:
+            metrics = train_fn(hooks)
+        except BaseException as e:
+            hooks.failed(e)
+            raise
+        done = hooks.succeeded(metrics, reporter=reporter)
+    return metrics | (done.fields() if done else {})
+
