@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sft_contract import gate_rows
+from sft_contract.gate_table import gate_table
 from sft_contract.exit_codes import ExitCode
 
 from . import gates
@@ -204,16 +204,3 @@ def summary_table(m: dict[str, Any]):
         t.add_row(k, v)
     return t
 
-
-def gate_table(evaluation: dict[str, Any]):
-    """The evaluation gates: the base and tuned model's values, the bounds, the verdict."""
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(title=f"evaluation gates: {gate_rows.verdict(evaluation)}", title_justify="left")
-    for col in gate_rows.COLUMNS:
-        t.add_column(col)
-    for cells, passed, message in gate_rows.rows(evaluation):
-        word, rest = gate_rows.result_cell(passed, message)
-        t.add_row(*cells, Text.assemble((word, {True: "green", False: "red"}.get(passed, "")), rest))
-    return t

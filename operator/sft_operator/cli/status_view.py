@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sft_contract import gate_rows
+from sft_contract.gate_table import gate_table
 from sft_operator.api import GROUP, PLURAL
 from sft_operator.api.types import TERMINAL_PHASES, Phase
 from sft_operator.runtime.client import ApiError, KubeClient
@@ -99,15 +99,6 @@ def status_panel(sftjob: dict[str, Any]) -> Group:
         parts += [Text(""), gate_table(status["evaluation"])]
     return Group(*parts)
 
-
-def gate_table(evaluation: dict[str, Any]) -> Table:
-    table = Table(title=f"evaluation gates: {gate_rows.verdict(evaluation)}", title_justify="left")
-    for column in gate_rows.COLUMNS:
-        table.add_column(column)
-    for cells, passed, message in gate_rows.rows(evaluation):
-        word, rest = gate_rows.result_cell(passed, message)
-        table.add_row(*cells, Text.assemble((word, {True: "green", False: "red"}.get(passed, "")), rest))
-    return table
 
 
 def exit_code(sftjob: dict[str, Any]) -> int:

@@ -1,5 +1,7 @@
-"""The evaluation gate table as ``sftctl run`` (the trainer) and ``sftctl status`` (the operator's CLI)
-print it: plain rows here, each side draws them with rich."""
+"""The evaluation gate table that ``sftctl run`` (the trainer) and ``sftctl status`` (the operator's CLI) print.
+
+Both sides show the same table and neither may import the other, so it lives in the contract. rich (a
+dependency of both) is imported only when a table is drawn: the contract stays importable with pydantic alone."""
 
 from __future__ import annotations
 
@@ -39,3 +41,17 @@ def result_cell(passed: bool | None, message: str) -> tuple[str, str]:
     if passed is False:
         return "failed", f": {message}"
     return "-", ""
+
+
+def gate_table(evaluation: dict[str, Any]):
+    """The gates as a rich Table: the base and tuned model's values, the bounds, the verdict."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"evaluation gates: {verdict(evaluation)}", title_justify="left")
+    for column in COLUMNS:
+        table.add_column(column)
+    for cells, passed, message in rows(evaluation):
+        word, rest = result_cell(passed, message)
+        table.add_row(*cells, Text.assemble((word, {True: "green", False: "red"}.get(passed, "")), rest))
+    return table
