@@ -203,3 +203,15 @@ class Operator:
 
     async def close(self) -> None:
         await self.scheduler.close()
+
+    def run(self, test: Callable[[Operator], Coroutine[Any, Any, None]]) -> Operator:
+        """Run ``test(self)`` in a fresh event loop, then stop the scheduler's tasks."""
+        async def main() -> None:
+            try:
+                await test(self)
+            finally:
+                await self.close()
+
+        asyncio.run(main())
+        return self
+

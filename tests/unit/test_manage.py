@@ -218,16 +218,7 @@ def test_a_config_map_watched_by_its_metadata_is_read_again_only_when_someone_el
 
 
 def run_op(test, **settings: Any) -> Operator:
-    op = Operator(OperatorSettings(**settings))
-
-    async def main() -> None:
-        try:
-            await test(op)
-        finally:
-            await op.close()
-
-    asyncio.run(main())
-    return op
+    return Operator(OperatorSettings(**settings)).run(test)
 
 
 def edited(doc: dict[str, Any], **spec: Any) -> dict[str, Any]:

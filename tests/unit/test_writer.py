@@ -434,15 +434,8 @@ def run_on_fakes(test, **settings: Any) -> Operator:
     finished: list[tuple[str, str]] = []
     op.writer.on_finished = finished.append  # the reconciler is not under test here
 
-    async def main() -> None:
-        op.cache.put("SFTJob", sftjob())
-        try:
-            await test(op)
-        finally:
-            await op.close()
-
-    asyncio.run(main())
-    return op
+    op.cache.put("SFTJob", sftjob())
+    return op.run(test)
 
 
 def fresh_pod(op: Operator, phase: str = "Running", **status: Any) -> dict[str, Any]:
