@@ -96,13 +96,18 @@ class RunMetrics(ApiModel):
         return {name: value for name in RunMetrics.model_fields if (value := getattr(self, name)) is not None}
 
 
-class ProgressReport(RunMetrics):
-    """What the trainer pushes to the operator's progress endpoint (size-bounded): the run's metrics
-    (RunMetrics) and where the run is."""
+class RunPosition(ApiModel):
+    """Where a run is. A base of its own so that a report's JSON (and its log line) starts with it."""
 
     step: int = Field(ge=0, le=10**9)
     total_steps: int = Field(ge=0, le=10**9)
     epoch: float = Field(ge=0.0, le=1e6)
+
+
+class ProgressReport(RunMetrics, RunPosition):  # pydantic orders fields from the last base: position first
+    """What the trainer pushes to the operator's progress endpoint (size-bounded): where the run is
+    (RunPosition) and its metrics (RunMetrics)."""
+
     eta_seconds: int | None = Field(default=None, ge=0, le=10**8)
     effective_batch_size: int | None = Field(default=None, ge=1, le=10**8)
     output_model: Annotated[str, Field(max_length=1024)] | None = None

@@ -86,6 +86,8 @@ def test_the_messages_on_the_wire_are_those_of_the_previous_release():
     assert result_from_metrics({**METRICS, **EARLIER_RESULT}).model_dump(by_alias=True, exclude_none=True) == EARLIER_RESULT
     report = ProgressReport.model_validate(EARLIER_REPORT)
     assert report.model_dump(mode="json", by_alias=True, exclude_none=True) == EARLIER_REPORT
+    # The trainer's log line is this JSON: it starts with where the run is, as people and scripts read it.
+    assert list(report.model_dump(by_alias=True, exclude_none=True))[:4] == ["step", "totalSteps", "epoch", "trainLoss"]
     assert TrainerResult.model_validate({**EARLIER_RESULT, "newerField": 1}).train_loss == 0.81  # unknown: ignored
 
 

@@ -69,9 +69,9 @@ def archive_images(path: Path) -> dict[str, str]:
     raise DevClusterError(f"{path} is neither a docker-archive (manifest.json) nor an OCI layout (index.json)")
 
 
-def _crictl_images(layout, *args: str) -> subprocess.CompletedProcess:
+def _crictl_images(layout, *args: str, timeout: str = "10s") -> subprocess.CompletedProcess:
     return subprocess.run([str(layout.bin / "crictl"), "--config=/dev/null", f"--image-endpoint=unix://{layout.socket}",
-                           "--timeout=10s", *args], capture_output=True, text=True)
+                           f"--timeout={timeout}", *args], capture_output=True, text=True)
 
 
 def _listed_images(layout) -> list[dict]:
@@ -91,7 +91,8 @@ def remove_untagged(layout) -> list[str]:
     (the CRI keeps each image ID as a reference of its own). Returns their IDs."""
     stale = [image["id"] for image in _listed_images(layout) if not image.get("repoTags")]
     for image_id in stale:
-        proc = _crictl_images(layout, "rmi", image_id)
+        # Removing a replaced trainer image deletes gigabytes of snapshots: over 10 s on a busy node.
+        proc = _crictl_images(layout, "rmi", image_id, timeout="180s")
         if proc.returncode != 0:
             raise DevClusterError(f"crictl rmi {image_id} failed: {proc.stderr.strip()}")
     return stale
