@@ -15,7 +15,6 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
 
 from sft_contract.messages import DataSummary, TokenLengths
 from sft_contract.spec import DataFormat, DatasetSpec, TrainingSpec

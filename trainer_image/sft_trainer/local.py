@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sft_contract.gate_table import gate_table
 from sft_contract.exit_codes import ExitCode
+from sft_contract.gate_table import gate_table
 
 from . import gates
 from .errors import ConfigError, EvaluationFailed, TrainerError

@@ -17,8 +17,8 @@ import kopf
 from sft_operator.api import GROUP, PLURAL, VERSION
 from sft_operator.runtime import metrics, progress_server
 from sft_operator.runtime.client import KubeClient
-from sft_operator.runtime.credentials import connection_info, load_credentials
 from sft_operator.runtime.context import Context
+from sft_operator.runtime.credentials import connection_info, load_credentials
 from sft_operator.runtime.loops import resync_loop, watch_ca_file
 from sft_operator.runtime.settings import OperatorSettings
 from sft_operator.runtime.watch import start_watchers

@@ -44,7 +44,6 @@ from sft_operator.core.decisions import (
 from sft_operator.core.render import RenderOptions, cache_claim, pvc_claims, render_children
 from sft_operator.core.status import INVALID_SPEC, Cause, condition, parse_time
 from sft_operator.runtime import metrics
-from sft_operator.core.render import RenderOptions
 from sft_operator.runtime.cache import Cache, Key, ManagedAs, Rendered, slim
 from sft_operator.runtime.client import ApiError
 from sft_operator.runtime.clock import SYSTEM_CLOCK, Clock
