@@ -198,6 +198,17 @@ def test_long_messages_are_clipped():
     assert len(cause.message) <= st.MAX_MESSAGE
 
 
+def test_a_start_problem_is_timed_from_when_it_was_first_seen_not_from_scheduling():
+    p = pod(phase="Pending", state=waiting("ErrImagePull", "not found"), conditions=scheduled_at(T0))
+    clocks = st.track_start_clocks([p], {}, NOW - timedelta(seconds=30))
+    assert clocks == {("pod-1", "image"): NOW - timedelta(seconds=30)}
+    problem = st.start_problem([p], NOW, None, clocks)
+    assert (problem.reason, problem.seconds) == ("ErrImagePull", 30)  # scheduled 10 minutes ago
+    deleting = copy.deepcopy(p)
+    deleting["metadata"]["deletionTimestamp"] = T1
+    assert st.start_problem([deleting], NOW, None, clocks) is None
+
+
 def test_multi_node_is_running_only_when_every_active_pod_runs():
     pods = [pod("demo-0-a"), pod("demo-1-b", phase="Pending", state=waiting("ContainerCreating"))]
     assert st.derive_status(sftjob(), job(active=2), pods, NOW)["phase"] == "Pending"
