@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from sft_contract import memory
 from sft_operator import __version__
 from sft_operator.api.crd import crd_manifest, crd_yaml
 from sft_operator.core.advice import advise, memory_plan
@@ -67,7 +68,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if problems:
                 continue
             spec = parse_sftjob(document).spec
-            plan, why = memory_plan(spec, network=True) if not args.no_advice else (None, "")
+            plan, why = None, ""
+            if not args.no_advice:
+                shapes, why = memory.find_shapes(spec.model.source, spec.model.revision, network=True)
+                plan, why = memory_plan(spec, shapes, why)
             if plan is not None and plan.fits:
                 print(f"{where}: {plan.report()}")
             elif why:

@@ -37,15 +37,18 @@ def billions_of_parameters(model_source: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def memory_plan(spec: SFTJobSpec, *, network: bool = False) -> tuple[memory.Plan | None, str]:
+def memory_plan(spec: SFTJobSpec, shapes: memory.Shapes | None = None, why: str = "") -> tuple[memory.Plan | None, str]:
     """The per-GPU memory estimate for the GPUs the spec asks for (gpusPerNode 0: the CPU process's, against
     the pod's memory limit when the spec sets one), or (None, why there is none).
 
-    Shapes: a local config.json, the bundled table, or (``network``: ``sftctl validate``) the hub. The
-    operator never fetches: it has the table only.
+    Shapes: the caller's (``sftctl validate`` finds them with ``memory.find_shapes``: a local config.json, the
+    bundled table or the hub, and says ``why`` when it found none), else the bundled table. No I/O here:
+    the operator has the table only.
     """
     res = spec.resources
-    shapes, why = memory.find_shapes(spec.model.source, spec.model.revision, network=network)
+    if shapes is None and not why:
+        shapes = memory.table_shapes(spec.model.source)
+        why = "" if shapes is not None else f"{spec.model.source} is not in the bundled table"
     if shapes is None:
         return None, f"no memory estimate: {why}"
     if res.gpus_per_node == 0:
