@@ -29,18 +29,15 @@ Pure and light (the standard library only): the operator's advice, ``sftctl vali
 FSDP with ``cpuOffload`` moves the sharded weights, gradients and optimizer states to CPU memory.
 The estimate was checked against measured peaks on CPU (BENCHMARKS.md, "Memory estimate").
 
-Shapes come from, in order: a local path's config.json (``~``, absolute, ``./``; ``pvc://`` paths
-mapped through ``$SFT_PVC_ROOT`` when present), the bundled table ``model_shapes.json`` (popular hub
-ids, transcribed from their config.json files), or the hub's config.json when the caller allows the
-network (``sftctl validate`` does, unless ``HF_HUB_OFFLINE=1``). ``Shapes.source`` says which.
+Shapes come from the model's config.json (``Shapes.from_config``) or the bundled table ``model_shapes.json``
+(popular hub ids, transcribed from their config.json files); ``sftctl validate`` also reads a local or hub
+config.json (``sft_operator.cli.model_shapes``). ``Shapes.source`` says which.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -364,53 +361,6 @@ def table_shapes(model_id: str) -> Shapes | None:
     """Shapes from the bundled table only (no file or network access)."""
     cfg = bundled_table().get(model_id)
     return Shapes.from_config(cfg, f"bundled table entry {model_id}") if cfg else None
-
-
-def local_config(source: str) -> Path | None:
-    """The config.json of a local or pvc:// model source, if it can be read here."""
-    if source.startswith("pvc://"):
-        claim, _, sub = source[len("pvc://") :].partition("/")
-        path = Path(os.environ.get("SFT_PVC_ROOT", "/mnt/pvc")) / claim / sub
-    else:
-        path = Path(os.path.expanduser(source))
-    cfg = path / "config.json"
-    return cfg if cfg.is_file() else None
-
-
-def hub_config(model_id: str, revision: str | None = None, timeout_s: float = 5.0) -> dict[str, Any] | None:
-    """config.json from the hub (``$HF_ENDPOINT``, ``$HF_TOKEN``); None when offline or unreachable."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return None
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    req = urllib.request.Request(f"{endpoint}/{model_id}/resolve/{revision or 'main'}/config.json")
-    if os.environ.get("HF_TOKEN"):
-        req.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-    except (OSError, ValueError):
-        return None
-
-
-def find_shapes(source: str, revision: str | None = None, *, network: bool = False) -> tuple[Shapes | None, str]:
-    """(shapes, where they came from) — or (None, why there are none)."""
-    try:
-        cfg = local_config(source)
-        if cfg is not None:
-            return Shapes.from_config(json.loads(cfg.read_text()), f"{source}/config.json"), ""
-        shapes = table_shapes(source)
-        if shapes is not None:
-            return shapes, ""
-        if source.startswith(("pvc://", "/", "~", "./", "../")):
-            return None, f"{source}/config.json cannot be read here (the trainer checks at start)"
-        if network:
-            fetched = hub_config(source, revision)
-            if fetched is not None:
-                return Shapes.from_config(fetched, f"hub config.json of {source}"), ""
-        return None, (f"{source} is not in the bundled table and its config.json was "
-                      f"{'not reachable' if network else 'not fetched'} (the trainer checks at start)")
-    except (KeyError, ValueError, TypeError) as e:
-        return None, f"cannot read the model shapes of {source}: {e}"
 
 
 # ---------------------------------------------------------------- from a spec

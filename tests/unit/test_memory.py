@@ -7,10 +7,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sft_operator.core.advice import advise, grace_period_seconds, memory_plan
-from sft_operator.api.types import SFTJob
-from sft_operator.core.render import render_children
 from sft_contract import memory
+from sft_operator.api.types import SFTJob
+from sft_operator.cli.model_shapes import find_shapes
+from sft_operator.core.advice import advise, grace_period_seconds, memory_plan
+from sft_operator.core.render import render_children
 
 from .helpers import EXAMPLES, ROOT, load, manifest
 
@@ -138,11 +139,11 @@ def test_shapes_come_from_a_local_config_then_the_table_then_the_hub(tmp_path, m
            "num_attention_heads": 4, "vocab_size": 1000}
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(cfg))
-    shapes, _ = memory.find_shapes(str(tmp_path / "model"))
+    shapes, _ = find_shapes(str(tmp_path / "model"))
     assert shapes.hidden == 64 and shapes.source == f"{tmp_path / 'model'}/config.json"
     monkeypatch.setenv("SFT_PVC_ROOT", str(tmp_path))
-    assert memory.find_shapes("pvc://model")[0].layers == 2
-    assert memory.find_shapes("pvc://elsewhere/model")[1] == "pvc://elsewhere/model/config.json cannot be read here (the trainer checks at start)"
+    assert find_shapes("pvc://model")[0].layers == 2
+    assert find_shapes("pvc://elsewhere/model")[1] == "pvc://elsewhere/model/config.json cannot be read here (the trainer checks at start)"
 
     class Hub(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -160,12 +161,12 @@ def test_shapes_come_from_a_local_config_then_the_table_then_the_hub(tmp_path, m
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.server_address[1]}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     try:
-        offline, why = memory.find_shapes("acme/private-7b")
+        offline, why = find_shapes("acme/private-7b")
         assert offline is None and why == "acme/private-7b is not in the bundled table and its config.json was not fetched (the trainer checks at start)"
-        shapes, _ = memory.find_shapes("acme/private-7b", network=True)
+        shapes, _ = find_shapes("acme/private-7b", network=True)
         assert shapes.hidden == 4096 and shapes.source == "hub config.json of acme/private-7b"
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        assert memory.find_shapes("acme/private-7b", network=True)[0] is None
+        assert find_shapes("acme/private-7b", network=True)[0] is None
     finally:
         srv.shutdown()
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from sft_contract import memory
 from sft_operator import __version__
 from sft_operator.api.crd import crd_manifest, crd_yaml
+from sft_operator.cli.model_shapes import find_shapes
 from sft_operator.core.advice import advise, memory_plan
 from sft_operator.core.render import RenderOptions, render_children
 from sft_operator.core.validation import load_documents, parse_sftjob, problems_in
@@ -70,7 +70,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             spec = parse_sftjob(document).spec
             plan, why = None, ""
             if not args.no_advice:
-                shapes, why = memory.find_shapes(spec.model.source, spec.model.revision, network=True)
+                shapes, why = find_shapes(spec.model.source, spec.model.revision, network=True)
                 plan, why = memory_plan(spec, shapes, why)
             if plan is not None and plan.fits:
                 print(f"{where}: {plan.report()}")

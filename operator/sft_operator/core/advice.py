@@ -41,7 +41,7 @@ def memory_plan(spec: SFTJobSpec, shapes: memory.Shapes | None = None, why: str 
     """The per-GPU memory estimate for the GPUs the spec asks for (gpusPerNode 0: the CPU process's, against
     the pod's memory limit when the spec sets one), or (None, why there is none).
 
-    Shapes: the caller's (``sftctl validate`` finds them with ``memory.find_shapes``: a local config.json, the
+    Shapes: the caller's (``sftctl validate`` finds them with ``cli.model_shapes.find_shapes``: a local config.json, the
     bundled table or the hub, and says ``why`` when it found none), else the bundled table. No I/O here:
     the operator has the table only.
     """
