@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_contract.exit_codes import ExitCode
-from sft_contract.gate_table import gate_table
+from sft_contract.gate_table import gate_table, number
 
 from . import gates
 from .errors import ConfigError, EvaluationFailed, TrainerError
@@ -159,14 +159,6 @@ def _train_with_progress(spec, name: str, console, sinks) -> dict[str, Any]:
     return metrics
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-
-
 def summary_table(m: dict[str, Any]):
     """The end-of-run summary: what a user checks first."""
     from rich.table import Table
@@ -177,18 +169,18 @@ def summary_table(m: dict[str, Any]):
     data = m.get("data", {})
     rows = [
         ("steps", f"{m['steps']} / {m['totalSteps']} ({m['epochs']:.2f} epochs)" + (" - stopped early" if m.get("stoppedEarly") else "")),
-        ("train loss", _fmt(m.get("trainLoss"))),
-        ("eval loss", _fmt(m.get("evalLoss"))),
-        ("best eval loss", _fmt(m.get("bestEvalLoss"))),
-        ("best checkpoint", _fmt(m.get("bestCheckpoint"))),
-        ("general loss before -> after", f"{_fmt(m.get('generalLossBefore'))} -> {_fmt(m.get('generalLossAfter'))}"),
+        ("train loss", number(m.get("trainLoss"))),
+        ("eval loss", number(m.get("evalLoss"))),
+        ("best eval loss", number(m.get("bestEvalLoss"))),
+        ("best checkpoint", number(m.get("bestCheckpoint"))),
+        ("general loss before -> after", f"{number(m.get('generalLossBefore'))} -> {number(m.get('generalLossAfter'))}"),
         ("effective batch", f"{m['effectiveBatchSize']} ({m['worldSize']} process(es), {m['precision']})"),
-        ("tokens/s (non-padding)", _fmt(m.get("tokensPerSecond"))),
+        ("tokens/s (non-padding)", number(m.get("tokensPerSecond"))),
         ("rows: train / validation", f"{data.get('trainRows')} / {data.get('validationRows')}"
          f" ({data.get('generalRows', 0)} general), truncated {data.get('train', {}).get('truncated', 0)},"
          f" dropped {data.get('train', {}).get('dropped', 0)}"),
         ("time", f"{m.get('wallSeconds', 0):.1f} s"),
-        ("model", _fmt(m.get("outputModel"))),
+        ("model", number(m.get("outputModel"))),
     ]
     if m.get("outputUri", "").startswith("s3://"):
         rows.append(("exported to", f"{m['outputUri']} (COMPLETE written last)"))
